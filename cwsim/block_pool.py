@@ -1,0 +1,363 @@
+"""The GPU KV block pool, faithful to vLLM v1 prefix caching.
+
+Mirrors ``vllm/v1/core/block_pool.py``: a fixed number of blocks of
+``block_size`` tokens, block 0 reserved as the null block, chained block hashes,
+reference counts, a hash -> block map for prefix lookup, and a free queue from
+which allocation pops and evicts lazily.
+
+The policy is one invariant over one data structure:
+
+    Every block except the null block is either *in use* (``ref > 0``) or
+    *free* (``ref == 0``). The free blocks, and only they, form the free queue,
+    ordered by the key ``(tier, score, seq, position)``:
+
+    - tier 0 holds blocks without a hash. vLLM prepends them, so a newer
+      release comes first (``seq`` counts down) and they are reused before any
+      cached block is evicted. The blocks never used yet start here in id order.
+    - tier 1 holds cached blocks (with a hash). ``score`` is what the eviction
+      policy returned when they were freed (lower = evicted sooner); ``seq``
+      counts up with each release, so equal scores are evicted LRU; within a
+      release the given order is kept (vLLM frees a request's blocks tail
+      first, so its last block is evicted first).
+
+    Allocation pops the front of the queue; popping a block that has a hash
+    evicts it (the hash leaves the cache). A block in use is never in the
+    queue, so it is never evicted; blocks are conserved (in use + free ==
+    num_blocks - 1) and reference counts never go negative.
+
+With the default policy (score 0 for every block) this is exactly vLLM's LRU
+order, which ``tests/test_block_pool_vllm.py`` pins with vLLM's own cases.
+
+Implementation: the queue is a heap of *runs*, one run per release (or per
+equal-score stretch of a release), each a numpy array of block ids. Taking a
+block out of the middle of the queue (a prefix hit) only marks it
+(``run_of[b] = -1``); stale entries are skipped when the run reaches the front
+and runs are compacted when mostly stale. So touching or freeing a whole
+20k-token prompt is a handful of vectorised numpy operations, not a Python loop
+per block. Only evictions (hash-map updates) are per block.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+NULL_BLOCK = 0
+_COMPACT_MIN = 256
+
+
+@dataclass(slots=True)
+class FreedBlocks:
+    """What an eviction policy sees when cached blocks become free.
+
+    ``blocks`` and ``hashes`` are in queue order (for a finished request: tail
+    first); ``positions`` are the blocks' indices in the request's block table.
+    ``request`` is the simulator's request (or None outside the engine).
+    """
+
+    blocks: np.ndarray
+    hashes: np.ndarray
+    positions: np.ndarray
+    request: object
+    now: float
+    reason: str
+
+
+class _Run:
+    __slots__ = ("key", "rid", "ids", "start", "live")
+
+    def __init__(self, key: tuple, rid: int, ids: np.ndarray):
+        self.key = key
+        self.rid = rid
+        self.ids = ids
+        self.start = 0
+        self.live = len(ids)
+
+
+class BlockPool:
+    """A pool of ``num_blocks`` KV blocks (block 0 is the null block).
+
+    ``score_fn(freed) -> float | ndarray`` is the eviction policy's scoring
+    method; ``None`` scores every block 0 (pure LRU, vLLM's order).
+    ``growable=True`` gives an unbounded pool: when no block without a hash is
+    free, allocation adds blocks instead of evicting (the ``infinite`` bound).
+    ``on_evict(hashes)`` is called with the hashes of each batch of evicted blocks.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        score_fn: Callable[[FreedBlocks], float | np.ndarray] | None = None,
+        *,
+        growable: bool = False,
+        on_evict: Callable[[list[int]], None] | None = None,
+    ):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is the null block), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.score_fn = score_fn
+        self.growable = growable
+        self.on_evict = on_evict
+        self.ref = np.zeros(num_blocks, dtype=np.int32)
+        self.has_hash = np.zeros(num_blocks, dtype=bool)
+        self.hash_of = np.zeros(num_blocks, dtype=np.int64)
+        self.run_of = np.full(num_blocks, -1, dtype=np.int64)
+        self.cached: dict[int, int] = {}
+        self._dups: dict[int, list[int]] = {}
+        self._runs: dict[int, _Run] = {}
+        self._heap: list[tuple[tuple, int]] = []
+        self._next_rid = 0
+        self._seq = 0
+        self.num_free = 0
+        self.num_free_hashed = 0
+        self.num_evicted = 0
+        self._push_run((0, 0.0, 0), np.arange(1, num_blocks, dtype=np.int64))
+        self.ref[NULL_BLOCK] = 1  # never freed, never in the queue
+
+    # ----------------------------------------------------------------- queue
+    def _push_run(self, key: tuple, ids: np.ndarray) -> None:
+        rid = self._next_rid
+        self._next_rid += 1
+        run = _Run(key, rid, ids)
+        self._runs[rid] = run
+        self.run_of[ids] = rid
+        self.num_free += len(ids)
+        heapq.heappush(self._heap, (key, rid))
+
+    def _leave_queue(self, blocks: np.ndarray) -> None:
+        """Take free blocks out of their runs (they become in use)."""
+        rids = self.run_of[blocks]
+        self.run_of[blocks] = -1
+        self.num_free -= len(blocks)
+        self.num_free_hashed -= len(blocks)  # only cached blocks can be hit
+        uniq, counts = np.unique(rids, return_counts=True)
+        for rid, cnt in zip(uniq.tolist(), counts.tolist()):
+            run = self._runs[rid]
+            run.live -= cnt
+            if run.live == 0:
+                del self._runs[rid]
+            elif len(run.ids) - run.start > _COMPACT_MIN and run.live * 4 < len(run.ids) - run.start:
+                seg = run.ids[run.start :]
+                run.ids = seg[self.run_of[seg] == rid]
+                run.start = 0
+        if len(self._heap) > 2 * len(self._runs) + 64:
+            self._heap = [(r.key, r.rid) for r in self._runs.values()]
+            heapq.heapify(self._heap)
+
+    def _pop_front(self, n: int) -> np.ndarray:
+        """The first ``n`` free blocks in queue order, taken out of the queue."""
+        out: list[np.ndarray] = []
+        need = n
+        heap, runs, run_of = self._heap, self._runs, self.run_of
+        while need:
+            _, rid = heap[0]
+            run = runs.get(rid)
+            if run is None:
+                heapq.heappop(heap)
+                continue
+            ids, start = run.ids, run.start
+            while need and run.live:
+                width = min(len(ids) - start, max(2 * need, 64))
+                seg = ids[start : start + width]
+                valid = np.flatnonzero(run_of[seg] == rid)
+                if len(valid) > need:
+                    valid = valid[:need]
+                    start += int(valid[-1]) + 1
+                else:
+                    start += width
+                if len(valid):
+                    taken = seg[valid]
+                    out.append(taken)
+                    run.live -= len(taken)
+                    need -= len(taken)
+            run.start = start
+            if run.live == 0:
+                heapq.heappop(heap)
+                del runs[rid]
+        blocks = out[0] if len(out) == 1 else np.concatenate(out)
+        run_of[blocks] = -1
+        self.num_free -= n
+        return blocks
+
+    def _release(self, ordered: np.ndarray, positions: np.ndarray, request, now: float, reason: str) -> None:
+        if len(ordered) == 0:
+            return
+        ref = self.ref
+        if (ref[ordered] <= 0).any():
+            raise AssertionError("freeing a block whose ref count is already 0")
+        ref[ordered] -= 1
+        freed_mask = ref[ordered] == 0
+        if not freed_mask.any():
+            return
+        freed = ordered[freed_mask]
+        hashed = self.has_hash[freed]
+        if not hashed.all():
+            self._seq += 1
+            self._push_run((0, 0.0, -self._seq), freed[~hashed])
+            freed_h = freed[hashed]
+        else:
+            freed_h = freed
+        if len(freed_h) == 0:
+            return
+        self.num_free_hashed += len(freed_h)
+        score: float | np.ndarray = 0.0
+        if self.score_fn is not None:
+            pos = positions[freed_mask][hashed]
+            score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason))
+        if np.ndim(score) == 0:
+            self._seq += 1
+            self._push_run((1, float(score), self._seq), freed_h)
+            return
+        score = np.asarray(score, dtype=np.float64)
+        # one run per stretch of equal score, keeping the release order inside
+        cuts = np.flatnonzero(score[1:] != score[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(score)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            self._seq += 1
+            self._push_run((1, float(score[a]), self._seq), freed_h[a:b])
+
+    # ------------------------------------------------------------ public API
+    def get_num_free_blocks(self) -> int:
+        return self.num_free
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    def usage(self) -> float:
+        """Share of usable blocks in use (vLLM's ``kv_cache_usage``)."""
+        return 1.0 - self.num_free / (self.num_blocks - 1)
+
+    def get_cached_block(self, block_hash: int) -> int | None:
+        return self.cached.get(block_hash)
+
+    def find_longest_prefix(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
+        """Block ids of the longest prefix of ``hashes[:max_blocks]`` that is cached."""
+        hits = list(map(self.cached.get, hashes[:max_blocks]))
+        try:
+            return hits[: hits.index(None)]
+        except ValueError:
+            return hits
+
+    def touch(self, blocks: np.ndarray) -> None:
+        """Add one reference to each block (a prefix hit); free ones leave the queue."""
+        if len(blocks) == 0:
+            return
+        in_queue = blocks[self.ref[blocks] == 0]
+        if len(in_queue):
+            self._leave_queue(in_queue)
+        self.ref[blocks] += 1
+
+    def get_new_blocks(self, n: int) -> np.ndarray:
+        """Pop ``n`` blocks from the front of the free queue, evicting cached ones."""
+        if n <= 0:
+            return np.empty(0, dtype=np.int64)
+        if self.growable:
+            self._ensure_unhashed_free(n)
+        if n > self.num_free:
+            raise ValueError(f"cannot get {n} free blocks from the pool ({self.num_free} free)")
+        blocks = self._pop_front(n)
+        self.ref[blocks] = 1
+        hashed = blocks[self.has_hash[blocks]]
+        if len(hashed):
+            self._evict(hashed)
+        return blocks
+
+    def _evict(self, blocks: np.ndarray) -> None:
+        hashes = self.hash_of[blocks].tolist()
+        cached, dups = self.cached, self._dups
+        for b, h in zip(blocks.tolist(), hashes):
+            if cached.get(h) == b:
+                others = dups.get(h)
+                if others:
+                    cached[h] = others.pop(0)
+                    if not others:
+                        del dups[h]
+                else:
+                    del cached[h]
+            else:
+                others = dups[h]
+                others.remove(b)
+                if not others:
+                    del dups[h]
+        self.has_hash[blocks] = False
+        self.num_free_hashed -= len(blocks)
+        self.num_evicted += len(blocks)
+        if self.on_evict is not None:
+            self.on_evict(hashes)
+
+    def cache_full_blocks(self, blocks: np.ndarray, hashes: Sequence[int]) -> None:
+        """Give newly filled blocks their hashes so later requests can hit them.
+
+        Like vLLM, an identical block already cached is not de-duplicated: the
+        first one stays the one that lookups return.
+        """
+        if len(blocks) == 0:
+            return
+        if self.has_hash[blocks].any():
+            raise AssertionError("caching a block that already has a hash")
+        self.has_hash[blocks] = True
+        self.hash_of[blocks] = hashes
+        cached = self.cached
+        for b, h in zip(blocks.tolist(), hashes):
+            if h in cached:
+                self._dups.setdefault(h, []).append(b)
+            else:
+                cached[h] = b
+
+    def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:
+        """Drop one reference from each block, given in eviction order (first = evicted first)."""
+        ordered = np.asarray(ordered_blocks, dtype=np.int64)
+        self._release(ordered, np.arange(len(ordered)), request, now, reason)
+
+    def free_block_table(self, table: np.ndarray, request=None, now: float = 0.0, reason: str = "finish") -> None:
+        """Free a request's block table the way vLLM does: tail first."""
+        n = len(table)
+        self._release(table[::-1], np.arange(n - 1, -1, -1), request, now, reason)
+
+    def _ensure_unhashed_free(self, n: int) -> None:
+        """Growable pools add blocks rather than evict a cached one."""
+        short = n - (self.num_free - self.num_free_hashed)
+        if short <= 0:
+            return
+        old = self.num_blocks
+        new = max(2 * old, old + short)
+        grow = new - old
+        self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
+        self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
+        self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
+        self.run_of = np.concatenate([self.run_of, np.full(grow, -1, dtype=np.int64)])
+        self.num_blocks = new
+        # new blocks are unhashed and go to the very front, in id order
+        self._seq += 1
+        self._push_run((0, 0.0, -self._seq), np.arange(old, new, dtype=np.int64))
+
+    # ------------------------------------------------------------- inspection
+    def free_block_ids(self) -> list[int]:
+        """All free blocks in queue order (front = next to be allocated)."""
+        out: list[int] = []
+        for key, rid in sorted((r.key, r.rid) for r in self._runs.values()):
+            run = self._runs[rid]
+            seg = run.ids[run.start :]
+            out.extend(seg[self.run_of[seg] == rid].tolist())
+        return out
+
+    def check_invariants(self) -> None:
+        """O(num_blocks) consistency check, for tests."""
+        ref, run_of = self.ref, self.run_of
+        assert ref[NULL_BLOCK] >= 1 and run_of[NULL_BLOCK] == -1, "null block must never be free"
+        assert (ref >= 0).all(), "negative ref count"
+        order = self.free_block_ids()
+        assert len(order) == len(set(order)) == self.num_free, "free queue holds a block twice or count drifted"
+        free_mask = np.zeros(self.num_blocks, dtype=bool)
+        free_mask[order] = True
+        assert ((ref == 0) == free_mask)[1:].all(), "free queue must hold exactly the blocks with ref 0"
+        assert ((run_of >= 0) == free_mask).all(), "run membership disagrees with the free queue"
+        for h, b in self.cached.items():
+            assert self.has_hash[b] and self.hash_of[b] == h, "hash map points at a block without that hash"
+        n_dups = sum(len(v) for v in self._dups.values())
+        assert int(self.has_hash.sum()) == len(self.cached) + n_dups, "hashed blocks missing from the hash map"
+        assert int(self.has_hash[free_mask].sum()) == self.num_free_hashed, "free cached-block count drifted"

@@ -1,0 +1,42 @@
+"""Simulation configuration: one dataclass, whose fields are the CLI's flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    policy: str = "vllm"
+    #: KV pool size in blocks, null block included (vLLM's --num-gpu-blocks-override);
+    #: None: from kv_gib, else from the profile's GPU memory
+    kv_blocks: int | None = None
+    kv_gib: float | None = None
+    block_size: int = 16
+    profile: str = "llama-3.1-8b-h100"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float = 0.9
+    arrivals: str = "concurrent"
+    agents: int = 16
+    rate: float = 0.1
+    seed: int = 0
+    #: stop after this many sessions (the first ones in trace order); None: all
+    max_sessions: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
+            (self.kv_blocks is None or self.kv_blocks >= 2, f"kv_blocks must be >= 2, got {self.kv_blocks}"),
+            (self.kv_gib is None or self.kv_gib > 0, f"kv_gib must be > 0, got {self.kv_gib}"),
+            (not (self.kv_blocks is not None and self.kv_gib is not None), "give kv_blocks or kv_gib, not both"),
+            (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.max_sessions is None or self.max_sessions >= 1, f"max_sessions must be >= 1, got {self.max_sessions}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,179 @@
+"""The engine as a SimPy process: vLLM v1's busy loop of scheduler steps.
+
+Each iteration schedules a step (``cwsim.scheduler``), charges its time from
+the step-time profile and applies its result. A run of decode-only steps in
+which nothing can arrive, be admitted, be preempted or finish is advanced in
+one jump: the number of steps is the smallest of (a) steps until the first
+request finishes, (b) steps whose block allocations the free blocks still
+cover, (c) steps that start before the next scheduled event in the
+simulation (an arrival). Block allocations inside the jump are made in the
+exact (step, running order) order the step-by-step loop would make them, so
+the free queue and the evictions come out the same.
+
+Sessions are closed-loop processes: a session submits call k+1 once call k
+has finished and its gap has elapsed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import simpy
+
+from cwsim.hashing import PrefixMemo, block_hashes
+from cwsim.request import Request
+from cwsim.scheduler import Scheduler
+from cwsim.steptime import StepTimeProfile
+from cwsim.workload import Arrivals, SessionState, Workload
+
+
+class Engine:
+    def __init__(self, env: simpy.Environment, scheduler: Scheduler, profile: StepTimeProfile, block_size: int, ctx):
+        self.env = env
+        self.scheduler = scheduler
+        self.profile = profile
+        self.block_size = block_size
+        self.ctx = ctx  # PolicyContext: its clock is kept current here
+        self._idle: simpy.Event | None = None
+        self._next_rid = 0
+        self.steps = 0
+        self.jumps = 0
+
+    # ------------------------------------------------------------- requests
+    def submit(self, sess: SessionState, turn: int) -> Request:
+        call = sess.calls[turn]
+        if sess.memo is None:
+            sess.memo = PrefixMemo()
+        hashes = block_hashes(call.segs, self.block_size, sess.memo)
+        req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes, self.env.now)
+        self._next_rid += 1
+        req.done = self.env.event()
+        self.scheduler.add(req)
+        if self._idle is not None and not self._idle.triggered:
+            self._idle.succeed()
+        return req
+
+    # ----------------------------------------------------------------- loop
+    def run(self):
+        env, sched, prof = self.env, self.scheduler, self.profile
+        while True:
+            if not sched.running and not sched.waiting:
+                self._idle = env.event()
+                yield self._idle
+                self._idle = None
+            now = env.now
+            self.ctx.now = now
+            plan = sched.schedule(now)
+            if not plan.scheduled:
+                continue  # everything running was preempted: admit next iteration
+            if plan.decode_only and len(plan.scheduled) == len(sched.running):
+                n = self._plan_jump(plan)
+                if n > 1:
+                    dt = prof.decode_run_time(n, plan.decode_seqs, plan.decode_ctx)
+                    self.steps += n
+                    self.jumps += 1
+                    yield env.timeout(dt)
+                    self._finish_jump(plan, n, env.now)
+                    continue
+            dt = prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx)
+            self.steps += 1
+            yield env.timeout(dt)
+            self.ctx.now = env.now
+            sched.update(plan, env.now)
+
+    def _plan_jump(self, plan) -> int:
+        """How many decode-only steps, starting with ``plan``'s, can run as one."""
+        reqs = [r for r, _ in plan.scheduled]
+        n = min(r.output_len - r.num_generated for r in reqs)
+        if n <= 1:
+            return 1
+        horizon = self.env.peek() - self.env.now
+        n = self.profile.decode_steps_starting_before(plan.decode_seqs, plan.decode_ctx, horizon, n)
+        if n <= 1:
+            return 1
+        bs = self.block_size
+        first = bs - np.array([r.num_computed % bs for r in reqs])  # first later step needing a block
+        free = self.scheduler.kv.pool.num_free
+
+        def allocs(m: int) -> int:  # blocks needed by steps 1..m-1
+            return int(np.maximum(0, (m - 1 - first) // bs + 1).sum())
+
+        if allocs(n) > free:
+            lo, hi = 1, n  # allocs(lo) <= free < allocs(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if allocs(mid) <= free:
+                    lo = mid
+                else:
+                    hi = mid
+            n = lo
+        self._jump_first = first
+        return n
+
+    def _finish_jump(self, plan, n: int, now: float) -> None:
+        sched, kv, bs = self.scheduler, self.scheduler.kv, self.block_size
+        reqs = [r for r, _ in plan.scheduled]
+        first = self._jump_first
+        steps = [np.arange(f, n, bs) for f in first.tolist()]
+        counts = [len(s) for s in steps]
+        total = sum(counts)
+        if total:
+            owner = np.repeat(np.arange(len(reqs)), counts)
+            at = np.concatenate(steps)
+            order = np.lexsort((owner, at))  # by step, then running order
+            blocks = kv.pool.get_new_blocks(total)
+            got = np.empty(total, dtype=np.int64)
+            got[order] = blocks
+            start = 0
+            for r, c in zip(reqs, counts):
+                if c:
+                    r.blocks = np.concatenate([r.blocks, got[start : start + c]])
+                start += c
+        finished = []
+        for r in reqs:
+            r.num_computed += n
+            r.num_generated += n
+            kv.cache_blocks(r, r.num_computed)
+            if r.num_generated >= r.output_len:
+                finished.append(r)
+        self.ctx.now = now
+        for r in finished:
+            sched.finish(r, now)
+
+
+def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, workload: Workload, metrics):
+    """One agent session: call, wait for the answer, run the tools, call again."""
+    sess.start = env.now
+    workload.active_sessions += 1
+    last = len(sess.calls) - 1
+    for turn, call in enumerate(sess.calls):
+        req = engine.submit(sess, turn)
+        yield req.done
+        if turn < last and call.gap_s > 0:
+            yield env.timeout(call.gap_s)
+    sess.end = env.now
+    sess.memo = None
+    workload.active_sessions -= 1
+    metrics.on_session_end(sess)
+
+
+def start_sessions(env: simpy.Environment, engine: Engine, workload: Workload, arrivals: Arrivals, seed: int, metrics):
+    """Start every session according to ``arrivals``."""
+    starts = arrivals.start_times(workload, seed)
+    if starts is not None:
+        for sess, t in zip(workload.sessions, starts):
+            env.process(_delayed(env, t, engine, sess, workload, metrics))
+        return
+    queue = iter(workload.sessions)
+
+    def agent():
+        for sess in queue:
+            yield from session_process(env, engine, sess, workload, metrics)
+
+    for _ in range(min(arrivals.agents, len(workload.sessions))):
+        env.process(agent())
+
+
+def _delayed(env, t, engine, sess, workload, metrics):
+    if t > 0:
+        yield env.timeout(t)
+    yield from session_process(env, engine, sess, workload, metrics)

@@ -1,0 +1,97 @@
+"""Chained block hashes from trace segments, for any block size.
+
+A token is identified by ``(segment, position in segment)`` (trace format v1),
+so a block's content is the tuple of segment pieces ``(segment, start, end)``
+it covers, and its hash chains its parent's hash with that content, like
+vLLM's ``hash_block_tokens(parent_hash, block_tokens)``. Two sequences get the
+same hash at block ``i`` exactly when their first ``(i + 1) * block_size``
+tokens are the same, which is what prefix caching needs.
+
+Hashes use CPython's tuple hash over ints: deterministic across runs (no
+string hashing is involved; segment ids are interned to ints in order of first
+appearance) and collision-free in practice at 64 bits.
+
+Agent prompts grow by appending, so each session keeps a :class:`PrefixMemo`
+of its previous sequence: the next sequence resumes hashing at the deepest
+segment boundary the two share, and only the new tail costs Python work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+ROOT_HASH = 0x5EED_CACE
+
+Segments = Sequence[tuple[int, int]]
+
+
+class SegmentInterner:
+    """Maps segment ids (strings) to small ints in order of first appearance."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def __call__(self, segment_id: str) -> int:
+        ids = self.ids
+        sid = ids.get(segment_id)
+        if sid is None:
+            sid = ids[segment_id] = len(ids) + 1
+        return sid
+
+
+class PrefixMemo:
+    """Hashing state of the last sequence hashed, for incremental reuse."""
+
+    __slots__ = ("segs", "hashes", "states")
+
+    def __init__(self) -> None:
+        self.segs: list[tuple[int, int]] = []
+        self.hashes: list[int] = []
+        # states[i] = (full-block hashes so far, partial-block pieces) before
+        # segment i; states[len(segs)] is the state at the end.
+        self.states: list[tuple[int, tuple]] = [(0, ())]
+
+
+def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None) -> list[int]:
+    """Hashes of every full block of the token sequence ``segs``.
+
+    With a ``memo``, work already done for a sequence sharing a segment prefix
+    is reused, and the memo is updated to this sequence.
+    """
+    if memo is None:
+        memo = PrefixMemo()
+    prev = memo.segs
+    start, limit = 0, min(len(prev), len(segs))
+    while start < limit and prev[start] == segs[start]:
+        start += 1
+    n_hashes, partial = memo.states[start]
+    hashes = memo.hashes[:n_hashes]
+    states = memo.states[: start + 1]
+    parent = hashes[-1] if hashes else ROOT_HASH
+    pieces = list(partial)
+    filled = sum(e - s for _, s, e in pieces)
+    bs = block_size
+    for sid, n in segs[start:]:
+        pos = 0
+        if filled:
+            pos = min(bs - filled, n)
+            pieces.append((sid, 0, pos))
+            filled += pos
+            if filled == bs:
+                parent = hash((parent, tuple(pieces)))
+                hashes.append(parent)
+                pieces, filled = [], 0
+        while n - pos >= bs:  # whole blocks inside this segment
+            parent = hash((parent, ((sid, pos, pos + bs),)))
+            hashes.append(parent)
+            pos += bs
+        if pos < n:
+            pieces.append((sid, pos, n))
+            filled += n - pos
+        states.append((len(hashes), tuple(pieces)))
+    memo.segs = list(segs)
+    memo.hashes = hashes
+    memo.states = states
+    return hashes

@@ -1,0 +1,64 @@
+"""Per-request KV block management on top of the pool, as vLLM's KVCacheManager.
+
+``get_computed_blocks`` finds the longest cached prefix (never the whole
+sequence: the last token is always recomputed, as in vLLM);
+``allocate_slots`` admits new tokens only if enough blocks are free counting
+the evictable hit blocks it is about to take out of the free queue, touches
+the hits before popping new blocks (so a request never evicts its own hits),
+and caches the blocks that the scheduled tokens will fill; ``free`` releases a
+request's blocks tail first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cwsim.block_pool import BlockPool
+from cwsim.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+
+    def get_computed_blocks(self, req: Request) -> tuple[np.ndarray, int]:
+        """Cached prefix blocks for a request that has no computed tokens yet."""
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits = self.pool.find_longest_prefix(req.hashes, max_blocks)
+        return np.array(hits, dtype=np.int64), len(hits) * self.block_size
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, new_computed: np.ndarray | None = None) -> np.ndarray | None:
+        """Blocks for ``num_new_tokens`` more tokens, or None if the pool cannot hold them."""
+        pool, bs = self.pool, self.block_size
+        n_hit = 0 if new_computed is None else len(new_computed)
+        total = req.num_computed + n_hit * bs + num_new_tokens
+        n_new = -(-total // bs) - len(req.blocks) - n_hit
+        n_evictable_hits = int(np.count_nonzero(pool.ref[new_computed] == 0)) if n_hit else 0
+        if n_new + n_evictable_hits > pool.num_free:
+            return None
+        if n_hit:
+            pool.touch(new_computed)
+        new = pool.get_new_blocks(n_new) if n_new > 0 else _EMPTY
+        if n_hit or len(new):
+            parts = [p for p in (req.blocks, new_computed if n_hit else None, new) if p is not None and len(p)]
+            req.blocks = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if n_hit:
+            req.num_cached_blocks = max(req.num_cached_blocks, len(req.blocks) - len(new))
+        self.cache_blocks(req, min(total, req.num_tokens))
+        return new
+
+    def cache_blocks(self, req: Request, num_tokens: int) -> None:
+        """Give hashes to the request's blocks that ``num_tokens`` tokens fill."""
+        n_full = num_tokens // self.block_size
+        if n_full > req.num_cached_blocks:
+            self.pool.cache_full_blocks(req.blocks[req.num_cached_blocks : n_full], req.hashes[req.num_cached_blocks : n_full])
+            req.num_cached_blocks = n_full
+
+    def free(self, req: Request, now: float = 0.0, reason: str = "finish") -> None:
+        self.pool.free_block_table(req.blocks, req, now, reason)
+        req.blocks = _EMPTY
+        req.num_cached_blocks = 0
+
+
+_EMPTY = np.empty(0, dtype=np.int64)

@@ -1,0 +1,149 @@
+"""What a run measures, recorded as it happens and written incrementally.
+
+- ``evicted_blocks``: cached blocks whose hash left the cache because their
+  block was reallocated (vLLM's BlockRemoved events).
+- ``harmful_evictions``: evictions whose hash a later call requested again
+  (counted when that call is admitted and misses it).
+- ``prefix_hit_rate``: prompt tokens served from the prefix cache at a call's
+  first admission / prompt tokens.
+- ``recomputed_prompt_tokens``: tokens prefilled although their KV had been
+  computed before: prompt blocks that were evicted (or sit cached past the
+  first miss), and everything a preempted request recomputes.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from cwsim.request import Request
+
+REQUEST_FIELDS = [
+    "session_id", "turn", "arrival_s", "first_scheduled_s", "first_token_s", "finish_s",
+    "prompt_tokens", "output_tokens", "cached_tokens", "recomputed_tokens", "preemptions",
+]
+SESSION_FIELDS = ["session_id", "calls", "start_s", "end_s", "duration_s", "prompt_tokens", "cached_tokens",
+                  "recomputed_tokens", "preemptions"]
+
+
+class Metrics:
+    def __init__(self, block_size: int, out_dir: Path | None = None, on_progress=None):
+        self.block_size = block_size
+        self.pool = None
+        self._pending_evicted: set[int] = set()
+        self.harmful_evictions = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.recomputed_tokens = 0
+        self.preemptions = 0
+        self.requests = 0
+        self.session_times: list[float] = []
+        self.sessions_done = 0
+        self.makespan = 0.0
+        self.on_progress = on_progress
+        self._files = []
+        self._req_writer = self._sess_writer = None
+        self._sess_acc: dict[int, list[int]] = {}
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._req_writer = self._open(out_dir / "requests.csv", REQUEST_FIELDS)
+            self._sess_writer = self._open(out_dir / "sessions.csv", SESSION_FIELDS)
+
+    def _open(self, path: Path, fields: list[str]):
+        f = open(path, "w", newline="")
+        self._files.append(f)
+        w = csv.writer(f)
+        w.writerow(fields)
+        return w
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    # ------------------------------------------------------------- events
+    def on_evict(self, hashes: list[int]) -> None:
+        self._pending_evicted.update(hashes)
+
+    def on_admit(self, req: Request, hit_tokens: int, now: float) -> None:
+        bs = self.block_size
+        if req.admitted:  # re-admission after preemption: all of it was computed before
+            req.recomputed_tokens += req.num_tokens - hit_tokens
+            return
+        req.admitted = True
+        req.first_scheduled = now
+        req.cached_tokens = hit_tokens
+        missed = req.hashes[hit_tokens // bs : req.prompt_len // bs]
+        pending = self._pending_evicted
+        if pending:
+            harmful = pending.intersection(missed)
+            if harmful:
+                self.harmful_evictions += len(harmful)
+                pending.difference_update(harmful)
+        else:
+            harmful = ()
+        # missed blocks cached elsewhere (past the first miss, or a duplicate);
+        # the blocks this admission has just cached itself do not count
+        cached, own = self.pool.cached, req.blocks.tolist()
+        first = hit_tokens // bs
+        seen_before = len(harmful) + sum(
+            1 for i, h in enumerate(missed, first)
+            if (b := cached.get(h)) is not None and (i >= len(own) or b != own[i])
+        )
+        req.recomputed_tokens += seen_before * bs
+
+    def on_finish(self, req: Request, now: float) -> None:
+        self.requests += 1
+        self.prompt_tokens += req.prompt_len
+        self.cached_tokens += req.cached_tokens
+        self.recomputed_tokens += req.recomputed_tokens
+        self.preemptions += req.preemptions
+        acc = self._sess_acc.setdefault(req.session.index, [0, 0, 0, 0, 0])
+        acc[0] += 1
+        acc[1] += req.prompt_len
+        acc[2] += req.cached_tokens
+        acc[3] += req.recomputed_tokens
+        acc[4] += req.preemptions
+        if self._req_writer is not None:
+            self._req_writer.writerow([
+                req.session.session_id, req.turn, _r(req.arrival), _r(req.first_scheduled), _r(req.first_token),
+                _r(now), req.prompt_len, req.output_len, req.cached_tokens, req.recomputed_tokens, req.preemptions,
+            ])
+
+    def on_session_end(self, sess) -> None:
+        duration = sess.end - sess.start
+        self.session_times.append(duration)
+        self.sessions_done += 1
+        self.makespan = max(self.makespan, sess.end)
+        acc = self._sess_acc.pop(sess.index)
+        if self._sess_writer is not None:
+            self._sess_writer.writerow([sess.session_id, acc[0], _r(sess.start), _r(sess.end), _r(duration), *acc[1:]])
+            for f in self._files:
+                f.flush()
+        if self.on_progress is not None:
+            self.on_progress(len(sess.calls))
+
+    # ------------------------------------------------------------ summary
+    def summary(self) -> dict:
+        t = np.array(self.session_times) if self.session_times else np.zeros(1)
+        return {
+            "sessions": self.sessions_done,
+            "requests": self.requests,
+            "evicted_blocks": int(self.pool.num_evicted) if self.pool is not None else 0,
+            "harmful_evictions": self.harmful_evictions,
+            "prefix_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_tokens,
+            "recomputed_prompt_tokens": self.recomputed_tokens,
+            "preemptions": self.preemptions,
+            "total_session_time_s": float(t.sum()),
+            "mean_session_time_s": float(t.mean()),
+            "p99_session_time_s": float(np.percentile(t, 99)),
+            "makespan_s": self.makespan,
+        }
+
+
+def _r(x: float) -> float:
+    return round(x, 6)

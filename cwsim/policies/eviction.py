@@ -1,0 +1,49 @@
+"""Block-eviction policies (scores: lower is evicted first)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cwsim.block_pool import FreedBlocks
+from cwsim.policies.base import EvictionPolicy
+
+
+class LRU(EvictionPolicy):
+    """vLLM's order: every block scores 0, so the least recently freed goes first."""
+
+    name = "lru"
+
+
+class Belady(EvictionPolicy):
+    """Offline reference: evict the cached block whose next use is farthest away.
+
+    The score of a freed block is minus the time of its next use, read from the
+    trace's future: the same session's next call arrives exactly ``gap_s``
+    after this call ends (the closed loop makes that time known), and reuses
+    the blocks that the two calls' token sequences share; blocks of a prefix
+    that other sessions share (a system prompt) are needed again as soon as any
+    other session calls, scored as "now"; any other block is never used again
+    (score -inf, evicted first). Blocks freed by a preemption are needed at
+    once. With prefix dependencies and variable recompute costs this is a
+    strong heuristic, not a proof of optimum.
+    """
+
+    name = "belady"
+
+    def score(self, freed: FreedBlocks) -> float | np.ndarray:
+        now = freed.now
+        req = freed.request
+        if req is None or freed.reason == "preempt":
+            return -now
+        sess = req.session
+        bs = self.ctx.kv.block_size
+        call = sess.calls[req.turn]
+        pos = freed.positions
+        scores = np.full(len(pos), -np.inf)
+        if req.turn + 1 < len(sess.calls):
+            reused = pos < call.next_shared_tokens // bs
+            scores[reused] = -(now + call.gap_s)
+        shared = pos < sess.shared_prefix_tokens // bs
+        if shared.any() and self.ctx.workload.active_sessions > 1:
+            scores[shared] = -now
+        return scores

@@ -1,0 +1,49 @@
+"""A request: one LLM call of one session as the engine sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One LLM call in flight.
+
+    ``hashes`` covers every full block of the call's whole token sequence
+    (prompt then output), so cached-block hashes never need recomputing.
+    ``num_tokens`` is the tokens known so far (prompt + generated);
+    ``num_computed`` those whose KV is in the request's blocks.
+    """
+
+    rid: int
+    session: object  # cwsim.workload.SessionState
+    turn: int
+    prompt_len: int
+    output_len: int
+    hashes: list[int]
+    arrival: float
+    num_generated: int = 0
+    num_computed: int = 0
+    blocks: np.ndarray = field(default_factory=lambda: _EMPTY)
+    num_cached_blocks: int = 0
+    admitted: bool = False
+    first_scheduled: float = -1.0
+    first_token: float = -1.0
+    finish: float = -1.0
+    cached_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    recomputed_tokens: int = 0
+    preemptions: int = 0
+    done: object = None  # simpy.Event set on finish
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + self.num_generated
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.num_tokens - 1 or self.num_generated == 0

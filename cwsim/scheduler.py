@@ -1,0 +1,165 @@
+"""One scheduling step of vLLM v1's scheduler (``vllm/v1/core/sched/scheduler.py``).
+
+No clock here: :meth:`Scheduler.schedule` decides the next step's batch and
+:meth:`Scheduler.update` applies its result; the engine (``cwsim.engine``)
+charges the time. Per step, as vLLM does:
+
+1. Running requests first, in order: each gets the tokens it still needs
+   (a prefill chunk, or 1 for decode) within the token budget. When its
+   blocks cannot be allocated, the scheduling policy's preemption victim (FCFS:
+   the last admitted) is preempted: its blocks are freed (tail first, still
+   cached) and it goes back to the front of the waiting queue, to be
+   recomputed from its prefix-cache hits.
+2. If nothing was preempted, waiting requests in the policy's order while
+   there is token budget and fewer than ``max_num_seqs`` running: the longest
+   cached prefix shortens the prefill, and chunked prefill takes what the
+   budget allows. The first request that cannot get blocks stops admission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cwsim.kv_cache_manager import KVCacheManager
+from cwsim.policies.base import SchedulingPolicy
+from cwsim.request import Request
+from cwsim.steptime import prefill_attn_pairs
+
+
+class SimulationError(RuntimeError):
+    """The simulated engine cannot make progress (e.g. a prompt larger than the pool)."""
+
+
+@dataclass(slots=True)
+class StepPlan:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    admitted: int = 0
+    prefill_tokens: int = 0
+    attn_pairs: float = 0.0
+    decode_seqs: int = 0
+    decode_ctx: int = 0
+
+    @property
+    def decode_only(self) -> bool:
+        return self.prefill_tokens == 0 and not self.preempted and self.admitted == 0
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, policy: SchedulingPolicy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.policy = policy
+        self.metrics = metrics
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def _preempt(self, victim: Request, now: float) -> None:
+        self.kv.free(victim, now, "preempt")
+        victim.num_computed = 0
+        victim.preemptions += 1
+        self.waiting.insert(0, victim)
+
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        kv, running = self.kv, self.running
+        budget = self.max_num_batched_tokens
+        scheduled = plan.scheduled
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n_new = min(req.num_tokens - req.num_computed, budget)
+            while kv.allocate_slots(req, n_new) is None:
+                victim = self.policy.preemption_victim(running)
+                vi = running.index(victim)
+                running.pop(vi)
+                for j, (r, n) in enumerate(scheduled):
+                    if r is victim:  # undo its share of this step
+                        scheduled.pop(j)
+                        budget += n
+                        break
+                if vi < i:
+                    i -= 1
+                self._preempt(victim, now)
+                plan.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append((req, n_new))
+                budget -= n_new
+                i += 1
+                continue
+            break
+        if not plan.preempted and self.waiting:
+            self._admit(plan, budget, now)
+        for req, n in scheduled:
+            if req.in_prefill:
+                plan.prefill_tokens += n
+                plan.attn_pairs += prefill_attn_pairs(n, req.num_computed)
+            else:
+                plan.decode_seqs += 1
+                plan.decode_ctx += req.num_computed
+        if not scheduled and not running and self.waiting and not plan.preempted:
+            req = self.waiting[0]
+            need = -(-req.num_tokens // kv.block_size)
+            raise SimulationError(
+                f"request of session {req.session.session_id!r} turn {req.turn} needs {need} blocks "
+                f"({req.num_tokens} tokens) but the pool has {kv.pool.num_usable_blocks} usable blocks: "
+                "raise --kv-blocks / --kv-gib"
+            )
+        return plan
+
+    def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
+        kv, policy, waiting = self.kv, self.policy, self.waiting
+        if policy.static or len(waiting) > getattr(policy, "max_queue", len(waiting)):
+            order = waiting
+        else:
+            order = sorted(waiting, key=policy.priority)  # stable: ties keep queue order
+        admitted: list[Request] = []
+        for req in order:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            hits, hit_tokens = kv.get_computed_blocks(req)
+            n_new = min(req.num_tokens - hit_tokens, budget)
+            if kv.allocate_slots(req, n_new, hits) is None:
+                break
+            req.num_computed = hit_tokens
+            self.metrics.on_admit(req, hit_tokens, now)
+            self.running.append(req)
+            plan.scheduled.append((req, n_new))
+            budget -= n_new
+            admitted.append(req)
+        if admitted:
+            plan.admitted = len(admitted)
+            if order is waiting:
+                del waiting[: len(admitted)]
+            else:
+                ids = {id(r) for r in admitted}
+                waiting[:] = [r for r in waiting if id(r) not in ids]
+
+    def update(self, plan: StepPlan, now: float) -> list[Request]:
+        """Apply a finished step: computed tokens, new tokens, finished requests."""
+        finished: list[Request] = []
+        for req, n in plan.scheduled:
+            req.num_computed += n
+            if req.num_computed >= req.num_tokens:
+                req.num_generated += 1
+                if req.first_token < 0:
+                    req.first_token = now
+                if req.num_generated >= req.output_len:
+                    finished.append(req)
+        for req in finished:
+            self.finish(req, now)
+        return finished
+
+    def finish(self, req: Request, now: float) -> None:
+        self.running.remove(req)
+        req.finish = now
+        self.kv.free(req, now, "finish")
+        self.metrics.on_finish(req, now)
+        if req.done is not None:  # the session's completion event
+            req.done.succeed()

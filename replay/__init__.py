@@ -1,0 +1,1 @@
+"""cwreplay: drive recorded sessions against a live vLLM (later work)."""

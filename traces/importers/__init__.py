@@ -1,0 +1,1 @@
+"""Importers from public trace formats into trace format v1."""
