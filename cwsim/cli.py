@@ -1,2 +1,104 @@
+"""`cwsim`: the command line, a thin layer over :func:`cwsim.runner.simulate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
-app = typer.Typer(add_completion=False)
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cwsim.config import SimConfig
+from cwsim.policies import POLICIES
+from cwsim.runner import DEFAULT_TRACE, simulate
+from cwsim.scheduler import SimulationError
+from cwsim.steptime import list_profiles, load_profile
+from traces.reader import TraceFormatError, load_trace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Simulate KV-cache policies for coding-agent sessions on a vLLM-like engine.")
+console = Console(stderr=True)
+
+_D = SimConfig()
+
+
+@app.command()
+def run(
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Trace file (.jsonl or .jsonl.gz, format v1). Default: the bundled mini-swe-agent trace."),
+    policy: str = typer.Option(_D.policy, "--policy", help="Policy name (see `cwsim policies`)."),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="KV pool size in blocks, null block included (vLLM --num-gpu-blocks-override)."),
+    kv_gib: Optional[float] = typer.Option(None, "--kv-gib", help="KV pool size in GiB (converted with the profile's bytes per token)."),
+    block_size: int = typer.Option(_D.block_size, "--block-size", help="Tokens per KV block."),
+    profile: str = typer.Option(_D.profile, "--profile", help="Step-time profile: a bundled name (see `cwsim profiles`) or a JSON file."),
+    max_num_seqs: int = typer.Option(_D.max_num_seqs, "--max-num-seqs", help="Most requests running at once."),
+    max_num_batched_tokens: int = typer.Option(_D.max_num_batched_tokens, "--max-num-batched-tokens", help="Token budget of one step (chunked prefill)."),
+    gpu_memory_utilization: float = typer.Option(_D.gpu_memory_utilization, "--gpu-memory-utilization", help="Share of GPU memory for weights + KV when the pool size is derived from the profile."),
+    arrivals: str = typer.Option(_D.arrivals, "--arrivals", help="Session starts: concurrent (fixed number of active agents), poisson, or trace (recorded)."),
+    agents: int = typer.Option(_D.agents, "--agents", help="Concurrently active sessions, with --arrivals concurrent."),
+    rate: float = typer.Option(_D.rate, "--rate", help="Sessions per second, with --arrivals poisson."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Random seed (Poisson arrivals)."),
+    max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Simulate only the first N sessions of the trace."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for summary.json, requests.csv, sessions.csv (written as the run goes)."),
+) -> None:
+    """Simulate a trace under one policy and print a summary."""
+    try:
+        config = SimConfig(policy=policy, kv_blocks=kv_blocks, kv_gib=kv_gib, block_size=block_size, profile=profile,
+                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           gpu_memory_utilization=gpu_memory_utilization, arrivals=arrivals, agents=agents, rate=rate,
+                           seed=seed, max_sessions=max_sessions)
+        tr = load_trace(trace if trace is not None else DEFAULT_TRACE)
+        n_calls = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
+        with Progress(TextColumn("[bold]simulating[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("calls"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("sim", total=n_calls)
+            result = simulate(tr, config, out, on_progress=lambda n: bar.advance(task, n))
+    except (TraceFormatError, FileNotFoundError, ValueError, SimulationError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    _print_summary(result.summary)
+    if out is not None:
+        console.print(f"results in {out}/ (summary.json, requests.csv, sessions.csv)")
+
+
+def _print_summary(s: dict) -> None:
+    table = Table(title=f"cwsim: {s['policy']} on {Path(s['trace']).name}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    rows = [
+        ("sessions / requests", f"{s['sessions']} / {s['requests']}"),
+        ("KV pool", f"{s['kv_blocks']} blocks x {s['block_size']} tokens" if s["kv_blocks"] else "unbounded"),
+        ("profile", s["profile"]),
+        ("evicted blocks", f"{s['evicted_blocks']:,}"),
+        ("harmful evictions", f"{s['harmful_evictions']:,}"),
+        ("prefix hit rate", f"{s['prefix_hit_rate']:.1%}"),
+        ("recomputed prompt tokens", f"{s['recomputed_prompt_tokens']:,}"),
+        ("preemptions", f"{s['preemptions']:,}"),
+        ("total session time", f"{s['total_session_time_s']:,.1f} s"),
+        ("mean / p99 session time", f"{s['mean_session_time_s']:,.1f} / {s['p99_session_time_s']:,.1f} s"),
+        ("makespan", f"{s['makespan_s']:,.1f} s"),
+        ("wall time", f"{s['wall_s']:.2f} s"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@app.command()
+def policies() -> None:
+    """List the policies with one-line descriptions."""
+    table = Table("policy", "description")
+    for spec in POLICIES.values():
+        table.add_row(spec.name, spec.description)
+    Console().print(table)
+
+
+@app.command()
+def profiles() -> None:
+    """List the bundled step-time profiles."""
+    table = Table("profile", "model", "gpu", "source")
+    for name in list_profiles():
+        p = load_profile(name)
+        table.add_row(name, p.model, p.gpu, p.source.split(":")[0])
+    Console().print(table)

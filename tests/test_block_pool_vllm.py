@@ -1,0 +1,231 @@
+"""vLLM's own free-queue expectations, ported.
+
+The cases and the expected block ids come from vLLM's
+``tests/v1/core/test_prefix_caching.py`` (test_prefill, test_decode,
+test_evict, test_hash_block_correct_reuse, test_computed_blocks_not_evicted,
+test_prefill_not_enough_free_blocks_with_computed_blocks): same pool sizes,
+same token layouts, same asserted block ids and free-queue orders, run against
+cwsim's pool and KV cache manager.
+"""
+
+import numpy as np
+import pytest
+
+from cwsim.block_pool import BlockPool
+from cwsim.hashing import block_hashes
+from cwsim.kv_cache_manager import KVCacheManager
+from cwsim.request import Request
+
+
+def make_request(rid: int, prompt: list[int], block_size: int, outputs: list[int] = ()) -> Request:
+    """A request whose tokens are the given ids (token t is segment t+1, one token long)."""
+    tokens = list(prompt) + list(outputs)
+    hashes = block_hashes([(t + 1, 1) for t in tokens], block_size)
+    return Request(rid, None, 0, len(prompt), max(1, len(outputs)), hashes, 0.0)
+
+
+def make_manager(num_blocks: int, block_size: int = 16) -> KVCacheManager:
+    return KVCacheManager(BlockPool(num_blocks), block_size)
+
+
+def computed(manager: KVCacheManager, req: Request):
+    hits, n = manager.get_computed_blocks(req)
+    return hits, n
+
+
+def test_prefill():
+    m = make_manager(11)
+    common = [i for i in range(3) for _ in range(16)]
+    req0 = make_request(0, common + [3] * 7, 16)
+    hits, n = computed(m, req0)
+    assert len(req0.hashes) == 3 and len(hits) == 0 and n == 0
+    new = m.allocate_slots(req0, 55, hits)
+    assert new.tolist() == [1, 2, 3, 4]
+    pool = m.pool
+    assert pool.has_hash[[1, 2, 3]].all() and not pool.has_hash[4]
+    assert pool.ref[[1, 2, 3, 4]].tolist() == [1, 1, 1, 1]
+
+    # hit in the common prefix while the original blocks are in use
+    req1 = make_request(1, common + [3] * 5, 16)
+    hits, n = computed(m, req1)
+    assert hits.tolist() == [1, 2, 3] and n == 48
+    new = m.allocate_slots(req1, 53 - 48, hits)
+    assert new.tolist() == [5]
+    assert pool.ref[[1, 2, 3]].tolist() == [2, 2, 2]
+    assert pool.num_free == 5
+
+    m.free(req0)
+    m.free(req1)
+    assert pool.num_free == 10
+    # [partial without hashes (5, 4), prepended] [unallocated 6..10] [common (3, 2, 1)]
+    assert pool.free_block_ids() == [5, 4, 6, 7, 8, 9, 10, 3, 2, 1]
+
+    # hit in the common prefix when the original blocks are free
+    req2 = make_request(2, common + [3] * 6, 16)
+    hits, n = computed(m, req2)
+    assert hits.tolist() == [1, 2, 3] and n == 48
+    new = m.allocate_slots(req2, 54 - 48, hits)
+    assert new.tolist() == [5]  # reuse partial block 5
+    assert pool.num_free == 6
+    assert all(pool.ref[b] == 0 for b in pool.free_block_ids())
+    m.free(req2)
+
+    # cache miss and eviction: the allocation order is the eviction order
+    req3 = make_request(3, [99] * (16 * 10), 16)
+    hits, n = computed(m, req3)
+    assert len(hits) == 0 and n == 0
+    new = m.allocate_slots(req3, 16 * 10, hits)
+    assert new.tolist() == [5, 4, 6, 7, 8, 9, 10, 3, 2, 1]
+    assert pool.num_free == 0 and pool.free_block_ids() == []
+    pool.check_invariants()
+
+
+def test_decode():
+    m = make_manager(11)
+    common = [i for i in range(3) for _ in range(16)]
+    req0 = make_request(0, common + [3] * 7, 16, outputs=[8] * 4 + [7] * 19)
+    hits, _ = computed(m, req0)
+    assert m.allocate_slots(req0, 55, hits).tolist() == [1, 2, 3, 4]
+
+    # append slots without allocating a new block
+    req0.num_computed = 55
+    req0.num_generated = 4
+    new = m.allocate_slots(req0, 4)
+    assert len(new) == 0
+    assert not m.pool.has_hash[req0.blocks[-1]]
+
+    # append slots allocating a new block: 9 tokens fill the previous block, 10 the new one
+    req0.num_computed = 59
+    req0.num_generated = 4 + 19
+    new = m.allocate_slots(req0, 19)
+    assert len(new) == 1
+    assert m.pool.has_hash[req0.blocks[-2]]
+    assert not m.pool.has_hash[req0.blocks[-1]]
+
+
+def test_evict():
+    m = make_manager(11)
+    last = 5 * 16 + 7
+    req0 = make_request(0, list(range(last)), 16)
+    hits, _ = computed(m, req0)
+    assert len(m.allocate_slots(req0, last, hits)) == 6  # 5 full + 1 partial
+
+    req1 = make_request(1, list(range(last, last + 3 * 16)), 16)
+    hits, n = computed(m, req1)
+    assert len(hits) == 0 and n == 0
+    assert len(m.allocate_slots(req1, 3 * 16, hits)) == 3
+    assert m.pool.num_free == 1
+
+    m.free(req0)
+    # partial blocks (without hash) at the head, the others at the tail (LRU)
+    assert m.pool.free_block_ids() == [6, 10, 5, 4, 3, 2, 1]
+    m.free(req1)
+    assert m.pool.num_free == 10
+    assert m.pool.free_block_ids() == [6, 10, 5, 4, 3, 2, 1, 9, 8, 7]
+
+    # touch the first 2 blocks
+    req2 = make_request(2, list(range(2 * 16 + 3)), 16)
+    hits, n = computed(m, req2)
+    assert hits.tolist() == [1, 2] and n == 32
+    assert m.allocate_slots(req2, 3, hits).tolist() == [6]
+    assert m.pool.num_free == 7
+    m.pool.check_invariants()
+
+
+def test_hash_block_correct_reuse():
+    m = make_manager(2)
+    req = make_request(0, list(range(16)), 16)
+    hits, _ = computed(m, req)
+    assert len(m.allocate_slots(req, 16, hits)) == 1
+    m.free(req)
+    # a new block that is not full: the reused block's hash must be cleared
+    req = make_request(1, list(range(15)), 16)
+    hits, n = computed(m, req)
+    assert len(hits) == 0 and n == 0
+    new = m.allocate_slots(req, 15, hits)
+    assert len(new) == 1
+    assert not m.pool.has_hash[new[0]]
+    assert m.pool.num_evicted == 1
+
+
+def test_computed_blocks_not_evicted():
+    m = make_manager(3)
+    req0 = make_request(0, list(range(16)), 16)
+    hits, _ = computed(m, req0)
+    assert m.allocate_slots(req0, 16, hits).tolist() == [1]
+    req1 = make_request(1, list(range(16, 32)), 16)
+    hits, _ = computed(m, req1)
+    assert m.allocate_slots(req1, 16, hits).tolist() == [2]
+    m.free(req0)
+    m.free(req1)
+    # a hit on the first block: the second cached block is evicted, not the first
+    req2 = make_request(2, list(range(32)), 16)
+    hits, n = computed(m, req2)
+    assert hits.tolist() == [1] and n == 16
+    assert m.allocate_slots(req2, 16, hits).tolist() == [2]
+
+
+def test_prefill_not_enough_free_blocks_with_computed_blocks():
+    """Allocation counts the free hit blocks it would take out of the queue."""
+    m = make_manager(11)
+    # req0: 3 full blocks + 7 tokens
+    common = [i for i in range(3) for _ in range(16)]
+    req0 = make_request(0, common + [3] * 7, 16)
+    hits, _ = computed(m, req0)
+    m.allocate_slots(req0, 55, hits)
+    assert m.pool.ref[[1, 2, 3, 4]].tolist() == [1, 1, 1, 1]
+
+    # req1 holds 6 other blocks (5..10): no free blocks are left but req0's
+    req1 = make_request(1, list(range(100, 100 + 6 * 16)), 16)
+    hits, _ = computed(m, req1)
+    assert m.allocate_slots(req1, 96, hits).tolist() == [5, 6, 7, 8, 9, 10]
+    m.free(req0)  # blocks 1..3 cached and free, 4 free without hash
+
+    # req2 hits 1..3 (free) and needs 2 new blocks: 3 + 2 > 4 free -> refused
+    req2 = make_request(2, common + [7] * 20, 16)
+    hits, n = computed(m, req2)
+    assert hits.tolist() == [1, 2, 3]
+    free_before = m.pool.free_block_ids()
+    assert m.allocate_slots(req2, 20, hits) is None
+    assert m.pool.free_block_ids() == free_before  # a refused allocation changes nothing
+    # with one new block needed it fits: 3 hits + 1 new == 4 free
+    req3 = make_request(3, common + [7] * 10, 16)
+    hits, n = computed(m, req3)
+    assert m.allocate_slots(req3, 10, hits).tolist() == [4]
+    assert m.pool.num_free == 0
+    m.pool.check_invariants()
+
+
+def test_last_token_is_never_a_hit():
+    """As in vLLM, a fully cached prompt still recomputes its last block's token."""
+    m = make_manager(11)
+    req0 = make_request(0, list(range(32)), 16)
+    hits, _ = computed(m, req0)
+    m.allocate_slots(req0, 32, hits)
+    m.free(req0)
+    req1 = make_request(1, list(range(32)), 16)
+    hits, n = computed(m, req1)
+    assert hits.tolist() == [1] and n == 16
+
+
+def test_unbounded_pool_grows_instead_of_evicting():
+    pool = BlockPool(3, growable=True)
+    m = KVCacheManager(pool, 16)
+    reqs = [make_request(i, list(range(i * 100, i * 100 + 32)), 16) for i in range(4)]
+    for r in reqs:
+        hits, _ = computed(m, r)
+        assert m.allocate_slots(r, 32, hits) is not None
+        m.free(r)
+    assert pool.num_evicted == 0
+    assert pool.num_blocks >= 9
+    for r in reqs:  # every prefix is still cached
+        assert len(pool.find_longest_prefix(r.hashes, 2)) == 2
+    pool.check_invariants()
+
+
+def test_free_more_than_referenced_is_refused():
+    pool = BlockPool(4)
+    blocks = pool.get_new_blocks(2)
+    pool.free_blocks(blocks)
+    with pytest.raises(AssertionError):
+        pool.free_blocks(np.asarray(blocks))

@@ -1,0 +1,419 @@
+"""Read and write trace format v1 files (``docs/trace-format.md``).
+
+``load_trace`` validates every line by hand (plain ``json`` plus type checks,
+no schema library) and reports the first problem as
+``TraceFormatError("file:line: field: problem")``. With ``skip_bad=True`` bad
+lines are skipped and recorded in ``Trace.rejected`` instead; a session whose
+turns are not unique and contiguous from 0 (also when a skipped line caused
+the hole) is dropped whole, with one more record for it. Nothing is dropped
+without a record.
+
+``write_trace`` writes ``.jsonl`` or ``.jsonl.gz`` (gzip with mtime 0, so the
+bytes are deterministic) and validates each line the same way first, so what
+it writes always loads.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from traces.format import FORMAT_NAME, FORMAT_VERSION, Call, Session, ToolCall, Trace, header_line
+
+__all__ = ["TraceFormatError", "load_trace", "write_trace"]
+
+
+class TraceFormatError(ValueError):
+    """A problem in a trace file: ``str(e) == f"{path}:{line}: {field}: {problem}"``.
+
+    ``line`` is 1-based (0 for problems of the file as a whole); ``field`` is
+    the JSON field (``prompt[3][1]``, ``tools[0].duration_s``), ``json`` for a
+    line that is not a JSON object, ``turn`` for turn-ordering problems.
+    """
+
+    def __init__(self, path, line: int, field: str, problem: str):
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{self.path}:{line}: {field}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.line, self.field, self.problem))
+
+
+class _Bad(Exception):
+    """Internal: one field problem of one line (no path/line yet)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(field, problem)
+        self.field = field
+        self.problem = problem
+
+
+_MISSING = object()
+
+
+def _show(v) -> str:
+    if v is _MISSING:
+        return "nothing"
+    try:
+        s = json.dumps(v)
+    except (TypeError, ValueError):
+        s = repr(v)
+    if len(s) > 40:
+        s = s[:37] + "..."
+    return f"{_type_name(v)} {s}"
+
+
+def _type_name(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return type(v).__name__
+
+
+def _number(v, field: str, nonneg: bool) -> float:
+    """A finite JSON number (bool excluded), as float."""
+    t = type(v)
+    if t is int:
+        try:
+            f = float(v)
+        except OverflowError:
+            raise _Bad(field, f"number too large: {_show(v)}") from None
+    elif t is float:
+        if not math.isfinite(v):
+            raise _Bad(field, f"expected a finite number, got {v!r}")
+        f = v
+    else:
+        raise _Bad(field, f"expected a number, got {_show(v)}")
+    if nonneg and f < 0:
+        raise _Bad(field, f"expected a number >= 0, got {v!r}")
+    return f
+
+
+def _opt_number(d: dict, key: str, nonneg: bool) -> float | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    return _number(v, key, nonneg)
+
+
+def _int(d: dict, key: str, minimum: int) -> int:
+    v = d.get(key, _MISSING)
+    if v is _MISSING:
+        raise _Bad(key, "missing")
+    if type(v) is not int or v < minimum:
+        raise _Bad(key, f"expected an integer >= {minimum}, got {_show(v)}")
+    return v
+
+
+_LIST, _TWO, _STR, _INT = {list}, {2}, {str}, {int}
+
+
+def _prompt(v) -> tuple[tuple[str, int], ...]:
+    if v is _MISSING:
+        raise _Bad("prompt", "missing")
+    if type(v) is not list:
+        raise _Bad("prompt", f"expected an array of [segment_id, n_tokens] pairs, got {_show(v)}")
+    if not v:
+        raise _Bad("prompt", "empty (a call has at least one prompt segment)")
+    # Fast path: C-level checks over the whole list (prompts are long).
+    if set(map(type, v)) == _LIST and set(map(len, v)) == _TWO:
+        out = tuple(map(tuple, v))
+        segs, ns = zip(*out)
+        if set(map(type, segs)) == _STR and set(map(type, ns)) == _INT and min(ns) >= 1 and "" not in segs:
+            return out
+    # Slow path: find and name the first bad pair.
+    out = []
+    append = out.append
+    for i, p in enumerate(v):
+        if type(p) is list and len(p) == 2:
+            s, n = p
+            if type(s) is str and s and type(n) is int and n >= 1:
+                append((s, n))
+                continue
+            if type(s) is not str or not s:
+                raise _Bad(f"prompt[{i}][0]", f"expected a non-empty string segment id, got {_show(s)}")
+            raise _Bad(f"prompt[{i}][1]", f"expected an integer n_tokens >= 1, got {_show(n)}")
+        raise _Bad(f"prompt[{i}]", f"expected a [segment_id, n_tokens] pair, got {_show(p)}")
+    return tuple(out)
+
+
+def _tools(v) -> tuple[ToolCall, ...]:
+    if v is None:
+        return ()
+    if type(v) is not list:
+        raise _Bad("tools", f"expected an array of tool objects, got {_show(v)}")
+    out = []
+    for i, t in enumerate(v):
+        where = f"tools[{i}]"
+        if type(t) is not dict:
+            raise _Bad(where, f"expected an object, got {_show(t)}")
+        name = t.get("name", _MISSING)
+        if name is _MISSING:
+            raise _Bad(f"{where}.name", "missing")
+        if type(name) is not str or not name:
+            raise _Bad(f"{where}.name", f"expected a non-empty string, got {_show(name)}")
+        category = t.get("category", "other")
+        if type(category) is not str:
+            raise _Bad(f"{where}.category", f"expected a string, got {_show(category)}")
+        dur = t.get("duration_s", _MISSING)
+        if dur is _MISSING:
+            raise _Bad(f"{where}.duration_s", "missing")
+        out.append(ToolCall(name, category, _number(dur, f"{where}.duration_s", True)))
+    return tuple(out)
+
+
+def _parse_call(d) -> Call:
+    """Validate one decoded call line; raise ``_Bad`` naming the field."""
+    if type(d) is not dict:
+        raise _Bad("json", f"expected a JSON object, got {_type_name(d)}")
+    sid = d.get("session_id", _MISSING)
+    if sid is _MISSING:
+        if "format" in d:
+            raise _Bad("format", "a header line is allowed only as the first non-blank line")
+        raise _Bad("session_id", "missing")
+    if type(sid) is not str or not sid:
+        raise _Bad("session_id", f"expected a non-empty string, got {_show(sid)}")
+    turn = _int(d, "turn", 0)
+    prompt = _prompt(d.get("prompt", _MISSING))
+    output_tokens = _int(d, "output_tokens", 1)
+    out_seg = d.get("output_segment")
+    if out_seg is not None and (type(out_seg) is not str or not out_seg):
+        raise _Bad("output_segment", f"expected a non-empty string or null, got {_show(out_seg)}")
+    tools = _tools(d.get("tools"))
+    return Call(
+        sid,
+        turn,
+        prompt,
+        output_tokens,
+        out_seg,
+        tools,
+        _opt_number(d, "gap_s", True),
+        _opt_number(d, "timestamp_s", False),
+        _opt_number(d, "latency_s", True),
+    )
+
+
+def _check_header(d: dict) -> None:
+    fmt = d.get("format")
+    if fmt != FORMAT_NAME:
+        raise _Bad("format", f"expected {FORMAT_NAME!r}, got {_show(fmt)}")
+    version = d.get("version", _MISSING)
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise _Bad("version", f"unsupported version {_show(version)} (this reader reads version {FORMAT_VERSION})")
+
+
+def _is_gz(path: Path) -> bool:
+    return path.name.endswith(".gz")
+
+
+def load_trace(path, *, skip_bad: bool = False) -> Trace:
+    """Read and validate a ``.jsonl`` / ``.jsonl.gz`` trace file.
+
+    Strict (default): the first problem raises ``TraceFormatError``.
+    ``skip_bad=True``: bad lines are skipped and recorded in
+    ``trace.rejected``; sessions with turn problems are dropped whole, with
+    one record each. A missing file raises ``FileNotFoundError``; a trace
+    with no (valid) calls raises ``TraceFormatError(path, 0, "trace", ...)``.
+    Header errors (wrong format or version) always raise.
+    """
+    # Parsing allocates many small containers that all survive; the cyclic
+    # GC would rescan them over and over (~25% of the time) for nothing.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load(path, skip_bad)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _load(path, skip_bad: bool) -> Trace:
+    p = Path(path)
+    src = str(path)
+    opener = gzip.open if _is_gz(p) else open
+    rejected: list[TraceFormatError] = []
+    header: dict = {}
+    # session_id -> {turn: (line, Call)}, in order of first appearance
+    sessions: dict[str, dict[int, tuple[int, Call]]] = {}
+    bad_sessions: dict[str, TraceFormatError] = {}
+    rejected_lines_of: dict[str, list[int]] = {}
+    n_lines = 0
+    first = True
+
+    def reject(err: TraceFormatError) -> None:
+        if not skip_bad:
+            raise err
+        rejected.append(err)
+
+    try:
+        with opener(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    d = json.loads(raw)
+                except (ValueError, RecursionError) as e:
+                    first = False
+                    n_lines += 1
+                    reject(TraceFormatError(src, lineno, "json", f"not valid JSON ({e})"))
+                    continue
+                if first:
+                    first = False
+                    if type(d) is dict and "format" in d:
+                        try:
+                            _check_header(d)
+                        except _Bad as b:
+                            raise TraceFormatError(src, lineno, b.field, b.problem) from None
+                        header = d
+                        continue
+                n_lines += 1
+                try:
+                    call = _parse_call(d)
+                except _Bad as b:
+                    if type(d) is dict:
+                        sid = d.get("session_id")
+                        if type(sid) is str and sid:
+                            rejected_lines_of.setdefault(sid, []).append(lineno)
+                    reject(TraceFormatError(src, lineno, b.field, b.problem))
+                    continue
+                turns = sessions.get(call.session_id)
+                if turns is None:
+                    turns = sessions[call.session_id] = {}
+                prev = turns.get(call.turn)
+                if prev is not None:
+                    err = TraceFormatError(
+                        src,
+                        lineno,
+                        "turn",
+                        f"duplicate turn {call.turn} of session {call.session_id!r} "
+                        f"(first at line {prev[0]})",
+                    )
+                    if not skip_bad:
+                        raise err
+                    bad_sessions.setdefault(call.session_id, err)
+                    continue
+                turns[call.turn] = (lineno, call)
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
+        raise TraceFormatError(src, 0, "gzip" if _is_gz(p) else "file", f"unreadable ({e})") from None
+
+    if n_lines == 0:
+        raise TraceFormatError(src, 0, "trace", "no calls")
+
+    # Turn contiguity: turns 0..n-1 exactly (duplicates were caught above).
+    gap_errors: list[TraceFormatError] = []
+    out: list[Session] = []
+    for sid, turns in sessions.items():
+        if sid in bad_sessions:
+            continue
+        ordered = sorted(turns)
+        missing = next((i for i, t in enumerate(ordered) if t != i), None)
+        if missing is not None:
+            line_after = turns[ordered[missing]][0]
+            note = ""
+            if sid in rejected_lines_of:
+                note = "; rejected line(s) of this session: " + ", ".join(map(str, rejected_lines_of[sid]))
+            gap_errors.append(
+                TraceFormatError(
+                    src,
+                    line_after,
+                    "turn",
+                    f"turn {missing} of session {sid!r} is missing "
+                    f"(session has turns {_ranges(ordered)}){note}",
+                )
+            )
+            bad_sessions[sid] = gap_errors[-1]
+            continue
+        out.append(Session(sid, tuple(turns[t][1] for t in ordered)))
+
+    if gap_errors and not skip_bad:
+        raise min(gap_errors, key=lambda e: e.line)
+    if skip_bad:
+        for sid, err in bad_sessions.items():
+            rejected.append(
+                TraceFormatError(err.path, err.line, err.field, err.problem + f"; session {sid!r} dropped")
+            )
+        rejected.sort(key=lambda e: e.line)
+        if not out:
+            first_err = f"; first: {rejected[0]}" if rejected else ""
+            raise TraceFormatError(src, 0, "trace", f"no valid calls ({len(rejected)} rejected{first_err})")
+    return Trace(sessions=out, header=header, source=src, rejected=rejected)
+
+
+def _ranges(turns: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    parts = []
+    i = 0
+    while i < len(turns):
+        j = i
+        while j + 1 < len(turns) and turns[j + 1] == turns[j] + 1:
+            j += 1
+        parts.append(str(turns[i]) if i == j else f"{turns[i]}-{turns[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def write_trace(path, calls: Iterable[Call], header: dict | None = None) -> int:
+    """Write calls (and an optional header) to ``.jsonl`` or ``.jsonl.gz``.
+
+    Each line is validated like ``load_trace`` does before it is written
+    (``TraceFormatError`` naming the line otherwise; nothing is left at
+    ``path`` then). Gzip output uses mtime 0 and no file name, so equal input
+    gives equal bytes. Writes to a temporary file and renames it into place.
+    Returns the number of calls written.
+    """
+    p = Path(path)
+    src = str(path)
+    tmp = p.with_name(p.name + ".tmp")
+    n = 0
+    try:
+        with open(tmp, "wb") as raw:
+            f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if _is_gz(p) else raw
+            try:
+                lineno = 0
+                if header is not None:
+                    line = header_line(**header)
+                    lineno += 1
+                    try:
+                        _check_header(json.loads(line))
+                    except _Bad as b:
+                        raise TraceFormatError(src, lineno, b.field, b.problem) from None
+                    f.write(line.encode() + b"\n")
+                for call in calls:
+                    lineno += 1
+                    d = call.to_json()
+                    try:
+                        _parse_call(d)
+                    except _Bad as b:
+                        raise TraceFormatError(src, lineno, b.field, b.problem) from None
+                    f.write(json.dumps(d, separators=(",", ":")).encode() + b"\n")
+                    n += 1
+            finally:
+                if f is not raw:
+                    f.close()
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return n
