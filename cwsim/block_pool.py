@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 NULL_BLOCK = 0
+_EMPTY = np.empty(0, dtype=np.int64)
 _COMPACT_MIN = 256
 
 
@@ -105,6 +106,10 @@ class BlockPool:
         self.has_hash = np.zeros(num_blocks, dtype=bool)
         self.hash_of = np.zeros(num_blocks, dtype=np.int64)
         self.run_of = np.full(num_blocks, -1, dtype=np.int64)
+        # canonical[b]: b is the block that lookups of its hash return;
+        # gen[b]: bumped each time b is evicted (so a remembered block can be re-checked)
+        self.canonical = np.zeros(num_blocks, dtype=bool)
+        self.gen = np.zeros(num_blocks, dtype=np.int64)
         self.cached: dict[int, int] = {}
         self._dups: dict[int, list[int]] = {}
         self._runs: dict[int, _Run] = {}
@@ -234,13 +239,35 @@ class BlockPool:
     def get_cached_block(self, block_hash: int) -> int | None:
         return self.cached.get(block_hash)
 
-    def find_longest_prefix(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
-        """Block ids of the longest prefix of ``hashes[:max_blocks]`` that is cached."""
-        hits = list(map(self.cached.get, hashes[:max_blocks]))
+    def find_longest_prefix(self, hashes: Sequence[int], max_blocks: int, hint: tuple | None = None) -> np.ndarray:
+        """Block ids of the longest prefix of ``hashes[:max_blocks]`` that is cached.
+
+        ``hint = (blocks, gens)``: blocks that held ``hashes[:len(blocks)]``
+        when their ``gen`` was ``gens`` (the session's previous call). Those
+        still canonical and not evicted since are the lookup's answer without
+        a dict lookup each; the rest is looked up hash by hash.
+        """
+        start = 0
+        found = _EMPTY
+        if hint is not None:
+            blocks, gens = hint
+            n = min(len(blocks), max_blocks)
+            if n:
+                cand = blocks[:n]
+                ok = self.canonical[cand] & (self.gen[cand] == gens[:n])
+                start = n if ok.all() else int(np.argmin(ok))
+                found = cand[:start]
+        if start >= max_blocks:
+            return found
+        hits = list(map(self.cached.get, hashes[start:max_blocks]))
         try:
-            return hits[: hits.index(None)]
+            hits = hits[: hits.index(None)]
         except ValueError:
-            return hits
+            pass
+        if not hits:
+            return found
+        rest = np.array(hits, dtype=np.int64)
+        return rest if start == 0 else np.concatenate([found, rest])
 
     def touch(self, blocks: np.ndarray) -> None:
         """Add one reference to each block (a prefix hit); free ones leave the queue."""
@@ -269,11 +296,13 @@ class BlockPool:
     def _evict(self, blocks: np.ndarray) -> None:
         hashes = self.hash_of[blocks].tolist()
         cached, dups = self.cached, self._dups
+        canonical = self.canonical
         for b, h in zip(blocks.tolist(), hashes):
             if cached.get(h) == b:
                 others = dups.get(h)
                 if others:
-                    cached[h] = others.pop(0)
+                    cached[h] = nb = others.pop(0)
+                    canonical[nb] = True
                     if not others:
                         del dups[h]
                 else:
@@ -284,6 +313,8 @@ class BlockPool:
                 if not others:
                     del dups[h]
         self.has_hash[blocks] = False
+        self.canonical[blocks] = False
+        self.gen[blocks] += 1
         self.num_free_hashed -= len(blocks)
         self.num_evicted += len(blocks)
         if self.on_evict is not None:
@@ -301,12 +332,13 @@ class BlockPool:
             raise AssertionError("caching a block that already has a hash")
         self.has_hash[blocks] = True
         self.hash_of[blocks] = hashes
-        cached = self.cached
+        cached, canonical = self.cached, self.canonical
         for b, h in zip(blocks.tolist(), hashes):
             if h in cached:
                 self._dups.setdefault(h, []).append(b)
             else:
                 cached[h] = b
+                canonical[b] = True
 
     def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:
         """Drop one reference from each block, given in eviction order (first = evicted first)."""
@@ -330,6 +362,8 @@ class BlockPool:
         self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
         self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
         self.run_of = np.concatenate([self.run_of, np.full(grow, -1, dtype=np.int64)])
+        self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
+        self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
         self.num_blocks = new
         # new blocks are unhashed and go to the very front, in id order
         self._seq += 1
@@ -358,6 +392,7 @@ class BlockPool:
         assert ((run_of >= 0) == free_mask).all(), "run membership disagrees with the free queue"
         for h, b in self.cached.items():
             assert self.has_hash[b] and self.hash_of[b] == h, "hash map points at a block without that hash"
+        assert int(self.canonical.sum()) == len(self.cached), "canonical flags disagree with the hash map"
         n_dups = sum(len(v) for v in self._dups.values())
         assert int(self.has_hash.sum()) == len(self.cached) + n_dups, "hashed blocks missing from the hash map"
         assert int(self.has_hash[free_mask].sum()) == self.num_free_hashed, "free cached-block count drifted"

@@ -45,6 +45,10 @@ class Engine:
             sess.memo = PrefixMemo()
         hashes = block_hashes(call.segs, self.block_size, sess.memo)
         req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes, self.env.now)
+        if sess.hint is not None and sess.memo.reused:
+            blocks, gens = sess.hint
+            k = min(sess.memo.reused, len(blocks))
+            req.hint = (blocks[:k], gens[:k])
         self._next_rid += 1
         req.done = self.env.event()
         self.scheduler.add(req)

@@ -44,7 +44,7 @@ class SegmentInterner:
 class PrefixMemo:
     """Hashing state of the last sequence hashed, for incremental reuse."""
 
-    __slots__ = ("segs", "hashes", "states")
+    __slots__ = ("segs", "hashes", "states", "reused")
 
     def __init__(self) -> None:
         self.segs: list[tuple[int, int]] = []
@@ -52,6 +52,8 @@ class PrefixMemo:
         # states[i] = (full-block hashes so far, partial-block pieces) before
         # segment i; states[len(segs)] is the state at the end.
         self.states: list[tuple[int, tuple]] = [(0, ())]
+        #: how many leading hashes the last call carried over from the sequence before
+        self.reused = 0
 
 
 def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None) -> list[int]:
@@ -91,6 +93,7 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
             pieces.append((sid, pos, n))
             filled += n - pos
         states.append((len(hashes), tuple(pieces)))
+    memo.reused = n_hashes
     memo.segs = list(segs)
     memo.hashes = hashes
     memo.states = states

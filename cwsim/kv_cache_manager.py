@@ -24,9 +24,12 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[np.ndarray, int]:
         """Cached prefix blocks for a request that has no computed tokens yet."""
+        hits = self.longest_prefix(req)
+        return hits, len(hits) * self.block_size
+
+    def longest_prefix(self, req: Request) -> np.ndarray:
         max_blocks = (req.num_tokens - 1) // self.block_size
-        hits = self.pool.find_longest_prefix(req.hashes, max_blocks)
-        return np.array(hits, dtype=np.int64), len(hits) * self.block_size
+        return self.pool.find_longest_prefix(req.hashes, max_blocks, req.hint)
 
     def allocate_slots(self, req: Request, num_new_tokens: int, new_computed: np.ndarray | None = None) -> np.ndarray | None:
         """Blocks for ``num_new_tokens`` more tokens, or None if the pool cannot hold them."""
@@ -56,6 +59,12 @@ class KVCacheManager:
             req.num_cached_blocks = n_full
 
     def free(self, req: Request, now: float = 0.0, reason: str = "finish") -> None:
+        cached = req.blocks[: req.num_cached_blocks]
+        hint = (cached, self.pool.gen[cached])
+        if reason == "preempt":
+            req.hint = hint
+        elif req.session is not None:
+            req.session.hint = hint
         self.pool.free_block_table(req.blocks, req, now, reason)
         req.blocks = _EMPTY
         req.num_cached_blocks = 0

@@ -39,6 +39,8 @@ class Request:
     recomputed_tokens: int = 0
     preemptions: int = 0
     done: object = None  # simpy.Event set on finish
+    #: (blocks, gens) that held this request's leading hashes: a fast path for prefix lookup
+    hint: tuple | None = None
 
     @property
     def num_tokens(self) -> int:

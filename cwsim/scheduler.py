@@ -69,10 +69,19 @@ class Scheduler:
         kv, running = self.kv, self.running
         budget = self.max_num_batched_tokens
         scheduled = plan.scheduled
+        bs = kv.block_size
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
             n_new = min(req.num_tokens - req.num_computed, budget)
+            if n_new == 1 and req.num_computed % bs:
+                # decode inside the last block: allocate_slots would only cache a block that fills
+                if (req.num_computed + 1) % bs == 0:
+                    kv.cache_blocks(req, req.num_computed + 1)
+                scheduled.append((req, 1))
+                budget -= 1
+                i += 1
+                continue
             while kv.allocate_slots(req, n_new) is None:
                 victim = self.policy.preemption_victim(running)
                 vi = running.index(victim)

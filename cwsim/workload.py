@@ -36,6 +36,7 @@ class SessionState:
     recorded_start_s: float | None
     shared_prefix_tokens: int = 0  # prefix of turn 0 that some other session shares
     memo: PrefixMemo | None = None
+    hint: tuple | None = None  # (blocks, gens) of the last finished call's cached blocks
     start: float = -1.0
     end: float = -1.0
     requests: list = field(default_factory=list)
@@ -65,12 +66,12 @@ class Workload:
     @classmethod
     def from_trace(cls, trace: Trace) -> "Workload":
         intern = SegmentInterner()
-        pairs: dict[tuple[int, int], tuple[int, int]] = {}
+        pairs: dict[tuple[str, int], tuple[int, int]] = {}
         sessions: list[SessionState] = []
         for si, sess in enumerate(trace.sessions):
             calls: list[SimCall] = []
             for c in sess.calls:
-                prompt = tuple(pairs.setdefault((intern(s), n), (intern(s), n)) for s, n in c.prompt)
+                prompt = tuple(pairs.get(seg) or pairs.setdefault(seg, (intern(seg[0]), seg[1])) for seg in c.prompt)
                 out_id = c.output_segment if c.output_segment is not None else f"\0out:{si}:{c.turn}"
                 segs = prompt + ((intern(out_id), c.output_tokens),)
                 calls.append(SimCall(segs, c.prompt_tokens, c.output_tokens, c.next_gap_s, 0, c.tools))

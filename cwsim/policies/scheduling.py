@@ -26,6 +26,4 @@ class LongestPrefixMatch(SchedulingPolicy):
         self.max_queue = max_queue
 
     def priority(self, req: Request) -> float:
-        kv = self.ctx.kv
-        max_blocks = (req.num_tokens - 1) // kv.block_size
-        return -float(len(kv.pool.find_longest_prefix(req.hashes, max_blocks)))
+        return -float(len(self.ctx.kv.longest_prefix(req)))
