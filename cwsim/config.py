@@ -21,6 +21,8 @@ class SimConfig:
     agents: int = 16
     rate: float = 0.1
     seed: int = 0
+    #: advance runs of decode-only steps in one jump (False: step by step, to validate the jump)
+    decode_jumps: bool = True
     #: stop after this many sessions (the first ones in trace order); None: all
     max_sessions: int | None = None
 

@@ -27,12 +27,14 @@ from cwsim.workload import Arrivals, SessionState, Workload
 
 
 class Engine:
-    def __init__(self, env: simpy.Environment, scheduler: Scheduler, profile: StepTimeProfile, block_size: int, ctx):
+    def __init__(self, env: simpy.Environment, scheduler: Scheduler, profile: StepTimeProfile, block_size: int, ctx,
+                 decode_jumps: bool = True):
         self.env = env
         self.scheduler = scheduler
         self.profile = profile
         self.block_size = block_size
         self.ctx = ctx  # PolicyContext: its clock is kept current here
+        self.decode_jumps = decode_jumps
         self._idle: simpy.Event | None = None
         self._next_rid = 0
         self.steps = 0
@@ -69,7 +71,7 @@ class Engine:
             plan = sched.schedule(now)
             if not plan.scheduled:
                 continue  # everything running was preempted: admit next iteration
-            if plan.decode_only and len(plan.scheduled) == len(sched.running):
+            if self.decode_jumps and plan.decode_only and len(plan.scheduled) == len(sched.running):
                 n = self._plan_jump(plan)
                 if n > 1:
                     dt = prof.decode_run_time(n, plan.decode_seqs, plan.decode_ctx)

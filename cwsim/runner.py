@@ -72,7 +72,7 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     scheduler = Scheduler(kv, sched_policy, metrics, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens)
     env = simpy.Environment()
-    engine = Engine(env, scheduler, profile, config.block_size, ctx)
+    engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps)
     start_sessions(env, engine, workload, arrivals, config.seed, metrics)
     env.process(engine.run())
     try:

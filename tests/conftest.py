@@ -1,0 +1,34 @@
+"""Shared test helpers: small synthetic agent traces and paths to real data."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from traces.format import Call, Session, ToolCall, Trace
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TRACES = REPO.parent / "shared" / "data" / "traces"
+
+
+def agent_trace(n_sessions: int = 8, turns: int = 12, seed: int = 0, system_tokens: int = 2000) -> Trace:
+    """Agent-like sessions: a shared system prompt, then prompt k+1 = prompt k + answer + tool output."""
+    rng = random.Random(seed)
+    sessions = []
+    for s in range(n_sessions):
+        prompt = [("sys", system_tokens), (f"task{s}", rng.randint(200, 800))]
+        calls = []
+        for t in range(turns):
+            out = rng.randint(20, 200)
+            tool = ToolCall("bash", rng.choice(["grep", "read", "test"]), round(rng.uniform(0.1, 3.0), 3))
+            calls.append(Call(f"s{s}", t, tuple(prompt), out, f"s{s}/a{t}", (tool,)))
+            prompt = prompt + [(f"s{s}/a{t}", out), (f"s{s}/t{t}", rng.randint(50, 1500))]
+        sessions.append(Session(f"s{s}", tuple(calls)))
+    return Trace(sessions, source="synthetic")
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    if not SHARED_TRACES.is_dir():
+        pytest.skip(f"real traces not found at {SHARED_TRACES} (the shared data folder is absent on this clone)")
+    return SHARED_TRACES

@@ -1,0 +1,48 @@
+"""The `cwsim` command line, run as a user would (through typer's runner)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from cwsim.cli import app
+
+runner = CliRunner()
+
+
+def test_run_on_the_bundled_trace_writes_results(tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", "--max-sessions", "3", "--kv-blocks", "20000", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("policy", "trace", "sessions", "requests", "kv_blocks", "block_size", "evicted_blocks",
+                "harmful_evictions", "prefix_hit_rate", "recomputed_prompt_tokens", "preemptions",
+                "total_session_time_s", "mean_session_time_s", "p99_session_time_s", "makespan_s", "wall_s"):
+        assert key in summary, key
+    assert summary["sessions"] == 3 and summary["kv_blocks"] == 20000
+    assert summary["trace"].endswith("miniswe-deepseek.jsonl.gz")
+    lines = (out / "requests.csv").read_text().splitlines()
+    assert len(lines) == 1 + summary["requests"]
+    assert "prefix hit rate" in res.output
+
+
+def test_malformed_trace_names_file_line_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"session_id":"s","turn":0,"prompt":[["a",10]],"output_tokens":5}\n'
+                   '{"session_id":"s","turn":1,"prompt":[["a",0]],"output_tokens":5}\n')
+    res = runner.invoke(app, ["run", "--trace", str(bad)])
+    assert res.exit_code == 2
+    assert f"{bad}:2: prompt[0][1]" in " ".join(res.output.split())
+
+
+def test_missing_trace_and_unknown_policy_are_clear_errors(tmp_path):
+    res = runner.invoke(app, ["run", "--trace", str(tmp_path / "nope.jsonl")])
+    assert res.exit_code == 2 and "nope.jsonl" in res.output
+    res = runner.invoke(app, ["run", "--policy", "nope", "--max-sessions", "1"])
+    assert res.exit_code == 2 and "unknown policy 'nope'" in res.output
+
+
+def test_policies_lists_every_baseline():
+    res = runner.invoke(app, ["policies"])
+    assert res.exit_code == 0
+    for name in ("vllm", "sglang", "belady", "infinite"):
+        assert name in res.output

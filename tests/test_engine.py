@@ -1,0 +1,170 @@
+"""The engine end to end: exact timelines, determinism, decode jumps, policy bounds."""
+
+import csv
+import json
+
+import pytest
+
+from cwsim.config import SimConfig
+from cwsim.runner import simulate
+from cwsim.scheduler import SimulationError
+from cwsim.steptime import StepTimeProfile
+from tests.conftest import agent_trace
+from traces.format import Call, Session, ToolCall, Trace
+
+ROUND_PROFILE = StepTimeProfile(
+    name="round", model="test", gpu="test",
+    step_overhead_s=0.01, prefill_token_s=0.001, decode_seq_s=0.002,
+    prefill_attn_pair_s=0.0, decode_ctx_token_s=0.0001,
+    kv_bytes_per_token=1024, weights_bytes=0, gpu_mem_bytes=2**30,
+)
+
+
+@pytest.fixture
+def round_profile(tmp_path):
+    path = tmp_path / "round.json"
+    path.write_text(json.dumps(ROUND_PROFILE.to_json()))
+    return str(path)
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_exact_timeline_of_one_session(tmp_path, round_profile):
+    """Arrival, prefill, decode, tool gap, next call: every time computed by hand.
+
+    call 0: 32-token prompt, 3 output tokens, then a 1.0 s tool call.
+      prefill step: 0.01 + 32*0.001                      = 0.042  -> first token at 0.042
+      2 decode steps (one jump), contexts 32 and 33:
+        (0.01 + 0.002 + 0.0032) + (0.01 + 0.002 + 0.0033) = 0.0305 -> finish at 0.0725
+    call 1 arrives at 1.0725: prompt = call 0's prompt + its 3-token answer + 13 tool tokens = 48.
+      The 2 full blocks of call 0 hit (32 tokens; the 3rd block is the prompt's last and is recomputed).
+      prefill of 16 tokens: 0.01 + 16*0.001 = 0.026        -> first token at 1.0985
+      1 decode step at context 48: 0.01 + 0.002 + 0.0048 = 0.0168 -> finish at 1.1153
+    """
+    calls = (
+        Call("s", 0, (("sys", 32),), 3, "a0", (ToolCall("bash", "test", 1.0),)),
+        Call("s", 1, (("sys", 32), ("a0", 3), ("t0", 13)), 2, "a1"),
+    )
+    trace = Trace([Session("s", calls)], source="hand")
+    res = simulate(trace, SimConfig(kv_blocks=100, profile=round_profile), tmp_path)
+    rows = read_rows(tmp_path / "requests.csv")
+    timeline = [(int(r["turn"]), float(r["arrival_s"]), float(r["first_token_s"]), float(r["finish_s"]), int(r["cached_tokens"]))
+                for r in rows]
+    assert timeline == [
+        (0, 0.0, pytest.approx(0.042), pytest.approx(0.0725), 0),
+        (1, pytest.approx(1.0725), pytest.approx(1.0985), pytest.approx(1.1153), 32),
+    ]
+    s = res.summary
+    assert s["total_session_time_s"] == pytest.approx(1.1153)
+    assert s["prefix_hit_rate"] == pytest.approx(32 / 80)
+    assert s["evicted_blocks"] == 0 and s["preemptions"] == 0
+    assert s["steps"] == 5 and s["decode_jumps"] == 1
+    sess = read_rows(tmp_path / "sessions.csv")
+    assert [(r["session_id"], int(r["calls"]), float(r["duration_s"])) for r in sess] == [("s", 2, pytest.approx(1.1153))]
+
+
+def test_chunked_prefill_and_batching(round_profile):
+    """Two sessions arriving together share steps; a 10-token budget chunks prefills."""
+    calls_a = (Call("a", 0, (("x", 12),), 1),)
+    calls_b = (Call("b", 0, (("y", 6),), 1),)
+    trace = Trace([Session("a", calls_a), Session("b", calls_b)], source="hand")
+    res = simulate(trace, SimConfig(kv_blocks=100, profile=round_profile, max_num_batched_tokens=10, block_size=4))
+    # step 1: a prefills 10 of 12 (budget spent); step 2: a's last 2 + b's 6 -> both finish (1 output token each)
+    step1 = 0.01 + 10 * 0.001
+    step2 = 0.01 + 8 * 0.001
+    assert res.summary["steps"] == 2
+    assert res.summary["makespan_s"] == pytest.approx(step1 + step2)
+
+
+def test_determinism(tmp_path):
+    trace = agent_trace(10, 10, seed=3)
+    cfg = SimConfig(kv_blocks=2500, agents=6)
+    a = simulate(trace, cfg, tmp_path / "a").summary
+    b = simulate(trace, cfg, tmp_path / "b").summary
+    assert a["evicted_blocks"] > 0  # the case is pressured
+    for key in a:
+        if key != "wall_s":
+            assert a[key] == b[key], key
+    for name in ("requests.csv", "sessions.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_poisson_arrivals_depend_on_seed_only():
+    trace = agent_trace(6, 4, seed=1)
+    run = lambda seed: simulate(trace, SimConfig(kv_blocks=4000, arrivals="poisson", rate=0.5, seed=seed)).summary
+    assert run(7)["makespan_s"] == run(7)["makespan_s"]
+    assert run(7)["makespan_s"] != run(8)["makespan_s"]
+
+
+def test_decode_jumps_change_nothing_but_speed():
+    """Jumping over decode-only steps gives the same evictions and (to rounding) the same times."""
+    trace = agent_trace(8, 8, seed=5)
+    kw = dict(kv_blocks=1800, agents=8)
+    jump = simulate(trace, SimConfig(**kw)).summary
+    step = simulate(trace, SimConfig(decode_jumps=False, **kw)).summary
+    assert jump["decode_jumps"] > 0 and step["decode_jumps"] == 0
+    assert jump["steps"] == step["steps"]
+    for key in ("evicted_blocks", "harmful_evictions", "preemptions", "recomputed_prompt_tokens", "requests"):
+        assert jump[key] == step[key], key
+    for key in ("total_session_time_s", "makespan_s", "p99_session_time_s"):
+        assert jump[key] == pytest.approx(step[key], rel=1e-9), key
+
+
+def test_preemption_under_heavy_pressure_completes_everything():
+    trace = agent_trace(6, 6, seed=2)
+    s = simulate(trace, SimConfig(kv_blocks=700, agents=6)).summary
+    assert s["preemptions"] > 0
+    assert s["requests"] == 36 and s["sessions"] == 6
+    assert s["recomputed_prompt_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def pressured_results():
+    """Every baseline policy on a pressured agent trace."""
+    trace = agent_trace(12, 12, seed=11)
+    return {p: simulate(trace, SimConfig(policy=p, kv_blocks=3000, agents=12)).summary
+            for p in ("vllm", "sglang", "belady", "infinite")}
+
+
+def test_infinite_never_evicts_and_is_fastest(pressured_results):
+    r = pressured_results
+    assert r["infinite"]["evicted_blocks"] == 0 and r["infinite"]["preemptions"] == 0
+    assert r["vllm"]["evicted_blocks"] > 0
+    for p in ("vllm", "sglang", "belady"):
+        assert r["infinite"]["total_session_time_s"] < r[p]["total_session_time_s"], p
+
+
+def test_belady_evicts_no_more_than_vllm(pressured_results):
+    r = pressured_results
+    assert r["belady"]["evicted_blocks"] <= r["vllm"]["evicted_blocks"]
+    assert r["belady"]["harmful_evictions"] <= r["vllm"]["harmful_evictions"]
+
+
+def test_belady_evicts_no_more_than_vllm_on_the_real_trace():
+    kw = dict(kv_blocks=6000, agents=8, max_sessions=12)
+    vllm = simulate(None, SimConfig(policy="vllm", **kw)).summary
+    belady = simulate(None, SimConfig(policy="belady", **kw)).summary
+    assert vllm["evicted_blocks"] > 0
+    assert belady["evicted_blocks"] <= vllm["evicted_blocks"]
+
+
+def test_a_prompt_larger_than_the_pool_is_a_clear_error():
+    trace = Trace([Session("big", (Call("big", 0, (("x", 1000),), 1),))], source="hand")
+    with pytest.raises(SimulationError, match=r"session 'big' turn 0 needs 63 blocks .* 9 usable blocks"):
+        simulate(trace, SimConfig(kv_blocks=10))
+
+
+def test_trace_arrivals_need_timestamps():
+    with pytest.raises(ValueError, match="--arrivals trace needs recorded timestamps"):
+        simulate(agent_trace(2, 2), SimConfig(arrivals="trace"))
+
+
+def test_recorded_arrivals_start_sessions_at_their_offsets():
+    calls = lambda sid, t0: (Call(sid, 0, (("p" + sid, 64),), 1, timestamp_s=t0),)
+    trace = Trace([Session("a", calls("a", 100.0)), Session("b", calls("b", 130.0))], source="hand")
+    s = simulate(trace, SimConfig(kv_blocks=100, arrivals="trace")).summary
+    assert s["makespan_s"] > 30.0
+    assert s["total_session_time_s"] < 1.0
