@@ -119,6 +119,7 @@ class BlockPool:
         self.num_free = 0
         self.num_free_hashed = 0
         self.num_evicted = 0
+        self.peak_in_use = 0  # most blocks in use at once (null block excluded)
         self._push_run((0, 0.0, 0), np.arange(1, num_blocks, dtype=np.int64))
         self.ref[NULL_BLOCK] = 1  # never freed, never in the queue
 
@@ -138,8 +139,13 @@ class BlockPool:
         self.run_of[blocks] = -1
         self.num_free -= len(blocks)
         self.num_free_hashed -= len(blocks)  # only cached blocks can be hit
-        uniq, counts = np.unique(rids, return_counts=True)
-        for rid, cnt in zip(uniq.tolist(), counts.tolist()):
+        r0 = int(rids[0])
+        if r0 == rids[-1] and (rids == r0).all():
+            groups = ((r0, len(blocks)),)
+        else:
+            uniq, counts = np.unique(rids, return_counts=True)
+            groups = zip(uniq.tolist(), counts.tolist())
+        for rid, cnt in groups:
             run = self._runs[rid]
             run.live -= cnt
             if run.live == 0:
@@ -259,11 +265,15 @@ class BlockPool:
                 found = cand[:start]
         if start >= max_blocks:
             return found
-        hits = list(map(self.cached.get, hashes[start:max_blocks]))
-        try:
-            hits = hits[: hits.index(None)]
-        except ValueError:
-            pass
+        get = self.cached.get
+        hits: list[int] = []
+        while start + len(hits) < max_blocks:  # in chunks, stopping at the first miss
+            lo = start + len(hits)
+            chunk = list(map(get, hashes[lo : min(max_blocks, lo + 64)]))
+            if None in chunk:
+                hits += chunk[: chunk.index(None)]
+                break
+            hits += chunk
         if not hits:
             return found
         rest = np.array(hits, dtype=np.int64)
@@ -288,6 +298,9 @@ class BlockPool:
             raise ValueError(f"cannot get {n} free blocks from the pool ({self.num_free} free)")
         blocks = self._pop_front(n)
         self.ref[blocks] = 1
+        in_use = self.num_blocks - 1 - self.num_free
+        if in_use > self.peak_in_use:
+            self.peak_in_use = in_use
         hashed = blocks[self.has_hash[blocks]]
         if len(hashed):
             self._evict(hashed)
@@ -297,7 +310,13 @@ class BlockPool:
         hashes = self.hash_of[blocks].tolist()
         cached, dups = self.cached, self._dups
         canonical = self.canonical
-        for b, h in zip(blocks.tolist(), hashes):
+        if not dups:  # every cached block is the canonical one for its hash
+            for h in hashes:
+                del cached[h]
+            hashes_iter = ()
+        else:
+            hashes_iter = zip(blocks.tolist(), hashes)
+        for b, h in hashes_iter:
             if cached.get(h) == b:
                 others = dups.get(h)
                 if others:
@@ -333,6 +352,10 @@ class BlockPool:
         self.has_hash[blocks] = True
         self.hash_of[blocks] = hashes
         cached, canonical = self.cached, self.canonical
+        if not any(map(cached.__contains__, hashes)):  # no duplicates: all canonical
+            cached.update(zip(hashes, blocks.tolist()))
+            canonical[blocks] = True
+            return
         for b, h in zip(blocks.tolist(), hashes):
             if h in cached:
                 self._dups.setdefault(h, []).append(b)

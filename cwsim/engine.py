@@ -8,7 +8,12 @@ request finishes, (b) steps whose block allocations the free blocks still
 cover, (c) steps that start before the next scheduled event in the
 simulation (an arrival). Block allocations inside the jump are made in the
 exact (step, running order) order the step-by-step loop would make them, so
-the free queue and the evictions come out the same.
+the free queue and the evictions come out the same. A jump is taken only
+when no request waits, or when the scheduling policy's order is static
+(FCFS): then a waiting request that could not be admitted at the jump's
+first step cannot be admitted during it either (free blocks only shrink, and
+each hit it loses to eviction is a block more it needs). A dynamic order
+(longest prefix match) can change as blocks are evicted, so it steps.
 
 Sessions are closed-loop processes: a session submits call k+1 once call k
 has finished and its gap has elapsed.
@@ -71,7 +76,8 @@ class Engine:
             plan = sched.schedule(now)
             if not plan.scheduled:
                 continue  # everything running was preempted: admit next iteration
-            if self.decode_jumps and plan.decode_only and len(plan.scheduled) == len(sched.running):
+            if (self.decode_jumps and plan.decode_only and len(plan.scheduled) == len(sched.running)
+                    and (not sched.waiting or sched.policy.static)):
                 n = self._plan_jump(plan)
                 if n > 1:
                     dt = prof.decode_run_time(n, plan.decode_seqs, plan.decode_ctx)
@@ -119,26 +125,24 @@ class Engine:
         sched, kv, bs = self.scheduler, self.scheduler.kv, self.block_size
         reqs = [r for r, _ in plan.scheduled]
         first = self._jump_first
-        steps = [np.arange(f, n, bs) for f in first.tolist()]
-        counts = [len(s) for s in steps]
-        total = sum(counts)
+        counts = np.maximum(0, (n - 1 - first) // bs + 1)  # new blocks per request in steps 1..n-1
+        total = int(counts.sum())
         if total:
             owner = np.repeat(np.arange(len(reqs)), counts)
-            at = np.concatenate(steps)
+            starts = np.cumsum(counts) - counts
+            at = first[owner] + (np.arange(total) - starts[owner]) * bs  # the step of each allocation
             order = np.lexsort((owner, at))  # by step, then running order
-            blocks = kv.pool.get_new_blocks(total)
             got = np.empty(total, dtype=np.int64)
-            got[order] = blocks
-            start = 0
-            for r, c in zip(reqs, counts):
-                if c:
-                    r.blocks = np.concatenate([r.blocks, got[start : start + c]])
-                start += c
+            got[order] = kv.pool.get_new_blocks(total)
+            for i in np.flatnonzero(counts).tolist():
+                r = reqs[i]
+                r.blocks = np.concatenate([r.blocks, got[starts[i] : starts[i] + counts[i]]])
         finished = []
         for r in reqs:
             r.num_computed += n
             r.num_generated += n
-            kv.cache_blocks(r, r.num_computed)
+            if r.num_computed // bs > r.num_cached_blocks:
+                kv.cache_blocks(r, r.num_computed)
             if r.num_generated >= r.output_len:
                 finished.append(r)
         self.ctx.now = now

@@ -38,7 +38,7 @@ class KVCacheManager:
         total = req.num_computed + n_hit * bs + num_new_tokens
         n_new = -(-total // bs) - len(req.blocks) - n_hit
         n_evictable_hits = int(np.count_nonzero(pool.ref[new_computed] == 0)) if n_hit else 0
-        if n_new + n_evictable_hits > pool.num_free:
+        if n_new + n_evictable_hits > pool.num_free and not pool.growable:
             return None
         if n_hit:
             pool.touch(new_computed)

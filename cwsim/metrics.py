@@ -1,7 +1,8 @@
 """What a run measures, recorded as it happens and written incrementally.
 
-- ``evicted_blocks``: cached blocks whose hash left the cache because their
-  block was reallocated (vLLM's BlockRemoved events).
+- ``evicted_blocks``: cached blocks reallocated to new content (one vLLM
+  BlockRemoved per block; a duplicate block of a hash that another block
+  still caches counts too, as in vLLM).
 - ``harmful_evictions``: evictions whose hash a later call requested again
   (counted when that call is admitted and misses it).
 - ``prefix_hit_rate``: prompt tokens served from the prefix cache at a call's
@@ -85,13 +86,11 @@ class Metrics:
         else:
             harmful = ()
         # missed blocks cached elsewhere (past the first miss, or a duplicate);
-        # the blocks this admission has just cached itself do not count
-        cached, own = self.pool.cached, req.blocks.tolist()
-        first = hit_tokens // bs
-        seen_before = len(harmful) + sum(
-            1 for i, h in enumerate(missed, first)
-            if (b := cached.get(h)) is not None and (i >= len(own) or b != own[i])
-        )
+        # the blocks this admission has just cached itself (canonical ones) do not count
+        pool = self.pool
+        in_cache = sum(map(pool.cached.__contains__, missed))
+        own = int(pool.canonical[req.blocks[hit_tokens // bs : req.num_cached_blocks]].sum())
+        seen_before = len(harmful) + in_cache - own
         req.recomputed_tokens += seen_before * bs
 
     def on_finish(self, req: Request, now: float) -> None:

@@ -70,18 +70,24 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled = plan.scheduled
         bs = kv.block_size
+        decode_seqs = decode_ctx = 0
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n_new = min(req.num_tokens - req.num_computed, budget)
-            if n_new == 1 and req.num_computed % bs:
+            computed = req.num_computed
+            n_new = req.prompt_len + req.num_generated - computed
+            if n_new == 1 and computed % bs and req.num_generated:
                 # decode inside the last block: allocate_slots would only cache a block that fills
-                if (req.num_computed + 1) % bs == 0:
-                    kv.cache_blocks(req, req.num_computed + 1)
+                if (computed + 1) % bs == 0:
+                    kv.cache_blocks(req, computed + 1)
                 scheduled.append((req, 1))
+                decode_seqs += 1
+                decode_ctx += computed
                 budget -= 1
                 i += 1
                 continue
+            if n_new > budget:
+                n_new = budget
             while kv.allocate_slots(req, n_new) is None:
                 victim = self.policy.preemption_victim(running)
                 vi = running.index(victim)
@@ -103,15 +109,19 @@ class Scheduler:
                 i += 1
                 continue
             break
+        n_fast = len(scheduled) if not plan.preempted else 0
         if not plan.preempted and self.waiting:
             self._admit(plan, budget, now)
-        for req, n in scheduled:
-            if req.in_prefill:
-                plan.prefill_tokens += n
-                plan.attn_pairs += prefill_attn_pairs(n, req.num_computed)
-            else:
-                plan.decode_seqs += 1
-                plan.decode_ctx += req.num_computed
+        if n_fast == len(scheduled) and decode_seqs == n_fast:
+            plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
+        else:  # account the batch request by request
+            for req, n in scheduled:
+                if req.in_prefill:
+                    plan.prefill_tokens += n
+                    plan.attn_pairs += prefill_attn_pairs(n, req.num_computed)
+                else:
+                    plan.decode_seqs += 1
+                    plan.decode_ctx += req.num_computed
         if not scheduled and not running and self.waiting and not plan.preempted:
             req = self.waiting[0]
             need = -(-req.num_tokens // kv.block_size)
@@ -155,7 +165,7 @@ class Scheduler:
         finished: list[Request] = []
         for req, n in plan.scheduled:
             req.num_computed += n
-            if req.num_computed >= req.num_tokens:
+            if req.num_computed >= req.prompt_len + req.num_generated:
                 req.num_generated += 1
                 if req.first_token < 0:
                     req.first_token = now

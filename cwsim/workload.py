@@ -71,7 +71,9 @@ class Workload:
         for si, sess in enumerate(trace.sessions):
             calls: list[SimCall] = []
             for c in sess.calls:
-                prompt = tuple(pairs.get(seg) or pairs.setdefault(seg, (intern(seg[0]), seg[1])) for seg in c.prompt)
+                prompt = tuple(map(pairs.get, c.prompt))
+                if None in prompt:
+                    prompt = tuple(pairs.get(seg) or pairs.setdefault(seg, (intern(seg[0]), seg[1])) for seg in c.prompt)
                 out_id = c.output_segment if c.output_segment is not None else f"\0out:{si}:{c.turn}"
                 segs = prompt + ((intern(out_id), c.output_tokens),)
                 calls.append(SimCall(segs, c.prompt_tokens, c.output_tokens, c.next_gap_s, 0, c.tools))

@@ -99,10 +99,11 @@ def test_poisson_arrivals_depend_on_seed_only():
     assert run(7)["makespan_s"] != run(8)["makespan_s"]
 
 
-def test_decode_jumps_change_nothing_but_speed():
+@pytest.mark.parametrize("policy", ["vllm", "sglang", "belady"])
+def test_decode_jumps_change_nothing_but_speed(policy):
     """Jumping over decode-only steps gives the same evictions and (to rounding) the same times."""
     trace = agent_trace(8, 8, seed=5)
-    kw = dict(kv_blocks=1800, agents=8)
+    kw = dict(kv_blocks=1800, agents=8, policy=policy)
     jump = simulate(trace, SimConfig(**kw)).summary
     step = simulate(trace, SimConfig(decode_jumps=False, **kw)).summary
     assert jump["decode_jumps"] > 0 and step["decode_jumps"] == 0
@@ -168,3 +169,9 @@ def test_recorded_arrivals_start_sessions_at_their_offsets():
     s = simulate(trace, SimConfig(kv_blocks=100, arrivals="trace")).summary
     assert s["makespan_s"] > 30.0
     assert s["total_session_time_s"] < 1.0
+
+
+def test_infinite_grows_from_a_tiny_pool_without_preempting():
+    s = simulate(agent_trace(6, 6, seed=2), SimConfig(policy="infinite", kv_blocks=10, agents=6)).summary
+    assert s["preemptions"] == 0 and s["evicted_blocks"] == 0 and s["requests"] == 36
+    assert s["kv_blocks"] is None and s["kv_blocks_peak_in_use"] > 10
