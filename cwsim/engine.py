@@ -141,10 +141,9 @@ class Engine:
         for r in reqs:
             r.num_computed += n
             r.num_generated += n
-            if r.num_computed // bs > r.num_cached_blocks:
-                kv.cache_blocks(r, r.num_computed)
             if r.num_generated >= r.output_len:
                 finished.append(r)
+        kv.cache_blocks_of([(r, r.num_computed) for r in reqs if r.num_computed // bs > r.num_cached_blocks])
         self.ctx.now = now
         for r in finished:
             sched.finish(r, now)

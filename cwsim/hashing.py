@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cwsim.sequences import common_prefix_len
+
 ROOT_HASH = 0x5EED_CACE
 
 Segments = Sequence[tuple[int, int]]
@@ -47,7 +49,7 @@ class PrefixMemo:
     __slots__ = ("segs", "hashes", "states", "reused")
 
     def __init__(self) -> None:
-        self.segs: list[tuple[int, int]] = []
+        self.segs: tuple[tuple[int, int], ...] = ()
         self.hashes: list[int] = []
         # states[i] = (full-block hashes so far, partial-block pieces) before
         # segment i; states[len(segs)] is the state at the end.
@@ -64,10 +66,9 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
     """
     if memo is None:
         memo = PrefixMemo()
-    prev = memo.segs
-    start, limit = 0, min(len(prev), len(segs))
-    while start < limit and prev[start] == segs[start]:
-        start += 1
+    if type(segs) is not tuple:
+        segs = tuple(segs)
+    start = common_prefix_len(memo.segs, segs)
     n_hashes, partial = memo.states[start]
     hashes = memo.hashes[:n_hashes]
     states = memo.states[: start + 1]
@@ -94,7 +95,7 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
             filled += n - pos
         states.append((len(hashes), tuple(pieces)))
     memo.reused = n_hashes
-    memo.segs = list(segs)
+    memo.segs = segs
     memo.hashes = hashes
     memo.states = states
     return hashes

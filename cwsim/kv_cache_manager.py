@@ -51,6 +51,19 @@ class KVCacheManager:
         self.cache_blocks(req, min(total, req.num_tokens))
         return new
 
+    def cache_blocks_of(self, items) -> None:
+        """``cache_blocks`` for many ``(request, num_tokens)`` at once (one pool call)."""
+        bs = self.block_size
+        blocks, hashes = [], []
+        for req, num_tokens in items:
+            n_full = num_tokens // bs
+            if n_full > req.num_cached_blocks:
+                blocks.append(req.blocks[req.num_cached_blocks : n_full])
+                hashes += req.hashes[req.num_cached_blocks : n_full]
+                req.num_cached_blocks = n_full
+        if blocks:
+            self.pool.cache_full_blocks(np.concatenate(blocks), hashes)
+
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         """Give hashes to the request's blocks that ``num_tokens`` tokens fill."""
         n_full = num_tokens // self.block_size

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.policies.base import SchedulingPolicy
 from cwsim.request import Request
@@ -72,6 +74,10 @@ class Scheduler:
         bs = kv.block_size
         decode_seqs = decode_ctx = 0
         i = 0
+        if running and len(running) <= budget and self._decode_all(plan):
+            i = decode_seqs = len(running)
+            budget -= i
+            decode_ctx = sum(r.num_computed for r in running)
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed
@@ -131,6 +137,28 @@ class Scheduler:
                 "raise --kv-blocks / --kv-gib"
             )
         return plan
+
+    def _decode_all(self, plan: StepPlan) -> bool:
+        """Schedule one decode token for every running request in one go.
+
+        Applies only when every running request decodes and the blocks they need
+        are free (so nothing is preempted): then popping them together hands
+        out exactly the blocks the request-by-request loop would, in running order.
+        """
+        running, kv = self.running, self.kv
+        bs = kv.block_size
+        for r in running:
+            if r.num_generated == 0 or r.num_computed != r.prompt_len + r.num_generated - 1:
+                return False
+        need = [r for r in running if r.num_computed % bs == 0]
+        if len(need) > kv.pool.num_free:
+            return False
+        if need:
+            for r, b in zip(need, kv.pool.get_new_blocks(len(need)).tolist()):
+                r.blocks = np.append(r.blocks, b)
+        kv.cache_blocks_of([(r, r.num_computed + 1) for r in running if (r.num_computed + 1) % bs == 0])
+        plan.scheduled.extend([(r, 1) for r in running])
+        return True
 
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
         kv, policy, waiting = self.kv, self.policy, self.waiting

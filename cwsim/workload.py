@@ -10,11 +10,16 @@ active agents, a new session starting when one ends (the CacheWise setting).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
 from cwsim.hashing import PrefixMemo, SegmentInterner
+from cwsim.sequences import common_prefix_len
 from traces.format import Trace
+
+
+_second = itemgetter(1)
 
 
 @dataclass(slots=True)
@@ -44,13 +49,10 @@ class SessionState:
 
 def _shared_tokens(a, b) -> int:
     """Tokens that two segment lists share as a prefix (token-identity rule)."""
-    n = 0
-    for (sa, na), (sb, nb) in zip(a, b):
-        if sa != sb:
-            break
-        if na != nb:
-            return n + min(na, nb)
-        n += na
+    k = common_prefix_len(a, b)
+    n = sum(map(_second, a[:k]))
+    if k < len(a) and k < len(b) and a[k][0] == b[k][0]:  # same segment, different lengths
+        n += min(a[k][1], b[k][1])
     return n
 
 
@@ -71,12 +73,16 @@ class Workload:
         for si, sess in enumerate(trace.sessions):
             calls: list[SimCall] = []
             for c in sess.calls:
-                prompt = tuple(map(pairs.get, c.prompt))
+                prompt = list(map(pairs.get, c.prompt))  # the same (segment, n) -> the same int pair
                 if None in prompt:
-                    prompt = tuple(pairs.get(seg) or pairs.setdefault(seg, (intern(seg[0]), seg[1])) for seg in c.prompt)
+                    for i, p in enumerate(prompt):
+                        if p is None:
+                            seg = c.prompt[i]
+                            prompt[i] = pairs[seg] = (intern(seg[0]), seg[1])
                 out_id = c.output_segment if c.output_segment is not None else f"\0out:{si}:{c.turn}"
-                segs = prompt + ((intern(out_id), c.output_tokens),)
-                calls.append(SimCall(segs, c.prompt_tokens, c.output_tokens, c.next_gap_s, 0, c.tools))
+                segs = (*prompt, (intern(out_id), c.output_tokens))
+                prompt_len = sum(map(_second, prompt))
+                calls.append(SimCall(segs, prompt_len, c.output_tokens, c.next_gap_s, 0, c.tools))
             for a, b in zip(calls, calls[1:]):
                 a.next_shared_tokens = _shared_tokens(a.segs, b.segs[:-1])
             sessions.append(SessionState(si, sess.session_id, calls, sess.start_s))

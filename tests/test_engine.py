@@ -175,3 +175,27 @@ def test_infinite_grows_from_a_tiny_pool_without_preempting():
     s = simulate(agent_trace(6, 6, seed=2), SimConfig(policy="infinite", kv_blocks=10, agents=6)).summary
     assert s["preemptions"] == 0 and s["evicted_blocks"] == 0 and s["requests"] == 36
     assert s["kv_blocks"] is None and s["kv_blocks_peak_in_use"] > 10
+
+
+def test_exact_timeline_with_an_arrival_during_decode(tmp_path, round_profile):
+    """A decodes; B arrives mid-run and shares a mixed step with A's last decode.
+
+    A: 16-token prompt, 4 outputs, starts at 0; B: 8-token prompt, 2 outputs, arrives at 0.05.
+      A prefill: 0.01 + 16*0.001 = 0.026 (first token)
+      A decodes at contexts 16 and 17 as one jump: steps start at 0.026 and 0.0396 (< 0.05);
+        the next would start at 0.0533 >= 0.05, so the jump stops there.
+      mixed step at 0.0533: B's 8-token prefill + A's decode at context 18:
+        0.01 + 8*0.001 + 0.002 + 18*0.0001 = 0.0218 -> A finishes, B's first token at 0.0751
+      B decodes at context 8: 0.01 + 0.002 + 0.0008 = 0.0128 -> B finishes at 0.0879
+    """
+    a = (Call("A", 0, (("a", 16),), 4, timestamp_s=100.0),)
+    b = (Call("B", 0, (("b", 8),), 2, timestamp_s=100.05),)
+    trace = Trace([Session("A", a), Session("B", b)], source="hand")
+    res = simulate(trace, SimConfig(kv_blocks=100, profile=round_profile, arrivals="trace"), tmp_path)
+    rows = {r["session_id"]: r for r in read_rows(tmp_path / "requests.csv")}
+    got = {k: (float(r["arrival_s"]), float(r["first_token_s"]), float(r["finish_s"])) for k, r in rows.items()}
+    assert got == {
+        "A": (0.0, pytest.approx(0.026), pytest.approx(0.0751)),
+        "B": (pytest.approx(0.05), pytest.approx(0.0751), pytest.approx(0.0879)),
+    }
+    assert res.summary["steps"] == 5 and res.summary["decode_jumps"] == 1
