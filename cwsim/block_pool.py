@@ -160,9 +160,28 @@ class BlockPool:
 
     def _pop_front(self, n: int) -> np.ndarray:
         """The first ``n`` free blocks in queue order, taken out of the queue."""
+        heap, runs, run_of = self._heap, self._runs, self.run_of
+        if n == 1:  # the common decode case: one block, scalar steps
+            while True:
+                rid = heap[0][1]
+                run = runs.get(rid)
+                if run is None:
+                    heapq.heappop(heap)
+                    continue
+                ids, start = run.ids, run.start
+                while run_of[ids[start]] != rid:
+                    start += 1
+                b = int(ids[start])
+                run.start = start + 1
+                run.live -= 1
+                if run.live == 0:
+                    heapq.heappop(heap)
+                    del runs[rid]
+                run_of[b] = -1
+                self.num_free -= 1
+                return np.array([b], dtype=np.int64)
         out: list[np.ndarray] = []
         need = n
-        heap, runs, run_of = self._heap, self._runs, self.run_of
         while need:
             _, rid = heap[0]
             run = runs.get(rid)

@@ -17,7 +17,7 @@ from cwsim.config import SimConfig
 from cwsim.engine import Engine, start_sessions
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.metrics import Metrics
-from cwsim.policies import PolicyContext, get_policy
+from cwsim.policies import EvictionPolicy, PolicyContext, get_policy
 from cwsim.scheduler import Scheduler, SimulationError
 from cwsim.steptime import load_profile
 from cwsim.workload import Arrivals, Workload
@@ -63,7 +63,9 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     metrics = Metrics(config.block_size, out, on_progress)
     ctx = PolicyContext(workload=workload)
     sched_policy, evict_policy = spec.scheduling(), spec.eviction()
-    pool = BlockPool(kv_blocks, evict_policy.score, growable=spec.unbounded, on_evict=metrics.on_evict)
+    # a policy that keeps the constant base score is plain LRU: the pool need not call it
+    score_fn = None if type(evict_policy).score is EvictionPolicy.score else evict_policy.score
+    pool = BlockPool(kv_blocks, score_fn, growable=spec.unbounded, on_evict=metrics.on_evict)
     metrics.pool = pool
     kv = KVCacheManager(pool, config.block_size)
     ctx.kv = kv

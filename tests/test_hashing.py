@@ -1,0 +1,56 @@
+"""Chained block hashes from segments: prefix semantics, incremental reuse, determinism."""
+
+import subprocess
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cwsim.hashing import PrefixMemo, SegmentInterner, block_hashes
+
+segments = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 40)), min_size=1, max_size=8)
+
+
+def tokens(segs):
+    return [(s, i) for s, n in segs for i in range(n)]
+
+
+@settings(max_examples=300, derandomize=True)
+@given(segments, segments, st.sampled_from([1, 4, 16]))
+def test_equal_hash_iff_equal_token_prefix(a, b, bs):
+    ha, hb = block_hashes(a, bs), block_hashes(b, bs)
+    ta, tb = tokens(a), tokens(b)
+    assert len(ha) == len(ta) // bs
+    for i in range(min(len(ha), len(hb))):
+        assert (ha[i] == hb[i]) == (ta[: (i + 1) * bs] == tb[: (i + 1) * bs])
+
+
+@settings(max_examples=300, derandomize=True)
+@given(segments, segments, st.integers(0, 8), st.sampled_from([1, 4, 16]))
+def test_incremental_hashing_equals_hashing_from_scratch(a, tail, keep, bs):
+    memo = PrefixMemo()
+    block_hashes(a, bs, memo)
+    b = a[:keep] + tail
+    assert block_hashes(b, bs, memo) == block_hashes(b, bs)
+    # the memo reports how many leading hashes it carried over, and they are right
+    assert block_hashes(b, bs)[: memo.reused] == block_hashes(a, bs)[: memo.reused]
+
+
+def test_a_grown_prompt_reuses_every_block_of_the_previous_call():
+    memo = PrefixMemo()
+    first = block_hashes([(1, 2000), (2, 90)], 16, memo)
+    second = block_hashes([(1, 2000), (2, 90), (3, 700)], 16, memo)
+    assert second[: len(first)] == first and memo.reused == len(first)
+
+
+def test_hashes_do_not_depend_on_the_interpreter_hash_seed():
+    code = ("from cwsim.hashing import SegmentInterner, block_hashes; i = SegmentInterner();"
+            "print(block_hashes([(i('sys'), 100), (i('user'), 37)], 16))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": seed}).stdout for seed in ("0", "1", "12345")}
+    assert len(outs) == 1
+
+
+def test_interner_numbers_segments_in_order_of_appearance():
+    i = SegmentInterner()
+    assert [i("b"), i("a"), i("b"), i("c")] == [1, 2, 1, 3]
