@@ -85,6 +85,68 @@ def _print_summary(s: dict) -> None:
     Console().print(table)
 
 
+@app.command("import")
+def import_(
+    src: list[Path] = typer.Argument(..., help="Files or folders to convert."),
+    fmt: str = typer.Option(..., "--format", "-f", help="Source format: mini-swe-agent, swe-agent, tracelab, mooncake, lmcache-agent."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output trace (.jsonl or .jsonl.gz)."),
+) -> None:
+    """Convert a public trace format into trace format v1 (content-free)."""
+    from traces.importers import run_import
+    from traces.reader import write_trace
+
+    total = sum(p.stat().st_size for s in src if s.exists() for p in ([s] if s.is_file() else s.rglob("*")) if p.is_file())
+    try:
+        with Progress(TextColumn("[bold]reading[/]"), BarColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("read", total=None)
+            calls, report, header = run_import(fmt, src, progress=lambda n: bar.advance(task, n))
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    Console().print(report.render())
+    if not calls:
+        console.print("[red]error:[/] nothing converted")
+        raise typer.Exit(code=1)
+    n = write_trace(output, calls, header)
+    console.print(f"wrote {n} calls ({report.sessions} sessions) to {output}" + (f" from {total:,} bytes" if total else ""))
+
+
+@app.command()
+def analyze(
+    trace: Optional[Path] = typer.Argument(None, help="Trace to analyse (default: the bundled trace)."),
+    out: Path = typer.Option(Path("runs/analysis"), "--out", help="Folder for analysis.json and the PNG figures."),
+    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV block."),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="Pool size to compare the working set with (default: the profile's)."),
+    agents: int = typer.Option(16, "--agents", help="Concurrent agents for the timing of the working set."),
+    profile: str = typer.Option(_D.profile, "--profile", help="Step-time profile for the timing of the working set."),
+) -> None:
+    """Workload analysis: prefix reuse, tool times, gaps, KV working set; writes analysis.json and figures."""
+    from traces.analysis import analyze as run_analysis, write_analysis
+
+    try:
+        tr = load_trace(trace if trace is not None else DEFAULT_TRACE)
+        with console.status("analysing (includes one infinite-cache simulation for timing)"):
+            result = run_analysis(tr, block_size=block_size, pool_blocks=kv_blocks, agents=agents, profile=profile)
+            paths = write_analysis(result, tr, out)
+    except (TraceFormatError, FileNotFoundError, ValueError, SimulationError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    table = Table(title=f"workload: {Path(tr.source).name}", show_header=False)
+    ws, ef = result["kv_working_set"], result["eviction_free_prefill"]
+    for k, v in [
+        ("sessions / calls", f"{result['sessions']} / {result['calls']}"),
+        ("median calls per session", f"{result['calls_per_session']['median']:g}"),
+        ("median prompt / output tokens", f"{result['prompt_tokens']['median']:,.0f} / {result['output_tokens']['median']:,.0f}"),
+        ("median share of prompt = previous call", f"{result['prev_prefix_share']['median']:.1%}"),
+        ("prefill an eviction-free cache avoids", f"{ef['avoidable_share']:.1%}"),
+        ("median tool duration", f"{result['tool_duration_s']['all']['median']:.2f} s"),
+        ("KV working set peak / pool", f"{ws['peak_blocks']:,} / {ws['pool_blocks']:,} blocks"),
+    ]:
+        table.add_row(k, v)
+    Console().print(table)
+    console.print(f"wrote {len(paths)} files to {out}/")
+
+
 @app.command()
 def policies() -> None:
     """List the policies with one-line descriptions."""
