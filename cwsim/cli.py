@@ -19,7 +19,7 @@ from traces.reader import TraceFormatError, load_trace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Simulate KV-cache policies for coding-agent sessions on a vLLM-like engine.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error lines keep paths whole
 
 _D = SimConfig()
 
@@ -145,6 +145,45 @@ def analyze(
         table.add_row(k, v)
     Console().print(table)
     console.print(f"wrote {len(paths)} files to {out}/")
+
+
+@app.command()
+def synth(
+    like: Path = typer.Option(DEFAULT_TRACE, "--like", help="Real trace to fit the workload model to."),
+    sessions: int = typer.Option(100, "--sessions", min=1, help="Synthetic sessions to write."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same trace)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output trace (.jsonl or .jsonl.gz)."),
+    model_out: Optional[Path] = typer.Option(None, "--model-out", help="Also save the fitted model (JSON)."),
+    check_sessions: int = typer.Option(1000, "--check-sessions", help="Closeness report on the first N synthetic sessions (0: none)."),
+) -> None:
+    """Fit a workload model to a real trace and sample new sessions like it; report how close they are."""
+    from traces.reader import write_trace
+    from traces.synth import closeness, fit, format_closeness, iter_sessions, synthetic_header, synthetic_trace
+
+    try:
+        real = load_trace(like)
+    except (TraceFormatError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    model = fit(real)
+    model.source = str(like)
+    if model_out is not None:
+        model.save(model_out)
+    header = synthetic_header(model, sessions, seed, str(like))
+    with Progress(TextColumn("[bold]sampling[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("sessions"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("synth", total=sessions)
+
+        def calls():
+            for sess in iter_sessions(model, sessions, seed):
+                yield from sess.calls
+                bar.advance(task)
+
+        n = write_trace(output, calls(), header)
+    console.print(f"wrote {sessions} synthetic sessions, {n} calls to {output}")
+    if check_sessions > 0:
+        k = min(check_sessions, sessions)
+        Console().print(format_closeness(closeness(real, synthetic_trace(model, k, seed))))
 
 
 @app.command()

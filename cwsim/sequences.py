@@ -13,3 +13,16 @@ def common_prefix_len(a, b) -> int:
         else:
             hi = mid
     return lo
+
+
+def shared_tokens(a, b) -> int:
+    """Tokens that two segment lists share as a prefix (token-identity rule).
+
+    Segment lists agree as far as their ``(segment_id, n_tokens)`` pairs do; a
+    segment id that then appears with two lengths shares the shorter length.
+    """
+    k = common_prefix_len(a, b)
+    n = sum(seg[1] for seg in a[:k])
+    if k < len(a) and k < len(b) and a[k][0] == b[k][0]:
+        n += min(a[k][1], b[k][1])
+    return n

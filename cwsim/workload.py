@@ -15,7 +15,7 @@ from operator import itemgetter
 import numpy as np
 
 from cwsim.hashing import PrefixMemo, SegmentInterner
-from cwsim.sequences import common_prefix_len
+from cwsim.sequences import shared_tokens
 from traces.format import Trace
 
 
@@ -47,15 +47,6 @@ class SessionState:
     requests: list = field(default_factory=list)
 
 
-def _shared_tokens(a, b) -> int:
-    """Tokens that two segment lists share as a prefix (token-identity rule)."""
-    k = common_prefix_len(a, b)
-    n = sum(map(_second, a[:k]))
-    if k < len(a) and k < len(b) and a[k][0] == b[k][0]:  # same segment, different lengths
-        n += min(a[k][1], b[k][1])
-    return n
-
-
 @dataclass(slots=True)
 class Workload:
     sessions: list[SessionState]
@@ -84,7 +75,7 @@ class Workload:
                 prompt_len = sum(map(_second, prompt))
                 calls.append(SimCall(segs, prompt_len, c.output_tokens, c.next_gap_s, 0, c.tools))
             for a, b in zip(calls, calls[1:]):
-                a.next_shared_tokens = _shared_tokens(a.segs, b.segs[:-1])
+                a.next_shared_tokens = shared_tokens(a.segs, b.segs[:-1])
             sessions.append(SessionState(si, sess.session_id, calls, sess.start_s))
         _mark_shared_prefixes(sessions)
         return cls(sessions)

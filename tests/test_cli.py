@@ -46,3 +46,44 @@ def test_policies_lists_every_baseline():
     assert res.exit_code == 0
     for name in ("vllm", "sglang", "belady", "infinite"):
         assert name in res.output
+
+
+def test_import_converts_a_real_trace(tmp_path, shared_traces):
+    from traces.reader import load_trace
+
+    out = tmp_path / "mc.jsonl.gz"
+    res = runner.invoke(app, ["import", "--format", "mooncake", str(shared_traces / "mooncake"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    trace = load_trace(out)
+    assert trace.num_calls == 12031
+    assert trace.header["converted_by"].startswith("traces.importers.mooncake")
+
+
+def test_import_unknown_format_and_missing_source(tmp_path):
+    res = runner.invoke(app, ["import", "--format", "nope", str(tmp_path), "-o", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 2 and "unknown format 'nope'" in res.output
+    res = runner.invoke(app, ["import", "--format", "mooncake", str(tmp_path / "absent"), "-o", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 2 and "absent" in res.output
+
+
+def test_analyze_writes_json_and_figures(tmp_path):
+    from tests.conftest import agent_trace
+    from traces.reader import write_trace
+
+    src = tmp_path / "t.jsonl"
+    write_trace(src, agent_trace(4, 5).calls())
+    res = runner.invoke(app, ["analyze", str(src), "--out", str(tmp_path / "a"), "--kv-blocks", "500"])
+    assert res.exit_code == 0, res.output
+    analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert analysis["calls"] == 20 and analysis["kv_working_set"]["pool_blocks"] == 500
+    assert len(list((tmp_path / "a").glob("*.png"))) >= 7
+
+
+def test_synth_writes_a_loadable_trace(tmp_path):
+    from traces.reader import load_trace
+
+    out = tmp_path / "syn.jsonl.gz"
+    res = runner.invoke(app, ["synth", "--sessions", "5", "--seed", "2", "-o", str(out), "--check-sessions", "0"])
+    assert res.exit_code == 0, res.output
+    trace = load_trace(out)
+    assert len(trace.sessions) == 5 and trace.header["synthetic"] is True

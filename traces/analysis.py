@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cwsim.sequences import shared_tokens
 from traces.format import Trace
 
 if TYPE_CHECKING:
@@ -111,33 +112,6 @@ MAX_SERIES_POINTS = 500
 
 
 # --------------------------------------------------------------- primitives
-def _common_prefix_len(a, b) -> int:
-    """Length of the longest common prefix of two sequences (binary search on slices)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while hi - lo > 1:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def shared_tokens(a, b) -> int:
-    """Tokens that two segment lists share as a prefix (token-identity rule).
-
-    Segment lists agree as far as their ``(segment_id, n_tokens)`` pairs do;
-    a segment id that then appears with two lengths shares the shorter length.
-    """
-    k = _common_prefix_len(a, b)
-    n = sum(seg[1] for seg in a[:k])
-    if k < len(a) and k < len(b) and a[k][0] == b[k][0]:
-        n += min(a[k][1], b[k][1])
-    return n
-
-
 def stats(values: Iterable[float]) -> dict:
     """``{count, mean, median, p10, p90, p99, max}`` of ``values`` (floats; ``None`` when empty)."""
     v = np.asarray(list(values) if not isinstance(values, (np.ndarray, pd.Series)) else values, dtype=float)
@@ -390,16 +364,17 @@ def default_pool_blocks(profile: str = "llama-3.1-8b-h100", block_size: int = 16
 
 # ------------------------------------------------------------------ analyze
 def analyze(trace: Trace, *, block_size: int = 16, pool_blocks: int | None = None, agents: int = 16,
-            profile: str = "llama-3.1-8b-h100") -> dict:
+            profile: str = "llama-3.1-8b-h100", working_set: bool = True) -> dict:
     """Summary statistics of ``trace`` (see the module docstring for the layout).
 
     Runs one ``infinite``-policy simulation of the whole trace for
     ``kv_working_set`` (``agents`` concurrent sessions, ``profile``'s step
     times); ``pool_blocks`` defaults to the profile's default KV pool.
+    ``working_set=False`` skips that simulation (``kv_working_set`` is None).
     """
     if not trace.sessions:
         raise ValueError("trace has no sessions")
-    if pool_blocks is None:
+    if pool_blocks is None and working_set:
         pool_blocks = default_pool_blocks(profile, block_size)
     calls = call_table(trace)
     tools = tool_table(trace)
@@ -441,7 +416,7 @@ def analyze(trace: Trace, *, block_size: int = 16, pool_blocks: int | None = Non
             "avoidable_share": avoidable / prompt_total if prompt_total else 0.0,
         },
         "kv_working_set": _simulate_working_set(trace, calls, block_size=block_size, pool_blocks=pool_blocks,
-                                                agents=agents, profile=profile),
+                                                agents=agents, profile=profile) if working_set else None,
     }
 
 
