@@ -23,6 +23,12 @@ class SimConfig:
     seed: int = 0
     #: advance runs of decode-only steps in one jump (False: step by step, to validate the jump)
     decode_jumps: bool = True
+    #: trace the tool-call predictor learns from (None: the simulated trace itself)
+    predictor_trace: str | None = None
+    #: injected prediction error: idle predictions are multiplied by exp(N(0, this))
+    predictor_error: float = 0.0
+    #: prefix-aware scheduling: a request waiting longer than this goes first
+    aging_s: float = 30.0
     #: stop after this many sessions (the first ones in trace order); None: all
     max_sessions: int | None = None
 

@@ -10,10 +10,11 @@ simulation (an arrival). Block allocations inside the jump are made in the
 exact (step, running order) order the step-by-step loop would make them, so
 the free queue and the evictions come out the same. A jump is taken only
 when no request waits, or when the scheduling policy's order is static
-(FCFS): then a waiting request that could not be admitted at the jump's
-first step cannot be admitted during it either (free blocks only shrink, and
-each hit it loses to eviction is a block more it needs). A dynamic order
-(longest prefix match) can change as blocks are evicted, so it steps.
+(FCFS), or when no waiting request could be admitted even alone: then none
+can be admitted during the jump either (free blocks only shrink, and each hit
+a request loses to eviction is a block more it needs), whatever order a
+dynamic policy (longest prefix match) gives the queue as blocks are evicted.
+See ``Scheduler.admission_blocked``.
 
 Sessions are closed-loop processes: a session submits call k+1 once call k
 has finished and its gap has elapsed.
@@ -77,7 +78,7 @@ class Engine:
             if not plan.scheduled:
                 continue  # everything running was preempted: admit next iteration
             if (self.decode_jumps and plan.decode_only and len(plan.scheduled) == len(sched.running)
-                    and (not sched.waiting or sched.policy.static)):
+                    and sched.admission_blocked()):
                 n = self._plan_jump(plan)
                 if n > 1:
                     dt = prof.decode_run_time(n, plan.decode_seqs, plan.decode_ctx)

@@ -18,6 +18,7 @@ from cwsim.engine import Engine, start_sessions
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.metrics import Metrics
 from cwsim.policies import EvictionPolicy, PolicyContext, get_policy
+from cwsim.predict import ToolCallPredictor
 from cwsim.scheduler import Scheduler, SimulationError
 from cwsim.steptime import load_profile
 from cwsim.workload import Arrivals, Workload
@@ -63,6 +64,11 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     metrics = Metrics(config.block_size, out, on_progress)
     ctx = PolicyContext(workload=workload)
     sched_policy, evict_policy = spec.scheduling(), spec.eviction()
+    if hasattr(sched_policy, "aging_s"):
+        sched_policy.aging_s = config.aging_s
+    if spec.needs_predictor:
+        train = trace if config.predictor_trace is None else load_trace(config.predictor_trace)
+        ctx.predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
     # a policy that keeps the constant base score is plain LRU: the pool need not call it
     score_fn = None if type(evict_policy).score is EvictionPolicy.score else evict_policy.score
     pool = BlockPool(kv_blocks, score_fn, growable=spec.unbounded, on_evict=metrics.on_evict)

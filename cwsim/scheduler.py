@@ -160,6 +160,31 @@ class Scheduler:
         plan.scheduled.extend([(r, 1) for r in running])
         return True
 
+    def admission_blocked(self) -> bool:
+        """True when no waiting request can be admitted before a running one finishes.
+
+        Checked before jumping over decode-only steps: during the jump free
+        blocks only shrink and a waiting request's needs only grow (a hit lost
+        to eviction is a block more to allocate), so a request that cannot fit
+        now cannot fit then, whatever order a dynamic policy gives the queue.
+        With a static order only the head matters, and it already failed.
+        """
+        if not self.waiting or self.policy.static or len(self.running) >= self.max_num_seqs:
+            return True
+        kv = self.kv
+        bs, pool = kv.block_size, kv.pool
+        budget = self.max_num_batched_tokens - len(self.running)
+        if budget <= 0:
+            return True
+        for req in self.waiting:
+            hits = kv.longest_prefix(req)
+            hit_tokens = len(hits) * bs
+            tokens = hit_tokens + min(req.num_tokens - hit_tokens, budget)
+            need = -(-tokens // bs) - len(hits) + int(np.count_nonzero(pool.ref[hits] == 0))
+            if need <= pool.num_free:
+                return False
+        return True
+
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
         kv, policy, waiting = self.kv, self.policy, self.waiting
         if policy.static or len(waiting) > getattr(policy, "max_queue", len(waiting)):

@@ -28,6 +28,7 @@ class PolicyContext:
     now: float = 0.0
     kv: object = None  # cwsim.kv_cache_manager.KVCacheManager
     workload: object = None  # cwsim.workload.Workload
+    predictor: object = None  # cwsim.predict.ToolCallPredictor, for policies that use one
 
 
 class SchedulingPolicy:
@@ -38,7 +39,8 @@ class SchedulingPolicy:
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
 
-    def priority(self, req: Request) -> float:
+    def priority(self, req: Request):
+        """Sort key of a waiting request (lowest admitted first): a number or a tuple."""
         return 0.0
 
     def preemption_victim(self, running: list[Request]) -> Request:

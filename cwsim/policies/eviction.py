@@ -14,6 +14,26 @@ class LRU(EvictionPolicy):
     name = "lru"
 
 
+class LFU(EvictionPolicy):
+    """Least frequently used: a block's score is how many requests have used its hash so far.
+
+    Each release of a cached block counts as one use; ties (equal counts) are
+    LRU. Counts are per hash, so a recomputed block inherits its history.
+    """
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self.uses: dict[int, int] = {}
+
+    def score(self, freed: FreedBlocks) -> np.ndarray:
+        uses = self.uses
+        out = np.empty(len(freed.hashes))
+        for i, h in enumerate(freed.hashes.tolist()):
+            out[i] = uses[h] = uses.get(h, 0) + 1
+        return out
+
+
 class Belady(EvictionPolicy):
     """Offline reference: evict the cached block whose next use is farthest away.
 

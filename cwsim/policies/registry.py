@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cwsim.policies.base import EvictionPolicy, SchedulingPolicy
-from cwsim.policies.eviction import LRU, Belady
+from cwsim.policies.cachewise import PrefixAwareScheduling, ReuseAwareEviction
+from cwsim.policies.eviction import LFU, LRU, Belady
 from cwsim.policies.scheduling import FCFS, LongestPrefixMatch
 
 
@@ -23,6 +24,8 @@ class PolicySpec:
     eviction: Callable[[], EvictionPolicy]
     #: no capacity limit: the pool grows instead of evicting
     unbounded: bool = False
+    #: uses the tool-call predictor (fitted by the runner)
+    needs_predictor: bool = False
 
 
 POLICIES: dict[str, PolicySpec] = {
@@ -32,6 +35,12 @@ POLICIES: dict[str, PolicySpec] = {
         PolicySpec("sglang", "SGLang-style: longest-prefix-match scheduling, LRU eviction", LongestPrefixMatch, LRU),
         PolicySpec("belady", "offline reference: FCFS, evict the block whose next use is farthest (trace future)", FCFS, Belady),
         PolicySpec("infinite", "no capacity limit (never evicts): lower bound of session time", FCFS, LRU, unbounded=True),
+        PolicySpec("lfu", "FCFS, evict the least frequently used block (ties LRU)", FCFS, LFU),
+        PolicySpec("cachewise", "CacheWise: prefix-aware scheduling with aging + reuse-aware eviction from tool-call predictions",
+                   PrefixAwareScheduling, ReuseAwareEviction, needs_predictor=True),
+        PolicySpec("cachewise-sched", "CacheWise's prefix-aware scheduling alone (LRU eviction)", PrefixAwareScheduling, LRU),
+        PolicySpec("cachewise-evict", "CacheWise's reuse-aware eviction alone (FCFS scheduling)", FCFS, ReuseAwareEviction,
+                   needs_predictor=True),
     ]
 }
 

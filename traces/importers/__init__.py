@@ -1,8 +1,10 @@
 """Importers from public trace formats into trace format v1, behind one registry.
 
-Each importer module has ``convert(...) -> (calls, report)`` (the report has
-``files_read, sessions, calls, rejected, render()``) and a provenance header.
-:func:`run_import` is what ``cwsim import`` calls.
+Every importer module has the same surface (see :mod:`traces.importers.common`):
+``find(sources) -> paths`` (folders searched for the format's files),
+``convert(paths, progress=None) -> (calls, report)`` (the report has
+``files_read, sessions, calls, rejected, render()``) and ``header()`` (the
+provenance header). :func:`run_import` is what ``cwsim import`` calls.
 """
 
 from __future__ import annotations
@@ -32,14 +34,6 @@ IMPORTERS: dict[str, ImporterSpec] = {
 }
 
 
-def _expand(sources: list[Path]) -> list[Path]:
-    """Folders stand for the ``.jsonl`` / ``.jsonl.gz`` files in them (sorted)."""
-    out: list[Path] = []
-    for s in sources:
-        out += sorted(p for p in s.rglob("*") if p.name.endswith((".jsonl", ".jsonl.gz"))) if s.is_dir() else [s]
-    return out
-
-
 def run_import(fmt: str, sources: Iterable[str | Path], progress: Callable[[int], None] | None = None):
     """Convert ``sources`` with the importer named ``fmt``: returns ``(calls, report, header)``."""
     try:
@@ -51,17 +45,7 @@ def run_import(fmt: str, sources: Iterable[str | Path], progress: Callable[[int]
     for s in sources:
         if not s.exists():
             raise FileNotFoundError(f"{s}: no such file or directory")
-    if fmt == "mini-swe-agent":
-        calls, report = mod.convert(mod.find_trajectories(sources))
-        header = {"source": mod.DEFAULT_SOURCE, "license": mod.DEFAULT_LICENSE, "converted_by": mod.CONVERTED_BY}
-    elif fmt == "swe-agent":
-        calls, report = mod.convert(mod.find_trajectories(sources))
-        header = dict(mod.HEADER)
-    elif fmt in ("tracelab", "mooncake"):
-        calls, report = mod.convert(_expand(sources), progress=progress)
-        header = dict(mod.HEADER)
-    else:
-        calls, report = mod.convert(sources)
-        header = dict(mod.HEADER)
+    calls, report = mod.convert(mod.find(sources), progress=progress)
+    header = mod.header()
     header.update(sessions=report.sessions, calls=report.calls)
     return calls, report, header

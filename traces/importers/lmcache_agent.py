@@ -78,20 +78,19 @@ CLI: ``python -m traces.importers.lmcache_agent SRC_DIR_OR_FILES... -o OUT.jsonl
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from traces.format import Call, ToolCall
 from traces.importers.commands import CATEGORIES, classify_command
-from traces.importers.miniswe import headline_figures
+from traces.importers.common import ImportReport as _BaseReport
+from traces.importers.common import Reject, category_rows, chain_id, find_files, headline_figures, importer_main
+from traces.importers.common import parse_json, read_lines
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -100,7 +99,9 @@ __all__ = [
     "ImportReport",
     "convert",
     "estimate_tokens",
+    "find",
     "find_logs",
+    "header",
     "main",
 ]
 
@@ -110,6 +111,19 @@ HEADER = {
     "license": "Apache-2.0",
     "converted_by": CONVERTED_BY,
 }
+
+
+def header() -> dict:
+    """Provenance header of a converted trace."""
+    return dict(HEADER)
+
+
+NOTES = (
+    "content-free: segment ids are chained sha256 hashes; token counts are len(text)/4 estimates; "
+    "the unlogged system prompt is a placeholder segment; timestamp_s is the request time (epoch s); "
+    "gap_s is the interval to the next request minus output_tokens*decode_s_per_token, so it "
+    "includes the call's own LLM latency"
+)
 
 CHARS_PER_TOKEN = 4.0
 SYSTEM_TOKENS = 136
@@ -124,56 +138,33 @@ def estimate_tokens(text: str) -> int:
     return max(1, round(len(text) / CHARS_PER_TOKEN))
 
 
-def _chain(prev: str, kind: str, text: str) -> str:
-    h = hashlib.sha256()
-    for part in (prev, kind, text):
-        h.update(part.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return f"{kind}:{h.hexdigest()[:12]}"
-
-
 # --------------------------------------------------------------------------- report
 
 
 @dataclass
-class ImportReport:
-    """What an import read, made and rejected."""
+class ImportReport(_BaseReport):
+    """What an import read, made and rejected (``rejected``: ``("file:line", reason)``)."""
 
-    files_read: int = 0
     rows: int = 0
-    sessions: int = 0
-    calls: int = 0
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # ("file:line", reason)
     non_append_only: int = 0  # rows whose input does not extend the previous row's input
     format_errors: int = 0  # outputs without exactly one bash block (no command ran)
     tool_categories: Counter = field(default_factory=Counter)
     system_tokens: int = SYSTEM_TOKENS
     decode_s_per_token: float = 0.0
-    figures: dict = field(default_factory=dict)
 
-    def render(self) -> str:
-        rows = [
-            ("files read", self.files_read),
-            ("rows read", self.rows),
-            ("sessions", self.sessions),
-            ("calls", self.calls),
-            ("rejected rows", len(self.rejected)),
+    rejected_label = "rejected rows"
+
+    def input_rows(self):
+        return [("rows read", self.rows)]
+
+    def extra_rows(self):
+        return [
             ("non-append-only calls", self.non_append_only),
             ("format errors (no command)", self.format_errors),
             ("system placeholder tokens", self.system_tokens),
             ("decode s/token subtracted from gaps", self.decode_s_per_token),
+            *category_rows(self.tool_categories, CATEGORIES),
         ]
-        for cat in CATEGORIES:
-            if self.tool_categories.get(cat):
-                rows.append((f"tools: {cat}", self.tool_categories[cat]))
-        for key, value in self.figures.items():
-            if key not in ("sessions", "calls"):
-                rows.append((key, value))
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        for where, reason in self.rejected:
-            lines.append(f"rejected: {where}: {reason}")
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- reading
@@ -213,32 +204,21 @@ def _check_row(d) -> str | None:
     return None
 
 
-def _read(paths: Iterable[Path], report: ImportReport) -> dict[str, list[_Row]]:
+def _read(paths: Iterable[Path], report: ImportReport, progress=None) -> dict[str, list[_Row]]:
     sessions: dict[str, list[_Row]] = {}
     order = 0
-    for path in paths:
-        report.files_read += 1
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            report.rejected.append((f"{path}:0", f"unreadable ({e.strerror or e})"))
-            continue
-        with f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                report.rows += 1
-                try:
-                    d = json.loads(raw)
-                except (ValueError, RecursionError) as e:
-                    report.rejected.append((f"{path}:{lineno}", f"not valid JSON ({e})"))
-                    continue
-                problem = _check_row(d)
-                if problem is not None:
-                    report.rejected.append((f"{path}:{lineno}", problem))
-                    continue
-                sessions.setdefault(d["session_id"], []).append(_Row(d["timestamp"], order, d["input"], d["output"]))
-                order += 1
+
+    def row(_file: int, _lineno: int, raw: bytes) -> None:
+        nonlocal order
+        report.rows += 1
+        d = parse_json(raw)
+        problem = _check_row(d)
+        if problem is not None:
+            raise Reject(problem)
+        sessions.setdefault(d["session_id"], []).append(_Row(d["timestamp"], order, d["input"], d["output"]))
+        order += 1
+
+    read_lines(paths, report, row, progress)
     return sessions
 
 
@@ -265,7 +245,7 @@ def _convert_session(
     sid: str, rows: list[_Row], system_tokens: int, decode_s_per_token: float, report: ImportReport
 ) -> list[Call]:
     rows.sort(key=lambda r: (r.ts, r.order))
-    sys_seg = (_chain("", "sys", _SYSTEM_LABEL), system_tokens) if system_tokens > 0 else None
+    sys_seg = (chain_id("", "sys", _SYSTEM_LABEL), system_tokens) if system_tokens > 0 else None
     user: list[str] = []  # N: non-assistant messages
     asst: list[str] = []  # A: earlier outputs, len(A) == len(N) - 1
     prompts: list[tuple[tuple[str, int], ...]] = []
@@ -287,12 +267,12 @@ def _convert_session(
         prev = segs[0][0] if segs else ""
         for i, text in enumerate(user):
             if i:
-                prev = _chain(prev, "asst", asst[i - 1])
+                prev = chain_id(prev, "asst", asst[i - 1])
                 segs.append((prev, estimate_tokens(asst[i - 1])))
-            prev = _chain(prev, "user", text)
+            prev = chain_id(prev, "user", text)
             segs.append((prev, estimate_tokens(text)))
         prompts.append(tuple(segs))
-        out_segs.append(_chain(prev, "asst", row.output))
+        out_segs.append(chain_id(prev, "asst", row.output))
         blocks = _BASH_RE.findall(row.output)
         if len(blocks) == 1:
             category = classify_command(blocks[0], writers)
@@ -327,6 +307,7 @@ def _convert_session(
 
 def convert(
     sources: Iterable[str | Path],
+    progress: Callable[[int], None] | None = None,
     *,
     system_tokens: int = SYSTEM_TOKENS,
     decode_s_per_token: float = 0.0,
@@ -335,14 +316,15 @@ def convert(
 
     Sessions come in order of their first timestamp, each session's calls in
     turn order. Malformed rows are rejected one by one (``report.rejected``
-    holds ``("file:line", reason)``).
+    holds ``("file:line", reason)``). ``progress`` (optional) is called with
+    the number of source bytes read so far.
     """
     if system_tokens < 0:
         raise ValueError(f"system_tokens must be >= 0, got {system_tokens}")
     if not decode_s_per_token >= 0:
         raise ValueError(f"decode_s_per_token must be >= 0, got {decode_s_per_token}")
     report = ImportReport(system_tokens=system_tokens, decode_s_per_token=decode_s_per_token)
-    sessions = _read(find_logs(sources), report)
+    sessions = _read(find(sources), report, progress)
     order = sorted(sessions, key=lambda s: (min((r.ts, r.order) for r in sessions[s]), s))
     calls: list[Call] = []
     for sid in order:
@@ -357,58 +339,41 @@ def convert(
 # --------------------------------------------------------------------------- CLI
 
 
-def find_logs(sources: Iterable[str | Path]) -> list[Path]:
+def find(sources: Iterable[str | Path]) -> list[Path]:
     """Files named, and ``*.jsonl`` directly in directories named, sorted."""
-    out: list[Path] = []
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            out.extend(sorted(p.glob("*.jsonl")))
-        else:
-            out.append(p)
-    return out
+    return find_files(sources, ".jsonl", recursive=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m traces.importers.lmcache_agent",
-        description="Convert LMCache agent-trace proxy logs (mini-swe-agent) into trace format v1.",
-    )
-    ap.add_argument("sources", nargs="+", help="log files, or directories holding *.jsonl")
-    ap.add_argument("-o", "--output", required=True, help="output trace (.jsonl or .jsonl.gz)")
+find_logs = find
+
+
+def _arguments(ap) -> None:
     ap.add_argument("--system-tokens", type=int, default=SYSTEM_TOKENS,
                     help=f"size of the unlogged system prompt placeholder (default {SYSTEM_TOKENS}; 0: none)")
     ap.add_argument("--decode-s-per-token", type=float, default=0.0,
                     help="seconds per output token subtracted from each inter-request interval (default 0)")
-    args = ap.parse_args(argv)
 
-    paths = find_logs(args.sources)
-    if not paths:
-        print("no log files found", file=sys.stderr)
-        return 2
-    calls, report = convert(paths, system_tokens=args.system_tokens, decode_s_per_token=args.decode_s_per_token)
-    print(report.render())
-    if not calls:
-        print("nothing converted", file=sys.stderr)
-        return 1
-    header = dict(HEADER)
-    header.update(
-        sessions=report.sessions,
-        calls=report.calls,
-        system_tokens=args.system_tokens,
-        decode_s_per_token=args.decode_s_per_token,
-        notes=(
-            "content-free: segment ids are chained sha256 hashes; token counts are len(text)/4 estimates; "
-            "the unlogged system prompt is a placeholder segment; timestamp_s is the request time (epoch s); "
-            "gap_s is the interval to the next request minus output_tokens*decode_s_per_token, so it "
-            "includes the call's own LLM latency"
-        ),
+
+def _options(args) -> dict:
+    return {"system_tokens": args.system_tokens, "decode_s_per_token": args.decode_s_per_token}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return importer_main(
+        argv,
+        "python -m traces.importers.lmcache_agent",
+        "Convert LMCache agent-trace proxy logs (mini-swe-agent) into trace format v1.",
+        find,
+        convert,
+        header,
+        notes=NOTES,
+        sources_help="log files, or directories holding *.jsonl",
+        none_found="no log files found",
+        provenance=False,
+        arguments=_arguments,
+        convert_options=_options,
+        header_options=_options,
     )
-    from traces.reader import write_trace
-
-    write_trace(Path(args.output), calls, header=header)
-    print(f"wrote {len(calls)} calls to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -44,13 +44,11 @@ CLI: ``python -m traces.importers.miniswe SRC_DIR_OR_FILES... -o OUT.jsonl[.gz]`
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,16 +56,21 @@ from traces.format import Call, ToolCall
 # The command classifier lives in traces.importers.commands (shared by the
 # importers); re-exported here so that existing imports keep working.
 from traces.importers.commands import CATEGORIES, classify_command
+from traces.importers.common import Reject, SessionFileReport, category_rows, convert_files, find_files
+from traces.importers.common import headline_figures, importer_main, load_json_object, message_text
 
 __all__ = [
     "CATEGORIES",
     "CHARS_PER_TOKEN",
     "DEFAULT_LICENSE",
     "DEFAULT_SOURCE",
+    "HEADER",
     "ImportReport",
     "classify_command",
     "convert",
+    "find",
     "find_trajectories",
+    "header",
     "headline_figures",
     "main",
 ]
@@ -78,6 +81,18 @@ DEFAULT_SOURCE = (
     "output/<run>/<instance>/<instance>.traj.json"
 )
 DEFAULT_LICENSE = "MIT (mini-swe-agent repository); data carries no separate license"
+HEADER = {"source": DEFAULT_SOURCE, "license": DEFAULT_LICENSE, "converted_by": CONVERTED_BY}
+
+
+def header() -> dict:
+    """Provenance header of a converted trace."""
+    return dict(HEADER)
+
+
+NOTES = (
+    "content-free: segment ids are made up or short hashes, token counts are per-message "
+    "estimates fixed to the provider-reported prompt_tokens; times are epoch seconds"
+)
 
 # Characters per token of the text estimate (the DeepSeek first prompts of the
 # bundled data average about 3.3 characters per reported token).
@@ -88,14 +103,9 @@ CHARS_PER_TOKEN = 3.3
 
 
 @dataclass
-class ImportReport:
+class ImportReport(SessionFileReport):
     """What an import read, made and rejected."""
 
-    files_read: int = 0
-    sessions: int = 0
-    calls: int = 0
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-    empty: list[str] = field(default_factory=list)  # well-formed files without LLM calls
     non_append_only: int = 0  # calls whose prompt could not extend the previous one
     residual_calls: int = 0  # calls whose segment total != reported prompt_tokens
     residual_abs_tokens: int = 0
@@ -103,90 +113,20 @@ class ImportReport:
     tool_categories: Counter = field(default_factory=Counter)
     tools_without_result: int = 0  # actions with no tool message (e.g. the final submit)
     first_timestamps_estimated: int = 0
-    figures: dict = field(default_factory=dict)
 
-    def render(self) -> str:
-        rows = [
-            ("files read", self.files_read),
-            ("sessions", self.sessions),
-            ("calls", self.calls),
-            ("rejected files", len(self.rejected)),
-            ("files without LLM calls (skipped)", len(self.empty)),
+    def extra_rows(self):
+        return [
+            *super().extra_rows(),
             ("non-append-only calls", self.non_append_only),
             ("calls with token residual", self.residual_calls),
             ("token residual |sum| / max", f"{self.residual_abs_tokens} / {self.residual_max_tokens}"),
             ("actions without tool result", self.tools_without_result),
             ("first-call timestamps estimated", self.first_timestamps_estimated),
+            *category_rows(self.tool_categories, CATEGORIES),
         ]
-        for cat in CATEGORIES:
-            if self.tool_categories.get(cat):
-                rows.append((f"tools: {cat}", self.tool_categories[cat]))
-        for key, value in self.figures.items():
-            if key not in ("sessions", "calls"):
-                rows.append((key, value))
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        for path, reason in self.rejected:
-            lines.append(f"rejected: {path}: {reason}")
-        for path in self.empty:
-            lines.append(f"skipped (no LLM calls): {path}")
-        return "\n".join(lines)
-
-
-def headline_figures(calls: Sequence[Call]) -> dict:
-    """Headline figures of a converted trace (medians over calls/sessions)."""
-    by_session: dict[str, list[Call]] = {}
-    for c in calls:
-        by_session.setdefault(c.session_id, []).append(c)
-    shares: list[float] = []
-    for sc in by_session.values():
-        sc.sort(key=lambda c: c.turn)
-        for prev, cur in zip(sc, sc[1:]):
-            shares.append(_reuse_share(prev, cur))
-    durations = [t.duration_s for c in calls for t in c.tools if t.category != "submit"]
-
-    def med(xs):
-        return statistics.median(xs) if xs else 0
-
-    return {
-        "sessions": len(by_session),
-        "calls": len(calls),
-        "median calls/session": med([len(v) for v in by_session.values()]),
-        "median prompt tokens": med([c.prompt_tokens for c in calls]),
-        "median output tokens": med([c.output_tokens for c in calls]),
-        "median tool duration s": round(med(durations), 3),
-        "median reuse share (prev prompt + answer)": round(med(shares), 4),
-        "mean reuse share (prev prompt + answer)": round(statistics.fmean(shares), 4) if shares else 0,
-    }
-
-
-def _reuse_share(prev: Call, cur: Call) -> float:
-    """Share of ``cur``'s prompt tokens that are ``prev``'s prompt followed by
-    ``prev``'s answer (token identity = (segment, position))."""
-    shared = 0
-    k = 0
-    for (a, na), (b, nb) in zip(prev.prompt, cur.prompt):
-        if a != b:
-            break
-        if na != nb:
-            shared += min(na, nb)
-            k = -1
-            break
-        shared += na
-        k += 1
-    if k == len(prev.prompt) and prev.output_segment is not None and k < len(cur.prompt):
-        seg, n = cur.prompt[k]
-        if seg == prev.output_segment:
-            shared += min(n, prev.output_tokens)
-    total = cur.prompt_tokens
-    return shared / total if total else 0.0
 
 
 # --------------------------------------------------------------------------- conversion
-
-
-class _Reject(Exception):
-    pass
 
 
 def _sha8(*parts: str) -> str:
@@ -195,30 +135,6 @@ def _sha8(*parts: str) -> str:
         h.update(p.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()[:8]
-
-
-def _text(value) -> str:
-    """Message content as text (strings, or lists of ``{"text": ...}`` parts)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "".join(_text(v.get("text", "") if isinstance(v, dict) else v) for v in value)
-    return json.dumps(value, sort_keys=True)
-
-
-def _message_text(m: dict) -> str:
-    """The text a message contributes to later prompts (for length estimates)."""
-    parts = [_text(m.get("content"))]
-    if m.get("role") == "assistant":
-        parts.append(_text(m.get("reasoning_content")))
-        for tc in m.get("tool_calls") or []:
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            if isinstance(fn, dict):
-                parts.append(str(fn.get("name") or ""))
-                parts.append(str(fn.get("arguments") or ""))
-    return "".join(parts)
 
 
 def _estimate(text: str) -> int:
@@ -258,33 +174,24 @@ def _session_id(path: Path, data: dict) -> str:
 
 
 def _load(path: Path) -> dict:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise _Reject(f"unreadable ({e.strerror or e})") from None
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise _Reject(f"not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise _Reject("not a JSON object")
+    data = load_json_object(path)
     msgs = data.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise _Reject("no messages")
+        raise Reject("no messages")
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _Reject(f"message {i} is not an object with a role")
+            raise Reject(f"message {i} is not an object with a role")
         if m["role"] == "assistant":
             extra = m.get("extra")
             resp = extra.get("response") if isinstance(extra, dict) else None
             usage = resp.get("usage") if isinstance(resp, dict) else None
             if not isinstance(usage, dict):
-                raise _Reject(f"assistant message {i} has no extra.response.usage")
+                raise Reject(f"assistant message {i} has no extra.response.usage")
             pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if type(pt) is not int or pt < 1:
-                raise _Reject(f"assistant message {i}: usage.prompt_tokens is not a positive integer")
+                raise Reject(f"assistant message {i}: usage.prompt_tokens is not a positive integer")
             if type(ct) is not int or ct < 0:
-                raise _Reject(f"assistant message {i}: usage.completion_tokens is not an integer >= 0")
+                raise Reject(f"assistant message {i}: usage.completion_tokens is not an integer >= 0")
     return data
 
 
@@ -303,7 +210,7 @@ def _convert_session(path: Path, data: dict, shared: dict[str, int], report: Imp
         return []
     first_a = assistants[0]
 
-    texts = [_message_text(m) for m in msgs]
+    texts = [message_text(m, reasoning=True) for m in msgs]
     seg_id: list[str] = []
     hashed: set[int] = set()
     for i, m in enumerate(msgs):
@@ -459,106 +366,42 @@ def _convert_session(path: Path, data: dict, shared: dict[str, int], report: Imp
     return calls
 
 
-def convert(paths: Iterable[Path]) -> tuple[list[Call], ImportReport]:
-    """Convert trajectory files (one session each) into calls, in input order.
+def _open_session(path: Path) -> tuple[str, dict]:
+    data = _load(path)
+    return _session_id(path, data), data
 
-    A malformed or unreadable file is rejected whole (``report.rejected``
-    names it and says why); the others are still converted.
-    """
-    report = ImportReport()
-    calls: list[Call] = []
-    shared: dict[str, int] = {}
-    seen: set[str] = set()
-    for p in paths:
-        path = Path(p)
-        report.files_read += 1
-        try:
-            data = _load(path)
-            sid = _session_id(path, data)
-            if sid in seen:
-                raise _Reject(f"duplicate session id {sid!r}")
-            session_calls = _convert_session(path, data, shared, report)
-        except _Reject as e:
-            report.rejected.append((str(path), str(e)))
-            continue
-        seen.add(sid)
-        if not session_calls:
-            report.empty.append(str(path))
-            continue
-        report.sessions += 1
-        report.calls += len(session_calls)
-        calls.extend(session_calls)
-    report.figures = headline_figures(calls)
-    return calls, report
+
+def convert(
+    paths: Iterable[str | Path], progress: Callable[[int], None] | None = None
+) -> tuple[list[Call], ImportReport]:
+    """Convert mini-swe-agent trajectory files (one session each) into calls, in input order;
+    a malformed or unreadable file is rejected whole (:func:`~traces.importers.common.convert_files`)."""
+    return convert_files(paths, _open_session, _convert_session, ImportReport(), progress)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def find_trajectories(sources: Iterable[str | Path]) -> list[Path]:
+def find(sources: Iterable[str | Path]) -> list[Path]:
     """Files named on the command line, and ``*.traj.json`` under directories, sorted."""
-    out: list[Path] = []
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            out.extend(sorted(p.rglob("*.traj.json")))
-        else:
-            out.append(p)
-    return out
+    return find_files(sources, ".traj.json")
 
 
-def _write(path: Path, calls: list[Call], header: dict) -> None:
-    try:
-        from traces.reader import write_trace
-    except ImportError:  # pragma: no cover - the reader ships with the project
-        import gzip
-
-        from traces.format import header_line
-
-        data = (header_line(**header) + "\n" + "".join(c.to_line() + "\n" for c in calls)).encode()
-        if path.name.endswith(".gz"):
-            with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
-                f.write(data)
-        else:
-            path.write_bytes(data)
-        return
-    write_trace(path, calls, header=header)
+find_trajectories = find
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m traces.importers.miniswe",
-        description="Convert mini-swe-agent .traj.json trajectories into trace format v1.",
+    return importer_main(
+        argv,
+        "python -m traces.importers.miniswe",
+        "Convert mini-swe-agent .traj.json trajectories into trace format v1.",
+        find,
+        convert,
+        header,
+        notes=NOTES,
+        sources_help="trajectory files, or directories searched for *.traj.json",
+        none_found="no trajectory files found",
     )
-    ap.add_argument("sources", nargs="+", help="trajectory files, or directories searched for *.traj.json")
-    ap.add_argument("-o", "--output", required=True, help="output trace (.jsonl or .jsonl.gz)")
-    ap.add_argument("--source", default=DEFAULT_SOURCE, help="provenance for the header")
-    ap.add_argument("--license", default=DEFAULT_LICENSE, help="license note for the header")
-    args = ap.parse_args(argv)
-
-    paths = find_trajectories(args.sources)
-    if not paths:
-        print("no trajectory files found", file=sys.stderr)
-        return 2
-    calls, report = convert(paths)
-    print(report.render())
-    if not calls:
-        print("nothing converted", file=sys.stderr)
-        return 1
-    header = {
-        "source": args.source,
-        "license": args.license,
-        "converted_by": CONVERTED_BY,
-        "sessions": report.sessions,
-        "calls": report.calls,
-        "notes": (
-            "content-free: segment ids are made up or short hashes, token counts are per-message "
-            "estimates fixed to the provider-reported prompt_tokens; times are epoch seconds"
-        ),
-    }
-    _write(Path(args.output), calls, header)
-    print(f"wrote {len(calls)} calls to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -64,8 +64,6 @@ CLI: ``python -m traces.importers.mooncake SRC.jsonl... -o OUT.jsonl[.gz]``
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import json
 import statistics
 import sys
@@ -75,8 +73,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traces.format import Call
+from traces.importers.common import LineReport, Reject, find_files, importer_main, median, parse_json, read_lines
+from traces.importers.common import sessions_of
 
-__all__ = ["BLOCK", "HEADER", "ImportReport", "convert", "headline_figures", "main"]
+__all__ = ["BLOCK", "HEADER", "ImportReport", "convert", "find", "header", "headline_figures", "main"]
 
 CONVERTED_BY = "traces.importers.mooncake"
 BLOCK = 512
@@ -86,18 +86,23 @@ HEADER = {
     "converted_by": CONVERTED_BY,
     "block_size": BLOCK,
 }
-_PROGRESS_EVERY = 4096
+
+
+def header() -> dict:
+    """Provenance header of a converted trace."""
+    return dict(HEADER)
+
+
+NOTES = (
+    "segments are Mooncake's 512-token prefix-hash blocks (mc:<hash_id>); sessions inferred "
+    "from hash-chain extension; timestamps are relative seconds; gap_s is arrival to arrival"
+)
 
 
 @dataclass
-class ImportReport:
-    """What an import read, made and rejected."""
+class ImportReport(LineReport):
+    """What an import read, made and rejected (``rejected``: ``("file:line", reason)``)."""
 
-    files_read: int = 0
-    lines_read: int = 0
-    sessions: int = 0
-    calls: int = 0
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # ("file:line", reason)
     shared_context_blocks: int = 0  # blocks whose prefix is shared context (fan-out > max_fanout)
     max_parent_fanout: int = 0  # largest fan-out of a block that ends a parent's chain
     follow_ups: int = 0  # calls that continue a session (turn >= 1)
@@ -107,15 +112,11 @@ class ImportReport:
     output_zero: int = 0
     calls_per_session: Counter = field(default_factory=Counter)  # n calls -> n sessions
     follow_up_shares: list[float] = field(default_factory=list)  # shared / follow-up input
-    figures: dict = field(default_factory=dict)
 
-    def render(self, max_rejected: int = 20) -> str:
+    sessions_label = "sessions (inferred)"
+
+    def extra_rows(self):
         rows = [
-            ("files read", self.files_read),
-            ("lines read", self.lines_read),
-            ("sessions (inferred)", self.sessions),
-            ("calls", self.calls),
-            ("rejected rows", len(self.rejected)),
             ("shared-context blocks (no parents)", self.shared_context_blocks),
             ("largest fan-out of a parent's last block", self.max_parent_fanout),
             ("follow-up calls", self.follow_ups),
@@ -129,104 +130,55 @@ class ImportReport:
         if len(dist) > 10:
             head += f", ... max {dist[-1][0]}"
         rows.append(("calls/session -> sessions", head or "-"))
-        for key, value in self.figures.items():
-            if key not in ("sessions", "calls"):
-                rows.append((key, value))
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        for where, reason in self.rejected[:max_rejected]:
-            lines.append(f"rejected: {where}: {reason}")
-        if len(self.rejected) > max_rejected:
-            lines.append(f"rejected: ... and {len(self.rejected) - max_rejected} more")
-        return "\n".join(lines)
+        return rows
 
 
 def headline_figures(calls: Sequence[Call], shares: Sequence[float] = ()) -> dict:
     """Headline figures of a converted trace (``shares``: follow-up prompt shares)."""
-    by_session: dict[str, list[Call]] = {}
-    for c in calls:
-        by_session.setdefault(c.session_id, []).append(c)
-    gaps = [c.gap_s for sc in by_session.values() for c in sc[:-1] if c.gap_s is not None]
-
-    def med(xs):
-        return statistics.median(xs) if xs else 0
-
+    sessions = sessions_of(calls)
+    lengths = [len(v) for v in sessions.values()]
+    gaps = [c.gap_s for sc in sessions.values() for c in sc[:-1] if c.gap_s is not None]
     return {
-        "sessions": len(by_session),
+        "sessions": len(sessions),
         "calls": len(calls),
-        "sessions with > 1 call": sum(1 for v in by_session.values() if len(v) > 1),
-        "median calls/session": med([len(v) for v in by_session.values()]),
-        "max calls/session": max((len(v) for v in by_session.values()), default=0),
-        "median prompt tokens": med([c.prompt_tokens for c in calls]),
-        "median output tokens": med([c.output_tokens for c in calls]),
+        "sessions with > 1 call": sum(1 for n in lengths if n > 1),
+        "median calls/session": median(lengths),
+        "max calls/session": max(lengths, default=0),
+        "median prompt tokens": median([c.prompt_tokens for c in calls]),
+        "median output tokens": median([c.output_tokens for c in calls]),
         "mean follow-up share shared with parent": round(statistics.fmean(shares), 4) if shares else 0,
-        "median follow-up share shared with parent": round(med(shares), 4),
-        "median gap s (arrival to arrival)": round(med(gaps), 3),
+        "median follow-up share shared with parent": round(median(shares), 4),
+        "median gap s (arrival to arrival)": round(median(gaps), 3),
     }
 
 
-class _Reject(Exception):
-    pass
-
-
 def _parse(line: bytes) -> tuple[float, int, int, list[int]]:
-    try:
-        d = json.loads(line)
-    except (ValueError, RecursionError) as e:
-        raise _Reject(f"not valid JSON ({e})") from None
+    d = parse_json(line)
     if not isinstance(d, dict):
-        raise _Reject("not a JSON object")
+        raise Reject("not a JSON object")
     for key in ("timestamp", "input_length", "output_length", "hash_ids"):
         if key not in d:
-            raise _Reject(f"{key}: missing")
+            raise Reject(f"{key}: missing")
     ts = d["timestamp"]
     if type(ts) not in (int, float) or ts != ts or ts in (float("inf"), float("-inf")):
-        raise _Reject(f"timestamp: expected a finite number, got {json.dumps(ts)[:40]}")
+        raise Reject(f"timestamp: expected a finite number, got {json.dumps(ts)[:40]}")
     L, O = d["input_length"], d["output_length"]
     if type(L) is not int or L < 1:
-        raise _Reject(f"input_length: expected an integer >= 1, got {json.dumps(L)[:40]}")
+        raise Reject(f"input_length: expected an integer >= 1, got {json.dumps(L)[:40]}")
     if type(O) is not int or O < 0:
-        raise _Reject(f"output_length: expected an integer >= 0, got {json.dumps(O)[:40]}")
+        raise Reject(f"output_length: expected an integer >= 0, got {json.dumps(O)[:40]}")
     h = d["hash_ids"]
     if type(h) is not list or not h:
-        raise _Reject(f"hash_ids: expected a non-empty array of integers, got {json.dumps(h)[:40]}")
+        raise Reject(f"hash_ids: expected a non-empty array of integers, got {json.dumps(h)[:40]}")
     if set(map(type, h)) != {int}:
         bad = next(i for i, x in enumerate(h) if type(x) is not int)
-        raise _Reject(f"hash_ids[{bad}]: expected an integer, got {json.dumps(h[bad])[:40]}")
+        raise Reject(f"hash_ids[{bad}]: expected an integer, got {json.dumps(h[bad])[:40]}")
     rem = L - BLOCK * (len(h) - 1)
     if not 1 <= rem <= BLOCK:
-        raise _Reject(
+        raise Reject(
             f"input_length {L} does not fit {len(h)} blocks of {BLOCK} (last block would hold {rem} tokens)"
         )
     return float(ts), L, O, h
-
-
-def _read(path: Path, report: ImportReport, progress, done: int) -> tuple[list, int]:
-    """Valid rows of one file as ``(line, ts, L, O, hash_ids)``, and bytes read."""
-    rows = []
-    with open(path, "rb") as raw:
-        gz = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        f = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
-        lineno = 0
-        try:
-            for line in f:
-                lineno += 1
-                if progress is not None and lineno % _PROGRESS_EVERY == 0:
-                    progress(done + raw.tell())
-                if not line.strip():
-                    continue
-                report.lines_read += 1
-                try:
-                    rows.append((lineno, *_parse(line)))
-                except _Reject as e:
-                    report.rejected.append((f"{path}:{lineno}", str(e)))
-        except (OSError, EOFError) as e:
-            report.rejected.append((f"{path}:{lineno + 1}", f"unreadable from here on ({e})"))
-        finally:
-            if f is not raw:
-                f.close()
-        return rows, raw.tell()
 
 
 def _shared_context(rows, max_fanout: int) -> tuple[set[int], Counter]:
@@ -266,19 +218,16 @@ def convert(
     """
     sources = [Path(s) for s in sources]
     report = ImportReport()
+    rows_of: list[list] = [[] for _ in sources]  # per file: valid rows as (line, ts, L, O, hash_ids)
+
+    def row(idx: int, lineno: int, line: bytes) -> None:
+        report.lines_read += 1
+        rows_of[idx].append((lineno, *_parse(line)))
+
+    read_lines(sources, report, row, progress)
     calls: list[Call] = []
-    done = 0
     many = len(sources) > 1
-    for idx, path in enumerate(sources):
-        report.files_read += 1
-        try:
-            rows, nbytes = _read(path, report, progress, done)
-        except OSError as e:
-            report.rejected.append((f"{path}:0", f"unreadable ({e.strerror or e})"))
-            continue
-        done += nbytes
-        if progress is not None:
-            progress(done)
+    for idx, rows in enumerate(rows_of):
         if not rows:
             continue
         seg = f"mc{idx}:" if many else "mc:"
@@ -364,41 +313,31 @@ def _shared_blocks(ph: list[int], pL: int, h: list[int], L: int) -> int:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from traces.reader import write_trace
+def find(sources: Iterable[str | Path]) -> list[Path]:
+    """Files named, and ``*.jsonl`` / ``*.jsonl.gz`` under directories, sorted."""
+    return find_files(sources, (".jsonl", ".jsonl.gz"))
 
-    ap = argparse.ArgumentParser(
-        prog="python -m traces.importers.mooncake",
-        description="Convert Mooncake request traces (.jsonl) into trace format v1, inferring sessions.",
-    )
-    ap.add_argument("sources", nargs="+", help="Mooncake trace files (.jsonl or .jsonl.gz)")
-    ap.add_argument("-o", "--output", required=True, help="output trace (.jsonl or .jsonl.gz)")
-    ap.add_argument("--source", default=HEADER["source"], help="provenance for the header")
-    ap.add_argument("--license", default=HEADER["license"], help="license note for the header")
+
+def _arguments(ap) -> None:
     ap.add_argument("--max-fanout", type=int, default=32,
                     help="a block followed by more distinct blocks is shared context, not a session parent")
-    args = ap.parse_args(argv)
 
-    calls, report = convert(args.sources, max_fanout=args.max_fanout)
-    print(report.render())
-    if not calls:
-        print("nothing converted", file=sys.stderr)
-        return 1
-    header = dict(HEADER)
-    header.update(
-        source=args.source,
-        license=args.license,
-        inputs=[Path(s).name for s in args.sources],
-        sessions=report.sessions,
-        calls=report.calls,
-        notes=(
-            "segments are Mooncake's 512-token prefix-hash blocks (mc:<hash_id>); sessions inferred "
-            "from hash-chain extension; timestamps are relative seconds; gap_s is arrival to arrival"
-        ),
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return importer_main(
+        argv,
+        "python -m traces.importers.mooncake",
+        "Convert Mooncake request traces (.jsonl) into trace format v1, inferring sessions.",
+        find,
+        convert,
+        header,
+        notes=NOTES,
+        sources_help="Mooncake trace files (.jsonl or .jsonl.gz), or directories searched for them",
+        none_found="no trace files found",
+        inputs=True,
+        arguments=_arguments,
+        convert_options=lambda args: {"max_fanout": args.max_fanout},
     )
-    write_trace(Path(args.output), calls, header=header)
-    print(f"wrote {len(calls)} calls to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

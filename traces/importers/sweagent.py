@@ -76,19 +76,17 @@ CLI: ``python -m traces.importers.sweagent SRC_DIR_OR_FILES... -o OUT.jsonl[.gz]
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from traces.format import Call, ToolCall
 from traces.importers.commands import CATEGORIES, classify_command
-from traces.importers.miniswe import headline_figures
+from traces.importers.common import Reject, SessionFileReport, category_rows, chain_id, convert_files, find_files
+from traces.importers.common import importer_main, load_json_object, message_text
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -96,7 +94,9 @@ __all__ = [
     "ImportReport",
     "classify_action",
     "convert",
+    "find",
     "find_trajectories",
+    "header",
     "main",
 ]
 
@@ -106,6 +106,18 @@ HEADER = {
     "license": "as the converted trajectories (SWE-agent code: MIT)",
     "converted_by": CONVERTED_BY,
 }
+
+
+def header() -> dict:
+    """Provenance header of a converted trace."""
+    return dict(HEADER)
+
+
+NOTES = (
+    "content-free: segment ids are chained sha256 hashes; token counts are len(text)/4 estimates "
+    "scaled per session to info.model_stats totals (not per call); tool durations are the steps' "
+    "execution_time; no timestamps"
+)
 
 CHARS_PER_TOKEN = 4.0
 
@@ -144,14 +156,9 @@ def classify_action(action: str, writers: set[str] | None = None) -> str:
 
 
 @dataclass
-class ImportReport:
+class ImportReport(SessionFileReport):
     """What an import read, made and rejected."""
 
-    files_read: int = 0
-    sessions: int = 0
-    calls: int = 0
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-    empty: list[str] = field(default_factory=list)  # well-formed files without assistant messages
     prompts_from_query: int = 0  # sessions whose prompts are the steps' recorded queries
     prompts_from_history: int = 0
     scaled_sessions: int = 0  # token estimates scaled to model_stats
@@ -160,71 +167,20 @@ class ImportReport:
     step_mismatches: int = 0  # sessions whose trajectory has not one step per assistant message
     tools_without_duration: int = 0
     tool_categories: Counter = field(default_factory=Counter)
-    figures: dict = field(default_factory=dict)
 
-    def render(self) -> str:
-        rows = [
-            ("files read", self.files_read),
-            ("sessions", self.sessions),
-            ("calls", self.calls),
-            ("rejected files", len(self.rejected)),
-            ("files without LLM calls (skipped)", len(self.empty)),
+    def extra_rows(self):
+        return [
+            *super().extra_rows(),
             ("prompts from step queries / history", f"{self.prompts_from_query} / {self.prompts_from_history}"),
             ("sessions scaled to model_stats / unscaled", f"{self.scaled_sessions} / {self.unscaled_sessions}"),
             ("tokens_sent residual (sum over sessions)", self.sent_residual_tokens),
             ("sessions with step/message mismatch", self.step_mismatches),
             ("tools without execution_time", self.tools_without_duration),
+            *category_rows(self.tool_categories, CATEGORIES),
         ]
-        for cat in CATEGORIES:
-            if self.tool_categories.get(cat):
-                rows.append((f"tools: {cat}", self.tool_categories[cat]))
-        for key, value in self.figures.items():
-            if key not in ("sessions", "calls"):
-                rows.append((key, value))
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        for path, reason in self.rejected:
-            lines.append(f"rejected: {path}: {reason}")
-        for path in self.empty:
-            lines.append(f"skipped (no LLM calls): {path}")
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- reading
-
-
-class _Reject(Exception):
-    pass
-
-
-def _chain(prev: str, kind: str, text: str) -> str:
-    h = hashlib.sha256()
-    for part in (prev, kind, text):
-        h.update(part.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return f"{kind}:{h.hexdigest()[:12]}"
-
-
-def _text(value) -> str:
-    """Content as text: a string, or a list of parts (``{"type": "text", "text": ...}``)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "".join(_text(v.get("text", "") if isinstance(v, dict) else v) for v in value)
-    return json.dumps(value, sort_keys=True)
-
-
-def _message_text(m: dict) -> str:
-    parts = [_text(m.get("content"))]
-    if m.get("role") == "assistant":
-        for tc in m.get("tool_calls") or []:
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            if isinstance(fn, dict):
-                parts.append(str(fn.get("name") or ""))
-                parts.append(str(fn.get("arguments") or ""))
-    return "".join(parts)
 
 
 def _tool_name(m: dict) -> str | None:
@@ -245,32 +201,23 @@ def _num(v) -> float | None:
 def _check_messages(msgs, where: str) -> None:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _Reject(f"{where}[{i}] is not an object with a role")
+            raise Reject(f"{where}[{i}] is not an object with a role")
 
 
 def _load(path: Path) -> dict:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise _Reject(f"unreadable ({e.strerror or e})") from None
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise _Reject(f"not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise _Reject("not a JSON object")
+    data = load_json_object(path)
     history = data.get("history")
     if history is None:
-        raise _Reject("no history")
+        raise Reject("no history")
     if not isinstance(history, list) or not history:
-        raise _Reject("history is not a non-empty list")
+        raise Reject("history is not a non-empty list")
     _check_messages(history, "history")
     traj = data.get("trajectory") or []
     if not isinstance(traj, list) or not all(isinstance(s, dict) for s in traj):
-        raise _Reject("trajectory is not a list of step objects")
+        raise Reject("trajectory is not a list of step objects")
     info = data.get("info") or {}
     if not isinstance(info, dict):
-        raise _Reject("info is not an object")
+        raise Reject("info is not an object")
     return data
 
 
@@ -312,7 +259,7 @@ def _convert_session(path: Path, data: dict, shared: dict[str, int], report: Imp
         report.step_mismatches += 1
     first_a = assistants[0]
     if first_a == 0:
-        raise _Reject("the first message is an assistant message (a call with an empty prompt)")
+        raise Reject("the first message is an assistant message (a call with an empty prompt)")
 
     # Prompt messages of each call: (role, text, fixed-unscaled?).
     queries = _queries(traj, n)
@@ -322,17 +269,17 @@ def _convert_session(path: Path, data: dict, shared: dict[str, int], report: Imp
         for q in queries:
             first_q = next((i for i, m in enumerate(q) if m["role"] == "assistant"), len(q))
             prompt_msgs.append(
-                [(m["role"], _message_text(m), i < first_q and (m["role"] == "system" or bool(m.get("is_demo"))))
+                [(m["role"], message_text(m), i < first_q and (m["role"] == "system" or bool(m.get("is_demo"))))
                  for i, m in enumerate(q)]
             )
     else:
         report.prompts_from_history += 1
         all_msgs = [
-            (m["role"], _message_text(m), i < first_a and (m["role"] == "system" or bool(m.get("is_demo"))))
+            (m["role"], message_text(m), i < first_a and (m["role"] == "system" or bool(m.get("is_demo"))))
             for i, m in enumerate(msgs)
         ]
         prompt_msgs = [all_msgs[:a] for a in assistants]
-    outputs = [_message_text(msgs[a]) for a in assistants]
+    outputs = [message_text(msgs[a]) for a in assistants]
 
     # Segment ids (chained), and which estimate each one gets.
     prompt_ids: list[list[str]] = []
@@ -342,12 +289,12 @@ def _convert_session(path: Path, data: dict, shared: dict[str, int], report: Imp
     for k, pm in enumerate(prompt_msgs):
         ids, prev = [], ""
         for role, text, fixed in pm:
-            prev = _chain(prev, role, text)
+            prev = chain_id(prev, role, text)
             ids.append(prev)
             est.setdefault(prev, len(text) / CHARS_PER_TOKEN)
             group.setdefault(prev, "fixed" if fixed else "asst" if role == "assistant" else "other")
         prompt_ids.append(ids)
-        oid = _chain(prev, "assistant", outputs[k])
+        oid = chain_id(prev, "assistant", outputs[k])
         out_ids.append(oid)
         est.setdefault(oid, len(outputs[k]) / CHARS_PER_TOKEN)
         group.setdefault(oid, "asst")
@@ -422,89 +369,42 @@ def _convert_session(path: Path, data: dict, shared: dict[str, int], report: Imp
     return calls
 
 
-def convert(paths: Iterable[str | Path]) -> tuple[list[Call], ImportReport]:
-    """Convert ``.traj`` files (one session each) into calls, in input order.
+def _open_session(path: Path) -> tuple[str, dict]:
+    data = _load(path)
+    return _session_id(path), data
 
-    A malformed file is rejected whole (``report.rejected`` names it and
-    says why); the others are still converted.
-    """
-    report = ImportReport()
-    calls: list[Call] = []
-    shared: dict[str, int] = {}
-    seen: set[str] = set()
-    for p in paths:
-        path = Path(p)
-        report.files_read += 1
-        try:
-            data = _load(path)
-            sid = _session_id(path)
-            if sid in seen:
-                raise _Reject(f"duplicate session id {sid!r}")
-            session_calls = _convert_session(path, data, shared, report)
-        except _Reject as e:
-            report.rejected.append((str(path), str(e)))
-            continue
-        seen.add(sid)
-        if not session_calls:
-            report.empty.append(str(path))
-            continue
-        report.sessions += 1
-        report.calls += len(session_calls)
-        calls.extend(session_calls)
-    report.figures = headline_figures(calls)
-    return calls, report
+
+def convert(
+    paths: Iterable[str | Path], progress: Callable[[int], None] | None = None
+) -> tuple[list[Call], ImportReport]:
+    """Convert SWE-agent ``.traj`` files into calls (one session per file, in input order;
+    a malformed file is rejected whole, see :func:`~traces.importers.common.convert_files`)."""
+    return convert_files(paths, _open_session, _convert_session, ImportReport(), progress)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def find_trajectories(sources: Iterable[str | Path]) -> list[Path]:
+def find(sources: Iterable[str | Path]) -> list[Path]:
     """Files named, and ``*.traj`` under directories named, sorted."""
-    out: list[Path] = []
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            out.extend(sorted(p.rglob("*.traj")))
-        else:
-            out.append(p)
-    return out
+    return find_files(sources, ".traj")
+
+
+find_trajectories = find
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m traces.importers.sweagent",
-        description="Convert SWE-agent .traj trajectories into trace format v1.",
+    return importer_main(
+        argv,
+        "python -m traces.importers.sweagent",
+        "Convert SWE-agent .traj trajectories into trace format v1.",
+        find,
+        convert,
+        header,
+        notes=NOTES,
+        sources_help="trajectory files, or directories searched for *.traj",
+        none_found="no trajectory files found",
     )
-    ap.add_argument("sources", nargs="+", help="trajectory files, or directories searched for *.traj")
-    ap.add_argument("-o", "--output", required=True, help="output trace (.jsonl or .jsonl.gz)")
-    ap.add_argument("--source", default=HEADER["source"], help="provenance for the header")
-    ap.add_argument("--license", default=HEADER["license"], help="license note for the header")
-    args = ap.parse_args(argv)
-
-    paths = find_trajectories(args.sources)
-    if not paths:
-        print("no trajectory files found", file=sys.stderr)
-        return 2
-    calls, report = convert(paths)
-    print(report.render())
-    if not calls:
-        print("nothing converted", file=sys.stderr)
-        return 1
-    header = dict(HEADER, source=args.source, license=args.license)
-    header.update(
-        sessions=report.sessions,
-        calls=report.calls,
-        notes=(
-            "content-free: segment ids are chained sha256 hashes; token counts are len(text)/4 estimates "
-            "scaled per session to info.model_stats totals (not per call); tool durations are the steps' "
-            "execution_time; no timestamps"
-        ),
-    )
-    from traces.reader import write_trace
-
-    write_trace(Path(args.output), calls, header=header)
-    print(f"wrote {len(calls)} calls to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

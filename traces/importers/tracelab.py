@@ -87,9 +87,7 @@ CLI: ``python -m traces.importers.tracelab SRC... -o OUT.jsonl[.gz]``
 
 from __future__ import annotations
 
-import argparse
 import gc
-import gzip
 import hashlib
 import json
 import shlex
@@ -103,13 +101,17 @@ from pathlib import Path
 
 from traces.format import Call, ToolCall
 from traces.importers.commands import classify_command
+from traces.importers.common import LineReport, Reject, basic_figures, category_rows, find_files, importer_main
+from traces.importers.common import median, parse_json, read_lines, sessions_of, turn_pairs
 
 __all__ = [
     "CATEGORIES",
     "HEADER",
     "ImportReport",
     "convert",
+    "find",
     "find_sources",
+    "header",
     "headline_figures",
     "main",
     "tool_category",
@@ -124,6 +126,18 @@ HEADER = {
     "license": "CC-BY-4.0 (TraceLab data set)",
     "converted_by": CONVERTED_BY,
 }
+
+
+def header() -> dict:
+    """Provenance header of a converted trace."""
+    return dict(HEADER)
+
+
+NOTES = (
+    "content-free: segment ids are session hashes and round numbers; prompt sharing is the "
+    "provider's cache read (prefix_tokens) against the previous round's prompt + answer; "
+    "times are epoch seconds, gaps include human think time"
+)
 
 CATEGORIES = (
     "submit", "edit", "test", "install", "python", "git", "read", "grep", "find",
@@ -148,7 +162,6 @@ _BY_NAME = {
 _SHELL_TOOLS = {"bash", "exec_command", "shell", "local_shell", "shell_command", "container.exec", "unified_exec"}
 
 _INPUT_EVENTS = frozenset(("user_message", "tool_result"))
-_PROGRESS_EVERY = 4096
 
 
 def tool_category(name: str, tool_input=None) -> str:
@@ -190,14 +203,9 @@ def _command(tool_input) -> str:
 
 
 @dataclass
-class ImportReport:
-    """What an import read, made, repaired and rejected."""
+class ImportReport(LineReport):
+    """What an import read, made, repaired and rejected (``rejected``: ``("file:line", reason)``)."""
 
-    files_read: int = 0
-    lines_read: int = 0
-    sessions: int = 0
-    calls: int = 0
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # ("file:line", reason)
     token_mismatch: int = 0  # input_tokens_total != prefix_tokens + newly_append_tokens
     prefix_clamped: int = 0  # prefix_tokens > previous prompt + output (clamped)
     prefix_clamped_tokens: int = 0
@@ -211,15 +219,9 @@ class ImportReport:
     tool_categories: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0  # sum of input_tokens_total over the calls
     new_tokens: int = 0  # sum of the fresh (last) segments: tokens not read from the cache
-    figures: dict = field(default_factory=dict)
 
-    def render(self, max_rejected: int = 20) -> str:
-        rows = [
-            ("files read", self.files_read),
-            ("lines read", self.lines_read),
-            ("sessions", self.sessions),
-            ("calls", self.calls),
-            ("rejected rows", len(self.rejected)),
+    def extra_rows(self):
+        return [
             ("token totals repaired (total != prefix + new)", self.token_mismatch),
             ("prefix beyond previous prompt+answer (clamped)", self.prefix_clamped),
             ("  clamped tokens", self.prefix_clamped_tokens),
@@ -230,57 +232,31 @@ class ImportReport:
             ("rounds without timing", self.no_timing),
             ("negative gaps (written as 0)", self.negative_gaps),
             ("tools without latency", self.tools_without_latency),
+            *category_rows(self.tool_categories, CATEGORIES),
         ]
-        for cat in CATEGORIES:
-            if self.tool_categories.get(cat):
-                rows.append((f"tools: {cat}", self.tool_categories[cat]))
-        for key, value in self.figures.items():
-            if key not in ("sessions", "calls"):
-                rows.append((key, value))
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        for where, reason in self.rejected[:max_rejected]:
-            lines.append(f"rejected: {where}: {reason}")
-        if len(self.rejected) > max_rejected:
-            lines.append(f"rejected: ... and {len(self.rejected) - max_rejected} more")
-        return "\n".join(lines)
 
 
 def headline_figures(calls: Sequence[Call]) -> dict:
     """Headline figures of a converted trace."""
-    by_session: dict[str, list[Call]] = {}
-    for c in calls:
-        by_session.setdefault(c.session_id, []).append(c)
-    shares: list[float] = []
-    for sc in by_session.values():
-        sc.sort(key=lambda c: c.turn)
-        for prev, cur in zip(sc, sc[1:]):
-            shares.append(_shared(prev, cur) / cur.prompt_tokens)
+    sessions = sessions_of(calls)
     return _figures(
-        [len(v) for v in by_session.values()],
+        [len(v) for v in sessions.values()],
         [c.prompt_tokens for c in calls],
         [c.output_tokens for c in calls],
-        shares,
+        [_shared(prev, cur) / cur.prompt_tokens for prev, cur in turn_pairs(sessions)],
         [t.duration_s for c in calls for t in c.tools],
-        [c.gap_s for sc in by_session.values() for c in sc[:-1] if c.gap_s is not None],
+        [c.gap_s for sc in sessions.values() for c in sc[:-1] if c.gap_s is not None],
         [c.latency_s for c in calls if c.latency_s is not None],
     )
 
 
 def _figures(session_lengths, prompts, outputs, shares, durations, gaps, latencies) -> dict:
-    def med(xs):
-        return statistics.median(xs) if xs else 0
-
     return {
-        "sessions": len(session_lengths),
-        "calls": len(prompts),
-        "median calls/session": med(session_lengths),
-        "median prompt tokens": med(prompts),
-        "median output tokens": med(outputs),
+        **basic_figures(session_lengths, prompts, outputs),
         "mean reuse share (prev prompt + answer)": round(statistics.fmean(shares), 4) if shares else 0,
-        "median tool duration s": round(med(durations), 3),
-        "median gap s": round(med(gaps), 3),
-        "median LLM latency s": round(med(latencies), 3),
+        "median tool duration s": round(median(durations), 3),
+        "median gap s": round(median(gaps), 3),
+        "median LLM latency s": round(median(latencies), 3),
     }
 
 
@@ -302,10 +278,6 @@ def _shared(prev: Call, cur: Call) -> int:
 # --------------------------------------------------------------------------- conversion
 
 
-class _Reject(Exception):
-    pass
-
-
 @dataclass(slots=True)
 class _State:
     """What a session keeps between rounds."""
@@ -325,10 +297,10 @@ class _State:
 
 def _int_field(row: dict, key: str, minimum: int = 0) -> int:
     if key not in row:
-        raise _Reject(f"{key}: missing")
+        raise Reject(f"{key}: missing")
     v = row[key]
     if type(v) is not int or v < minimum:
-        raise _Reject(f"{key}: expected an integer >= {minimum}, got {json.dumps(v)[:40]}")
+        raise Reject(f"{key}: expected an integer >= {minimum}, got {json.dumps(v)[:40]}")
     return v
 
 
@@ -372,15 +344,15 @@ def _tools(raw) -> tuple[tuple[ToolCall, ...], int]:
     if raw is None:
         return (), 0
     if not isinstance(raw, list):
-        raise _Reject("tools: expected an array")
+        raise Reject("tools: expected an array")
     out = []
     missing = 0
     for i, t in enumerate(raw):
         if not isinstance(t, dict):
-            raise _Reject(f"tools[{i}]: expected an object")
+            raise Reject(f"tools[{i}]: expected an object")
         name = t.get("tool_name")
         if not isinstance(name, str) or not name:
-            raise _Reject(f"tools[{i}].tool_name: missing or not a non-empty string")
+            raise Reject(f"tools[{i}].tool_name: missing or not a non-empty string")
         ms = t.get("tool_wall_latency_ms")
         if not _is_num(ms) or ms < 0:
             a, b = _ts(t.get("emitted_at")), _ts(t.get("result_at"))
@@ -455,17 +427,17 @@ class _Converter:
     def row(self, row) -> None:
         rep = self.report
         if not isinstance(row, dict):
-            raise _Reject("not a JSON object")
+            raise Reject("not a JSON object")
         sid = row.get("session_id")
         if not isinstance(sid, str) or not sid:
-            raise _Reject("session_id: missing or not a non-empty string")
+            raise Reject("session_id: missing or not a non-empty string")
         rnd = _int_field(row, "round_index")
         total = _int_field(row, "input_tokens_total")
         prefix = _int_field(row, "prefix_tokens")
         new = _int_field(row, "newly_append_tokens")
         out = _int_field(row, "output_tokens")
         if total == 0:
-            raise _Reject("input_tokens_total: 0 (a call needs a prompt)")
+            raise Reject("input_tokens_total: 0 (a call needs a prompt)")
         project = row.get("project")
         if project is not None and not isinstance(project, str):
             project = json.dumps(project)
@@ -474,7 +446,7 @@ class _Converter:
 
         st = self._state(sid, project)
         if rnd <= st.last_round:
-            raise _Reject(f"round_index {rnd} after {st.last_round} in session {sid!r} (duplicate or out of order)")
+            raise Reject(f"round_index {rnd} after {st.last_round} in session {sid!r} (duplicate or out of order)")
         # Accepted from here on.
         if st.last_round >= 0 and rnd > st.last_round + 1:
             rep.round_index_gaps += rnd - st.last_round - 1
@@ -559,22 +531,6 @@ class _Converter:
         return self.calls
 
 
-def _open(path: Path):
-    """(line iterator, function giving source bytes consumed, closer)."""
-    raw = open(path, "rb")
-    magic = raw.read(2)
-    raw.seek(0)
-    if magic == b"\x1f\x8b":
-        gz = gzip.GzipFile(fileobj=raw, mode="rb")
-
-        def close():
-            gz.close()
-            raw.close()
-
-        return gz, raw.tell, close
-    return raw, raw.tell, raw.close
-
-
 def convert(
     sources: Iterable[str | Path],
     progress: Callable[[int], None] | None = None,
@@ -592,7 +548,7 @@ def convert(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        _convert_files(sources, conv, report, progress)
+        read_lines(sources, report, lambda _file, _lineno, line: _row(conv, report, line), progress)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -608,104 +564,36 @@ def convert(
     return calls, report
 
 
-def _convert_files(sources, conv: _Converter, report: ImportReport, progress) -> None:
-    done = 0
-    for src in sources:
-        path = Path(src)
-        report.files_read += 1
-        try:
-            lines, tell, close = _open(path)
-        except OSError as e:
-            report.rejected.append((f"{path}:0", f"unreadable ({e.strerror or e})"))
-            continue
-        lineno = 0
-        try:
-            for line in lines:
-                lineno += 1
-                if progress is not None and lineno % _PROGRESS_EVERY == 0:
-                    progress(done + tell())
-                if not line.strip():
-                    continue
-                report.lines_read += 1
-                try:
-                    try:
-                        row = json.loads(line)
-                    except (ValueError, RecursionError) as e:
-                        raise _Reject(f"not valid JSON ({e})") from None
-                    conv.row(row)
-                except _Reject as e:
-                    report.rejected.append((f"{path}:{lineno}", str(e)))
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            report.rejected.append((f"{path}:{lineno + 1}", f"unreadable from here on ({e})"))
-        finally:
-            done += tell()
-            close()
-        if progress is not None:
-            progress(done)
+def _row(conv: _Converter, report: ImportReport, line: bytes) -> None:
+    report.lines_read += 1
+    conv.row(parse_json(line))
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def find_sources(sources: Iterable[str | Path]) -> list[Path]:
+def find(sources: Iterable[str | Path]) -> list[Path]:
     """Files named, and ``*.jsonl`` / ``*.jsonl.gz`` under directories, sorted."""
-    out: list[Path] = []
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.name.endswith((".jsonl", ".jsonl.gz"))))
-        else:
-            out.append(p)
-    return out
+    return find_files(sources, (".jsonl", ".jsonl.gz"))
+
+
+find_sources = find
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from traces.reader import write_trace
-
-    ap = argparse.ArgumentParser(
-        prog="python -m traces.importers.tracelab",
-        description="Convert TraceLab round traces (.jsonl or .jsonl.gz) into trace format v1.",
+    return importer_main(
+        argv,
+        "python -m traces.importers.tracelab",
+        "Convert TraceLab round traces (.jsonl or .jsonl.gz) into trace format v1.",
+        find,
+        convert,
+        header,
+        notes=NOTES,
+        sources_help="round files, or directories searched for *.jsonl[.gz]",
+        none_found="no round files found",
+        inputs=True,
+        progress=True,
     )
-    ap.add_argument("sources", nargs="+", help="round files, or directories searched for *.jsonl[.gz]")
-    ap.add_argument("-o", "--output", required=True, help="output trace (.jsonl or .jsonl.gz)")
-    ap.add_argument("--source", default=HEADER["source"], help="provenance for the header")
-    ap.add_argument("--license", default=HEADER["license"], help="license note for the header")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    args = ap.parse_args(argv)
-
-    paths = find_sources(args.sources)
-    if not paths:
-        print("no round files found", file=sys.stderr)
-        return 2
-    total = sum(p.stat().st_size for p in paths if p.is_file())
-
-    def show(n: int) -> None:
-        pct = 100.0 * n / total if total else 100.0
-        print(f"\rread {n / 1e6:,.1f} MB of {total / 1e6:,.1f} MB ({pct:.0f}%)", end="", file=sys.stderr, flush=True)
-
-    calls, report = convert(paths, progress=None if args.quiet else show)
-    if not args.quiet:
-        print(file=sys.stderr)
-    print(report.render())
-    if not calls:
-        print("nothing converted", file=sys.stderr)
-        return 1
-    header = dict(HEADER)
-    header.update(
-        source=args.source,
-        license=args.license,
-        inputs=[p.name for p in paths],
-        sessions=report.sessions,
-        calls=report.calls,
-        notes=(
-            "content-free: segment ids are session hashes and round numbers; prompt sharing is the "
-            "provider's cache read (prefix_tokens) against the previous round's prompt + answer; "
-            "times are epoch seconds, gaps include human think time"
-        ),
-    )
-    write_trace(Path(args.output), calls, header=header)
-    print(f"wrote {len(calls)} calls to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":
