@@ -40,6 +40,9 @@ def run(
     rate: float = typer.Option(_D.rate, "--rate", help="Sessions per second, with --arrivals poisson."),
     seed: int = typer.Option(_D.seed, "--seed", help="Random seed (Poisson arrivals)."),
     max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Simulate only the first N sessions of the trace."),
+    predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the tool-call predictor learns from (default: the simulated trace)."),
+    predictor_error: float = typer.Option(_D.predictor_error, "--predictor-error", help="Injected prediction error: idle predictions times exp(N(0, this))."),
+    aging_s: float = typer.Option(_D.aging_s, "--aging-s", help="Prefix-aware scheduling: a request waiting longer than this goes first."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for summary.json, requests.csv, sessions.csv (written as the run goes)."),
 ) -> None:
     """Simulate a trace under one policy and print a summary."""
@@ -47,7 +50,9 @@ def run(
         config = SimConfig(policy=policy, kv_blocks=kv_blocks, kv_gib=kv_gib, block_size=block_size, profile=profile,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            gpu_memory_utilization=gpu_memory_utilization, arrivals=arrivals, agents=agents, rate=rate,
-                           seed=seed, max_sessions=max_sessions)
+                           seed=seed, max_sessions=max_sessions,
+                           predictor_trace=str(predictor_trace) if predictor_trace is not None else None,
+                           predictor_error=predictor_error, aging_s=aging_s)
         tr = load_trace(trace if trace is not None else DEFAULT_TRACE)
         n_calls = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
         with Progress(TextColumn("[bold]simulating[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("calls"),

@@ -41,6 +41,8 @@ class SimConfig:
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
             (self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
             (self.max_sessions is None or self.max_sessions >= 1, f"max_sessions must be >= 1, got {self.max_sessions}"),
+            (self.predictor_error >= 0, f"predictor_error must be >= 0, got {self.predictor_error}"),
+            (self.aging_s >= 0, f"aging_s must be >= 0, got {self.aging_s}"),
         ]
         for ok, msg in checks:
             if not ok:

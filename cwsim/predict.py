@@ -95,7 +95,7 @@ class ToolCallPredictor:
         that long, or no next call). ``key`` seeds the injected error.
         """
         g = self._dist(cat).gaps
-        rest = g[g > elapsed]
+        rest = g[g > elapsed] if elapsed > 0 else g  # at 0, a gap of 0 is a call at once, not an end
         if len(rest) == 0:
             return math.inf
         idle = float(rest.mean() - elapsed)
