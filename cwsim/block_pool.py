@@ -392,6 +392,28 @@ class BlockPool:
         n = len(table)
         self._release(table[::-1], np.arange(n - 1, -1, -1), request, now, reason)
 
+    def requeue(self, blocks: np.ndarray, score: float, seq: int) -> None:
+        """Move free cached blocks to the queue key ``(1, score, seq)``, keeping their given order.
+
+        For a policy whose blocks change rank after release (a pin that
+        expires): given the release's ``seq``, they rejoin the queue where that
+        release would have been with ``score``. Blocks no longer free (in use,
+        so out of the queue) or without a hash (evicted since) are skipped;
+        ids given twice are moved once.
+        """
+        blocks = np.asarray(blocks, dtype=np.int64)
+        if len(blocks) == 0:
+            return
+        moving = blocks[(self.run_of[blocks] >= 0) & self.has_hash[blocks]]
+        if len(moving) == 0:
+            return
+        _, first = np.unique(moving, return_index=True)
+        if len(first) < len(moving):
+            moving = moving[np.sort(first)]
+        self._leave_queue(moving)  # counts them out of num_free and num_free_hashed ...
+        self.num_free_hashed += len(moving)  # ... and they stay free and cached
+        self._push_run((1, float(score), int(seq)), moving.copy())
+
     def _ensure_unhashed_free(self, n: int) -> None:
         """Growable pools add blocks rather than evict a cached one."""
         short = n - (self.num_free - self.num_free_hashed)

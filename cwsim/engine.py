@@ -74,6 +74,8 @@ class Engine:
                 self._idle = None
             now = env.now
             self.ctx.now = now
+            if (ev := getattr(self.ctx, "eviction", None)) is not None:
+                ev.tick(now)  # time-driven eviction changes (a pin that expires) before scheduling
             plan = sched.schedule(now)
             if not plan.scheduled:
                 continue  # everything running was preempted: admit next iteration
@@ -100,6 +102,8 @@ class Engine:
         if n <= 1:
             return 1
         horizon = self.env.peek() - self.env.now
+        if (ev := getattr(self.ctx, "eviction", None)) is not None:  # nor past the eviction policy's next tick
+            horizon = min(horizon, ev.next_deadline() - self.env.now)
         n = self.profile.decode_steps_starting_before(plan.decode_seqs, plan.decode_ctx, horizon, n)
         if n <= 1:
             return 1

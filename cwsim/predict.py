@@ -103,6 +103,11 @@ class ToolCallPredictor:
             idle *= float(np.exp(np.random.default_rng((self.seed, key)).normal(0.0, self.error)))
         return idle
 
+    def typical_idle(self) -> float:
+        """The mean gap to a next call over all categories (0 when none was seen)."""
+        g = self.pooled.gaps
+        return float(g.mean()) if len(g) else 0.0
+
     def quantile(self, cat: str, q: float) -> float:
         g = self._dist(cat).gaps
         return float(np.quantile(g, q)) if len(g) else 0.0

@@ -13,6 +13,7 @@ pool's eviction order) do not know which policy they run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ class PolicyContext:
     kv: object = None  # cwsim.kv_cache_manager.KVCacheManager
     workload: object = None  # cwsim.workload.Workload
     predictor: object = None  # cwsim.predict.ToolCallPredictor, for policies that use one
+    eviction: object = None  # the bound EvictionPolicy: the engine calls its tick / next_deadline hooks
 
 
 class SchedulingPolicy:
@@ -53,6 +55,21 @@ class EvictionPolicy:
 
     def bind(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
+        ctx.eviction = self
+
+    def tick(self, now: float) -> None:
+        """Time hook: the engine calls it once per scheduler iteration, before ``schedule()``.
+
+        A policy whose blocks change rank with time (a pin that expires) moves
+        them here (``BlockPool.requeue``).
+        """
+
+    def next_deadline(self) -> float:
+        """The earliest time at which :meth:`tick` will change the free queue (``inf``: never).
+
+        The engine's decode jumps do not run steps that start at or after it.
+        """
+        return math.inf
 
     def score(self, freed: FreedBlocks) -> float | np.ndarray:
         return 0.0

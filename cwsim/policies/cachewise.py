@@ -11,7 +11,8 @@ after the tool call starts (``ToolCallPredictor``). Blocks of a session
 predicted to end, or to stay away long, score lowest and go first; blocks of a
 call whose tool returns soon are kept. Blocks of a prefix other sessions share
 (a system prompt) are valued by how many sessions may use them: their
-predicted wait is divided by the number of active sessions. Blocks freed by a
+predicted wait is the smaller of this session's and a typical one (the
+pooled mean gap), divided by the number of other active sessions. Blocks freed by a
 preemption are needed at once. Blocks without a hash go first (a pool rule)
 and equal scores are LRU (the pool's release order).
 """
@@ -29,6 +30,17 @@ from cwsim.request import Request
 
 #: predicted wait given to a session that is predicted to end (s)
 END_HORIZON_S = 24 * 3600.0
+
+
+def predicted_wait(pred, req: Request) -> float:
+    """Seconds until ``req``'s session calls again, as ``pred`` (a ``ToolCallPredictor``) sees it
+    when the response ends: ``END_HORIZON_S`` when the session is predicted to end
+    (``p_continue < 0.5``) or no gap that long was ever seen, else the expected idle time."""
+    cat = call_category(req.session.calls[req.turn])
+    if pred.p_continue(cat) < 0.5:
+        return END_HORIZON_S
+    idle = pred.expected_idle(cat, key=req.rid)
+    return idle if math.isfinite(idle) else END_HORIZON_S
 
 
 class PrefixAwareScheduling(SchedulingPolicy):
@@ -49,12 +61,7 @@ class ReuseAwareEviction(EvictionPolicy):
 
     def predicted_wait(self, req: Request) -> float:
         """Seconds until the session's next call, as the predictor sees it at the response's end."""
-        pred = self.ctx.predictor
-        cat = call_category(req.session.calls[req.turn])
-        if pred.p_continue(cat) < 0.5:
-            return END_HORIZON_S
-        idle = pred.expected_idle(cat, key=req.rid)
-        return idle if math.isfinite(idle) else END_HORIZON_S
+        return predicted_wait(self.ctx.predictor, req)
 
     def score(self, freed: FreedBlocks) -> float | np.ndarray:
         now, req = freed.now, freed.request
@@ -66,6 +73,9 @@ class ReuseAwareEviction(EvictionPolicy):
         others = self.ctx.workload.active_sessions - 1
         if shared_blocks == 0 or others <= 0 or not (freed.positions < shared_blocks).any():
             return -(now + wait)
+        # shared blocks wait for whichever session calls next, not for this one:
+        # a typical wait (over all categories) divided among the other active sessions
+        shared_wait = min(wait, self.ctx.predictor.typical_idle()) / (1 + others)
         scores = np.full(len(freed.positions), -(now + wait))
-        scores[freed.positions < shared_blocks] = -(now + wait / (1 + others))
+        scores[freed.positions < shared_blocks] = -(now + shared_wait)
         return scores

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from cwsim.policies.base import EvictionPolicy, SchedulingPolicy
 from cwsim.policies.cachewise import PrefixAwareScheduling, ReuseAwareEviction
+from cwsim.policies.continuum import ContinuumEviction, ProgramFCFS
 from cwsim.policies.eviction import LFU, LRU, Belady
+from cwsim.policies.pbkv import PBKVEviction
 from cwsim.policies.scheduling import FCFS, LongestPrefixMatch
 
 
@@ -41,6 +43,10 @@ POLICIES: dict[str, PolicySpec] = {
         PolicySpec("cachewise-sched", "CacheWise's prefix-aware scheduling alone (LRU eviction)", PrefixAwareScheduling, LRU),
         PolicySpec("cachewise-evict", "CacheWise's reuse-aware eviction alone (FCFS scheduling)", FCFS, ReuseAwareEviction,
                    needs_predictor=True),
+        PolicySpec("continuum", "Continuum: program-level FCFS, a tool call pins its session's blocks for a per-tool TTL (q=0.9)",
+                   ProgramFCFS, ContinuumEviction, needs_predictor=True),
+        PolicySpec("pbkv", "PBKV: FCFS, LRU blended with the predicted next-call wait, weighted by predictor confidence",
+                   FCFS, PBKVEviction, needs_predictor=True),
     ]
 }
 

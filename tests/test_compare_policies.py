@@ -1,0 +1,80 @@
+"""experiments/compare_policies.py --quick: one row per (pressure, policy), sensible values, resumable."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("compare_policies", REPO / "experiments" / "compare_policies.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    cp = load_module()
+    out = tmp_path_factory.mktemp("compare")
+    assert cp.main(["--quick", "--out", str(out)]) == 0
+    return cp, out
+
+
+def test_one_row_per_pressure_and_policy(quick_run):
+    cp, out = quick_run
+    rows = read_rows(out / "results.csv")
+    assert list(rows[0].keys()) == cp.COLUMNS
+    keys = [(float(r["pressure"]), r["policy"]) for r in rows]
+    expected = {(p, pol) for p in (1.0, 2.0) for pol in ("vllm", "cachewise", "belady", "infinite")}
+    assert len(keys) == len(set(keys)) == len(expected)
+    assert set(keys) == expected
+    for r in rows:
+        assert int(r["sessions"]) == 8
+        assert int(r["requests"]) > 0
+        assert 0.0 <= float(r["prefix_hit_rate"]) <= 1.0
+        assert 0 <= int(r["harmful_evictions"]) <= int(r["evicted_blocks"])
+        assert float(r["total_session_time_s"]) > 0
+        assert float(r["p99_session_time_s"]) <= float(r["total_session_time_s"])
+
+
+def test_sensible_values(quick_run):
+    _, out = quick_run
+    rows = {(float(r["pressure"]), r["policy"]): r for r in read_rows(out / "results.csv")}
+    for p in (1.0, 2.0):
+        assert int(rows[p, "infinite"]["evicted_blocks"]) == 0
+        assert int(rows[p, "infinite"]["harmful_evictions"]) == 0
+    # a bigger pool (lower pressure) evicts less
+    assert int(rows[2.0, "vllm"]["kv_blocks"]) < int(rows[1.0, "vllm"]["kv_blocks"])
+    assert int(rows[2.0, "vllm"]["evicted_blocks"]) > int(rows[1.0, "vllm"]["evicted_blocks"])
+    # the never-evicting pool is the fastest
+    for p in (1.0, 2.0):
+        inf_t = float(rows[p, "infinite"]["total_session_time_s"])
+        assert all(float(rows[p, pol]["total_session_time_s"]) >= inf_t - 1e-6 for pol in ("vllm", "cachewise"))
+
+
+def test_ratios_and_figures(quick_run):
+    cp, out = quick_run
+    ratios = read_rows(out / "ratios.csv")
+    assert {r["policy"] for r in ratios} == {"vllm", "cachewise", "belady", "infinite"}
+    vllm = next(r for r in ratios if r["policy"] == "vllm")
+    assert float(vllm["x_fewer_evictions"]) == pytest.approx(1.0)
+    assert float(vllm["x_faster"]) == pytest.approx(1.0)
+    for name in ("evicted_blocks", "harmful_evictions", "prefix_hit_rate", "total_session_time", "p99_session_time"):
+        png = out / f"{name}.png"
+        assert png.exists() and png.stat().st_size > 1000, png
+
+
+def test_resume_adds_nothing(quick_run):
+    cp, out = quick_run
+    before = (out / "results.csv").read_text()
+    assert cp.main(["--quick", "--out", str(out), "--resume"]) == 0
+    assert (out / "results.csv").read_text() == before
