@@ -1,10 +1,12 @@
 """Shared test helpers: small synthetic agent traces and paths to real data."""
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 
+from cwsim.steptime import StepTimeProfile
 from traces.format import Call, Session, ToolCall, Trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,20 @@ def shared_traces() -> Path:
     if not SHARED_TRACES.is_dir():
         pytest.skip(f"real traces not found at {SHARED_TRACES} (the shared data folder is absent on this clone)")
     return SHARED_TRACES
+
+
+#: round step times, so timelines can be computed by hand
+ROUND_PROFILE = StepTimeProfile(
+    name="round", model="test", gpu="test",
+    step_overhead_s=0.01, prefill_token_s=0.001, decode_seq_s=0.002,
+    prefill_attn_pair_s=0.0, decode_ctx_token_s=0.0001,
+    kv_bytes_per_token=1024, weights_bytes=0, gpu_mem_bytes=2**30,
+)
+
+
+@pytest.fixture
+def round_profile(tmp_path) -> str:
+    """Path of a profile file holding ROUND_PROFILE."""
+    path = tmp_path / "round.json"
+    path.write_text(json.dumps(ROUND_PROFILE.to_json()))
+    return str(path)

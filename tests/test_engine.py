@@ -1,31 +1,14 @@
 """The engine end to end: exact timelines, determinism, decode jumps, policy bounds."""
 
 import csv
-import json
 
 import pytest
 
 from cwsim.config import SimConfig
 from cwsim.runner import simulate
 from cwsim.scheduler import SimulationError
-from cwsim.steptime import StepTimeProfile
 from tests.conftest import agent_trace
 from traces.format import Call, Session, ToolCall, Trace
-
-ROUND_PROFILE = StepTimeProfile(
-    name="round", model="test", gpu="test",
-    step_overhead_s=0.01, prefill_token_s=0.001, decode_seq_s=0.002,
-    prefill_attn_pair_s=0.0, decode_ctx_token_s=0.0001,
-    kv_bytes_per_token=1024, weights_bytes=0, gpu_mem_bytes=2**30,
-)
-
-
-@pytest.fixture
-def round_profile(tmp_path):
-    path = tmp_path / "round.json"
-    path.write_text(json.dumps(ROUND_PROFILE.to_json()))
-    return str(path)
-
 
 def read_rows(path):
     with open(path) as f:

@@ -19,8 +19,8 @@ from cwsim.policies.pbkv import PBKVEviction
 from cwsim.predict import ToolCallPredictor
 from cwsim.request import Request
 from cwsim.runner import DEFAULT_TRACE, simulate
-from cwsim.steptime import StepTimeProfile
 from cwsim.workload import Workload
+from tests.conftest import ROUND_PROFILE
 from traces.format import Call, Session, ToolCall, Trace, header_line
 from traces.reader import load_trace
 
@@ -243,14 +243,6 @@ def test_program_fcfs_orders_by_session_start_and_preempts_the_latest_program(pr
 
 
 # --------------------------------------------------- engine: jumps stop at an expiry
-ROUND = StepTimeProfile(
-    name="round", model="test", gpu="test",
-    step_overhead_s=0.01, prefill_token_s=0.001, decode_seq_s=0.002,
-    prefill_attn_pair_s=0.0, decode_ctx_token_s=0.0001,
-    kv_bytes_per_token=1024, weights_bytes=0, gpu_mem_bytes=2**30,
-)
-
-
 @pytest.fixture
 def expiry_setup(tmp_path):
     """A's call 0 is pinned for 0.2 s (``read``); B's long decode evicts across the expiry.
@@ -261,7 +253,7 @@ def expiry_setup(tmp_path):
     Continuum deadline splits the jump.
     """
     prof = tmp_path / "round.json"
-    prof.write_text(json.dumps(ROUND.to_json()))
+    prof.write_text(json.dumps(ROUND_PROFILE.to_json()))
     ptrace = tmp_path / "pred.jsonl"
     lines = [header_line()]
     for k in range(20):  # read: always 0.2 s, then a call without tool (p_continue 0)
