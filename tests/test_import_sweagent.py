@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from traces.importers.sweagent import (
     CHARS_PER_TOKEN,
