@@ -326,6 +326,14 @@ class BlockPool:
         return blocks
 
     def _evict(self, blocks: np.ndarray) -> None:
+        hashes = self._unhash(blocks)
+        self.num_free_hashed -= len(blocks)
+        self.num_evicted += len(blocks)
+        if self.on_evict is not None:
+            self.on_evict(hashes)
+
+    def _unhash(self, blocks: np.ndarray) -> list[int]:
+        """Take the blocks' hashes out of the cache (the hash map, duplicates, flags); bump their ``gen``."""
         hashes = self.hash_of[blocks].tolist()
         cached, dups = self.cached, self._dups
         canonical = self.canonical
@@ -353,10 +361,7 @@ class BlockPool:
         self.has_hash[blocks] = False
         self.canonical[blocks] = False
         self.gen[blocks] += 1
-        self.num_free_hashed -= len(blocks)
-        self.num_evicted += len(blocks)
-        if self.on_evict is not None:
-            self.on_evict(hashes)
+        return hashes
 
     def cache_full_blocks(self, blocks: np.ndarray, hashes: Sequence[int]) -> None:
         """Give newly filled blocks their hashes so later requests can hit them.
@@ -391,6 +396,33 @@ class BlockPool:
         """Free a request's block table the way vLLM does: tail first."""
         n = len(table)
         self._release(table[::-1], np.arange(n - 1, -1, -1), request, now, reason)
+
+    def release_uncached(self, blocks: np.ndarray) -> int:
+        """Drop one reference from each block; those that become free lose their hash (uncached).
+
+        For blocks whose content lives on elsewhere (copied to the CPU tier,
+        ``cwsim.cpu_tier``): they join the front of the queue like any block
+        freed without a hash (tier 0, this release first, in the given order).
+        Not evictions: ``num_evicted`` and ``on_evict`` are untouched. Blocks
+        still referenced stay cached. Returns how many blocks were freed.
+        Each block may be given once.
+        """
+        blocks = np.asarray(blocks, dtype=np.int64)
+        if len(blocks) == 0:
+            return 0
+        ref = self.ref
+        if (ref[blocks] <= 0).any():
+            raise AssertionError("freeing a block whose ref count is already 0")
+        ref[blocks] -= 1
+        freed = blocks[ref[blocks] == 0]
+        if len(freed) == 0:
+            return 0
+        hashed = freed[self.has_hash[freed]]
+        if len(hashed):
+            self._unhash(hashed)
+        self._seq += 1
+        self._push_run((0, 0.0, -self._seq), freed.copy())
+        return len(freed)
 
     def requeue(self, blocks: np.ndarray, score: float, seq: int) -> None:
         """Move free cached blocks to the queue key ``(1, score, seq)``, keeping their given order.

@@ -43,6 +43,10 @@ def run(
     predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the tool-call predictor learns from (default: the simulated trace)."),
     predictor_error: float = typer.Option(_D.predictor_error, "--predictor-error", help="Injected prediction error: idle predictions times exp(N(0, this))."),
     aging_s: float = typer.Option(_D.aging_s, "--aging-s", help="Prefix-aware scheduling: a request waiting longer than this goes first."),
+    cpu_kv_blocks: Optional[int] = typer.Option(None, "--cpu-kv-blocks", help="CPU KV tier size in blocks (0: no tier). Default: the policy's (tokencake: the GPU pool size; others: none)."),
+    cpu_kv_gib: Optional[float] = typer.Option(None, "--cpu-kv-gib", help="CPU KV tier size in GiB (converted with the profile's bytes per token; exclusive with --cpu-kv-blocks)."),
+    pcie_gbps: float = typer.Option(_D.pcie_gbps, "--pcie-gbps", help="Effective PCIe bandwidth per direction to the CPU tier, GB/s."),
+    offload_threshold_s: float = typer.Option(_D.offload_threshold_s, "--offload-threshold-s", help="Tokencake: offload during tool calls predicted to last longer than this (s)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for summary.json, requests.csv, sessions.csv (written as the run goes)."),
 ) -> None:
     """Simulate a trace under one policy and print a summary."""
@@ -52,7 +56,8 @@ def run(
                            gpu_memory_utilization=gpu_memory_utilization, arrivals=arrivals, agents=agents, rate=rate,
                            seed=seed, max_sessions=max_sessions,
                            predictor_trace=str(predictor_trace) if predictor_trace is not None else None,
-                           predictor_error=predictor_error, aging_s=aging_s)
+                           predictor_error=predictor_error, aging_s=aging_s, cpu_kv_blocks=cpu_kv_blocks,
+                           cpu_kv_gib=cpu_kv_gib, pcie_gbps=pcie_gbps, offload_threshold_s=offload_threshold_s)
         tr = load_trace(trace if trace is not None else DEFAULT_TRACE)
         n_calls = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
         with Progress(TextColumn("[bold]simulating[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("calls"),
@@ -80,6 +85,10 @@ def _print_summary(s: dict) -> None:
         ("prefix hit rate", f"{s['prefix_hit_rate']:.1%}"),
         ("recomputed prompt tokens", f"{s['recomputed_prompt_tokens']:,}"),
         ("preemptions", f"{s['preemptions']:,}"),
+        *([("CPU tier", f"{s['cpu_kv_blocks']:,} blocks"),
+           ("offloaded / prefetched / swapped-in blocks",
+            f"{s['offloaded_blocks']:,} / {s['prefetched_blocks']:,} / {s['swap_in_hits']:,}")]
+          if s.get("cpu_kv_blocks") else []),
         ("total session time", f"{s['total_session_time_s']:,.1f} s"),
         ("mean / p99 session time", f"{s['mean_session_time_s']:,.1f} / {s['p99_session_time_s']:,.1f} s"),
         ("makespan", f"{s['makespan_s']:,.1f} s"),

@@ -31,6 +31,14 @@ class SimConfig:
     aging_s: float = 30.0
     #: stop after this many sessions (the first ones in trace order); None: all
     max_sessions: int | None = None
+    #: CPU KV tier size in blocks (cwsim.cpu_tier); 0: no tier; None: from cpu_kv_gib, else the
+    #: policy's default (0 for every policy but tokencake, which gets a tier the size of the GPU pool)
+    cpu_kv_blocks: int | None = None
+    cpu_kv_gib: float | None = None
+    #: effective PCIe bandwidth per direction between GPU and CPU tier, GB/s (10^9 bytes/s)
+    pcie_gbps: float = 25.0
+    #: tokencake: offload a session's blocks during a tool call predicted to last longer than this
+    offload_threshold_s: float = 2.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +51,12 @@ class SimConfig:
             (self.max_sessions is None or self.max_sessions >= 1, f"max_sessions must be >= 1, got {self.max_sessions}"),
             (self.predictor_error >= 0, f"predictor_error must be >= 0, got {self.predictor_error}"),
             (self.aging_s >= 0, f"aging_s must be >= 0, got {self.aging_s}"),
+            (self.cpu_kv_blocks is None or self.cpu_kv_blocks >= 0, f"cpu_kv_blocks must be >= 0, got {self.cpu_kv_blocks}"),
+            (self.cpu_kv_gib is None or self.cpu_kv_gib >= 0, f"cpu_kv_gib must be >= 0, got {self.cpu_kv_gib}"),
+            (not (self.cpu_kv_blocks is not None and self.cpu_kv_gib is not None),
+             "give cpu_kv_blocks or cpu_kv_gib, not both"),
+            (self.pcie_gbps > 0, f"pcie_gbps must be > 0, got {self.pcie_gbps}"),
+            (self.offload_threshold_s >= 0, f"offload_threshold_s must be >= 0, got {self.offload_threshold_s}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -16,6 +16,11 @@ a request loses to eviction is a block more it needs), whatever order a
 dynamic policy (longest prefix match) gives the queue as blocks are evicted.
 See ``Scheduler.admission_blocked``.
 
+With a CPU tier (``cwsim.cpu_tier``), its transfers' events are applied by
+its ``tick`` before each step (before the eviction policy's), a jump does
+not run steps that start at or after its ``next_deadline``, and a step that
+swaps blocks in (or waits for a prefetch copy) takes that load time longer.
+
 Sessions are closed-loop processes: a session submits call k+1 once call k
 has finished and its gap has elapsed.
 """
@@ -74,10 +79,18 @@ class Engine:
                 self._idle = None
             now = env.now
             self.ctx.now = now
+            if (tier := getattr(self.ctx, "cpu_tier", None)) is not None:
+                tier.tick(now)  # background transfers that ended or start by now
             if (ev := getattr(self.ctx, "eviction", None)) is not None:
                 ev.tick(now)  # time-driven eviction changes (a pin that expires) before scheduling
             plan = sched.schedule(now)
             if not plan.scheduled:
+                tier = getattr(self.ctx, "cpu_tier", None)
+                if tier is not None and not plan.preempted and not sched.running and sched.waiting:
+                    # nothing fits while CPU-tier copies hold blocks: wait for the next transfer event (or a submission)
+                    self._idle = env.event()
+                    yield env.any_of([self._idle, env.timeout(tier.next_deadline() - now)])
+                    self._idle = None
                 continue  # everything running was preempted: admit next iteration
             if (self.decode_jumps and plan.decode_only and len(plan.scheduled) == len(sched.running)
                     and sched.admission_blocked()):
@@ -90,6 +103,8 @@ class Engine:
                     self._finish_jump(plan, n, env.now)
                     continue
             dt = prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx)
+            if plan.swap_in_s or plan.load_wait_s:
+                dt += plan.transfer_s  # synchronous loads from the CPU tier
             self.steps += 1
             yield env.timeout(dt)
             self.ctx.now = env.now
@@ -104,6 +119,8 @@ class Engine:
         horizon = self.env.peek() - self.env.now
         if (ev := getattr(self.ctx, "eviction", None)) is not None:  # nor past the eviction policy's next tick
             horizon = min(horizon, ev.next_deadline() - self.env.now)
+        if (tier := getattr(self.ctx, "cpu_tier", None)) is not None:  # nor past a transfer's start or end
+            horizon = min(horizon, tier.next_deadline() - self.env.now)
         n = self.profile.decode_steps_starting_before(plan.decode_seqs, plan.decode_ctx, horizon, n)
         if n <= 1:
             return 1

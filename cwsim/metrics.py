@@ -10,6 +10,10 @@
 - ``recomputed_prompt_tokens``: tokens prefilled although their KV had been
   computed before: prompt blocks that were evicted (or sit cached past the
   first miss), and everything a preempted request recomputes.
+- ``offloaded_blocks``, ``prefetched_blocks``, ``swap_in_hits`` (and
+  ``swapped_in_tokens``, ``cpu_evicted_blocks``): the CPU tier's counters
+  (``cwsim.cpu_tier``); 0 without a tier. Swapped-in blocks are neither GPU
+  hits nor recomputed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Metrics:
     def __init__(self, block_size: int, out_dir: Path | None = None, on_progress=None):
         self.block_size = block_size
         self.pool = None
+        self.cpu_tier = None
         self._pending_evicted: set[int] = set()
         self.harmful_evictions = 0
         self.prompt_tokens = 0
@@ -68,14 +73,18 @@ class Metrics:
     def on_evict(self, hashes: list[int]) -> None:
         self._pending_evicted.update(hashes)
 
-    def on_admit(self, req: Request, hit_tokens: int, now: float) -> None:
+    def on_admit(self, req: Request, hit_tokens: int, now: float, swap_tokens: int = 0) -> None:
+        """``hit_tokens``: the GPU prefix hit; ``swap_tokens``: the tokens swapped in from the CPU tier after it."""
         bs = self.block_size
+        if swap_tokens:  # loaded, not missed: an earlier eviction of these hashes did no harm (yet)
+            self._pending_evicted.difference_update(req.hashes[hit_tokens // bs : (hit_tokens + swap_tokens) // bs])
+            hit_tokens += swap_tokens  # for what follows: computed before this admission, not recomputed
         if req.admitted:  # re-admission after preemption: all of it was computed before
             req.recomputed_tokens += req.num_tokens - hit_tokens
             return
         req.admitted = True
         req.first_scheduled = now
-        req.cached_tokens = hit_tokens
+        req.cached_tokens = hit_tokens - swap_tokens
         missed = req.hashes[hit_tokens // bs : req.prompt_len // bs]
         pending = self._pending_evicted
         if pending:
@@ -141,6 +150,18 @@ class Metrics:
             "mean_session_time_s": float(t.mean()),
             "p99_session_time_s": float(np.percentile(t, 99)),
             "makespan_s": self.makespan,
+            **self.tier_summary(),
+        }
+
+    def tier_summary(self) -> dict:
+        tier, bs = self.cpu_tier, self.block_size
+        n = lambda name: int(getattr(tier, name)) if tier is not None else 0  # noqa: E731
+        return {
+            "offloaded_blocks": n("offloaded_blocks"),
+            "prefetched_blocks": n("prefetched_blocks"),
+            "swap_in_hits": n("swap_in_blocks"),
+            "swapped_in_tokens": n("swap_in_blocks") * bs,
+            "cpu_evicted_blocks": n("cpu_evicted_blocks"),
         }
 
 

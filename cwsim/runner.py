@@ -14,6 +14,7 @@ import simpy
 
 from cwsim.block_pool import BlockPool
 from cwsim.config import SimConfig
+from cwsim.cpu_tier import CpuTier
 from cwsim.engine import Engine, start_sessions
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.metrics import Metrics
@@ -42,6 +43,15 @@ def resolve_kv_blocks(config: SimConfig, profile) -> int:
     return profile.default_kv_blocks(config.block_size, config.gpu_memory_utilization)
 
 
+def resolve_cpu_kv_blocks(config: SimConfig, profile, spec, kv_blocks: int) -> int:
+    """CPU tier size in blocks: ``cpu_kv_blocks``, else ``cpu_kv_gib`` converted, else the policy's default."""
+    if config.cpu_kv_blocks is not None:
+        return config.cpu_kv_blocks
+    if config.cpu_kv_gib is not None:
+        return profile.kv_blocks_for_bytes(config.cpu_kv_gib * 2**30, config.block_size)
+    return int(spec.default_cpu_tier * (kv_blocks - 1))
+
+
 def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), out_dir: str | Path | None = None,
              on_progress=None) -> SimResult:
     """Run one simulation; write ``summary.json``, ``requests.csv`` and ``sessions.csv`` to ``out_dir`` if given.
@@ -66,6 +76,8 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     sched_policy, evict_policy = spec.scheduling(), spec.eviction()
     if hasattr(sched_policy, "aging_s"):
         sched_policy.aging_s = config.aging_s
+    if hasattr(evict_policy, "offload_threshold_s"):
+        evict_policy.offload_threshold_s = config.offload_threshold_s
     if spec.needs_predictor:
         train = trace if config.predictor_trace is None else load_trace(config.predictor_trace)
         ctx.predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
@@ -75,10 +87,17 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     metrics.pool = pool
     kv = KVCacheManager(pool, config.block_size)
     ctx.kv = kv
+    cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
+    tier = None
+    if cpu_blocks > 0:
+        tier = CpuTier(cpu_blocks, pool, profile.kv_bytes_per_block(config.block_size), config.pcie_gbps,
+                       on_evict=metrics.on_evict)
+        ctx.cpu_tier = metrics.cpu_tier = tier
+    scheduler = Scheduler(kv, sched_policy, metrics, max_num_seqs=config.max_num_seqs,
+                          max_num_batched_tokens=config.max_num_batched_tokens, cpu_tier=tier)
+    ctx.scheduler = scheduler
     sched_policy.bind(ctx)
     evict_policy.bind(ctx)
-    scheduler = Scheduler(kv, sched_policy, metrics, max_num_seqs=config.max_num_seqs,
-                          max_num_batched_tokens=config.max_num_batched_tokens)
     env = simpy.Environment()
     engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps)
     start_sessions(env, engine, workload, arrivals, config.seed, metrics)
@@ -95,6 +114,7 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
         **metrics.summary(),
         "kv_blocks": kv_blocks if not spec.unbounded else None,
         "kv_blocks_peak_in_use": pool.peak_in_use,
+        "cpu_kv_blocks": cpu_blocks,
         "block_size": config.block_size,
         "profile": profile.name,
         "steps": engine.steps,

@@ -14,6 +14,9 @@ charges the time. Per step, as vLLM does:
    there is token budget and fewer than ``max_num_seqs`` running: the longest
    cached prefix shortens the prefill, and chunked prefill takes what the
    budget allows. The first request that cannot get blocks stops admission.
+   With a CPU tier (``cwsim.cpu_tier``), the prefix blocks that follow the GPU
+   hit in the tier are swapped in rather than computed: their load time is
+   added to the step (``StepPlan.transfer_s``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ class StepPlan:
     attn_pairs: float = 0.0
     decode_seqs: int = 0
     decode_ctx: int = 0
+    #: CPU tier loads this step waits for: synchronous swap-ins (summed) and prefetch copies (the latest end)
+    swap_in_s: float = 0.0
+    load_wait_s: float = 0.0
+
+    @property
+    def transfer_s(self) -> float:
+        return self.load_wait_s + self.swap_in_s
 
     @property
     def decode_only(self) -> bool:
@@ -48,8 +58,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, policy: SchedulingPolicy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, policy: SchedulingPolicy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 cpu_tier=None):
         self.kv = kv
+        self.cpu_tier = cpu_tier  # cwsim.cpu_tier.CpuTier or None
         self.policy = policy
         self.metrics = metrics
         self.max_num_seqs = max_num_seqs
@@ -128,7 +140,8 @@ class Scheduler:
                 else:
                     plan.decode_seqs += 1
                     plan.decode_ctx += req.num_computed
-        if not scheduled and not running and self.waiting and not plan.preempted:
+        if not scheduled and not running and self.waiting and not plan.preempted and not (
+                self.cpu_tier is not None and self.cpu_tier.holds_blocks()):  # else: wait for the copies
             req = self.waiting[0]
             need = -(-req.num_tokens // kv.block_size)
             raise SimulationError(
@@ -186,7 +199,8 @@ class Scheduler:
         return True
 
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
-        kv, policy, waiting = self.kv, self.policy, self.waiting
+        kv, policy, waiting, tier = self.kv, self.policy, self.waiting, self.cpu_tier
+        bs = kv.block_size
         if policy.static or len(waiting) > getattr(policy, "max_queue", len(waiting)):
             order = waiting
         else:
@@ -196,11 +210,24 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             hits, hit_tokens = kv.get_computed_blocks(req)
-            n_new = min(req.num_tokens - hit_tokens, budget)
-            if kv.allocate_slots(req, n_new, hits) is None:
-                break
-            req.num_computed = hit_tokens
-            self.metrics.on_admit(req, hit_tokens, now)
+            if tier is None:
+                n_new = min(req.num_tokens - hit_tokens, budget)
+                if kv.allocate_slots(req, n_new, hits) is None:
+                    break
+                req.num_computed = hit_tokens
+                self.metrics.on_admit(req, hit_tokens, now)
+            else:  # the prefix continues in the CPU tier: swap those blocks in
+                n_hit = len(hits)
+                n_swap = tier.continuation(req.hashes, n_hit, (req.num_tokens - 1) // bs)
+                swap_tokens = n_swap * bs
+                n_new = min(req.num_tokens - hit_tokens - swap_tokens, budget)
+                if kv.allocate_slots(req, swap_tokens + n_new, hits) is None:
+                    break
+                req.num_computed = hit_tokens + swap_tokens
+                if n_swap:
+                    plan.swap_in_s += tier.swap_in(req.hashes[n_hit : n_hit + n_swap])
+                plan.load_wait_s = max(plan.load_wait_s, tier.load_wait(hits, now))
+                self.metrics.on_admit(req, hit_tokens, now, swap_tokens)
             self.running.append(req)
             plan.scheduled.append((req, n_new))
             budget -= n_new

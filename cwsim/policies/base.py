@@ -31,6 +31,8 @@ class PolicyContext:
     workload: object = None  # cwsim.workload.Workload
     predictor: object = None  # cwsim.predict.ToolCallPredictor, for policies that use one
     eviction: object = None  # the bound EvictionPolicy: the engine calls its tick / next_deadline hooks
+    cpu_tier: object = None  # cwsim.cpu_tier.CpuTier, when the run has one
+    scheduler: object = None  # cwsim.scheduler.Scheduler: its waiting / running requests (read only)
 
 
 class SchedulingPolicy:

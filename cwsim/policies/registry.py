@@ -16,6 +16,7 @@ from cwsim.policies.continuum import ContinuumEviction, ProgramFCFS
 from cwsim.policies.eviction import LFU, LRU, Belady
 from cwsim.policies.pbkv import PBKVEviction
 from cwsim.policies.scheduling import FCFS, LongestPrefixMatch
+from cwsim.policies.tokencake import TokencakeEviction, TokencakeScheduling
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,8 @@ class PolicySpec:
     unbounded: bool = False
     #: uses the tool-call predictor (fitted by the runner)
     needs_predictor: bool = False
+    #: CPU tier size, as a multiple of the GPU pool's usable blocks, when the configuration gives none
+    default_cpu_tier: float = 0.0
 
 
 POLICIES: dict[str, PolicySpec] = {
@@ -47,6 +50,9 @@ POLICIES: dict[str, PolicySpec] = {
                    ProgramFCFS, ContinuumEviction, needs_predictor=True),
         PolicySpec("pbkv", "PBKV: FCFS, LRU blended with the predicted next-call wait, weighted by predictor confidence",
                    FCFS, PBKVEviction, needs_predictor=True),
+        PolicySpec("tokencake", "Tokencake: offload during long tool calls, prefetch before the predicted return "
+                   "(CPU tier, default = GPU pool size); critical sessions first and evicted last",
+                   TokencakeScheduling, TokencakeEviction, needs_predictor=True, default_cpu_tier=1.0),
     ]
 }
 
