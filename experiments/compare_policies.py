@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -93,6 +94,11 @@ FIGURES = [
 FIGURE_FILES = {"evicted_blocks": "evicted_blocks.png", "harmful_evictions": "harmful_evictions.png",
                 "prefix_hit_rate": "prefix_hit_rate.png", "total_session_time_s": "total_session_time.png",
                 "p99_session_time_s": "p99_session_time.png", "predictor_error": "predictor_error.png"}
+
+
+#: one colour and marker per policy in the figures (more policies than the default colour cycle)
+COLORS = colormaps["tab20"]
+MARKERS = "os^vD<>ph*X"
 
 
 # ------------------------------------------------------------------ helpers
@@ -397,12 +403,14 @@ def make_figures(df: pd.DataFrame) -> dict[str, Figure]:
         axes = fig.subplots(1, len(traces), squeeze=False)[0]
         for ax, name in zip(axes, traces):
             t = g.loc[g["trace"] == name]
-            for pol in policies:
+            for i, pol in enumerate(policies):
                 s = t.loc[t["policy"] == pol].sort_values("pressure")
                 if s.empty:
                     continue
                 style = "--" if pol in ("belady", "infinite") else "-"
-                ax.plot(s["pressure"], s[col], style, marker="o", ms=4, label=pol)
+                # one colour per policy (tab20 has enough), markers to tell neighbours apart
+                ax.plot(s["pressure"], s[col], style, marker=MARKERS[i % len(MARKERS)], ms=4, label=pol,
+                        color=COLORS(i % COLORS.N))
             ax.set_xlabel("pressure (peak KV working set / pool)")
             ax.set_ylabel(ylabel)
             ax.set_title(title if len(traces) == 1 else f"{title}\n{name}", fontsize=10)
