@@ -57,6 +57,9 @@ class FreedBlocks:
     ``blocks`` and ``hashes`` are in queue order (for a finished request: tail
     first); ``positions`` are the blocks' indices in the request's block table.
     ``request`` is the simulator's request (or None outside the engine).
+    ``seq`` numbers the release: scored with one scalar, its blocks form one
+    run with this seq, and ``BlockPool.in_release(blocks, seq)`` later tells
+    which of them still sit there (free, not reused, not evicted).
     """
 
     blocks: np.ndarray
@@ -65,6 +68,7 @@ class FreedBlocks:
     request: object
     now: float
     reason: str
+    seq: int = -1
 
 
 class _Run:
@@ -236,7 +240,7 @@ class BlockPool:
         score: float | np.ndarray = 0.0
         if self.score_fn is not None:
             pos = positions[freed_mask][hashed]
-            score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason))
+            score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason, self._seq + 1))
         if np.ndim(score) == 0:
             self._seq += 1
             self._push_run((1, float(score), self._seq), freed_h)
@@ -250,6 +254,15 @@ class BlockPool:
             self._push_run((1, float(score[a]), self._seq), freed_h[a:b])
 
     # ------------------------------------------------------------ public API
+    def in_release(self, blocks: np.ndarray, seq: int) -> np.ndarray:
+        """Which of ``blocks`` are still free in the run(s) keyed with release ``seq``."""
+        rids = self.run_of[blocks]
+        out = np.zeros(len(blocks), dtype=bool)
+        for rid in np.unique(rids[rids >= 0]).tolist():
+            if self._runs[rid].key[2] == seq:
+                out |= rids == rid
+        return out
+
     def get_num_free_blocks(self) -> int:
         return self.num_free
 

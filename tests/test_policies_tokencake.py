@@ -187,7 +187,7 @@ def test_critical_release_scores_critical(pred):
     h.pool.cache_full_blocks(b, [5])
     r = Request(50, s, 0, 4, 1, [5], 0.0)
     assert h.policy.score(SimpleNamespace(blocks=b, hashes=np.array([5]), positions=np.array([0]), request=r,
-                                          now=1.0, reason="preempt")) == CRITICAL
+                                          now=1.0, reason="preempt", seq=-1)) == CRITICAL
 
 
 # ---------------------------------------------------------------- whole runs

@@ -70,7 +70,6 @@ class ContinuumEviction(EvictionPolicy):
         self.q = q
         # pending pins: (expiry, seq, blocks, gens) — gens: the blocks' eviction counts at pin time
         self._pins: list[tuple[float, int, np.ndarray, np.ndarray]] = []
-        self._rel_seq = np.zeros(0, dtype=np.int64)  # per block: the seq of its latest release
         self.pinned_releases = 0
 
     @property
@@ -91,14 +90,8 @@ class ContinuumEviction(EvictionPolicy):
 
     def score(self, freed: FreedBlocks) -> float:
         pool = self.pool
-        # a release scored with one scalar becomes one run with the pool's next seq
-        seq = pool._seq + 1
+        seq = freed.seq
         blocks = freed.blocks
-        if len(self._rel_seq) < pool.num_blocks:
-            grown = np.zeros(pool.num_blocks, dtype=np.int64)
-            grown[: len(self._rel_seq)] = self._rel_seq
-            self._rel_seq = grown
-        self._rel_seq[blocks] = seq
         req = freed.request
         if req is None or freed.reason != "finish":
             return 0.0
@@ -112,8 +105,7 @@ class ContinuumEviction(EvictionPolicy):
 
     def _still_pinned(self, seq: int, blocks: np.ndarray, gens: np.ndarray) -> np.ndarray:
         """Which of a pin's blocks are still in that release: free, not re-released, not evicted."""
-        pool = self.pool
-        return (pool.run_of[blocks] >= 0) & (self._rel_seq[blocks] == seq) & (pool.gen[blocks] == gens)
+        return self.pool.in_release(blocks, seq)
 
     def tick(self, now: float) -> None:
         pins = self._pins

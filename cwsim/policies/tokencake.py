@@ -89,7 +89,6 @@ class TokencakeEviction(EvictionPolicy):
         self._toolcall: dict = {}  # session -> (predicted return, blocks of its last call)
         self._releases: dict = {}  # session -> [(seq, blocks, gens)] tracked releases
         self._prefetch: dict = {}  # session -> its pending cwsim.cpu_tier.Prefetch
-        self._rel_seq = np.zeros(0, dtype=np.int64)  # per block: the seq of its latest release
         self.offloads = 0
 
     @property
@@ -99,13 +98,8 @@ class TokencakeEviction(EvictionPolicy):
     # ------------------------------------------------------------- releases
     def score(self, freed: FreedBlocks) -> float:
         pool = self.pool
-        seq = pool._seq + 1  # a release scored with one scalar becomes one run with the pool's next seq
+        seq = freed.seq
         blocks = freed.blocks
-        if len(self._rel_seq) < pool.num_blocks:
-            grown = np.zeros(pool.num_blocks, dtype=np.int64)
-            grown[: len(self._rel_seq)] = self._rel_seq
-            self._rel_seq = grown
-        self._rel_seq[blocks] = seq
         req = freed.request
         if req is None:
             return 0.0
@@ -145,8 +139,7 @@ class TokencakeEviction(EvictionPolicy):
 
     def _live(self, seq: int, blocks: np.ndarray, gens: np.ndarray) -> np.ndarray:
         """Which blocks are still in that release: free, not re-released, not evicted."""
-        pool = self.pool
-        return (pool.run_of[blocks] >= 0) & (self._rel_seq[blocks] == seq) & (pool.gen[blocks] == gens)
+        return self.pool.in_release(blocks, seq)
 
     def _requeue(self, sess, score: float) -> None:
         for seq, blocks, gens in self._releases.get(sess, ()):
