@@ -112,8 +112,8 @@ class Engine:
 
     def _plan_jump(self, plan) -> int:
         """How many decode-only steps, starting with ``plan``'s, can run as one."""
-        reqs = [r for r, _ in plan.scheduled]
-        n = min(r.output_len - r.num_generated for r in reqs)
+        reqs = self.scheduler.running  # a decode-only plan of the whole batch schedules it in running order
+        n = min([r.output_len - r.num_generated for r in reqs])
         if n <= 1:
             return 1
         horizon = self.env.peek() - self.env.now
@@ -125,7 +125,7 @@ class Engine:
         if n <= 1:
             return 1
         bs = self.block_size
-        first = bs - np.array([r.num_computed % bs for r in reqs])  # first later step needing a block
+        first = bs - np.array([r.num_computed for r in reqs], dtype=np.int64) % bs  # first later step needing a block
         free = self.scheduler.kv.pool.num_free
 
         def allocs(m: int) -> int:  # blocks needed by steps 1..m-1
@@ -145,7 +145,7 @@ class Engine:
 
     def _finish_jump(self, plan, n: int, now: float) -> None:
         sched, kv, bs = self.scheduler, self.scheduler.kv, self.block_size
-        reqs = [r for r, _ in plan.scheduled]
+        reqs = list(sched.running)  # the plan's requests, in its order
         first = self._jump_first
         counts = np.maximum(0, (n - 1 - first) // bs + 1)  # new blocks per request in steps 1..n-1
         total = int(counts.sum())
@@ -156,16 +156,23 @@ class Engine:
             order = np.lexsort((owner, at))  # by step, then running order
             got = np.empty(total, dtype=np.int64)
             got[order] = kv.pool.get_new_blocks(total)
-            for i in np.flatnonzero(counts).tolist():
+            concat = np.concatenate
+            for i, s, c in zip(np.flatnonzero(counts).tolist(), starts[counts > 0].tolist(), counts[counts > 0].tolist()):
                 r = reqs[i]
-                r.blocks = np.concatenate([r.blocks, got[starts[i] : starts[i] + counts[i]]])
+                r.blocks = concat((r.blocks, got[s : s + c]))
         finished = []
+        fill = []
         for r in reqs:
-            r.num_computed += n
-            r.num_generated += n
-            if r.num_generated >= r.output_len:
+            c = r.num_computed + n
+            r.num_computed = c
+            g = r.num_generated + n
+            r.num_generated = g
+            if g >= r.output_len:
                 finished.append(r)
-        kv.cache_blocks_of([(r, r.num_computed) for r in reqs if r.num_computed // bs > r.num_cached_blocks])
+            if c // bs > r.num_cached_blocks:
+                fill.append((r, c))
+        if fill:
+            kv.cache_blocks_of(fill)
         self.ctx.now = now
         for r in finished:
             sched.finish(r, now)

@@ -86,10 +86,10 @@ class Scheduler:
         bs = kv.block_size
         decode_seqs = decode_ctx = 0
         i = 0
-        if running and len(running) <= budget and self._decode_all(plan):
+        if running and len(running) <= budget and (ctx := self._decode_all(plan)) is not None:
             i = decode_seqs = len(running)
             budget -= i
-            decode_ctx = sum(r.num_computed for r in running)
+            decode_ctx = ctx
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed
@@ -151,27 +151,43 @@ class Scheduler:
             )
         return plan
 
-    def _decode_all(self, plan: StepPlan) -> bool:
+    def _decode_all(self, plan: StepPlan) -> int | None:
         """Schedule one decode token for every running request in one go.
 
         Applies only when every running request decodes and the blocks they need
         are free (so nothing is preempted): then popping them together hands
         out exactly the blocks the request-by-request loop would, in running order.
+        Returns the batch's decode context (the sum of computed tokens), or None
+        when it does not apply.
         """
         running, kv = self.running, self.kv
         bs = kv.block_size
+        last = bs - 1
+        need: list[Request] = []
+        fill: list[tuple[Request, int]] = []
+        ctx = 0
         for r in running:
-            if r.num_generated == 0 or r.num_computed != r.prompt_len + r.num_generated - 1:
-                return False
-        need = [r for r in running if r.num_computed % bs == 0]
-        if len(need) > kv.pool.num_free:
-            return False
+            c = r.num_computed
+            g = r.num_generated
+            if g == 0 or c != r.prompt_len + g - 1:
+                return None
+            ctx += c
+            m = c % bs
+            if m == 0:
+                need.append(r)
+            if m == last:
+                fill.append((r, c + 1))
         if need:
-            for r, b in zip(need, kv.pool.get_new_blocks(len(need)).tolist()):
-                r.blocks = np.append(r.blocks, b)
-        kv.cache_blocks_of([(r, r.num_computed + 1) for r in running if (r.num_computed + 1) % bs == 0])
+            if len(need) > kv.pool.num_free:
+                return None
+            got = kv.pool.get_new_blocks(len(need))
+            concat = np.concatenate
+            for i, r in enumerate(need):
+                r.blocks = concat((r.blocks, got[i : i + 1]))
+        if fill:
+            kv.cache_blocks_of(fill)
         plan.scheduled.extend([(r, 1) for r in running])
-        return True
+        return ctx
 
     def admission_blocked(self) -> bool:
         """True when no waiting request can be admitted before a running one finishes.
