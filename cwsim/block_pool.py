@@ -325,7 +325,18 @@ class BlockPool:
             b = int(blocks[0])
             self.ref[b] = 1
             if self.has_hash[b]:
-                self._evict(blocks)
+                if self._dups:
+                    self._evict(blocks)
+                else:  # _evict for one canonical block
+                    h = int(self.hash_of[b])
+                    del self.cached[h]
+                    self.has_hash[b] = False
+                    self.canonical[b] = False
+                    self.gen[b] += 1
+                    self.num_free_hashed -= 1
+                    self.num_evicted += 1
+                    if self.on_evict is not None:
+                        self.on_evict([h])
             return blocks
         self.ref[blocks] = 1
         hashed = blocks[self.has_hash[blocks]]

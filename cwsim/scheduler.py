@@ -104,6 +104,17 @@ class Scheduler:
                 budget -= 1
                 i += 1
                 continue
+            if n_new == 1 and req.num_generated and len(req.blocks) * bs == computed and (
+                    kv.pool.num_free or kv.pool.growable):
+                # decode at a block boundary: allocate_slots' one new block, which is free
+                req.blocks = np.concatenate((req.blocks, kv.pool.get_new_blocks(1)))
+                kv.cache_blocks(req, computed + 1)
+                scheduled.append((req, 1))
+                decode_seqs += 1
+                decode_ctx += computed
+                budget -= 1
+                i += 1
+                continue
             if n_new > budget:
                 n_new = budget
             while kv.allocate_slots(req, n_new) is None:
@@ -133,13 +144,18 @@ class Scheduler:
         if n_fast == len(scheduled) and decode_seqs == n_fast:
             plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
         else:  # account the batch request by request
+            prefill_tokens = decode_seqs = decode_ctx = 0
+            attn_pairs = 0.0
             for req, n in scheduled:
-                if req.in_prefill:
-                    plan.prefill_tokens += n
-                    plan.attn_pairs += prefill_attn_pairs(n, req.num_computed)
+                computed, gen = req.num_computed, req.num_generated
+                if gen == 0 or computed < req.prompt_len + gen - 1:  # req.in_prefill
+                    prefill_tokens += n
+                    attn_pairs += prefill_attn_pairs(n, computed)
                 else:
-                    plan.decode_seqs += 1
-                    plan.decode_ctx += req.num_computed
+                    decode_seqs += 1
+                    decode_ctx += computed
+            plan.prefill_tokens, plan.attn_pairs = prefill_tokens, attn_pairs
+            plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
         if not scheduled and not running and self.waiting and not plan.preempted and not (
                 self.cpu_tier is not None and self.cpu_tier.holds_blocks()):  # else: wait for the copies
             req = self.waiting[0]
@@ -260,12 +276,14 @@ class Scheduler:
         """Apply a finished step: computed tokens, new tokens, finished requests."""
         finished: list[Request] = []
         for req, n in plan.scheduled:
-            req.num_computed += n
-            if req.num_computed >= req.prompt_len + req.num_generated:
-                req.num_generated += 1
+            computed = req.num_computed + n
+            req.num_computed = computed
+            gen = req.num_generated
+            if computed >= req.prompt_len + gen:
+                req.num_generated = gen = gen + 1
                 if req.first_token < 0:
                     req.first_token = now
-                if req.num_generated >= req.output_len:
+                if gen >= req.output_len:
                     finished.append(req)
         for req in finished:
             self.finish(req, now)
