@@ -149,6 +149,7 @@ class Engine:
         first = self._jump_first
         counts = np.maximum(0, (n - 1 - first) // bs + 1)  # new blocks per request in steps 1..n-1
         total = int(counts.sum())
+        cl = None
         if total:
             owner = np.repeat(np.arange(len(reqs)), counts)
             starts = np.cumsum(counts) - counts
@@ -156,23 +157,28 @@ class Engine:
             order = np.lexsort((owner, at))  # by step, then running order
             got = np.empty(total, dtype=np.int64)
             got[order] = kv.pool.get_new_blocks(total)
-            concat = np.concatenate
-            for i, s, c in zip(np.flatnonzero(counts).tolist(), starts[counts > 0].tolist(), counts[counts > 0].tolist()):
-                r = reqs[i]
-                r.blocks = concat((r.blocks, got[s : s + c]))
+            cl = counts.tolist()
+        concat = np.concatenate
         finished = []
-        fill = []
-        for r in reqs:
+        fill, fill_hashes = [], []  # kv.cache_blocks_of, inlined: blocks the jump filled, in running order
+        pos = 0
+        for i, r in enumerate(reqs):
+            if cl is not None and (k := cl[i]):
+                r.blocks = concat((r.blocks, got[pos : pos + k]))
+                pos += k
             c = r.num_computed + n
             r.num_computed = c
             g = r.num_generated + n
             r.num_generated = g
             if g >= r.output_len:
                 finished.append(r)
-            if c // bs > r.num_cached_blocks:
-                fill.append((r, c))
+            n_full = c // bs
+            if n_full > (k := r.num_cached_blocks):
+                fill.append(r.blocks[k:n_full])
+                fill_hashes += r.hashes[k:n_full]
+                r.num_cached_blocks = n_full
         if fill:
-            kv.cache_blocks_of(fill)
+            kv.pool.cache_full_blocks(concat(fill), fill_hashes)
         self.ctx.now = now
         for r in finished:
             sched.finish(r, now)
