@@ -40,12 +40,14 @@ per block. Only evictions (hash-map updates) are per block.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 NULL_BLOCK = 0
+_consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
 _COMPACT_MIN = 256
 
@@ -329,10 +331,27 @@ class BlockPool:
         if n > self.num_free:
             raise ValueError(f"cannot get {n} free blocks from the pool ({self.num_free} free)")
         blocks = self._pop_front(n)
-        self.ref[blocks] = 1
         in_use = self.num_blocks - 1 - self.num_free
         if in_use > self.peak_in_use:
             self.peak_in_use = in_use
+        if n == 1:  # scalar steps for the common decode case
+            b = int(blocks[0])
+            self.ref[b] = 1
+            if self.has_hash[b]:
+                if self._dups:
+                    self._evict(blocks)
+                else:  # _evict for one canonical block
+                    h = int(self.hash_of[b])
+                    del self.cached[h]
+                    self.has_hash[b] = False
+                    self.canonical[b] = False
+                    self.gen[b] += 1
+                    self.num_free_hashed -= 1
+                    self.num_evicted += 1
+                    if self.on_evict is not None:
+                        self.on_evict([h])
+            return blocks
+        self.ref[blocks] = 1
         hashed = blocks[self.has_hash[blocks]]
         if len(hashed):
             self._evict(hashed)
@@ -351,8 +370,7 @@ class BlockPool:
         cached, dups = self.cached, self._dups
         canonical = self.canonical
         if not dups:  # every cached block is the canonical one for its hash
-            for h in hashes:
-                del cached[h]
+            _consume(map(cached.__delitem__, hashes))
             hashes_iter = ()
         else:
             hashes_iter = zip(blocks.tolist(), hashes)
@@ -389,7 +407,7 @@ class BlockPool:
         self.has_hash[blocks] = True
         self.hash_of[blocks] = hashes
         cached, canonical = self.cached, self.canonical
-        if not any(map(cached.__contains__, hashes)):  # no duplicates: all canonical
+        if cached.keys().isdisjoint(hashes):  # no duplicates: all canonical
             cached.update(zip(hashes, blocks.tolist()))
             canonical[blocks] = True
             return

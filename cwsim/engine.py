@@ -112,8 +112,8 @@ class Engine:
 
     def _plan_jump(self, plan) -> int:
         """How many decode-only steps, starting with ``plan``'s, can run as one."""
-        reqs = [r for r, _ in plan.scheduled]
-        n = min(r.output_len - r.num_generated for r in reqs)
+        reqs = self.scheduler.running  # a decode-only plan of the whole batch schedules it in running order
+        n = min([r.output_len - r.num_generated for r in reqs])
         if n <= 1:
             return 1
         horizon = self.env.peek() - self.env.now
@@ -125,7 +125,7 @@ class Engine:
         if n <= 1:
             return 1
         bs = self.block_size
-        first = bs - np.array([r.num_computed % bs for r in reqs])  # first later step needing a block
+        first = bs - np.array([r.num_computed for r in reqs], dtype=np.int64) % bs  # first later step needing a block
         free = self.scheduler.kv.pool.num_free
 
         def allocs(m: int) -> int:  # blocks needed by steps 1..m-1
@@ -145,10 +145,11 @@ class Engine:
 
     def _finish_jump(self, plan, n: int, now: float) -> None:
         sched, kv, bs = self.scheduler, self.scheduler.kv, self.block_size
-        reqs = [r for r, _ in plan.scheduled]
+        reqs = list(sched.running)  # the plan's requests, in its order
         first = self._jump_first
         counts = np.maximum(0, (n - 1 - first) // bs + 1)  # new blocks per request in steps 1..n-1
         total = int(counts.sum())
+        cl = None
         if total:
             owner = np.repeat(np.arange(len(reqs)), counts)
             starts = np.cumsum(counts) - counts
@@ -156,16 +157,28 @@ class Engine:
             order = np.lexsort((owner, at))  # by step, then running order
             got = np.empty(total, dtype=np.int64)
             got[order] = kv.pool.get_new_blocks(total)
-            for i in np.flatnonzero(counts).tolist():
-                r = reqs[i]
-                r.blocks = np.concatenate([r.blocks, got[starts[i] : starts[i] + counts[i]]])
+            cl = counts.tolist()
+        concat = np.concatenate
         finished = []
-        for r in reqs:
-            r.num_computed += n
-            r.num_generated += n
-            if r.num_generated >= r.output_len:
+        fill, fill_hashes = [], []  # kv.cache_blocks_of, inlined: blocks the jump filled, in running order
+        pos = 0
+        for i, r in enumerate(reqs):
+            if cl is not None and (k := cl[i]):
+                r.blocks = concat((r.blocks, got[pos : pos + k]))
+                pos += k
+            c = r.num_computed + n
+            r.num_computed = c
+            g = r.num_generated + n
+            r.num_generated = g
+            if g >= r.output_len:
                 finished.append(r)
-        kv.cache_blocks_of([(r, r.num_computed) for r in reqs if r.num_computed // bs > r.num_cached_blocks])
+            n_full = c // bs
+            if n_full > (k := r.num_cached_blocks):
+                fill.append(r.blocks[k:n_full])
+                fill_hashes += r.hashes[k:n_full]
+                r.num_cached_blocks = n_full
+        if fill:
+            kv.pool.cache_full_blocks(concat(fill), fill_hashes)
         self.ctx.now = now
         for r in finished:
             sched.finish(r, now)

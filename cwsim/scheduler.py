@@ -86,10 +86,10 @@ class Scheduler:
         bs = kv.block_size
         decode_seqs = decode_ctx = 0
         i = 0
-        if running and len(running) <= budget and self._decode_all(plan):
+        if running and len(running) <= budget and (ctx := self._decode_all(plan)) is not None:
             i = decode_seqs = len(running)
             budget -= i
-            decode_ctx = sum(r.num_computed for r in running)
+            decode_ctx = ctx
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed
@@ -98,6 +98,17 @@ class Scheduler:
                 # decode inside the last block: allocate_slots would only cache a block that fills
                 if (computed + 1) % bs == 0:
                     kv.cache_blocks(req, computed + 1)
+                scheduled.append((req, 1))
+                decode_seqs += 1
+                decode_ctx += computed
+                budget -= 1
+                i += 1
+                continue
+            if n_new == 1 and req.num_generated and len(req.blocks) * bs == computed and (
+                    kv.pool.num_free or kv.pool.growable):
+                # decode at a block boundary: allocate_slots' one new block, which is free
+                req.blocks = np.concatenate((req.blocks, kv.pool.get_new_blocks(1)))
+                kv.cache_blocks(req, computed + 1)
                 scheduled.append((req, 1))
                 decode_seqs += 1
                 decode_ctx += computed
@@ -133,13 +144,18 @@ class Scheduler:
         if n_fast == len(scheduled) and decode_seqs == n_fast:
             plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
         else:  # account the batch request by request
+            prefill_tokens = decode_seqs = decode_ctx = 0
+            attn_pairs = 0.0
             for req, n in scheduled:
-                if req.in_prefill:
-                    plan.prefill_tokens += n
-                    plan.attn_pairs += prefill_attn_pairs(n, req.num_computed)
+                computed, gen = req.num_computed, req.num_generated
+                if gen == 0 or computed < req.prompt_len + gen - 1:  # req.in_prefill
+                    prefill_tokens += n
+                    attn_pairs += prefill_attn_pairs(n, computed)
                 else:
-                    plan.decode_seqs += 1
-                    plan.decode_ctx += req.num_computed
+                    decode_seqs += 1
+                    decode_ctx += computed
+            plan.prefill_tokens, plan.attn_pairs = prefill_tokens, attn_pairs
+            plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
         if not scheduled and not running and self.waiting and not plan.preempted and not (
                 self.cpu_tier is not None and self.cpu_tier.holds_blocks()):  # else: wait for the copies
             req = self.waiting[0]
@@ -151,27 +167,43 @@ class Scheduler:
             )
         return plan
 
-    def _decode_all(self, plan: StepPlan) -> bool:
+    def _decode_all(self, plan: StepPlan) -> int | None:
         """Schedule one decode token for every running request in one go.
 
         Applies only when every running request decodes and the blocks they need
         are free (so nothing is preempted): then popping them together hands
         out exactly the blocks the request-by-request loop would, in running order.
+        Returns the batch's decode context (the sum of computed tokens), or None
+        when it does not apply.
         """
         running, kv = self.running, self.kv
         bs = kv.block_size
+        last = bs - 1
+        need: list[Request] = []
+        fill: list[tuple[Request, int]] = []
+        ctx = 0
         for r in running:
-            if r.num_generated == 0 or r.num_computed != r.prompt_len + r.num_generated - 1:
-                return False
-        need = [r for r in running if r.num_computed % bs == 0]
-        if len(need) > kv.pool.num_free:
-            return False
+            c = r.num_computed
+            g = r.num_generated
+            if g == 0 or c != r.prompt_len + g - 1:
+                return None
+            ctx += c
+            m = c % bs
+            if m == 0:
+                need.append(r)
+            if m == last:
+                fill.append((r, c + 1))
         if need:
-            for r, b in zip(need, kv.pool.get_new_blocks(len(need)).tolist()):
-                r.blocks = np.append(r.blocks, b)
-        kv.cache_blocks_of([(r, r.num_computed + 1) for r in running if (r.num_computed + 1) % bs == 0])
+            if len(need) > kv.pool.num_free:
+                return None
+            got = kv.pool.get_new_blocks(len(need))
+            concat = np.concatenate
+            for i, r in enumerate(need):
+                r.blocks = concat((r.blocks, got[i : i + 1]))
+        if fill:
+            kv.cache_blocks_of(fill)
         plan.scheduled.extend([(r, 1) for r in running])
-        return True
+        return ctx
 
     def admission_blocked(self) -> bool:
         """True when no waiting request can be admitted before a running one finishes.
@@ -244,12 +276,14 @@ class Scheduler:
         """Apply a finished step: computed tokens, new tokens, finished requests."""
         finished: list[Request] = []
         for req, n in plan.scheduled:
-            req.num_computed += n
-            if req.num_computed >= req.prompt_len + req.num_generated:
-                req.num_generated += 1
+            computed = req.num_computed + n
+            req.num_computed = computed
+            gen = req.num_generated
+            if computed >= req.prompt_len + gen:
+                req.num_generated = gen = gen + 1
                 if req.first_token < 0:
                     req.first_token = now
-                if req.num_generated >= req.output_len:
+                if gen >= req.output_len:
                     finished.append(req)
         for req in finished:
             self.finish(req, now)
