@@ -79,13 +79,13 @@ class Engine:
                 self._idle = None
             now = env.now
             self.ctx.now = now
-            if (tier := getattr(self.ctx, "cpu_tier", None)) is not None:
+            if (tier := self.ctx.cpu_tier) is not None:
                 tier.tick(now)  # background transfers that ended or start by now
-            if (ev := getattr(self.ctx, "eviction", None)) is not None:
+            if (ev := self.ctx.eviction) is not None:
                 ev.tick(now)  # time-driven eviction changes (a pin that expires) before scheduling
             plan = sched.schedule(now)
             if not plan.scheduled:
-                tier = getattr(self.ctx, "cpu_tier", None)
+                tier = self.ctx.cpu_tier
                 if tier is not None and not plan.preempted and not sched.running and sched.waiting:
                     # nothing fits while CPU-tier copies hold blocks: wait for the next transfer event (or a submission)
                     self._idle = env.event()
@@ -117,9 +117,9 @@ class Engine:
         if n <= 1:
             return 1
         horizon = self.env.peek() - self.env.now
-        if (ev := getattr(self.ctx, "eviction", None)) is not None:  # nor past the eviction policy's next tick
+        if (ev := self.ctx.eviction) is not None:  # nor past the eviction policy's next tick
             horizon = min(horizon, ev.next_deadline() - self.env.now)
-        if (tier := getattr(self.ctx, "cpu_tier", None)) is not None:  # nor past a transfer's start or end
+        if (tier := self.ctx.cpu_tier) is not None:  # nor past a transfer's start or end
             horizon = min(horizon, tier.next_deadline() - self.env.now)
         n = self.profile.decode_steps_starting_before(plan.decode_seqs, plan.decode_ctx, horizon, n)
         if n <= 1:

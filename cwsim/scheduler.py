@@ -94,21 +94,15 @@ class Scheduler:
             req = running[i]
             computed = req.num_computed
             n_new = req.prompt_len + req.num_generated - computed
-            if n_new == 1 and computed % bs and req.num_generated:
-                # decode inside the last block: allocate_slots would only cache a block that fills
+            if n_new == 1 and req.num_generated and (
+                    computed % bs or (len(req.blocks) * bs == computed and (kv.pool.num_free or kv.pool.growable))):
+                # one decode token, what allocate_slots would do without its checks: inside the
+                # last block nothing is allocated; at a block boundary the one new block is free
+                # (no free block: the general path below, which may preempt)
+                if computed % bs == 0:
+                    req.blocks = np.concatenate((req.blocks, kv.pool.get_new_blocks(1)))
                 if (computed + 1) % bs == 0:
                     kv.cache_blocks(req, computed + 1)
-                scheduled.append((req, 1))
-                decode_seqs += 1
-                decode_ctx += computed
-                budget -= 1
-                i += 1
-                continue
-            if n_new == 1 and req.num_generated and len(req.blocks) * bs == computed and (
-                    kv.pool.num_free or kv.pool.growable):
-                # decode at a block boundary: allocate_slots' one new block, which is free
-                req.blocks = np.concatenate((req.blocks, kv.pool.get_new_blocks(1)))
-                kv.cache_blocks(req, computed + 1)
                 scheduled.append((req, 1))
                 decode_seqs += 1
                 decode_ctx += computed

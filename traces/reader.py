@@ -71,22 +71,13 @@ def _show(v) -> str:
     return f"{_type_name(v)} {s}"
 
 
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
+               list: "array", dict: "object"}
+
+
 def _type_name(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    if isinstance(v, dict):
-        return "object"
-    return type(v).__name__
+    """The JSON name of a parsed value's type (json.loads gives exact builtin types)."""
+    return _JSON_TYPES.get(type(v), type(v).__name__)
 
 
 def _number(v, field: str, nonneg: bool) -> float:
