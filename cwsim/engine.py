@@ -27,7 +27,6 @@ has finished and its gap has elapsed.
 
 from __future__ import annotations
 
-import numpy as np
 import simpy
 
 from cwsim.hashing import PrefixMemo, block_hashes
@@ -84,7 +83,7 @@ class Engine:
             if (ev := self.ctx.eviction) is not None:
                 ev.tick(now)  # time-driven eviction changes (a pin that expires) before scheduling
             plan = sched.schedule(now)
-            if not plan.scheduled:
+            if plan.empty:
                 tier = self.ctx.cpu_tier
                 if tier is not None and not plan.preempted and not sched.running and sched.waiting:
                     # nothing fits while CPU-tier copies hold blocks: wait for the next transfer event (or a submission)
@@ -92,7 +91,7 @@ class Engine:
                     yield env.any_of([self._idle, env.timeout(tier.next_deadline() - now)])
                     self._idle = None
                 continue  # everything running was preempted: admit next iteration
-            if (self.decode_jumps and plan.decode_only and len(plan.scheduled) == len(sched.running)
+            if (self.decode_jumps and plan.decode_only and plan.lazy + len(plan.scheduled) == len(sched.running)
                     and sched.admission_blocked()):
                 n = self._plan_jump(plan)
                 if n > 1:
@@ -112,8 +111,9 @@ class Engine:
 
     def _plan_jump(self, plan) -> int:
         """How many decode-only steps, starting with ``plan``'s, can run as one."""
-        reqs = self.scheduler.running  # a decode-only plan of the whole batch schedules it in running order
-        n = min([r.output_len - r.num_generated for r in reqs])
+        sched = self.scheduler
+        sched.absorb(plan)  # the whole batch decodes: all of it lazily
+        n = sched.steps_to_first_finish()
         if n <= 1:
             return 1
         horizon = self.env.peek() - self.env.now
@@ -124,61 +124,11 @@ class Engine:
         n = self.profile.decode_steps_starting_before(plan.decode_seqs, plan.decode_ctx, horizon, n)
         if n <= 1:
             return 1
-        bs = self.block_size
-        first = bs - np.array([r.num_computed for r in reqs], dtype=np.int64) % bs  # first later step needing a block
-        free = self.scheduler.kv.pool.num_free
-
-        def allocs(m: int) -> int:  # blocks needed by steps 1..m-1
-            return int(np.maximum(0, (m - 1 - first) // bs + 1).sum())
-
-        if allocs(n) > free:
-            lo, hi = 1, n  # allocs(lo) <= free < allocs(hi)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if allocs(mid) <= free:
-                    lo = mid
-                else:
-                    hi = mid
-            n = lo
-        self._jump_first = first
-        return n
+        return sched.steps_within_free_blocks(n)
 
     def _finish_jump(self, plan, n: int, now: float) -> None:
-        sched, kv, bs = self.scheduler, self.scheduler.kv, self.block_size
-        reqs = list(sched.running)  # the plan's requests, in its order
-        first = self._jump_first
-        counts = np.maximum(0, (n - 1 - first) // bs + 1)  # new blocks per request in steps 1..n-1
-        total = int(counts.sum())
-        cl = None
-        if total:
-            owner = np.repeat(np.arange(len(reqs)), counts)
-            starts = np.cumsum(counts) - counts
-            at = first[owner] + (np.arange(total) - starts[owner]) * bs  # the step of each allocation
-            order = np.lexsort((owner, at))  # by step, then running order
-            got = np.empty(total, dtype=np.int64)
-            got[order] = kv.pool.get_new_blocks(total)
-            cl = counts.tolist()
-        concat = np.concatenate
-        finished = []
-        fill, fill_hashes = [], []  # kv.cache_blocks_of, inlined: blocks the jump filled, in running order
-        pos = 0
-        for i, r in enumerate(reqs):
-            if cl is not None and (k := cl[i]):
-                r.blocks = concat((r.blocks, got[pos : pos + k]))
-                pos += k
-            c = r.num_computed + n
-            r.num_computed = c
-            g = r.num_generated + n
-            r.num_generated = g
-            if g >= r.output_len:
-                finished.append(r)
-            n_full = c // bs
-            if n_full > (k := r.num_cached_blocks):
-                fill.append(r.blocks[k:n_full])
-                fill_hashes += r.hashes[k:n_full]
-                r.num_cached_blocks = n_full
-        if fill:
-            kv.pool.cache_full_blocks(concat(fill), fill_hashes)
+        sched = self.scheduler
+        finished = sched.finish_jump(n, now)
         self.ctx.now = now
         for r in finished:
             sched.finish(r, now)

@@ -16,7 +16,10 @@ class Request:
     ``hashes`` covers every full block of the call's whole token sequence
     (prompt then output), so cached-block hashes never need recomputing.
     ``num_tokens`` is the tokens known so far (prompt + generated);
-    ``num_computed`` those whose KV is in the request's blocks.
+    ``num_computed`` those whose KV is in the request's blocks. While the
+    request sits in the scheduler's lazy decode batch (``lazy``), those two
+    counters are not updated step by step; the scheduler writes them back
+    when the request leaves the batch (it finishes or is preempted).
     """
 
     rid: int
@@ -41,6 +44,13 @@ class Request:
     done: object = None  # simpy.Event set on finish
     #: (blocks, gens) that held this request's leading hashes: a fast path for prefix lookup
     hint: tuple | None = None
+    #: running order: the scheduler numbers each admission (re-admissions included)
+    seq: int = 0
+    #: in the scheduler's decode batch (``cwsim.scheduler``): ``num_computed`` and
+    #: ``num_generated`` are then stale, derived from the step counter as
+    #: ``num_computed = step + c_off`` until the request leaves the batch
+    lazy: bool = False
+    c_off: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -21,7 +21,10 @@ charges the time. Per step, as vLLM does:
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 
@@ -31,13 +34,21 @@ from cwsim.request import Request
 from cwsim.steptime import prefill_attn_pairs
 
 
+_seq = attrgetter("seq")
+
+
 class SimulationError(RuntimeError):
     """The simulated engine cannot make progress (e.g. a prompt larger than the pool)."""
 
 
 @dataclass(slots=True)
 class StepPlan:
+    """One step's batch. ``lazy``: the first ``lazy`` running requests (the lazy
+    decode batch) each decode one token; ``scheduled``: every other request's
+    ``(request, tokens)``, in running order, then the admitted ones."""
+
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    lazy: int = 0
     preempted: list[Request] = field(default_factory=list)
     admitted: int = 0
     prefill_tokens: int = 0
@@ -53,14 +64,47 @@ class StepPlan:
         return self.load_wait_s + self.swap_in_s
 
     @property
+    def empty(self) -> bool:
+        return not self.scheduled and not self.lazy
+
+    @property
     def decode_only(self) -> bool:
         return self.prefill_tokens == 0 and not self.preempted and self.admitted == 0
 
 
 class Scheduler:
+    """vLLM v1's scheduler step, with the running batch's decoders kept lazily.
+
+    Most running requests are *decoders* (one new token per step, ``num_computed
+    == num_tokens - 1``); visiting each of them every step would make a step cost
+    O(batch). Instead they form the *lazy decode batch*, stated as one invariant:
+
+        ``step`` counts the steps applied so far. A lazy request ``r`` has
+        ``num_computed == step + r.c_off`` (and ``num_generated == num_computed
+        - prompt_len + 1``), its block table and cached-block count are exact,
+        it is in ``_buckets[r.c_off % block_size]`` (each bucket ordered by
+        admission ``seq``, which is running order) and in ``_fin[F]`` for the
+        step count ``F`` at which it will have generated ``output_len`` tokens.
+        ``_n_lazy`` and ``_sum_off`` are the batch's size and sum of ``c_off``.
+
+    So at a step starting at ``step = S``, the requests that need a new block are
+    exactly ``_buckets[-S % block_size]``, those whose token fills a block are
+    ``_buckets[(block_size - 1 - S) % block_size]``, the batch's decode context
+    is ``_n_lazy * S + _sum_off``, and the requests that finish are ``_fin[S +
+    1]``: a decode step costs O(1) plus the requests that allocate, fill or
+    finish, and a run of decode steps (``plan_jump`` / ``finish_jump``) the same.
+    A request joins the batch when a step leaves it decoding, and leaves it
+    (counters written back) when it finishes or is preempted; any step the
+    shortcut does not cover exactly (a decoder that cannot get its block, a
+    non-lazy request before a lazy one) first writes back the whole batch and
+    runs request by request.
+    """
+
     def __init__(self, kv: KVCacheManager, policy: SchedulingPolicy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 cpu_tier=None):
+                 cpu_tier=None, lazy_decode: bool = True):
         self.kv = kv
+        #: False: every request is scheduled request by request (the reference the lazy batch is tested against)
+        self.lazy_decode = lazy_decode
         self.cpu_tier = cpu_tier  # cwsim.cpu_tier.CpuTier or None
         self.policy = policy
         self.metrics = metrics
@@ -68,11 +112,103 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.step = 0
+        self._admissions = 0
+        self._buckets: list[list[Request]] = [[] for _ in range(kv.block_size)]
+        self._fin: dict[int, list[Request]] = {}
+        self._fin_heap: list[int] = []
+        self._n_lazy = 0
+        self._sum_off = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    # ------------------------------------------------------ lazy decode batch
+    def _join(self, req: Request) -> None:
+        """``req`` decodes from now on (its counters are current): add it to the lazy batch."""
+        if not self.lazy_decode:
+            return
+        c_off = req.num_computed - self.step
+        req.c_off = c_off
+        req.lazy = True
+        bucket = self._buckets[c_off % self.kv.block_size]
+        if not bucket or bucket[-1].seq < req.seq:
+            bucket.append(req)
+        else:
+            bisect.insort(bucket, req, key=_seq)
+        f = req.output_len - req.num_generated + self.step
+        fin = self._fin.get(f)
+        if fin is None:
+            self._fin[f] = [req]
+            heapq.heappush(self._fin_heap, f)
+        else:
+            fin.append(req)
+        self._n_lazy += 1
+        self._sum_off += c_off
+
+    def counters(self, req: Request) -> tuple[int, int]:
+        """``(num_computed, num_generated)`` of a request, current also while it is lazy."""
+        if req.lazy:
+            c = self.step + req.c_off
+            return c, c - req.prompt_len + 1
+        return req.num_computed, req.num_generated
+
+    def check_invariants(self) -> None:
+        """The lazy batch's invariant (class docstring), checked in O(batch): for tests."""
+        bs = self.kv.block_size
+        lazy = [r for r in self.running if r.lazy]
+        assert self._n_lazy == len(lazy) == sum(map(len, self._buckets)), "lazy count drifted"
+        assert self._sum_off == sum(r.c_off for r in lazy), "sum of offsets drifted"
+        for phase, bucket in enumerate(self._buckets):
+            assert all(r.lazy and r.c_off % bs == phase for r in bucket), "request in the wrong bucket"
+            assert [r.seq for r in bucket] == sorted(r.seq for r in bucket), "bucket out of running order"
+        assert [r.seq for r in self.running] == sorted(r.seq for r in self.running), "running order is not admission order"
+        in_fin = {id(r): f for f, rs in self._fin.items() for r in rs}
+        assert len(in_fin) == len(lazy), "finish index drifted"
+        for r in lazy:
+            c, g = self.counters(r)
+            assert c == self.step + r.c_off and 1 <= g < r.output_len, "lazy request is not decoding"
+            assert in_fin[id(r)] == self.step + r.output_len - g, "finish step drifted"
+            assert len(r.blocks) == -(-c // bs) and r.num_cached_blocks == c // bs, "block table out of date"
+        assert all(f in self._fin_heap for f in self._fin), "finish heap lost a step"
+
+    def _write_back(self, req: Request) -> None:
+        c = self.step + req.c_off
+        req.num_computed = c
+        req.num_generated = c - req.prompt_len + 1
+        req.lazy = False
+
+    def _leave(self, req: Request) -> None:
+        """Take ``req`` out of the lazy batch, its counters written back."""
+        self._write_back(req)
+        self._buckets[req.c_off % self.kv.block_size].remove(req)
+        f = req.output_len - req.num_generated + self.step
+        fin = self._fin[f]
+        fin.remove(req)
+        if not fin:
+            del self._fin[f]
+        self._n_lazy -= 1
+        self._sum_off -= req.c_off
+
+    def _write_back_all(self) -> None:
+        for bucket in self._buckets:
+            for r in bucket:
+                self._write_back(r)
+            bucket.clear()
+        self._fin.clear()
+        self._fin_heap.clear()
+        self._n_lazy = self._sum_off = 0
+
+    def _lazy_prefix(self) -> bool:
+        """True when the lazy requests are exactly the first ``_n_lazy`` running ones."""
+        for r in self.running[self._n_lazy:]:
+            if r.lazy:
+                return False
+        return True
+
     def _preempt(self, victim: Request, now: float) -> None:
+        if victim.lazy:
+            self._leave(victim)
         self.kv.free(victim, now, "preempt")
         victim.num_computed = 0
         victim.preemptions += 1
@@ -84,12 +220,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled = plan.scheduled
         bs = kv.block_size
-        decode_seqs = decode_ctx = 0
         i = 0
-        if running and len(running) <= budget and (ctx := self._decode_all(plan)) is not None:
-            i = decode_seqs = len(running)
-            budget -= i
-            decode_ctx = ctx
+        if self._n_lazy:
+            if self._n_lazy <= budget and self._lazy_prefix() and self._decode_lazy():
+                i = plan.lazy = self._n_lazy
+                budget -= i
+            else:  # the shortcut does not cover this step exactly: request by request
+                self._write_back_all()
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed
@@ -104,8 +241,6 @@ class Scheduler:
                 if (computed + 1) % bs == 0:
                     kv.cache_blocks(req, computed + 1)
                 scheduled.append((req, 1))
-                decode_seqs += 1
-                decode_ctx += computed
                 budget -= 1
                 i += 1
                 continue
@@ -115,11 +250,15 @@ class Scheduler:
                 victim = self.policy.preemption_victim(running)
                 vi = running.index(victim)
                 running.pop(vi)
-                for j, (r, n) in enumerate(scheduled):
-                    if r is victim:  # undo its share of this step
-                        scheduled.pop(j)
-                        budget += n
-                        break
+                if victim.lazy:  # scheduled by the lazy shortcut: undo its token
+                    plan.lazy -= 1
+                    budget += 1
+                else:
+                    for j, (r, n) in enumerate(scheduled):
+                        if r is victim:  # undo its share of this step
+                            scheduled.pop(j)
+                            budget += n
+                            break
                 if vi < i:
                     i -= 1
                 self._preempt(victim, now)
@@ -132,24 +271,23 @@ class Scheduler:
                 i += 1
                 continue
             break
-        n_fast = len(scheduled) if not plan.preempted else 0
         if not plan.preempted and self.waiting:
             self._admit(plan, budget, now)
-        if n_fast == len(scheduled) and decode_seqs == n_fast:
-            plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
-        else:  # account the batch request by request
-            prefill_tokens = decode_seqs = decode_ctx = 0
-            attn_pairs = 0.0
-            for req, n in scheduled:
-                computed, gen = req.num_computed, req.num_generated
-                if gen == 0 or computed < req.prompt_len + gen - 1:  # req.in_prefill
-                    prefill_tokens += n
-                    attn_pairs += prefill_attn_pairs(n, computed)
-                else:
-                    decode_seqs += 1
-                    decode_ctx += computed
-            plan.prefill_tokens, plan.attn_pairs = prefill_tokens, attn_pairs
-            plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
+        # account the batch: the lazy decoders at once, the rest request by request
+        decode_seqs = self._n_lazy if plan.lazy else 0
+        decode_ctx = decode_seqs * self.step + self._sum_off if plan.lazy else 0
+        prefill_tokens = 0
+        attn_pairs = 0.0
+        for req, n in scheduled:
+            computed, gen = req.num_computed, req.num_generated
+            if gen == 0 or computed < req.prompt_len + gen - 1:  # req.in_prefill
+                prefill_tokens += n
+                attn_pairs += prefill_attn_pairs(n, computed)
+            else:
+                decode_seqs += 1
+                decode_ctx += computed
+        plan.prefill_tokens, plan.attn_pairs = prefill_tokens, attn_pairs
+        plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
         if not scheduled and not running and self.waiting and not plan.preempted and not (
                 self.cpu_tier is not None and self.cpu_tier.holds_blocks()):  # else: wait for the copies
             req = self.waiting[0]
@@ -161,43 +299,117 @@ class Scheduler:
             )
         return plan
 
-    def _decode_all(self, plan: StepPlan) -> int | None:
-        """Schedule one decode token for every running request in one go.
+    def _decode_lazy(self) -> bool:
+        """Schedule one decode token for every lazy request in one go.
 
-        Applies only when every running request decodes and the blocks they need
-        are free (so nothing is preempted): then popping them together hands
-        out exactly the blocks the request-by-request loop would, in running order.
-        Returns the batch's decode context (the sum of computed tokens), or None
-        when it does not apply.
+        Applies only when the blocks they need are free (so nothing is
+        preempted): then popping them together hands out exactly the blocks the
+        request-by-request loop would, in running order. Returns False when it
+        does not apply (nothing changed).
         """
-        running, kv = self.running, self.kv
-        bs = kv.block_size
-        last = bs - 1
-        need: list[Request] = []
-        fill: list[tuple[Request, int]] = []
-        ctx = 0
-        for r in running:
-            c = r.num_computed
-            g = r.num_generated
-            if g == 0 or c != r.prompt_len + g - 1:
-                return None
-            ctx += c
-            m = c % bs
-            if m == 0:
-                need.append(r)
-            if m == last:
-                fill.append((r, c + 1))
+        bs, pool, step = self.kv.block_size, self.kv.pool, self.step
+        need = self._buckets[-step % bs]
         if need:
-            if len(need) > kv.pool.num_free:
-                return None
-            got = kv.pool.get_new_blocks(len(need))
+            if len(need) > pool.num_free:
+                return False
+            got = pool.get_new_blocks(len(need))
             concat = np.concatenate
             for i, r in enumerate(need):
                 r.blocks = concat((r.blocks, got[i : i + 1]))
+        fill = self._buckets[(bs - 1 - step) % bs]
         if fill:
-            kv.cache_blocks_of(fill)
-        plan.scheduled.extend([(r, 1) for r in running])
-        return ctx
+            self.kv.cache_blocks_of([(r, step + r.c_off + 1) for r in fill])
+        return True
+
+    # ------------------------------------------------------------ decode jumps
+    def absorb(self, plan: StepPlan) -> None:
+        """Move a decode-only plan's request-by-request decoders into the lazy batch."""
+        for req, _ in plan.scheduled:
+            self._join(req)
+        plan.lazy += len(plan.scheduled)
+        plan.scheduled.clear()
+
+    def steps_to_first_finish(self) -> int:
+        """Decode steps, the current one included, until the first lazy request finishes."""
+        heap, fin = self._fin_heap, self._fin
+        while heap[0] not in fin:
+            heapq.heappop(heap)
+        return heap[0] - self.step
+
+    def _blocks_for_steps(self, m: int) -> int:
+        """Blocks the lazy batch allocates in the ``m - 1`` steps after the current one."""
+        bs, step, buckets = self.kv.block_size, self.step, self._buckets
+        q, r = divmod(m - 1, bs)
+        return q * self._n_lazy + sum(len(buckets[-(step + 1 + j) % bs]) for j in range(r))
+
+    def steps_within_free_blocks(self, n: int) -> int:
+        """The most steps ``m <= n`` (the current one first) whose allocations the free blocks cover."""
+        free = self.kv.pool.num_free
+        if self._blocks_for_steps(n) <= free:
+            return n
+        lo, hi = 1, n  # covered(lo) and not covered(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._blocks_for_steps(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def finish_jump(self, n: int, now: float) -> list[Request]:
+        """Apply ``n`` decode steps of the whole (lazy) batch, the planned current one first.
+
+        Blocks are allocated, and the blocks the steps fill are cached, in
+        (step, running order), as ``n`` single steps would.
+        """
+        bs, step, buckets, kv = self.kv.block_size, self.step, self._buckets, self.kv
+        if n > 1:
+            cycle: list[Request] = []
+            for t in range(step + 1, step + 1 + min(n - 1, bs)):
+                cycle += buckets[-t % bs]
+            q, r = divmod(n - 1, bs)
+            if q:
+                order = cycle * q
+                for t in range(step + 1, step + 1 + r):
+                    order += buckets[-t % bs]
+            else:
+                order = cycle
+            if order:
+                got = kv.pool.get_new_blocks(len(order)).tolist()
+                per: dict[Request, list[int]] = {}
+                for req, b in zip(order, got):
+                    got_r = per.get(req)
+                    if got_r is None:
+                        per[req] = [b]
+                    else:
+                        got_r.append(b)
+                concat = np.concatenate
+                for req, bl in per.items():
+                    req.blocks = concat((req.blocks, np.array(bl, dtype=np.int64)))
+            # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one
+            filled = [(req, t + 1 + req.c_off) for t in range(step + 1, step + n) for req in buckets[(bs - 1 - t) % bs]]
+            if filled:
+                kv.cache_blocks_of(filled)
+        self.step = step + n
+        return self._finish_lazy()
+
+    def _finish_lazy(self) -> list[Request]:
+        """The lazy requests that have generated their last token at the current step count."""
+        heap = self._fin_heap
+        while heap and heap[0] <= self.step:
+            heapq.heappop(heap)
+        fin = self._fin.pop(self.step, None)
+        if fin is None:
+            return []
+        if len(fin) > 1:
+            fin.sort(key=_seq)
+        bs = self.kv.block_size
+        for req in fin:
+            self._write_back(req)
+            self._buckets[req.c_off % bs].remove(req)
+            self._n_lazy -= 1
+            self._sum_off -= req.c_off
+        return fin
 
     def admission_blocked(self) -> bool:
         """True when no waiting request can be admitted before a running one finishes.
@@ -254,6 +466,8 @@ class Scheduler:
                     plan.swap_in_s += tier.swap_in(req.hashes[n_hit : n_hit + n_swap])
                 plan.load_wait_s = max(plan.load_wait_s, tier.load_wait(hits, now))
                 self.metrics.on_admit(req, hit_tokens, now, swap_tokens)
+            self._admissions += 1
+            req.seq = self._admissions
             self.running.append(req)
             plan.scheduled.append((req, n_new))
             budget -= n_new
@@ -267,8 +481,14 @@ class Scheduler:
                 waiting[:] = [r for r in waiting if id(r) not in ids]
 
     def update(self, plan: StepPlan, now: float) -> list[Request]:
-        """Apply a finished step: computed tokens, new tokens, finished requests."""
-        finished: list[Request] = []
+        """Apply a finished step: computed tokens, new tokens, finished requests.
+
+        Lazy decoders advance with the step counter; a request this step leaves
+        decoding joins the lazy batch. Finished requests are freed in running
+        order (the lazy ones come first).
+        """
+        self.step += 1
+        finished = self._finish_lazy() if self._n_lazy else []
         for req, n in plan.scheduled:
             computed = req.num_computed + n
             req.num_computed = computed
@@ -279,6 +499,8 @@ class Scheduler:
                     req.first_token = now
                 if gen >= req.output_len:
                     finished.append(req)
+                else:
+                    self._join(req)
         for req in finished:
             self.finish(req, now)
         return finished
