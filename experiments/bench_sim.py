@@ -10,14 +10,27 @@ What it measures
     segments included) prefixed with ``r<i>/`` -- except segments that several
     sessions already share in the original trace (the system prompts), which
     keep their id so cross-session prefix sharing stays realistic. Replicas
-    are interleaved session by session, so the ``16k`` sessions that start
-    first at scale ``k`` are ``k`` copies of the 16 that start first at k=1.
+    are interleaved session by session in the ``scaled`` mode, so the ``16k``
+    sessions that start first at scale ``k`` are ``k`` copies of the 16 that
+    start first at k=1.
 
-    The pressure per session is kept comparable across scales: ``concurrent``
-    arrivals with ``agents = base_agents * k`` and a KV pool of
-    ``kv_blocks = base_blocks * k`` (base: the default profile's pool, read
-    from the k=1 run's summary). Only ``simulate`` is timed
-    (``time.perf_counter``); loading and building traces is not.
+    Two ways to grow the workload (``--concurrency``, default both):
+
+    - ``fixed``: ``base_agents`` concurrent agents and the base KV pool at
+      every scale, with the replicas queued one after another (all of replica
+      0's sessions, then replica 1's, ...): the same workload ``k`` times in a
+      row, under the same load, so the engine's batch, the pressure and the
+      evictions per call stay about the same. This is the test of "wall time
+      linear in the number of calls".
+    - ``scaled``: ``agents = base_agents * k`` and ``kv_blocks = base_blocks *
+      k``: one engine serving ``k`` times the agents, so its batch grows ``k``
+      times and its steps slow down; the simulated system does more work per
+      call (more evictions per call, longer queues), which the wall time
+      follows.
+
+    Base pool: the default profile's pool, read from the first run's summary.
+    Only ``simulate`` is timed (``time.perf_counter``); loading and building
+    traces is not.
 
     Reported per scale: calls, simulated seconds (makespan), wall seconds
     (and CPU seconds of the process, ``time.process_time``, which a busy
@@ -83,29 +96,30 @@ def shared_segments(trace: Trace) -> set[str]:
     return {seg for seg, sids in owners.items() if len(sids) > 1}
 
 
-def scale_trace(trace: Trace, k: int, shared: set[str] | None = None) -> Trace:
-    """``k`` independent replicas of every session, interleaved session by session."""
+def scale_trace(trace: Trace, k: int, shared: set[str] | None = None, interleave: bool = True) -> Trace:
+    """``k`` independent replicas of every session: interleaved session by session, or replica after replica."""
     if shared is None:
         shared = shared_segments(trace)
     sessions: list[Session] = []
-    for s in trace.sessions:
-        for i in range(k):
-            pre = f"r{i}/"
-            sid = pre + s.session_id
+    pairs = ((s, i) for s in trace.sessions for i in range(k)) if interleave else (
+        (s, i) for i in range(k) for s in trace.sessions)
+    for s, i in pairs:
+        pre = f"r{i}/"
+        sid = pre + s.session_id
 
-            def seg(name: str) -> str:
-                return name if name in shared else pre + name
+        def seg(name: str) -> str:
+            return name if name in shared else pre + name
 
-            calls = tuple(
-                dataclasses.replace(
-                    c,
-                    session_id=sid,
-                    prompt=tuple((seg(n), t) for n, t in c.prompt),
-                    output_segment=None if c.output_segment is None else seg(c.output_segment),
-                )
-                for c in s.calls
+        calls = tuple(
+            dataclasses.replace(
+                c,
+                session_id=sid,
+                prompt=tuple((seg(n), t) for n, t in c.prompt),
+                output_segment=None if c.output_segment is None else seg(c.output_segment),
             )
-            sessions.append(Session(sid, calls))
+            for c in s.calls
+        )
+        sessions.append(Session(sid, calls))
     return Trace(sessions=sessions, header=dict(trace.header), source=f"{trace.source} x{k}")
 
 
@@ -137,6 +151,7 @@ def row_for(label: str, k: int, policy: str, config: SimConfig, summary: dict, w
         "calls_per_wall_s": calls / wall,
         "sim_s_per_wall_s": sim_s / wall,
         "evicted_blocks": summary["evicted_blocks"],
+        "evicted_per_call": summary["evicted_blocks"] / calls,
         "steps": summary["steps"],
         "decode_jumps": summary["decode_jumps"],
         "wall_ms_per_call": 1000.0 * wall / calls,
@@ -164,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV pool at k=1 (scaled by k); default: the profile's default pool")
     ap.add_argument("--block-size", type=int, default=TARGET_BLOCK_SIZE)
     ap.add_argument("--profile", default=SimConfig().profile)
+    ap.add_argument("--concurrency", choices=["fixed", "scaled", "both"], default="both",
+                    help="fixed: base agents and pool at every k; scaled: agents and pool times k")
     ap.add_argument("--no-pressure", action="store_true",
                     help="also run k=1 under the 'infinite' policy (never evicts)")
     ap.add_argument("--out", default="runs/bench_sim.csv", help="CSV of the rows")
@@ -180,24 +197,29 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(shared)} segment ids shared across sessions (kept unprefixed)")
 
     base_blocks = args.base_blocks
+    if base_blocks is None:  # same rule as simulate's default pool
+        base_blocks = resolve_kv_blocks(SimConfig(block_size=args.block_size, profile=args.profile),
+                                        load_profile(args.profile))
+    modes = ["fixed", "scaled"] if args.concurrency == "both" else [args.concurrency]
     rows: list[dict] = []
     for k in scales:
-        trace = scale_trace(base, k, shared)
-        if base_blocks is None and k != 1:
-            # no k=1 run to read the default pool from: same rule as simulate's
-            base_blocks = resolve_kv_blocks(
-                SimConfig(block_size=args.block_size, profile=args.profile), load_profile(args.profile))
-        kv_blocks = None if base_blocks is None else base_blocks * k
-        config = SimConfig(policy=args.policy, kv_blocks=kv_blocks, block_size=args.block_size,
-                           profile=args.profile, arrivals="concurrent", agents=args.base_agents * k)
-        console.print(f"k={k}: {trace.num_calls:,} calls, agents={config.agents}, "
-                      f"kv_blocks={kv_blocks if kv_blocks is not None else 'default'} ...", end=" ")
-        summary, wall, cpu = run_one(trace, config)
-        console.print(f"{wall:.1f} s")
-        if base_blocks is None and summary.get("kv_blocks") is not None:
-            base_blocks = summary["kv_blocks"]
-        rows.append(row_for("scaled", k, args.policy, config, summary, wall, cpu))
-        del trace
+        done: dict[int, tuple] = {}  # at k=1 the two modes are the same run
+        for mode in modes:
+            grow = k if mode == "scaled" else 1
+            if grow in done:
+                config, summary, wall, cpu = done[grow]
+                rows.append(row_for(mode, k, args.policy, config, summary, wall, cpu))
+                continue
+            trace = scale_trace(base, k, shared, interleave=mode == "scaled")
+            config = SimConfig(policy=args.policy, kv_blocks=base_blocks * grow, block_size=args.block_size,
+                               profile=args.profile, arrivals="concurrent", agents=args.base_agents * grow)
+            console.print(f"{mode} k={k}: {trace.num_calls:,} calls, agents={config.agents}, "
+                          f"kv_blocks={config.kv_blocks:,} ...", end=" ")
+            summary, wall, cpu = run_one(trace, config)
+            console.print(f"{wall:.1f} s")
+            done[grow] = (config, summary, wall, cpu)
+            rows.append(row_for(mode, k, args.policy, config, summary, wall, cpu))
+            del trace
 
     if args.no_pressure:
         trace = scale_trace(base, 1, shared)
@@ -208,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{wall:.1f} s")
         rows.append(row_for("no-pressure", 1, "infinite", config, summary, wall, cpu))
 
-    scaled = [r for r in rows if r["mode"] == "scaled"]
-    wall1 = next((r["wall_s"] for r in scaled if r["scale"] == 1), None)
-    for r in scaled:
-        r["wall_ratio_vs_k1"] = None if wall1 is None else r["wall_s"] / wall1
+    by_mode = {m: [r for r in rows if r["mode"] == m] for m in modes}
+    for mode_rows in by_mode.values():
+        wall1 = mode_rows[0]["wall_s"] if mode_rows and mode_rows[0]["scale"] == 1 else None
+        for r in mode_rows:
+            r["wall_ratio_vs_k1"] = None if wall1 is None else r["wall_s"] / wall1
 
     table = Table(title=f"cwsim speed: policy {args.policy}, block size {args.block_size}, "
-                        f"{args.base_agents}k agents, pool scaled with k")
+                        f"{args.base_agents} agents (fixed) or {args.base_agents}k (scaled)")
     cols = [
         ("mode", "mode", str), ("k", "scale", str), ("agents", "agents", str), ("kv blocks", "kv_blocks",
          lambda v: f"{v:,}" if isinstance(v, int) else str(v)),
@@ -222,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         ("wall s", "wall_s", lambda v: f"{v:.2f}"), ("cpu s", "cpu_s", lambda v: f"{v:.2f}"), ("calls/s", "calls_per_wall_s", lambda v: f"{v:,.0f}"),
         ("calls/cpu s", "calls_per_cpu_s", lambda v: f"{v:,.0f}"),
         ("sim s/s", "sim_s_per_wall_s", lambda v: f"{v:,.0f}"), ("evicted", "evicted_blocks", lambda v: f"{v:,}"),
+        ("evicted/call", "evicted_per_call", lambda v: f"{v:,.0f}"),
         ("steps", "steps", lambda v: f"{v:,}"), ("jumps", "decode_jumps", lambda v: f"{v:,}"),
         ("ms/call", "wall_ms_per_call", lambda v: f"{v:.3f}"),
         ("wall/wall(1)", "wall_ratio_vs_k1", lambda v: "" if v is None else f"{v:.2f}"),
@@ -240,20 +264,23 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows(rows)
     console.print(f"rows written to {out}")
 
-    if len(scaled) >= 2:
-        slope, icpt = lstsq([r["calls"] for r in scaled], [r["wall_s"] for r in scaled])
-        ratio = scaled[-1]["wall_ms_per_call"] / scaled[0]["wall_ms_per_call"]
-        console.print(f"linearity: wall = {1000 * slope:.3f} ms/call * calls {icpt:+.2f} s (least squares over "
-                      f"{len(scaled)} scales); per-call wall at k={scaled[-1]['scale']} / k={scaled[0]['scale']} "
-                      f"= {ratio:.2f} (1.00 = linear)")
-    if args.no_pressure and wall1 is not None:
+    for mode, mode_rows in by_mode.items():
+        if len(mode_rows) >= 2:
+            slope, icpt = lstsq([r["calls"] for r in mode_rows], [r["wall_s"] for r in mode_rows])
+            ratio = mode_rows[-1]["wall_ms_per_call"] / mode_rows[0]["wall_ms_per_call"]
+            console.print(f"linearity ({mode}): wall = {1000 * slope:.3f} ms/call * calls {icpt:+.2f} s (least squares "
+                          f"over {len(mode_rows)} scales); per-call wall at k={mode_rows[-1]['scale']} / "
+                          f"k={mode_rows[0]['scale']} = {ratio:.2f} (1.00 = linear)")
+    first = rows[0]
+    if args.no_pressure and first["scale"] == 1:
         npr = rows[-1]
-        console.print(f"eviction cost at k=1: {scaled[0]['wall_s'] - npr['wall_s']:+.2f} s "
-                      f"({args.policy} {scaled[0]['wall_s']:.2f} s vs infinite {npr['wall_s']:.2f} s)")
+        console.print(f"eviction cost at k=1: {first['wall_s'] - npr['wall_s']:+.2f} s "
+                      f"({args.policy} {first['wall_s']:.2f} s vs infinite {npr['wall_s']:.2f} s)")
 
     verdicts = ", ".join(
-        f"k={r['scale']} {'MET' if r['calls_per_wall_s'] >= TARGET_CALLS_PER_S else 'NOT MET'} "
-        f"({r['calls_per_wall_s']:,.0f}/s wall, {r['calls_per_cpu_s']:,.0f}/s CPU)" for r in scaled)
+        f"{r['mode']} k={r['scale']} {'MET' if r['calls_per_wall_s'] >= TARGET_CALLS_PER_S else 'NOT MET'} "
+        f"({r['calls_per_wall_s']:,.0f}/s wall, {r['calls_per_cpu_s']:,.0f}/s CPU)"
+        for r in rows if r["mode"] != "no-pressure")
     note = "" if args.block_size == TARGET_BLOCK_SIZE else f" [run at block size {args.block_size}, not 16]"
     if any(r["cpu_s"] < 0.8 * r["wall_s"] for r in rows):
         console.print("note: CPU time is well below wall time in some runs: the machine was busy with other "
