@@ -375,17 +375,21 @@ class Scheduler:
             else:
                 order = cycle
             if order:
-                got = kv.pool.get_new_blocks(len(order)).tolist()
-                per: dict[Request, list[int]] = {}
-                for req, b in zip(order, got):
-                    got_r = per.get(req)
-                    if got_r is None:
-                        per[req] = [b]
-                    else:
-                        got_r.append(b)
+                got = kv.pool.get_new_blocks(len(order))
                 concat = np.concatenate
-                for req, bl in per.items():
-                    req.blocks = concat((req.blocks, np.array(bl, dtype=np.int64)))
+                if not q:  # fewer steps than a block: one new block each
+                    for i, req in enumerate(order):
+                        req.blocks = concat((req.blocks, got[i : i + 1]))
+                else:
+                    per: dict[Request, list[int]] = {}
+                    for req, b in zip(order, got.tolist()):
+                        got_r = per.get(req)
+                        if got_r is None:
+                            per[req] = [b]
+                        else:
+                            got_r.append(b)
+                    for req, bl in per.items():
+                        req.blocks = concat((req.blocks, np.array(bl, dtype=np.int64)))
             # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one
             filled = [(req, t + 1 + req.c_off) for t in range(step + 1, step + n) for req in buckets[(bs - 1 - t) % bs]]
             if filled:
