@@ -75,7 +75,11 @@ class Workload:
                 prompt_len = sum(map(_second, prompt))
                 calls.append(SimCall(segs, prompt_len, c.output_tokens, c.next_gap_s, 0, c.tools))
             for a, b in zip(calls, calls[1:]):
-                a.next_shared_tokens = shared_tokens(a.segs, b.segs[:-1])
+                n = len(a.segs)  # most prompts start with the whole previous call: one C-level compare
+                if len(b.segs) > n and b.segs[:n] == a.segs:
+                    a.next_shared_tokens = a.prompt_len + a.output_len
+                else:
+                    a.next_shared_tokens = shared_tokens(a.segs, b.segs[:-1])
             sessions.append(SessionState(si, sess.session_id, calls, sess.start_s))
         _mark_shared_prefixes(sessions)
         return cls(sessions)
