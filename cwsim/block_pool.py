@@ -50,6 +50,7 @@ NULL_BLOCK = 0
 _consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
 _COMPACT_MIN = 256
+_SMALL = 7  # up to this many blocks, allocation takes scalar steps (numpy's per-call overhead dominates)
 # np.count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays
 _cnz = np.count_nonzero
 
@@ -168,29 +169,41 @@ class BlockPool:
             self._heap = [(r.key, r.rid) for r in self._runs.values()]
             heapq.heapify(self._heap)
 
+    def _pop_front_small(self, n: int) -> list[int]:
+        """``_pop_front`` in scalar steps, as a list: for a few blocks (decode steps)."""
+        heap, runs, run_of = self._heap, self._runs, self.run_of
+        out: list[int] = []
+        need = n
+        while need:
+            rid = heap[0][1]
+            run = runs.get(rid)
+            if run is None:
+                heapq.heappop(heap)
+                continue
+            ids, start, live = run.ids, run.start, run.live
+            take = need if need < live else live
+            for _ in range(take):
+                b = ids.item(start)
+                start += 1
+                while run_of.item(b) != rid:  # stale: left the run since
+                    b = ids.item(start)
+                    start += 1
+                run_of[b] = -1
+                out.append(b)
+            need -= take
+            live -= take
+            if live:
+                run.start = start
+                run.live = live
+            else:
+                heapq.heappop(heap)
+                del runs[rid]
+        self.num_free -= n
+        return out
+
     def _pop_front(self, n: int) -> np.ndarray:
         """The first ``n`` free blocks in queue order, taken out of the queue."""
         heap, runs, run_of = self._heap, self._runs, self.run_of
-        if n == 1:  # the common decode case: one block, scalar steps
-            while True:
-                rid = heap[0][1]
-                run = runs.get(rid)
-                if run is None:
-                    heapq.heappop(heap)
-                    continue
-                ids, start = run.ids, run.start
-                b = ids.item(start)
-                while run_of.item(b) != rid:
-                    start += 1
-                    b = ids.item(start)
-                run.start = start + 1
-                run.live -= 1
-                if run.live == 0:
-                    heapq.heappop(heap)
-                    del runs[rid]
-                run_of[b] = -1
-                self.num_free -= 1
-                return np.array([b], dtype=np.int64)
         out: list[np.ndarray] = []
         need = n
         while need:
@@ -356,26 +369,38 @@ class BlockPool:
             self._ensure_unhashed_free(n)
         if n > self.num_free:
             raise ValueError(f"cannot get {n} free blocks from the pool ({self.num_free} free)")
-        blocks = self._pop_front(n)
+        if n > _SMALL:
+            blocks = self._pop_front(n)
+        else:
+            got = self._pop_front_small(n)
         in_use = self.num_blocks - 1 - self.num_free
         if in_use > self.peak_in_use:
             self.peak_in_use = in_use
-        if n == 1:  # scalar steps for the common decode case
-            b = int(blocks[0])
-            self.ref[b] = 1
-            if self.has_hash[b]:
+        if n <= _SMALL:  # scalar steps
+            ref, has_hash = self.ref, self.has_hash
+            hashed: list[int] = []
+            for b in got:
+                ref[b] = 1
+                if has_hash[b]:
+                    hashed.append(b)
+            blocks = np.array(got, dtype=np.int64)
+            if hashed:
                 if self._dups:
-                    self._evict(blocks)
-                else:  # _evict for one canonical block
-                    h = int(self.hash_of[b])
-                    del self.cached[h]
-                    self.has_hash[b] = False
-                    self.canonical[b] = False
-                    self.gen[b] += 1
-                    self.num_free_hashed -= 1
-                    self.num_evicted += 1
+                    self._evict(np.array(hashed, dtype=np.int64))
+                else:  # _evict for canonical blocks
+                    hash_of, canonical, gen, cached = self.hash_of, self.canonical, self.gen, self.cached
+                    hashes = []
+                    for b in hashed:
+                        h = hash_of.item(b)
+                        del cached[h]
+                        has_hash[b] = False
+                        canonical[b] = False
+                        gen[b] += 1
+                        hashes.append(h)
+                    self.num_free_hashed -= len(hashed)
+                    self.num_evicted += len(hashed)
                     if self.on_evict is not None:
-                        self.on_evict([h])
+                        self.on_evict(hashes)
             return blocks
         self.ref[blocks] = 1
         hashed = self.has_hash[blocks]
