@@ -245,7 +245,12 @@ class BlockPool:
         self.num_free -= n
         return blocks
 
-    def _release(self, ordered: np.ndarray, positions: np.ndarray, request, now: float, reason: str) -> None:
+    def _release(self, ordered: np.ndarray, tail_first: bool, request, now: float, reason: str) -> None:
+        """Drop one reference from each of ``ordered``; the blocks that become free join the queue.
+
+        ``tail_first``: ``ordered`` is a block table reversed (its positions count down), else
+        positions count up from 0.
+        """
         n = len(ordered)
         if n == 0:
             return
@@ -274,6 +279,7 @@ class BlockPool:
         self.num_free_hashed += n_h
         score: float | np.ndarray = 0.0
         if self.score_fn is not None:
+            positions = np.arange(n - 1, -1, -1) if tail_first else np.arange(n)
             pos = positions if all_freed else positions[freed_mask]
             if n_h < n_freed:
                 pos = pos[hashed]
@@ -452,18 +458,38 @@ class BlockPool:
         Like vLLM, an identical block already cached is not de-duplicated: the
         first one stays the one that lookups return.
         """
-        if len(blocks) == 0:
+        n = len(blocks)
+        if n == 0:
             return
-        if _cnz(self.has_hash[blocks]):
-            raise AssertionError("caching a block that already has a hash")
-        self.has_hash[blocks] = True
-        self.hash_of[blocks] = hashes
         cached, canonical = self.cached, self.canonical
-        if cached.keys().isdisjoint(hashes):  # no duplicates: all canonical
-            cached.update(zip(hashes, blocks.tolist()))
-            canonical[blocks] = True
-            return
-        for b, h in zip(blocks.tolist(), hashes):
+        if n <= _SMALL:  # the same in scalar steps
+            has_hash, hash_of = self.has_hash, self.hash_of
+            bl = blocks.tolist()
+            for b in bl:
+                if has_hash[b]:
+                    raise AssertionError("caching a block that already has a hash")
+            if cached.keys().isdisjoint(hashes):
+                for b, h in zip(bl, hashes):
+                    has_hash[b] = True
+                    hash_of[b] = h
+                    canonical[b] = True
+                cached.update(zip(hashes, bl))
+                return
+            for b, h in zip(bl, hashes):
+                has_hash[b] = True
+                hash_of[b] = h
+            blocks = bl
+        else:
+            if _cnz(self.has_hash[blocks]):
+                raise AssertionError("caching a block that already has a hash")
+            self.has_hash[blocks] = True
+            self.hash_of[blocks] = hashes
+            if cached.keys().isdisjoint(hashes):  # no duplicates: all canonical
+                cached.update(zip(hashes, blocks.tolist()))
+                canonical[blocks] = True
+                return
+            blocks = blocks.tolist()
+        for b, h in zip(blocks, hashes):
             if h in cached:
                 self._dups.setdefault(h, []).append(b)
             else:
@@ -473,12 +499,11 @@ class BlockPool:
     def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:
         """Drop one reference from each block, given in eviction order (first = evicted first)."""
         ordered = np.asarray(ordered_blocks, dtype=np.int64)
-        self._release(ordered, np.arange(len(ordered)), request, now, reason)
+        self._release(ordered, False, request, now, reason)
 
     def free_block_table(self, table: np.ndarray, request=None, now: float = 0.0, reason: str = "finish") -> None:
         """Free a request's block table the way vLLM does: tail first."""
-        n = len(table)
-        self._release(table[::-1], np.arange(n - 1, -1, -1), request, now, reason)
+        self._release(table[::-1], True, request, now, reason)
 
     def release_uncached(self, blocks: np.ndarray) -> int:
         """Drop one reference from each block; those that become free lose their hash (uncached).
