@@ -50,6 +50,9 @@ NULL_BLOCK = 0
 _consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
 _COMPACT_MIN = 256
+_SMALL = 7  # up to this many blocks, allocation takes scalar steps (numpy's per-call overhead dominates)
+# np.count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays
+_cnz = np.count_nonzero
 
 
 @dataclass(slots=True)
@@ -141,13 +144,15 @@ class BlockPool:
 
     def _leave_queue(self, blocks: np.ndarray) -> None:
         """Take free blocks out of their runs (they become in use)."""
-        rids = self.run_of[blocks]
-        self.run_of[blocks] = -1
-        self.num_free -= len(blocks)
-        self.num_free_hashed -= len(blocks)  # only cached blocks can be hit
-        r0 = int(rids[0])
-        if r0 == rids[-1] and (rids == r0).all():
-            groups = ((r0, len(blocks)),)
+        run_of = self.run_of
+        rids = run_of[blocks]
+        run_of[blocks] = -1
+        n = len(blocks)
+        self.num_free -= n
+        self.num_free_hashed -= n  # only cached blocks can be hit
+        r0 = rids.item(0)
+        if r0 == rids.item(-1) and (n <= 2 or not _cnz(rids != r0)):
+            groups = ((r0, n),)
         else:
             uniq, counts = np.unique(rids, return_counts=True)
             groups = zip(uniq.tolist(), counts.tolist())
@@ -158,90 +163,126 @@ class BlockPool:
                 del self._runs[rid]
             elif len(run.ids) - run.start > _COMPACT_MIN and run.live * 4 < len(run.ids) - run.start:
                 seg = run.ids[run.start :]
-                run.ids = seg[self.run_of[seg] == rid]
+                run.ids = seg[run_of[seg] == rid]
                 run.start = 0
         if len(self._heap) > 2 * len(self._runs) + 64:
             self._heap = [(r.key, r.rid) for r in self._runs.values()]
             heapq.heapify(self._heap)
 
-    def _pop_front(self, n: int) -> np.ndarray:
-        """The first ``n`` free blocks in queue order, taken out of the queue."""
+    def _pop_front_small(self, n: int) -> list[int]:
+        """``_pop_front`` in scalar steps, as a list: for a few blocks (decode steps)."""
         heap, runs, run_of = self._heap, self._runs, self.run_of
-        if n == 1:  # the common decode case: one block, scalar steps
-            while True:
-                rid = heap[0][1]
-                run = runs.get(rid)
-                if run is None:
-                    heapq.heappop(heap)
-                    continue
-                ids, start = run.ids, run.start
-                while run_of[ids[start]] != rid:
-                    start += 1
-                b = int(ids[start])
-                run.start = start + 1
-                run.live -= 1
-                if run.live == 0:
-                    heapq.heappop(heap)
-                    del runs[rid]
-                run_of[b] = -1
-                self.num_free -= 1
-                return np.array([b], dtype=np.int64)
-        out: list[np.ndarray] = []
+        out: list[int] = []
         need = n
         while need:
-            _, rid = heap[0]
+            rid = heap[0][1]
             run = runs.get(rid)
             if run is None:
                 heapq.heappop(heap)
                 continue
-            ids, start = run.ids, run.start
-            while need and run.live:
-                width = min(len(ids) - start, max(2 * need, 64))
-                seg = ids[start : start + width]
-                valid = np.flatnonzero(run_of[seg] == rid)
-                if len(valid) > need:
-                    valid = valid[:need]
-                    start += int(valid[-1]) + 1
-                else:
-                    start += width
-                if len(valid):
-                    taken = seg[valid]
-                    out.append(taken)
-                    run.live -= len(taken)
-                    need -= len(taken)
-            run.start = start
-            if run.live == 0:
+            ids, start, live = run.ids, run.start, run.live
+            take = need if need < live else live
+            for _ in range(take):
+                b = ids.item(start)
+                start += 1
+                while run_of.item(b) != rid:  # stale: left the run since
+                    b = ids.item(start)
+                    start += 1
+                run_of[b] = -1
+                out.append(b)
+            need -= take
+            live -= take
+            if live:
+                run.start = start
+                run.live = live
+            else:
                 heapq.heappop(heap)
                 del runs[rid]
-        blocks = out[0] if len(out) == 1 else np.concatenate(out)
+        self.num_free -= n
+        return out
+
+    def _pop_front(self, n: int) -> np.ndarray:
+        """The first ``n`` free blocks in queue order, taken out of the queue."""
+        heap, runs, run_of = self._heap, self._runs, self.run_of
+        out: list[np.ndarray] = []
+        need = n
+        while need:
+            rid = heap[0][1]
+            run = runs.get(rid)
+            if run is None:
+                heapq.heappop(heap)
+                continue
+            ids, start, live = run.ids, run.start, run.live
+            take = need if need < live else live
+            seg = ids[start : start + take]
+            if _cnz(run_of[seg] == rid) == take:  # the common case: no stale entries among the next ``take``
+                out.append(seg)
+                start += take
+            else:
+                left = take
+                while left:
+                    width = min(len(ids) - start, max(2 * left, 64))
+                    seg = ids[start : start + width]
+                    valid = (run_of[seg] == rid).nonzero()[0]
+                    if len(valid) > left:
+                        valid = valid[:left]
+                        start += valid.item(-1) + 1
+                    else:
+                        start += width
+                    if len(valid):
+                        out.append(seg[valid])
+                        left -= len(valid)
+            need -= take
+            live -= take
+            if live:
+                run.start = start
+                run.live = live
+            else:
+                heapq.heappop(heap)
+                del runs[rid]
+        blocks = out[0].copy() if len(out) == 1 else np.concatenate(out)
         run_of[blocks] = -1
         self.num_free -= n
         return blocks
 
-    def _release(self, ordered: np.ndarray, positions: np.ndarray, request, now: float, reason: str) -> None:
-        if len(ordered) == 0:
+    def _release(self, ordered: np.ndarray, tail_first: bool, request, now: float, reason: str) -> None:
+        """Drop one reference from each of ``ordered``; the blocks that become free join the queue.
+
+        ``tail_first``: ``ordered`` is a block table reversed (its positions count down), else
+        positions count up from 0.
+        """
+        n = len(ordered)
+        if n == 0:
             return
         ref = self.ref
-        if (ref[ordered] <= 0).any():
+        r = ref[ordered]
+        if r.min() <= 0:
             raise AssertionError("freeing a block whose ref count is already 0")
-        ref[ordered] -= 1
-        freed_mask = ref[ordered] == 0
-        if not freed_mask.any():
+        r -= 1
+        ref[ordered] = r
+        freed_mask = r == 0
+        n_freed = _cnz(freed_mask)
+        if n_freed == 0:
             return
-        freed = ordered[freed_mask]
+        all_freed = n_freed == n
+        freed = ordered.copy() if all_freed else ordered[freed_mask]  # a run's own array
         hashed = self.has_hash[freed]
-        if not hashed.all():
+        n_h = _cnz(hashed)
+        if n_h < n_freed:
             self._seq += 1
             self._push_run((0, 0.0, -self._seq), freed[~hashed])
+            if n_h == 0:
+                return
             freed_h = freed[hashed]
         else:
             freed_h = freed
-        if len(freed_h) == 0:
-            return
-        self.num_free_hashed += len(freed_h)
+        self.num_free_hashed += n_h
         score: float | np.ndarray = 0.0
         if self.score_fn is not None:
-            pos = positions[freed_mask][hashed]
+            positions = np.arange(n - 1, -1, -1) if tail_first else np.arange(n)
+            pos = positions if all_freed else positions[freed_mask]
+            if n_h < n_freed:
+                pos = pos[hashed]
             score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason, self._seq + 1))
         if np.ndim(score) == 0:
             self._seq += 1
@@ -249,7 +290,7 @@ class BlockPool:
             return
         score = np.asarray(score, dtype=np.float64)
         # one run per stretch of equal score, keeping the release order inside
-        cuts = np.flatnonzero(score[1:] != score[:-1]) + 1
+        cuts = (score[1:] != score[:-1]).nonzero()[0] + 1
         bounds = [0, *cuts.tolist(), len(score)]
         for a, b in zip(bounds[:-1], bounds[1:]):
             self._seq += 1
@@ -295,7 +336,7 @@ class BlockPool:
             if n:
                 cand = blocks[:n]
                 ok = self.canonical[cand] & (self.gen[cand] == gens[:n])
-                start = n if ok.all() else int(np.argmin(ok))
+                start = n if _cnz(ok) == n else int(ok.argmin())
                 found = cand[:start]
         if start >= max_blocks:
             return found
@@ -317,10 +358,14 @@ class BlockPool:
         """Add one reference to each block (a prefix hit); free ones leave the queue."""
         if len(blocks) == 0:
             return
-        in_queue = blocks[self.ref[blocks] == 0]
-        if len(in_queue):
-            self._leave_queue(in_queue)
-        self.ref[blocks] += 1
+        ref = self.ref
+        r = ref[blocks]
+        free = r == 0
+        k = _cnz(free)
+        if k:
+            self._leave_queue(blocks if k == len(blocks) else blocks[free])
+        r += 1
+        ref[blocks] = r
 
     def get_new_blocks(self, n: int) -> np.ndarray:
         """Pop ``n`` blocks from the front of the free queue, evicting cached ones."""
@@ -330,31 +375,44 @@ class BlockPool:
             self._ensure_unhashed_free(n)
         if n > self.num_free:
             raise ValueError(f"cannot get {n} free blocks from the pool ({self.num_free} free)")
-        blocks = self._pop_front(n)
+        if n > _SMALL:
+            blocks = self._pop_front(n)
+        else:
+            got = self._pop_front_small(n)
         in_use = self.num_blocks - 1 - self.num_free
         if in_use > self.peak_in_use:
             self.peak_in_use = in_use
-        if n == 1:  # scalar steps for the common decode case
-            b = int(blocks[0])
-            self.ref[b] = 1
-            if self.has_hash[b]:
+        if n <= _SMALL:  # scalar steps
+            ref, has_hash = self.ref, self.has_hash
+            hashed: list[int] = []
+            for b in got:
+                ref[b] = 1
+                if has_hash[b]:
+                    hashed.append(b)
+            blocks = np.array(got, dtype=np.int64)
+            if hashed:
                 if self._dups:
-                    self._evict(blocks)
-                else:  # _evict for one canonical block
-                    h = int(self.hash_of[b])
-                    del self.cached[h]
-                    self.has_hash[b] = False
-                    self.canonical[b] = False
-                    self.gen[b] += 1
-                    self.num_free_hashed -= 1
-                    self.num_evicted += 1
+                    self._evict(np.array(hashed, dtype=np.int64))
+                else:  # _evict for canonical blocks
+                    hash_of, canonical, gen, cached = self.hash_of, self.canonical, self.gen, self.cached
+                    hashes = []
+                    for b in hashed:
+                        h = hash_of.item(b)
+                        del cached[h]
+                        has_hash[b] = False
+                        canonical[b] = False
+                        gen[b] += 1
+                        hashes.append(h)
+                    self.num_free_hashed -= len(hashed)
+                    self.num_evicted += len(hashed)
                     if self.on_evict is not None:
-                        self.on_evict([h])
+                        self.on_evict(hashes)
             return blocks
         self.ref[blocks] = 1
-        hashed = blocks[self.has_hash[blocks]]
-        if len(hashed):
-            self._evict(hashed)
+        hashed = self.has_hash[blocks]
+        k = _cnz(hashed)
+        if k:
+            self._evict(blocks if k == n else blocks[hashed])
         return blocks
 
     def _evict(self, blocks: np.ndarray) -> None:
@@ -400,18 +458,38 @@ class BlockPool:
         Like vLLM, an identical block already cached is not de-duplicated: the
         first one stays the one that lookups return.
         """
-        if len(blocks) == 0:
+        n = len(blocks)
+        if n == 0:
             return
-        if self.has_hash[blocks].any():
-            raise AssertionError("caching a block that already has a hash")
-        self.has_hash[blocks] = True
-        self.hash_of[blocks] = hashes
         cached, canonical = self.cached, self.canonical
-        if cached.keys().isdisjoint(hashes):  # no duplicates: all canonical
-            cached.update(zip(hashes, blocks.tolist()))
-            canonical[blocks] = True
-            return
-        for b, h in zip(blocks.tolist(), hashes):
+        if n <= _SMALL:  # the same in scalar steps
+            has_hash, hash_of = self.has_hash, self.hash_of
+            bl = blocks.tolist()
+            for b in bl:
+                if has_hash[b]:
+                    raise AssertionError("caching a block that already has a hash")
+            if cached.keys().isdisjoint(hashes):
+                for b, h in zip(bl, hashes):
+                    has_hash[b] = True
+                    hash_of[b] = h
+                    canonical[b] = True
+                cached.update(zip(hashes, bl))
+                return
+            for b, h in zip(bl, hashes):
+                has_hash[b] = True
+                hash_of[b] = h
+            blocks = bl
+        else:
+            if _cnz(self.has_hash[blocks]):
+                raise AssertionError("caching a block that already has a hash")
+            self.has_hash[blocks] = True
+            self.hash_of[blocks] = hashes
+            if cached.keys().isdisjoint(hashes):  # no duplicates: all canonical
+                cached.update(zip(hashes, blocks.tolist()))
+                canonical[blocks] = True
+                return
+            blocks = blocks.tolist()
+        for b, h in zip(blocks, hashes):
             if h in cached:
                 self._dups.setdefault(h, []).append(b)
             else:
@@ -421,12 +499,11 @@ class BlockPool:
     def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:
         """Drop one reference from each block, given in eviction order (first = evicted first)."""
         ordered = np.asarray(ordered_blocks, dtype=np.int64)
-        self._release(ordered, np.arange(len(ordered)), request, now, reason)
+        self._release(ordered, False, request, now, reason)
 
     def free_block_table(self, table: np.ndarray, request=None, now: float = 0.0, reason: str = "finish") -> None:
         """Free a request's block table the way vLLM does: tail first."""
-        n = len(table)
-        self._release(table[::-1], np.arange(n - 1, -1, -1), request, now, reason)
+        self._release(table[::-1], True, request, now, reason)
 
     def release_uncached(self, blocks: np.ndarray) -> int:
         """Drop one reference from each block; those that become free lose their hash (uncached).
@@ -442,10 +519,12 @@ class BlockPool:
         if len(blocks) == 0:
             return 0
         ref = self.ref
-        if (ref[blocks] <= 0).any():
+        r = ref[blocks]
+        if r.min() <= 0:
             raise AssertionError("freeing a block whose ref count is already 0")
-        ref[blocks] -= 1
-        freed = blocks[ref[blocks] == 0]
+        r -= 1
+        ref[blocks] = r
+        freed = blocks[r == 0]
         if len(freed) == 0:
             return 0
         hashed = freed[self.has_hash[freed]]

@@ -98,7 +98,7 @@ class Metrics:
         # the blocks this admission has just cached itself (canonical ones) do not count
         pool = self.pool
         in_cache = sum(map(pool.cached.__contains__, missed))
-        own = int(pool.canonical[req.blocks[hit_tokens // bs : req.num_cached_blocks]].sum())
+        own = int(np.count_nonzero(pool.canonical[req.blocks[hit_tokens // bs : req.num_cached_blocks]]))
         seen_before = len(harmful) + in_cache - own
         req.recomputed_tokens += seen_before * bs
 

@@ -1,5 +1,9 @@
 """Small sequence helpers shared by hashing and workload preparation."""
 
+from operator import itemgetter
+
+_second = itemgetter(1)
+
 
 def common_prefix_len(a, b) -> int:
     """Length of the longest common prefix of two sequences (C-speed slice compares)."""
@@ -22,7 +26,7 @@ def shared_tokens(a, b) -> int:
     segment id that then appears with two lengths shares the shorter length.
     """
     k = common_prefix_len(a, b)
-    n = sum(seg[1] for seg in a[:k])
+    n = sum(map(_second, a[:k]))
     if k < len(a) and k < len(b) and a[k][0] == b[k][0]:
         n += min(a[k][1], b[k][1])
     return n
