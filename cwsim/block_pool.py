@@ -358,14 +358,16 @@ class BlockPool:
         """Add one reference to each block (a prefix hit); free ones leave the queue."""
         if len(blocks) == 0:
             return
-        ref = self.ref
-        r = ref[blocks]
+        r = self.ref[blocks]
         free = r == 0
-        k = _cnz(free)
-        if k:
-            self._leave_queue(blocks if k == len(blocks) else blocks[free])
+        self._touch(blocks, r, free, _cnz(free))
+
+    def _touch(self, blocks: np.ndarray, r: np.ndarray, free: np.ndarray, n_free: int) -> None:
+        """``touch`` given ``r = ref[blocks]``, ``free = r == 0`` and its count (consumed)."""
+        if n_free:
+            self._leave_queue(blocks if n_free == len(blocks) else blocks[free])
         r += 1
-        ref[blocks] = r
+        self.ref[blocks] = r
 
     def get_new_blocks(self, n: int) -> np.ndarray:
         """Pop ``n`` blocks from the front of the free queue, evicting cached ones."""
