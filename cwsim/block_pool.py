@@ -51,8 +51,12 @@ _consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
 _COMPACT_MIN = 256
 _SMALL = 7  # up to this many blocks, allocation takes scalar steps (numpy's per-call overhead dominates)
-# np.count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays
-_cnz = np.count_nonzero
+# count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays.
+# It returns a numpy integer: convert before keeping a count (counters stay Python ints).
+try:  # the C function itself, without np.count_nonzero's Python wrapper (axis/keepdims handling)
+    from numpy._core.multiarray import count_nonzero as _cnz
+except ImportError:  # pragma: no cover - other numpy layouts
+    _cnz = np.count_nonzero
 
 
 @dataclass(slots=True)
@@ -267,7 +271,7 @@ class BlockPool:
         all_freed = n_freed == n
         freed = ordered.copy() if all_freed else ordered[freed_mask]  # a run's own array
         hashed = self.has_hash[freed]
-        n_h = _cnz(hashed)
+        n_h = int(_cnz(hashed))
         if n_h < n_freed:
             self._seq += 1
             self._push_run((0, 0.0, -self._seq), freed[~hashed])
@@ -277,13 +281,15 @@ class BlockPool:
         else:
             freed_h = freed
         self.num_free_hashed += n_h
-        score: float | np.ndarray = 0.0
-        if self.score_fn is not None:
-            positions = np.arange(n - 1, -1, -1) if tail_first else np.arange(n)
-            pos = positions if all_freed else positions[freed_mask]
-            if n_h < n_freed:
-                pos = pos[hashed]
-            score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason, self._seq + 1))
+        if self.score_fn is None:  # score 0 for every block: one run
+            self._seq += 1
+            self._push_run((1, 0.0, self._seq), freed_h)
+            return
+        positions = np.arange(n - 1, -1, -1) if tail_first else np.arange(n)
+        pos = positions if all_freed else positions[freed_mask]
+        if n_h < n_freed:
+            pos = pos[hashed]
+        score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason, self._seq + 1))
         if np.ndim(score) == 0:
             self._seq += 1
             self._push_run((1, float(score), self._seq), freed_h)
