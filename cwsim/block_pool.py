@@ -34,7 +34,9 @@ block out of the middle of the queue (a prefix hit) only marks it
 (``run_of[b] = -1``); stale entries are skipped when the run reaches the front
 and runs are compacted when mostly stale. So touching or freeing a whole
 20k-token prompt is a handful of vectorised numpy operations, not a Python loop
-per block. Only evictions (hash-map updates) are per block.
+per block. Only evictions (hash-map updates) are per block, and allocating or
+caching a few blocks (up to ``_SMALL``, the decode steps) takes scalar steps,
+where numpy's per-call overhead would cost more than the work.
 """
 
 from __future__ import annotations
