@@ -34,7 +34,9 @@ block out of the middle of the queue (a prefix hit) only marks it
 (``run_of[b] = -1``); stale entries are skipped when the run reaches the front
 and runs are compacted when mostly stale. So touching or freeing a whole
 20k-token prompt is a handful of vectorised numpy operations, not a Python loop
-per block. Only evictions (hash-map updates) are per block.
+per block. Only evictions (hash-map updates) are per block, and allocating or
+caching a few blocks (up to ``_SMALL``, the decode steps) takes scalar steps,
+where numpy's per-call overhead would cost more than the work.
 """
 
 from __future__ import annotations
@@ -51,8 +53,12 @@ _consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
 _COMPACT_MIN = 256
 _SMALL = 7  # up to this many blocks, allocation takes scalar steps (numpy's per-call overhead dominates)
-# np.count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays
-_cnz = np.count_nonzero
+# count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays.
+# It returns a numpy integer: convert before keeping a count (counters stay Python ints).
+try:  # the C function itself, without np.count_nonzero's Python wrapper (axis/keepdims handling)
+    from numpy._core.multiarray import count_nonzero as _cnz
+except ImportError:  # pragma: no cover - other numpy layouts
+    _cnz = np.count_nonzero
 
 
 @dataclass(slots=True)
@@ -267,7 +273,7 @@ class BlockPool:
         all_freed = n_freed == n
         freed = ordered.copy() if all_freed else ordered[freed_mask]  # a run's own array
         hashed = self.has_hash[freed]
-        n_h = _cnz(hashed)
+        n_h = int(_cnz(hashed))
         if n_h < n_freed:
             self._seq += 1
             self._push_run((0, 0.0, -self._seq), freed[~hashed])
@@ -277,13 +283,15 @@ class BlockPool:
         else:
             freed_h = freed
         self.num_free_hashed += n_h
-        score: float | np.ndarray = 0.0
-        if self.score_fn is not None:
-            positions = np.arange(n - 1, -1, -1) if tail_first else np.arange(n)
-            pos = positions if all_freed else positions[freed_mask]
-            if n_h < n_freed:
-                pos = pos[hashed]
-            score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason, self._seq + 1))
+        if self.score_fn is None:  # score 0 for every block: one run
+            self._seq += 1
+            self._push_run((1, 0.0, self._seq), freed_h)
+            return
+        positions = np.arange(n - 1, -1, -1) if tail_first else np.arange(n)
+        pos = positions if all_freed else positions[freed_mask]
+        if n_h < n_freed:
+            pos = pos[hashed]
+        score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason, self._seq + 1))
         if np.ndim(score) == 0:
             self._seq += 1
             self._push_run((1, float(score), self._seq), freed_h)
@@ -358,14 +366,16 @@ class BlockPool:
         """Add one reference to each block (a prefix hit); free ones leave the queue."""
         if len(blocks) == 0:
             return
-        ref = self.ref
-        r = ref[blocks]
+        r = self.ref[blocks]
         free = r == 0
-        k = _cnz(free)
-        if k:
-            self._leave_queue(blocks if k == len(blocks) else blocks[free])
+        self._touch(blocks, r, free, _cnz(free))
+
+    def _touch(self, blocks: np.ndarray, r: np.ndarray, free: np.ndarray, n_free: int) -> None:
+        """``touch`` given ``r = ref[blocks]``, ``free = r == 0`` and its count (consumed)."""
+        if n_free:
+            self._leave_queue(blocks if n_free == len(blocks) else blocks[free])
         r += 1
-        ref[blocks] = r
+        self.ref[blocks] = r
 
     def get_new_blocks(self, n: int) -> np.ndarray:
         """Pop ``n`` blocks from the front of the free queue, evicting cached ones."""

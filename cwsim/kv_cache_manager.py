@@ -37,11 +37,16 @@ class KVCacheManager:
         n_hit = 0 if new_computed is None else len(new_computed)
         total = req.num_computed + n_hit * bs + num_new_tokens
         n_new = -(-total // bs) - len(req.blocks) - n_hit
-        n_evictable_hits = int(np.count_nonzero(pool.ref[new_computed] == 0)) if n_hit else 0
+        if n_hit:
+            r = pool.ref[new_computed]
+            hit_free = r == 0
+            n_evictable_hits = int(np.count_nonzero(hit_free))
+        else:
+            n_evictable_hits = 0
         if n_new + n_evictable_hits > pool.num_free and not pool.growable:
             return None
         if n_hit:
-            pool.touch(new_computed)
+            pool._touch(new_computed, r, hit_free, n_evictable_hits)  # pool.touch, reusing the counts above
         new = pool.get_new_blocks(n_new) if n_new > 0 else _EMPTY
         if n_hit or len(new):
             parts = [p for p in (req.blocks, new_computed if n_hit else None, new) if p is not None and len(p)]
