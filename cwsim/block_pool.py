@@ -478,12 +478,11 @@ class BlockPool:
             for b in bl:
                 if has_hash[b]:
                     raise AssertionError("caching a block that already has a hash")
-            if cached.keys().isdisjoint(hashes):
+            if cached.keys().isdisjoint(hashes) and self._add_new(hashes, bl):
                 for b, h in zip(bl, hashes):
                     has_hash[b] = True
                     hash_of[b] = h
                     canonical[b] = True
-                cached.update(zip(hashes, bl))
                 return
             for b, h in zip(bl, hashes):
                 has_hash[b] = True
@@ -494,17 +493,28 @@ class BlockPool:
                 raise AssertionError("caching a block that already has a hash")
             self.has_hash[blocks] = True
             self.hash_of[blocks] = hashes
-            if cached.keys().isdisjoint(hashes):  # no duplicates: all canonical
-                cached.update(zip(hashes, blocks.tolist()))
+            bl = blocks.tolist()
+            if cached.keys().isdisjoint(hashes) and self._add_new(hashes, bl):  # no duplicates: all canonical
                 canonical[blocks] = True
                 return
-            blocks = blocks.tolist()
+            blocks = bl
         for b, h in zip(blocks, hashes):
             if h in cached:
                 self._dups.setdefault(h, []).append(b)
             else:
                 cached[h] = b
                 canonical[b] = True
+
+    def _add_new(self, hashes: Sequence[int], blocks: list[int]) -> bool:
+        """Map hashes none of which is cached to their blocks; False (nothing added) if one repeats."""
+        cached = self.cached
+        before = len(cached)
+        cached.update(zip(hashes, blocks))
+        if len(cached) - before == len(blocks):
+            return True
+        for h in hashes:  # a hash given twice: the first block must win, as one by one
+            cached.pop(h, None)
+        return False
 
     def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:
         """Drop one reference from each block, given in eviction order (first = evicted first)."""

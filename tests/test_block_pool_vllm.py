@@ -229,3 +229,15 @@ def test_free_more_than_referenced_is_refused():
     pool.free_blocks(blocks)
     with pytest.raises(AssertionError):
         pool.free_blocks(np.asarray(blocks))
+
+
+def test_one_cache_call_with_a_hash_twice_keeps_the_first_block():
+    """Two requests with the same content fill the same block in one step (one cache call)."""
+    for n in (2, 20):  # the scalar path for small calls and the vectorised one
+        pool = BlockPool(64)
+        blocks = pool.get_new_blocks(n)
+        hashes = [7, 7] + list(range(100, 100 + n - 2))
+        pool.cache_full_blocks(blocks, hashes)
+        assert pool.get_cached_block(7) == blocks[0]
+        assert pool.canonical[blocks].tolist() == [True, False] + [True] * (n - 2)
+        pool.check_invariants()
