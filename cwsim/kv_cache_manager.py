@@ -36,7 +36,7 @@ class KVCacheManager:
         pool, bs = self.pool, self.block_size
         n_hit = 0 if new_computed is None else len(new_computed)
         total = req.num_computed + n_hit * bs + num_new_tokens
-        n_new = -(-total // bs) - len(req.blocks) - n_hit
+        n_new = -(-total // bs) - req.nblk - n_hit
         if n_hit:
             r = pool.ref[new_computed]
             hit_free = r == 0
@@ -48,11 +48,14 @@ class KVCacheManager:
         if n_hit:
             pool._touch(new_computed, r, hit_free, n_evictable_hits)  # pool.touch, reusing the counts above
         new = pool.get_new_blocks(n_new) if n_new > 0 else _EMPTY
-        if n_hit or len(new):
-            parts = [p for p in (req.blocks, new_computed if n_hit else None, new) if p is not None and len(p)]
-            req.blocks = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if req.table is None:  # room for the whole call
+            req.table = np.empty(max(-(-(req.prompt_len + req.output_len) // bs), n_hit + len(new)), dtype=np.int64)
         if n_hit:
-            req.num_cached_blocks = max(req.num_cached_blocks, len(req.blocks) - len(new))
+            req.append_blocks(new_computed)
+        if len(new):
+            req.append_blocks(new)
+        if n_hit:
+            req.num_cached_blocks = max(req.num_cached_blocks, req.nblk - len(new))
         self.cache_blocks(req, min(total, req.num_tokens))
         return new
 
@@ -62,18 +65,23 @@ class KVCacheManager:
         blocks, hashes = [], []
         for req, num_tokens in items:
             n_full = num_tokens // bs
-            if n_full > req.num_cached_blocks:
-                blocks.append(req.blocks[req.num_cached_blocks : n_full])
-                hashes += req.hashes[req.num_cached_blocks : n_full]
+            k = req.num_cached_blocks
+            if n_full == k + 1:  # the common case: one block
+                blocks.append(req.table[k : n_full])
+                hashes.append(req.hashes[k])
+                req.num_cached_blocks = n_full
+            elif n_full > k:
+                blocks.append(req.table[k : n_full])
+                hashes += req.hashes[k : n_full]
                 req.num_cached_blocks = n_full
         if blocks:
-            self.pool.cache_full_blocks(np.concatenate(blocks), hashes)
+            self.pool.cache_full_blocks(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), hashes)
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         """Give hashes to the request's blocks that ``num_tokens`` tokens fill."""
         n_full = num_tokens // self.block_size
         if n_full > req.num_cached_blocks:
-            self.pool.cache_full_blocks(req.blocks[req.num_cached_blocks : n_full], req.hashes[req.num_cached_blocks : n_full])
+            self.pool.cache_full_blocks(req.table[req.num_cached_blocks : n_full], req.hashes[req.num_cached_blocks : n_full])
             req.num_cached_blocks = n_full
 
     def free(self, req: Request, now: float = 0.0, reason: str = "finish") -> None:
@@ -84,7 +92,8 @@ class KVCacheManager:
         elif req.session is not None:
             req.session.hint = hint
         self.pool.free_block_table(req.blocks, req, now, reason)
-        req.blocks = _EMPTY
+        req.table = None  # dropped, not reused: the hint above is a view of it
+        req.nblk = 0
         req.num_cached_blocks = 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,7 +31,11 @@ class Request:
     arrival: float
     num_generated: int = 0
     num_computed: int = 0
-    blocks: np.ndarray = field(default_factory=lambda: _EMPTY)
+    #: the block table is ``table[:nblk]`` (``blocks``); ``table`` has room for the
+    #: whole call, so appending a block is a store. A freed table is dropped, never
+    #: reused, so views of it (prefix-lookup hints) stay valid.
+    table: np.ndarray | None = None
+    nblk: int = 0
     num_cached_blocks: int = 0
     admitted: bool = False
     first_scheduled: float = -1.0
@@ -51,6 +55,27 @@ class Request:
     #: ``num_computed = step + c_off`` until the request leaves the batch
     lazy: bool = False
     c_off: int = 0
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """The block table (a view)."""
+        return _EMPTY if self.table is None else self.table[: self.nblk]
+
+    @blocks.setter
+    def blocks(self, blocks) -> None:
+        self.table = np.array(blocks, dtype=np.int64)
+        self.nblk = len(self.table)
+
+    def append_blocks(self, blocks) -> None:
+        """Add blocks at the end of the table (growing it if the call outgrows it)."""
+        k, n = self.nblk, len(blocks)
+        table = self.table
+        if table is None or k + n > len(table):
+            table = np.empty(max(2 * k + n, 16), dtype=np.int64)
+            table[:k] = self.blocks
+            self.table = table
+        table[k : k + n] = blocks
+        self.nblk = k + n
 
     @property
     def num_tokens(self) -> int:

@@ -237,7 +237,7 @@ class Scheduler:
                 # last block nothing is allocated; at a block boundary the one new block is free
                 # (no free block: the general path below, which may preempt)
                 if computed % bs == 0:
-                    req.blocks = np.concatenate((req.blocks, kv.pool.get_new_blocks(1)))
+                    req.append_blocks(kv.pool.get_new_blocks(1))
                 if (computed + 1) % bs == 0:
                     kv.cache_blocks(req, computed + 1)
                 scheduled.append((req, 1))
@@ -312,10 +312,14 @@ class Scheduler:
         if need:
             if len(need) > pool.num_free:
                 return False
-            got = pool.get_new_blocks(len(need))
-            concat = np.concatenate
-            for i, r in enumerate(need):
-                r.blocks = concat((r.blocks, got[i : i + 1]))
+            got = pool.get_new_blocks(len(need)).tolist()
+            for r, b in zip(need, got):
+                k = r.nblk
+                if k < len(r.table):
+                    r.table[k] = b
+                    r.nblk = k + 1
+                else:
+                    r.append_blocks((b,))
         fill = self._buckets[(bs - 1 - step) % bs]
         if fill:
             self.kv.cache_blocks_of([(r, step + r.c_off + 1) for r in fill])
@@ -375,21 +379,13 @@ class Scheduler:
             else:
                 order = cycle
             if order:
-                got = kv.pool.get_new_blocks(len(order))
-                concat = np.concatenate
-                if not q:  # fewer steps than a block: one new block each
-                    for i, req in enumerate(order):
-                        req.blocks = concat((req.blocks, got[i : i + 1]))
-                else:
-                    per: dict[Request, list[int]] = {}
-                    for req, b in zip(order, got.tolist()):
-                        got_r = per.get(req)
-                        if got_r is None:
-                            per[req] = [b]
-                        else:
-                            got_r.append(b)
-                    for req, bl in per.items():
-                        req.blocks = concat((req.blocks, np.array(bl, dtype=np.int64)))
+                for req, b in zip(order, kv.pool.get_new_blocks(len(order)).tolist()):  # in step order
+                    k = req.nblk
+                    if k < len(req.table):
+                        req.table[k] = b
+                        req.nblk = k + 1
+                    else:
+                        req.append_blocks((b,))
             # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one
             filled = [(req, t + 1 + req.c_off) for t in range(step + 1, step + n) for req in buckets[(bs - 1 - t) % bs]]
             if filled:
