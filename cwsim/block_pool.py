@@ -175,18 +175,32 @@ class BlockPool:
             self._heap = [(r.key, r.rid) for r in self._runs.values()]
             heapq.heapify(self._heap)
 
+    def _front_run(self) -> _Run:
+        """The run at the front of the queue (dead heap entries are dropped on the way)."""
+        heap, runs = self._heap, self._runs
+        while True:
+            run = runs.get(heap[0][1])
+            if run is not None:
+                return run
+            heapq.heappop(heap)
+
+    def _advance(self, run: _Run, start: int, live: int) -> None:
+        """The front ``run`` after taking blocks: it starts at ``start`` with ``live`` left, or is gone."""
+        if live:
+            run.start = start
+            run.live = live
+        else:
+            heapq.heappop(self._heap)
+            del self._runs[run.rid]
+
     def _pop_front_small(self, n: int) -> list[int]:
         """``_pop_front`` in scalar steps, as a list: for a few blocks (decode steps)."""
-        heap, runs, run_of = self._heap, self._runs, self.run_of
+        run_of = self.run_of
         out: list[int] = []
         need = n
         while need:
-            rid = heap[0][1]
-            run = runs.get(rid)
-            if run is None:
-                heapq.heappop(heap)
-                continue
-            ids, start, live = run.ids, run.start, run.live
+            run = self._front_run()
+            rid, ids, start, live = run.rid, run.ids, run.start, run.live
             take = need if need < live else live
             for _ in range(take):
                 b = ids.item(start)
@@ -197,28 +211,18 @@ class BlockPool:
                 run_of[b] = -1
                 out.append(b)
             need -= take
-            live -= take
-            if live:
-                run.start = start
-                run.live = live
-            else:
-                heapq.heappop(heap)
-                del runs[rid]
+            self._advance(run, start, live - take)
         self.num_free -= n
         return out
 
     def _pop_front(self, n: int) -> np.ndarray:
         """The first ``n`` free blocks in queue order, taken out of the queue."""
-        heap, runs, run_of = self._heap, self._runs, self.run_of
+        run_of = self.run_of
         out: list[np.ndarray] = []
         need = n
         while need:
-            rid = heap[0][1]
-            run = runs.get(rid)
-            if run is None:
-                heapq.heappop(heap)
-                continue
-            ids, start, live = run.ids, run.start, run.live
+            run = self._front_run()
+            rid, ids, start, live = run.rid, run.ids, run.start, run.live
             take = need if need < live else live
             seg = ids[start : start + take]
             if _cnz(run_of[seg] == rid) == take:  # the common case: no stale entries among the next ``take``
@@ -239,13 +243,7 @@ class BlockPool:
                         out.append(seg[valid])
                         left -= len(valid)
             need -= take
-            live -= take
-            if live:
-                run.start = start
-                run.live = live
-            else:
-                heapq.heappop(heap)
-                del runs[rid]
+            self._advance(run, start, live - take)
         blocks = out[0].copy() if len(out) == 1 else np.concatenate(out)
         run_of[blocks] = -1
         self.num_free -= n
