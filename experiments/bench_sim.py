@@ -36,9 +36,12 @@ What it measures
     (and CPU seconds of the process, ``time.process_time``, which a busy
     machine does not inflate), calls per wall (and CPU) second, simulated seconds per wall second, evicted blocks,
     engine steps, decode jumps, wall time per call, and wall(k)/wall(1).
-    Linearity: the slope of a least-squares fit of wall time against calls,
-    and the ratio of per-call wall time at the largest vs the smallest scale
-    (1.0 = perfectly linear). ``--no-pressure`` adds a k=1 run under the
+    Linearity, per mode: the slope of a least-squares fit of wall time against
+    calls, and the ratio of per-call wall time at the largest vs the smallest
+    scale (1.0 = perfectly linear). Across both modes, a cost model: the
+    least-squares fit of wall time to calls and evicted blocks, with its
+    largest deviation (the scaled mode does more work per call: its evictions
+    per call grow with k). ``--no-pressure`` adds a k=1 run under the
     ``infinite`` policy (never evicts), separating engine/scheduler cost from
     eviction cost.
 
@@ -73,6 +76,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -279,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"linearity ({mode}): wall = {1000 * slope:.3f} ms/call * calls {icpt:+.2f} s (least squares "
                           f"over {len(mode_rows)} scales); per-call wall at k={mode_rows[-1]['scale']} / "
                           f"k={mode_rows[0]['scale']} = {ratio:.2f} (1.00 = linear)")
+    runs = {(r["agents"], r["calls"]): r for r in rows if r["mode"] != "no-pressure"}.values()  # distinct runs
+    if len(runs) >= 3:
+        x = np.array([[r["calls"], r["evicted_blocks"]] for r in runs], dtype=float)
+        y = np.array([r["wall_s"] for r in runs])
+        (per_call, per_evict), *_ = np.linalg.lstsq(x, y, rcond=None)
+        resid = np.max(np.abs(x @ np.array([per_call, per_evict]) - y) / y)
+        console.print(f"cost model over {len(runs)} runs: wall = {1000 * per_call:.3f} ms/call * calls + "
+                      f"{1e6 * per_evict:.2f} us/evicted block * evictions (largest deviation {100 * resid:.1f}%)")
     first = rows[0]
     if args.no_pressure and first["scale"] == 1:
         npr = rows[-1]
