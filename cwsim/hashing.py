@@ -46,11 +46,12 @@ class SegmentInterner:
 class PrefixMemo:
     """Hashing state of the last sequence hashed, for incremental reuse."""
 
-    __slots__ = ("segs", "hashes", "states", "reused")
+    __slots__ = ("segs", "hashes", "states", "reused", "ids")
 
     def __init__(self) -> None:
         self.segs: tuple[tuple[int, int], ...] = ()
         self.hashes: list[int] = []
+        self.ids: list[int] = []  # the hashes' BlockIds, when block_hashes is given them
         # states[i] = (full-block hashes so far, partial-block pieces) before
         # segment i; states[len(segs)] is the state at the end.
         self.states: list[tuple[int, tuple]] = [(0, ())]
@@ -58,11 +59,28 @@ class PrefixMemo:
         self.reused = 0
 
 
-def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None) -> list[int]:
+class BlockIds(dict):
+    """Dense ids for block hashes: 0, 1, 2, ... in order of first appearance.
+
+    Given to :func:`block_hashes`, they replace the CPython hash values in
+    what it returns: equal exactly when the hashes are, and small consecutive
+    ints keep the cache's tables compact (the engine uses them).
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, h: int) -> int:
+        n = self[h] = len(self)
+        return n
+
+
+def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None, ids: BlockIds | None = None) -> list[int]:
     """Hashes of every full block of the token sequence ``segs``.
 
     With a ``memo``, work already done for a sequence sharing a segment prefix
-    is reused, and the memo is updated to this sequence.
+    is reused, and the memo is updated to this sequence. With ``ids``, the
+    hashes' dense ids (:class:`BlockIds`, the same for every call with this
+    memo) are returned instead.
     """
     if memo is None:
         memo = PrefixMemo()
@@ -98,4 +116,9 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
     memo.segs = segs
     memo.hashes = hashes
     memo.states = states
-    return hashes
+    if ids is None:
+        return hashes
+    out = memo.ids[:n_hashes]
+    out += map(ids.__getitem__, hashes[n_hashes:])
+    memo.ids = out
+    return out

@@ -33,12 +33,16 @@ SESSION_FIELDS = ["session_id", "calls", "start_s", "end_s", "duration_s", "prom
                   "recomputed_tokens", "preemptions"]
 
 
+_count = np.count_nonzero
+
+
 class Metrics:
     def __init__(self, block_size: int, out_dir: Path | None = None, on_progress=None):
         self.block_size = block_size
         self.pool = None
         self.cpu_tier = None
-        self._pending_evicted: set[int] = set()
+        #: pending[h]: hash id h was evicted and has not been requested since (a later miss is harmful)
+        self._pending = np.zeros(1024, dtype=bool)
         self.harmful_evictions = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -70,14 +74,29 @@ class Metrics:
         self._files = []
 
     # ------------------------------------------------------------- events
+    def _fit(self, hashes: list[int]) -> None:
+        """Grow the pending flags to cover ``hashes`` (dense ids, ``cwsim.hashing.HashIds``)."""
+        top = max(hashes) + 1
+        if top > len(self._pending):
+            grown = np.zeros(max(top, 2 * len(self._pending)), dtype=bool)
+            grown[: len(self._pending)] = self._pending
+            self._pending = grown
+
     def on_evict(self, hashes: list[int]) -> None:
-        self._pending_evicted.update(hashes)
+        try:
+            self._pending[hashes] = True
+        except IndexError:  # a hash id past the flags: grow them
+            self._fit(hashes)
+            self._pending[hashes] = True
 
     def on_admit(self, req: Request, hit_tokens: int, now: float, swap_tokens: int = 0) -> None:
         """``hit_tokens``: the GPU prefix hit; ``swap_tokens``: the tokens swapped in from the CPU tier after it."""
         bs = self.block_size
         if swap_tokens:  # loaded, not missed: an earlier eviction of these hashes did no harm (yet)
-            self._pending_evicted.difference_update(req.hashes[hit_tokens // bs : (hit_tokens + swap_tokens) // bs])
+            loaded = req.hashes[hit_tokens // bs : (hit_tokens + swap_tokens) // bs]
+            if loaded:
+                self._fit(loaded)
+                self._pending[loaded] = False  # (swap-ins: rare, CPU tier only)
             hit_tokens += swap_tokens  # for what follows: computed before this admission, not recomputed
         if req.admitted:  # re-admission after preemption: all of it was computed before
             req.recomputed_tokens += req.num_tokens - hit_tokens
@@ -86,20 +105,23 @@ class Metrics:
         req.first_scheduled = now
         req.cached_tokens = hit_tokens - swap_tokens
         missed = req.hashes[hit_tokens // bs : req.prompt_len // bs]
-        pending = self._pending_evicted
-        if pending:
-            harmful = pending.intersection(missed)
+        harmful = 0
+        if missed:
+            try:
+                flags = self._pending[missed]
+            except IndexError:  # a hash id past the flags: grow them
+                self._fit(missed)
+                flags = self._pending[missed]
+            harmful = int(_count(flags))  # a sequence's block hashes are distinct
             if harmful:
-                self.harmful_evictions += len(harmful)
-                pending.difference_update(harmful)
-        else:
-            harmful = ()
+                self.harmful_evictions += harmful
+                self._pending[missed] = False
         # missed blocks cached elsewhere (past the first miss, or a duplicate);
         # the blocks this admission has just cached itself (canonical ones) do not count
         pool = self.pool
         in_cache = sum(map(pool.cached.__contains__, missed))
         own = int(np.count_nonzero(pool.canonical[req.blocks[hit_tokens // bs : req.num_cached_blocks]]))
-        seen_before = len(harmful) + in_cache - own
+        seen_before = harmful + in_cache - own
         req.recomputed_tokens += seen_before * bs
 
     def on_finish(self, req: Request, now: float) -> None:

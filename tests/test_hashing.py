@@ -6,7 +6,7 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cwsim.hashing import PrefixMemo, SegmentInterner, block_hashes
+from cwsim.hashing import BlockIds, PrefixMemo, SegmentInterner, block_hashes
 
 segments = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 40)), min_size=1, max_size=8)
 
@@ -54,3 +54,26 @@ def test_hashes_do_not_depend_on_the_interpreter_hash_seed():
 def test_interner_numbers_segments_in_order_of_appearance():
     i = SegmentInterner()
     assert [i("b"), i("a"), i("b"), i("c")] == [1, 2, 1, 3]
+
+
+def test_block_ids_are_dense_and_equal_exactly_when_hashes_are():
+    """With BlockIds, a memo-chained sequence of calls gets ids that mirror the hashes 1:1."""
+    ids = BlockIds()
+    memo_a, memo_b, plain_a, plain_b = PrefixMemo(), PrefixMemo(), PrefixMemo(), PrefixMemo()
+    calls_a = [(("sys", 40), ("u0", 9)), (("sys", 40), ("u0", 9), ("t0", 30)), (("sys", 40), ("x", 21))]
+    calls_b = [(("sys", 40), ("v0", 50))]
+    interner = SegmentInterner()
+    seen: dict[int, int] = {}
+    for calls, memo, plain in ((calls_a, memo_a, plain_a), (calls_b, memo_b, plain_b)):
+        for call in calls:
+            segs = tuple((interner(s), n) for s, n in call)
+            got = block_hashes(segs, 8, memo, ids)
+            want = block_hashes(segs, 8, plain)
+            assert len(got) == len(want)
+            for i, h in zip(got, want):
+                assert seen.setdefault(h, i) == i  # one id per hash ...
+            assert len(set(got)) == len(got)
+    assert len(set(seen.values())) == len(seen)  # ... and one hash per id
+    assert sorted(seen.values()) == list(range(len(ids)))  # dense, from 0
+    first_a = block_hashes(tuple((interner(s), n) for s, n in calls_a[0]), 8, PrefixMemo(), ids)
+    assert first_a[:5] == list(range(5))  # the shared system prompt's blocks kept their first ids
