@@ -249,6 +249,15 @@ class BlockPool:
         self.num_free -= n
         return blocks
 
+    def _deref(self, blocks: np.ndarray) -> np.ndarray:
+        """Drop one reference from each of ``blocks`` (distinct ids); their new ref counts."""
+        r = self.ref[blocks]
+        if r.min() <= 0:
+            raise AssertionError("freeing a block whose ref count is already 0")
+        r -= 1
+        self.ref[blocks] = r
+        return r
+
     def _release(self, ordered: np.ndarray, tail_first: bool, request, now: float, reason: str) -> None:
         """Drop one reference from each of ``ordered``; the blocks that become free join the queue.
 
@@ -258,13 +267,7 @@ class BlockPool:
         n = len(ordered)
         if n == 0:
             return
-        ref = self.ref
-        r = ref[ordered]
-        if r.min() <= 0:
-            raise AssertionError("freeing a block whose ref count is already 0")
-        r -= 1
-        ref[ordered] = r
-        freed_mask = r == 0
+        freed_mask = self._deref(ordered) == 0
         n_freed = _cnz(freed_mask)
         if n_freed == 0:
             return
@@ -536,13 +539,7 @@ class BlockPool:
         blocks = np.asarray(blocks, dtype=np.int64)
         if len(blocks) == 0:
             return 0
-        ref = self.ref
-        r = ref[blocks]
-        if r.min() <= 0:
-            raise AssertionError("freeing a block whose ref count is already 0")
-        r -= 1
-        ref[blocks] = r
-        freed = blocks[r == 0]
+        freed = blocks[self._deref(blocks) == 0]
         if len(freed) == 0:
             return 0
         hashed = freed[self.has_hash[freed]]
