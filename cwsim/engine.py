@@ -100,7 +100,7 @@ class Engine:
                     self.steps += n
                     self.jumps += 1
                     yield env.timeout(dt)
-                    self._finish_jump(plan, n, env.now)
+                    self._finish_jump(n, env.now)
                     continue
             dt = prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx)
             if plan.swap_in_s or plan.load_wait_s:
@@ -127,9 +127,9 @@ class Engine:
             return 1
         return sched.steps_within_free_blocks(n)
 
-    def _finish_jump(self, plan, n: int, now: float) -> None:
+    def _finish_jump(self, n: int, now: float) -> None:
         sched = self.scheduler
-        finished = sched.finish_jump(n, now)
+        finished = sched.finish_jump(n)
         self.ctx.now = now
         for r in finished:
             sched.finish(r, now)

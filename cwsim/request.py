@@ -80,7 +80,3 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return self.prompt_len + self.num_generated
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < self.num_tokens - 1 or self.num_generated == 0

@@ -103,7 +103,8 @@ class Scheduler:
     ``_buckets[(block_size - 1 - S) % block_size]``, the batch's decode context
     is ``_n_lazy * S + _sum_off``, and the requests that finish are ``_fin[S +
     1]``: a decode step costs O(1) plus the requests that allocate, fill or
-    finish, and a run of decode steps (``plan_jump`` / ``finish_jump``) the same.
+    finish, and a run of decode steps (``steps_to_first_finish``,
+    ``steps_within_free_blocks``, ``finish_jump``) the same.
     A request joins the batch when a step leaves it decoding, and leaves it
     (counters written back) when it finishes or is preempted; any step the
     shortcut does not cover exactly (a decoder that cannot get its block, a
@@ -189,17 +190,21 @@ class Scheduler:
         req.num_generated = c - req.prompt_len + 1
         req.lazy = False
 
-    def _leave(self, req: Request) -> None:
-        """Take ``req`` out of the lazy batch, its counters written back."""
+    def _drop(self, req: Request) -> None:
+        """Take ``req`` out of the buckets and counts, its counters written back (not out of ``_fin``)."""
         self._write_back(req)
         self._buckets[req.c_off % self.kv.block_size].remove(req)
+        self._n_lazy -= 1
+        self._sum_off -= req.c_off
+
+    def _leave(self, req: Request) -> None:
+        """Take ``req`` out of the lazy batch before it finishes (a preemption)."""
+        self._drop(req)
         f = req.output_len - req.num_generated + self.step
         fin = self._fin[f]
         fin.remove(req)
         if not fin:
             del self._fin[f]
-        self._n_lazy -= 1
-        self._sum_off -= req.c_off
 
     def _write_back_all(self) -> None:
         for bucket in self._buckets:
@@ -291,7 +296,7 @@ class Scheduler:
         attn_pairs = 0.0
         for req, n in scheduled:
             computed, gen = req.num_computed, req.num_generated
-            if gen == 0 or computed < req.prompt_len + gen - 1:  # req.in_prefill
+            if gen == 0 or computed < req.prompt_len + gen - 1:  # still in prefill
                 prefill_tokens += n
                 attn_pairs += prefill_attn_pairs(n, computed)
             else:
@@ -364,7 +369,7 @@ class Scheduler:
                 hi = mid
         return lo
 
-    def finish_jump(self, n: int, now: float) -> list[Request]:
+    def finish_jump(self, n: int) -> list[Request]:
         """Apply ``n`` decode steps of the whole (lazy) batch, the planned current one first.
 
         Blocks are allocated, and the blocks the steps fill are cached, in
@@ -401,12 +406,8 @@ class Scheduler:
             return []
         if len(fin) > 1:
             fin.sort(key=_seq)
-        bs = self.kv.block_size
         for req in fin:
-            self._write_back(req)
-            self._buckets[req.c_off % bs].remove(req)
-            self._n_lazy -= 1
-            self._sum_off -= req.c_off
+            self._drop(req)
         return fin
 
     def admission_blocked(self) -> bool:

@@ -271,6 +271,15 @@ class Driver:
         assert fb.now == self.now
 
     # -- ops
+    def _grow_last(self, b: int, hash_seed: int, d: int) -> int:
+        """Extend the newest request by ``b`` blocks and cache its uncached ones; its index."""
+        last = len(self.requests) - 1
+        self.apply(("extend", b, 0, last, 0))
+        rid = sorted(self.requests)[last]
+        room = len(self.requests[rid]["blocks"]) - len(self.requests[rid]["hashes"])
+        self.apply(("cache", room, hash_seed, last, d))
+        return last
+
     def apply(self, op) -> None:
         kind, a, b, c, d = op
         self.now += 1
@@ -398,11 +407,7 @@ class Driver:
                 self.apply(("hit", a, 0, c, 2 * d))
             else:
                 self.apply(("alloc", 0, 0, 0, 0))
-            last = len(self.requests) - 1
-            self.apply(("extend", b, 0, last, 0))
-            rid = sorted(self.requests)[last]
-            room = len(self.requests[rid]["blocks"]) - len(self.requests[rid]["hashes"])
-            self.apply(("cache", room, b, last, d))
+            self._grow_last(b, b, d)
             if d % 2 and len(self.requests) > 1:
                 self.apply(("finish", 0, 0, 0, 0))
             return
@@ -415,11 +420,7 @@ class Driver:
                 self.apply(("hit", max(0, len(chain) - a % 8), 0, len(self.chains) - 1, 2 * d))
             else:
                 self.apply(("alloc", 0, 0, 0, 0))
-            last = len(self.requests) - 1
-            self.apply(("extend", b, 0, last, 0))
-            rid = sorted(self.requests)[last]
-            room = len(self.requests[rid]["blocks"]) - len(self.requests[rid]["hashes"])
-            self.apply(("cache", room, 2 * b + 1, last, d))  # fresh hashes
+            last = self._grow_last(b, 2 * b + 1, d)  # fresh hashes
             self.apply(("finish", 0, 0, last, 0))
             return
         elif kind == "overalloc":

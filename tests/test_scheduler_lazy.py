@@ -140,7 +140,7 @@ def test_a_jump_equals_its_single_steps(seed):
         ref_plan = ref.schedule(1.0)
         assert plan.decode_only and plan.lazy == len(lazy.running)
         n = min(lazy.steps_to_first_finish(), lazy.steps_within_free_blocks(rng.randint(1, 40)))
-        finished = lazy.finish_jump(n, 1.0)
+        finished = lazy.finish_jump(n)
         for r in finished:
             lazy.finish(r, 1.0)
         ref_finished = ref.update(ref_plan, 1.0)
@@ -170,7 +170,7 @@ def test_a_jump_caches_duplicate_blocks_in_step_order():
     plan = lazy.schedule(1.0)
     n = lazy.steps_to_first_finish()
     assert n == 29
-    finished = lazy.finish_jump(n, 1.0)
+    finished = lazy.finish_jump(n)
     b_blocks = dict(zip(hashes, lazy.running[1].blocks.tolist()))
     assert [r.rid for r in finished] == [0, 1]  # both generate their 30th token in the jump's last step
     for r in finished:
