@@ -47,7 +47,7 @@ class Engine:
         self.decode_jumps = decode_jumps
         self._idle: simpy.Event | None = None
         self._next_rid = 0
-        self._block_ids = BlockIds()  # requests carry dense block ids as their hashes
+        self.block_ids = BlockIds()  # requests carry dense block ids as their hashes
         self.steps = 0
         self.jumps = 0
 
@@ -56,7 +56,7 @@ class Engine:
         call = sess.calls[turn]
         if sess.memo is None:
             sess.memo = PrefixMemo()
-        hashes = block_hashes(call.segs, self.block_size, sess.memo, self._block_ids)
+        hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
         req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes, self.env.now)
         if sess.hint is not None and sess.memo.reused:
             blocks, gens = sess.hint

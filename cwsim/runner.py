@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from dataclasses import dataclass
@@ -53,10 +54,13 @@ def resolve_cpu_kv_blocks(config: SimConfig, profile, spec, kv_blocks: int) -> i
 
 
 def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), out_dir: str | Path | None = None,
-             on_progress=None) -> SimResult:
+             on_progress=None, eviction_log: bool = False) -> SimResult:
     """Run one simulation; write ``summary.json``, ``requests.csv`` and ``sessions.csv`` to ``out_dir`` if given.
 
-    ``on_progress(n_calls)`` is called as each session ends.
+    ``on_progress(n_calls)`` is called as each session ends. ``eviction_log``:
+    also write ``evictions.csv`` (engine step, time and content hash of every
+    evicted block, in order; the hash is :func:`cwsim.hashing.block_hashes`'s,
+    which ``replay.compare`` maps to vLLM's).
     """
     wall0 = time.perf_counter()
     if trace is None:
@@ -83,7 +87,13 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
         ctx.predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
     # a policy that keeps the constant base score is plain LRU: the pool need not call it
     score_fn = None if type(evict_policy).score is EvictionPolicy.score else evict_policy.score
-    pool = BlockPool(kv_blocks, score_fn, growable=spec.unbounded, on_evict=metrics.on_evict)
+    on_evict = metrics.on_evict
+    evictions: list[tuple[int, float, list[int]]] = []
+    if eviction_log:
+        def on_evict(ids, _metrics=metrics.on_evict):  # noqa: E306 - only when asked: off the default hot path
+            _metrics(ids)
+            evictions.append((engine.steps, env.now, list(ids)))
+    pool = BlockPool(kv_blocks, score_fn, growable=spec.unbounded, on_evict=on_evict)
     metrics.pool = pool
     kv = KVCacheManager(pool, config.block_size)
     ctx.kv = kv
@@ -123,5 +133,19 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
         "wall_s": time.perf_counter() - wall0,
     }
     if out is not None:
+        if eviction_log:
+            _write_evictions(out / "evictions.csv", evictions, engine.block_ids)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return SimResult(summary, out)
+
+
+def _write_evictions(path: Path, evictions, block_ids) -> None:
+    content = [0] * len(block_ids)  # dense id -> content hash
+    for h, i in block_ids.items():
+        content[i] = h
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "time_s", "block_hash"])
+        for step, now, ids in evictions:
+            for i in ids:
+                w.writerow([step, now, content[i]])
