@@ -16,6 +16,13 @@ class SimConfig:
     profile: str = "llama-3.1-8b-h100"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    #: vLLM's scheduler switches, under vLLM's names and with vLLM 0.32's defaults:
+    #: admit a waiting request only when its whole sequence fits in the free blocks (prefix hits counted)
+    scheduler_reserve_full_isl: bool = True
+    #: share of the pool's blocks kept free when admitting (while something runs)
+    watermark: float = 0.0
+    #: cap on one request's prefill chunk in a step when more than one request is eligible (0: none)
+    long_prefill_token_threshold: int = 0
     gpu_memory_utilization: float = 0.9
     arrivals: str = "concurrent"
     agents: int = 16
@@ -48,6 +55,9 @@ class SimConfig:
             (not (self.kv_blocks is not None and self.kv_gib is not None), "give kv_blocks or kv_gib, not both"),
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
             (self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (0.0 <= self.watermark < 1.0, f"--watermark must be in [0, 1), got {self.watermark}"),
+            (self.long_prefill_token_threshold >= 0,
+             f"--long-prefill-token-threshold must be >= 0, got {self.long_prefill_token_threshold}"),
             (self.max_sessions is None or self.max_sessions >= 1, f"max_sessions must be >= 1, got {self.max_sessions}"),
             (self.predictor_error >= 0, f"predictor_error must be >= 0, got {self.predictor_error}"),
             (self.aging_s >= 0, f"aging_s must be >= 0, got {self.aging_s}"),

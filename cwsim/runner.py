@@ -104,7 +104,9 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
                        on_evict=metrics.on_evict)
         ctx.cpu_tier = metrics.cpu_tier = tier
     scheduler = Scheduler(kv, sched_policy, metrics, max_num_seqs=config.max_num_seqs,
-                          max_num_batched_tokens=config.max_num_batched_tokens, cpu_tier=tier)
+                          max_num_batched_tokens=config.max_num_batched_tokens, cpu_tier=tier,
+                          reserve_full_isl=config.scheduler_reserve_full_isl, watermark=config.watermark,
+                          long_prefill_token_threshold=config.long_prefill_token_threshold)
     ctx.scheduler = scheduler
     sched_policy.bind(ctx)
     evict_policy.bind(ctx)

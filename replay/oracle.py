@@ -209,12 +209,17 @@ class VllmEngine:
     def has_unfinished(self) -> bool:
         return self.llm.has_unfinished_requests()
 
+    @staticmethod
+    def _external(request_id: str) -> str:
+        return request_id.rsplit("-", 1)[0]  # vLLM appends "-" and 8 random characters to the id it was given
+
     def preemptions(self) -> dict[str, int]:
-        return {r.request_id: r.num_preemptions for r in self.scheduler.requests.values()}
+        """Preemptions so far of every request the scheduler holds, by the id it was added with."""
+        return {self._external(r.request_id): r.num_preemptions for r in self.scheduler.requests.values()}
 
     def scheduled_ids(self) -> set[str]:
-        """Requests that hold computed tokens or run now (so have been scheduled)."""
-        return {r.request_id for r in self.scheduler.running}
+        """Requests running now (so scheduled at least once), by the id they were added with."""
+        return {self._external(r.request_id) for r in self.scheduler.running}
 
     def close(self) -> None:
         try:
