@@ -34,6 +34,9 @@ def run(
     profile: str = typer.Option(_D.profile, "--profile", help="Step-time profile: a bundled name (see `cwsim profiles`) or a JSON file."),
     max_num_seqs: int = typer.Option(_D.max_num_seqs, "--max-num-seqs", help="Most requests running at once."),
     max_num_batched_tokens: int = typer.Option(_D.max_num_batched_tokens, "--max-num-batched-tokens", help="Token budget of one step (chunked prefill)."),
+    scheduler_reserve_full_isl: bool = typer.Option(_D.scheduler_reserve_full_isl, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl", help="vLLM's full-sequence admission check: admit a request only when its whole prompt fits."),
+    watermark: float = typer.Option(_D.watermark, "--watermark", help="vLLM's watermark: share of the pool's blocks kept free when admitting."),
+    long_prefill_token_threshold: int = typer.Option(_D.long_prefill_token_threshold, "--long-prefill-token-threshold", help="vLLM's cap on one prefill chunk when several requests are eligible (0: none)."),
     gpu_memory_utilization: float = typer.Option(_D.gpu_memory_utilization, "--gpu-memory-utilization", help="Share of GPU memory for weights + KV when the pool size is derived from the profile."),
     arrivals: str = typer.Option(_D.arrivals, "--arrivals", help="Session starts: concurrent (fixed number of active agents), poisson, or trace (recorded)."),
     agents: int = typer.Option(_D.agents, "--agents", help="Concurrently active sessions, with --arrivals concurrent."),
@@ -53,6 +56,8 @@ def run(
     try:
         config = SimConfig(policy=policy, kv_blocks=kv_blocks, kv_gib=kv_gib, block_size=block_size, profile=profile,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           scheduler_reserve_full_isl=scheduler_reserve_full_isl, watermark=watermark,
+                           long_prefill_token_threshold=long_prefill_token_threshold,
                            gpu_memory_utilization=gpu_memory_utilization, arrivals=arrivals, agents=agents, rate=rate,
                            seed=seed, max_sessions=max_sessions,
                            predictor_trace=str(predictor_trace) if predictor_trace is not None else None,
