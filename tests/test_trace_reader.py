@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from traces import Call, Session, ToolCall, Trace, TraceFormatError, load_trace, write_trace
 from traces.format import header_line
+from traces.reader import MAX_CALL_TOKENS
 
 
 def _calls() -> list[Call]:
@@ -319,8 +320,8 @@ def _sessions(draw):
                 Call(
                     sid,
                     turn,
-                    tuple(draw(st.lists(st.tuples(_ids, st.integers(1, 2**40)), min_size=1, max_size=6))),
-                    draw(st.integers(1, 2**31)),
+                    tuple(draw(st.lists(st.tuples(_ids, st.integers(1, MAX_CALL_TOKENS // 6)), min_size=1, max_size=6))),
+                    draw(st.integers(1, MAX_CALL_TOKENS)),
                     draw(st.none() | _ids),
                     tuple(draw(st.lists(_tool, max_size=3))),
                     draw(st.none() | _nonneg),

@@ -20,12 +20,18 @@ import gzip
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from traces.files import ensure_parent
 from traces.format import FORMAT_NAME, FORMAT_VERSION, Call, Session, ToolCall, Trace, header_line
 
-__all__ = ["TraceFormatError", "load_trace", "write_trace"]
+__all__ = ["MAX_CALL_TOKENS", "TraceFormatError", "load_trace", "write_trace"]
+
+#: The most tokens one prompt (the sum of its segments) or one output may hold. Far above any
+#: model's context; a larger count is a broken trace, and simulating it would hash blocks for ever.
+MAX_CALL_TOKENS = 10_000_000
 
 
 class TraceFormatError(ValueError):
@@ -115,6 +121,10 @@ def _int(d: dict, key: str, minimum: int) -> int:
     return v
 
 
+def _too_many(field: str, what: str, n: int) -> _Bad:
+    return _Bad(field, f"{what} of {n:,} tokens exceeds the limit of {MAX_CALL_TOKENS:,} tokens per call")
+
+
 _LIST, _TWO, _STR, _INT = {list}, {2}, {str}, {int}
 
 
@@ -130,6 +140,8 @@ def _prompt(v) -> tuple[tuple[str, int], ...]:
         out = tuple(map(tuple, v))
         segs, ns = zip(*out)
         if set(map(type, segs)) == _STR and set(map(type, ns)) == _INT and min(ns) >= 1 and "" not in segs:
+            if (total := sum(ns)) > MAX_CALL_TOKENS:
+                raise _too_many("prompt", "a prompt", total)
             return out
     # Slow path: find and name the first bad pair.
     out = []
@@ -144,6 +156,8 @@ def _prompt(v) -> tuple[tuple[str, int], ...]:
                 raise _Bad(f"prompt[{i}][0]", f"expected a non-empty string segment id, got {_show(s)}")
             raise _Bad(f"prompt[{i}][1]", f"expected an integer n_tokens >= 1, got {_show(n)}")
         raise _Bad(f"prompt[{i}]", f"expected a [segment_id, n_tokens] pair, got {_show(p)}")
+    if (total := sum(n for _, n in out)) > MAX_CALL_TOKENS:
+        raise _too_many("prompt", "a prompt", total)
     return tuple(out)
 
 
@@ -186,6 +200,8 @@ def _parse_call(d) -> Call:
     turn = _int(d, "turn", 0)
     prompt = _prompt(d.get("prompt", _MISSING))
     output_tokens = _int(d, "output_tokens", 1)
+    if output_tokens > MAX_CALL_TOKENS:
+        raise _too_many("output_tokens", "an output", output_tokens)
     out_seg = d.get("output_segment")
     if out_seg is not None and (type(out_seg) is not str or not out_seg):
         raise _Bad("output_segment", f"expected a non-empty string or null, got {_show(out_seg)}")
@@ -303,8 +319,14 @@ def _load(path, skip_bad: bool) -> Trace:
                     bad_sessions.setdefault(call.session_id, err)
                     continue
                 turns[call.turn] = (lineno, call)
-    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise TraceFormatError(src, 0, "gzip" if _is_gz(p) else "file", f"unreadable ({e})") from None
+    except IsADirectoryError:
+        raise TraceFormatError(src, 0, "file", "is a folder, not a trace file (.jsonl or .jsonl.gz)") from None
+    except NotADirectoryError:
+        raise TraceFormatError(src, 0, "file", "a parent of this path is a file, not a folder") from None
+    except PermissionError as e:
+        raise TraceFormatError(src, 0, "file", f"cannot be read ({e.strerror})") from None
 
     if n_lines == 0:
         raise TraceFormatError(src, 0, "trace", "no calls")
@@ -371,7 +393,7 @@ def write_trace(path, calls: Iterable[Call], header: dict | None = None) -> int:
     gives equal bytes. Writes to a temporary file and renames it into place.
     Returns the number of calls written.
     """
-    p = Path(path)
+    p = ensure_parent(path)
     src = str(path)
     tmp = p.with_name(p.name + ".tmp")
     n = 0
