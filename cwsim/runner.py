@@ -27,7 +27,9 @@ from traces.format import Trace
 from traces.files import atomic_write_text, ensure_folder
 from traces.reader import load_trace
 
-DEFAULT_TRACE = Path(__file__).resolve().parent.parent / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
+#: the repository (the installed packages' parent folder)
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = REPO / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
 
 
 #: the files a run writes into its results folder (an earlier run's are removed first)
