@@ -153,7 +153,7 @@ def _num(v, spec: str, suffix: str = "") -> str:
 # ------------------------------------------------------------------------------ run
 @command()
 def run(
-    trace: Optional[Path] = _trace_option("Trace file (.jsonl or .jsonl.gz, format v1). Default: the bundled mini-swe-agent trace."),
+    trace: Optional[Path] = _trace_option("Trace file (.jsonl or .jsonl.gz, format v1 or v2). Default: the bundled mini-swe-agent trace."),
     policy: str = typer.Option(_D.policy, "--policy", help="Policy name (see `cwsim policies`)."),
     kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="KV pool size in blocks, null block included "
                                             f"(vLLM --num-gpu-blocks-override). {_KV_BLOCKS_DEFAULT}"),
@@ -252,7 +252,7 @@ def import_(
     fmt: str = typer.Option(..., "--format", "-f", help="Source format: mini-swe-agent, swe-agent, tracelab, mooncake, lmcache-agent."),
     output: Path = _out_option(..., "Output trace (.jsonl or .jsonl.gz); its folder is made if needed."),
 ) -> None:
-    """Convert a public trace format into trace format v1 (content-free)."""
+    """Convert a public trace format into trace format v2 (content-free, compact lines)."""
     from traces.importers import run_import
     from traces.reader import write_trace
 
