@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
@@ -140,9 +140,12 @@ def _bar(label: str, unit: str | None = None) -> Progress:
 
 
 def _load(path: Path | None) -> "Trace":  # noqa: F821
+    """Load a trace with a progress bar (bytes of the file) while it loads."""
     path = path if path is not None else DEFAULT_TRACE
-    with console.status(f"loading {path}"):
-        return load_trace(path)
+    with Progress(TextColumn("[bold]loading[/]"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("load", total=None)
+        return load_trace(path, progress=lambda done, size: bar.update(task, completed=done, total=size))
 
 
 def _num(v, spec: str, suffix: str = "") -> str:

@@ -108,3 +108,13 @@ def test_version_1_files_stay_valid(tmp_path):
     p = tmp_path / "v1.jsonl"
     p.write_text('{"format":"cwtrace","version":1}\n' + T0 + "\n")
     assert load_trace(p).sessions[0].calls[0].prompt == (("a", 10),)
+
+
+def test_load_reports_progress_in_bytes(tmp_path):
+    p = tmp_path / "t.jsonl.gz"
+    write_trace(p, agent_trace(100, 50, seed=2).calls())  # 5,000 calls: past one progress interval
+    seen = []
+    trace = load_trace(p, progress=lambda done, size: seen.append((done, size)))
+    assert trace.num_calls == 5000
+    assert seen and all(size == p.stat().st_size and 0 < done <= size for done, size in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)

@@ -31,6 +31,9 @@ from traces.format import FORMAT_NAME, FORMAT_VERSION, Call, Session, ToolCall, 
 __all__ = ["MAX_CALL_TOKENS", "READ_VERSIONS", "TraceFormatError", "compact_json", "load_trace", "sequence",
            "write_trace"]
 
+#: lines between two calls of ``load_trace``'s ``progress``
+PROGRESS_LINES = 4096
+
 #: sessions whose last call ``write_trace`` keeps to write the next one compact (interleaved
 #: sessions beyond it get full lines: still valid, only longer)
 COMPACT_WINDOW = 4096
@@ -316,7 +319,7 @@ def _is_gz(path: Path) -> bool:
     return path.name.endswith(".gz")
 
 
-def load_trace(path, *, skip_bad: bool = False) -> Trace:
+def load_trace(path, *, skip_bad: bool = False, progress=None) -> Trace:
     """Read and validate a ``.jsonl`` / ``.jsonl.gz`` trace file.
 
     Strict (default): the first problem raises ``TraceFormatError``.
@@ -324,23 +327,24 @@ def load_trace(path, *, skip_bad: bool = False) -> Trace:
     ``trace.rejected``; sessions with turn problems are dropped whole, with
     one record each. A missing file raises ``FileNotFoundError``; a trace
     with no (valid) calls raises ``TraceFormatError(path, 0, "trace", ...)``.
-    Header errors (wrong format or version) always raise.
+    Header errors (wrong format or version) always raise. ``progress(bytes_read,
+    file_size)``, if given, is called every ``PROGRESS_LINES`` lines (bytes of the file
+    on disk, compressed for ``.gz``).
     """
     # Parsing allocates many small containers that all survive; the cyclic
     # GC would rescan them over and over (~25% of the time) for nothing.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load(path, skip_bad)
+        return _load(path, skip_bad, progress)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _load(path, skip_bad: bool) -> Trace:
+def _load(path, skip_bad: bool, progress=None) -> Trace:
     p = Path(path)
     src = str(path)
-    opener = gzip.open if _is_gz(p) else open
     rejected: list[TraceFormatError] = []
     header: dict = {}
     # session_id -> {turn: (line, Call, extends)}, in order of first appearance (extends: None
@@ -357,8 +361,11 @@ def _load(path, skip_bad: bool) -> Trace:
         rejected.append(err)
 
     try:
-        with opener(p, "rb") as f:
+        with open(p, "rb") as disk, (gzip.GzipFile(fileobj=disk, mode="rb") if _is_gz(p) else disk) as f:
+            size = os.fstat(disk.fileno()).st_size
             for lineno, raw in enumerate(f, 1):
+                if progress is not None and not lineno % PROGRESS_LINES:
+                    progress(disk.tell(), size)
                 if not raw.strip():
                     continue
                 try:
