@@ -55,7 +55,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 @FUZZ
 @given(st.binary(max_size=300), st.booleans(), st.booleans())
 def test_random_bytes(data, gz, skip_bad):
-    _read(gzip.compress(data, mtime=0) if gz and data[:1] != b"\x1f" else data,
+    _read(gzip.compress(data, mtime=0) if gz else data,
           "t.jsonl.gz" if gz else "t.jsonl", skip_bad)
 
 
