@@ -40,6 +40,8 @@ def oracle(
     scheduler_reserve_full_isl: Optional[bool] = typer.Option(None, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl", show_default=False, help="vLLM's full-sequence admission check (default: vLLM's, on)."),
     watermark: Optional[float] = typer.Option(None, "--watermark", help="vLLM's admission watermark (share of blocks; default: vLLM's, 0)."),
     long_prefill_token_threshold: Optional[int] = typer.Option(None, "--long-prefill-token-threshold", help="vLLM's prefill chunk cap when several requests are eligible (default: vLLM's, 0)."),
+    engine: str = typer.Option("model", "--engine", help="model: the real engine computes every step; emulated: vLLM's engine core, scheduler and KV cache manager with emulated model outputs (fast; needed for --async-scheduling)."),
+    async_scheduling: bool = typer.Option(False, "--async-scheduling/--no-async-scheduling", metavar="", help="vLLM's AsyncScheduler and batch queue (two batches in flight), as GPU engines run by default; needs --engine emulated."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the tiny random-weight Llama, built locally)."),
     compare_sim: bool = typer.Option(False, "--compare", help="Also run the trace in cwsim (unit-step profile) and print a per-call diff and the first divergence."),
     out: Path = typer.Option(..., "--out", help="Output folder: requests.csv, sessions.csv, evictions.csv, outputs.jsonl, summary.json (with --compare: oracle/, sim/, compare.json)."),
@@ -53,8 +55,8 @@ def oracle(
                           max_num_batched_tokens=max_num_batched_tokens, arrivals=arrivals, agents=agents,
                           max_sessions=max_sessions, steps_per_s=steps_per_s,
                           scheduler_reserve_full_isl=scheduler_reserve_full_isl, watermark=watermark,
-                          long_prefill_token_threshold=long_prefill_token_threshold,
-                          model=str(model) if model is not None else None)
+                          long_prefill_token_threshold=long_prefill_token_threshold, engine=engine,
+                          async_scheduling=async_scheduling, model=str(model) if model is not None else None)
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                              f"({max_num_seqs}), as vLLM requires")

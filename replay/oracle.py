@@ -76,6 +76,11 @@ class OracleConfig:
     scheduler_reserve_full_isl: bool | None = None
     watermark: float | None = None
     long_prefill_token_threshold: int | None = None
+    #: "model": the real engine computes every step; "emulated": vLLM's engine core, scheduler and KV
+    #: cache manager with the model's outputs emulated (``replay.emulated``), needed for async scheduling
+    engine: str = "model"
+    #: vLLM's AsyncScheduler and the engine core's batch queue (two batches in flight); with engine="emulated"
+    async_scheduling: bool = False
     #: model folder; None: the tiny random-weight model, built in ``model_cache``
     model: str | None = None
     model_cache: str | None = None
@@ -91,6 +96,11 @@ class OracleConfig:
             raise ValueError(f"--agents must be >= 1, got {self.agents}")
         if not self.steps_per_s > 0:
             raise ValueError(f"--steps-per-s must be > 0, got {self.steps_per_s}")
+        if self.engine not in ("model", "emulated"):
+            raise ValueError(f"--engine must be model or emulated, not {self.engine!r}")
+        if self.async_scheduling and self.engine != "emulated":
+            raise ValueError("--async-scheduling needs --engine emulated (vLLM's CPU platform forces async "
+                             "scheduling off in a real engine)")
 
 
 def step_trace(trace: Trace, steps_per_s: float = 1.0) -> Trace:
@@ -176,9 +186,16 @@ class VllmEngine:
         self.llm = LLMEngine.from_engine_args(args)
         core = self.llm.engine_core.engine_core
         self.core = core
-        self.scheduler = core.scheduler
         self.vocab_size = self.llm.model_config.get_vocab_size()
-        self.async_scheduling = bool(self.llm.vllm_config.scheduler_config.async_scheduling)
+        self.executor = None
+        if config.engine == "emulated":
+            from replay.emulated import install
+
+            self.executor = install(core, self.vocab_size, config.async_scheduling)
+            self.async_scheduling = config.async_scheduling
+        else:
+            self.async_scheduling = bool(self.llm.vllm_config.scheduler_config.async_scheduling)
+        self.scheduler = core.scheduler
         # the KV cache manager records events (enable_kv_cache_events); the scheduler hands each step's
         # batch to its publisher: ours keeps them (vLLM's publisher config accepts only null / zmq)
         self.publisher = self.scheduler.kv_event_publisher = _Collector()
@@ -200,11 +217,24 @@ class VllmEngine:
                                 detokenize=False, output_kind=RequestOutputKind.DELTA)
         self.llm.add_request(request_id, {"prompt_token_ids": token_ids}, params)
 
-    def step(self):
-        """One engine step: (request outputs, whether the model ran, KV event batches)."""
+    def step(self, now: float):
+        """One engine-core step at time ``now``: (request outputs, the time they are there,
+        batches that ran the model, KV event batches).
+
+        The real engine computes a step in one time unit (none when it scheduled nothing). The
+        emulated one keeps the device's timeline: with async scheduling a step may only dispatch
+        a batch (no output, no time), or read the oldest batch in flight at the time it ends.
+        """
         self.executed.clear()
+        if self.executor is None:
+            outs = self.llm.step()
+            ran = sum(self.executed)
+            return outs, now + 1.0 if ran else now, ran, self.publisher.take()
+        ex = self.executor
+        ex.now, ex.read_end, before = now, None, ex.executed
         outs = self.llm.step()
-        return outs, any(self.executed), self.publisher.take()
+        t = now if ex.read_end is None else max(now, ex.read_end)
+        return outs, t, ex.executed - before, self.publisher.take()
 
     def has_unfinished(self) -> bool:
         return self.llm.has_unfinished_requests()
@@ -319,14 +349,13 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
                 clock = due[0][0]
                 continue
             start = clock
-            outs, executed, batches = engine.step()
-            if executed:
-                clock = start + 1.0
-                steps += 1
+            outs, clock, ran, batches = engine.step(start)
+            steps += ran
+            if ran or outs or clock > start:
                 idle_steps = 0
             else:
                 idle_steps += 1
-                if idle_steps > 2:
+                if idle_steps > 4:
                     raise OracleError(f"vLLM made no progress at step {steps} with {len(live)} calls in flight")
             for batch in batches:
                 for ev in batch.events:

@@ -146,3 +146,29 @@ def test_cli_oracle_compare(tiny_model, tmp_path):
     c = json.loads((out / "compare.json").read_text())
     assert c["exact"] and c["calls"] == 24 and c["oracle_summary"]["source"] == "vllm-oracle"
     assert json.loads((out / "oracle" / "summary.json").read_text())["time_unit"] == "engine step"
+
+
+# ------------------------------------------------------- the emulated engine core (no forward pass)
+@pytest.mark.parametrize("name", ["heavy-pressure", "max-num-seqs", "simultaneous-arrivals"])
+def test_emulated_engine_core_equals_the_real_engine(name, tiny_model, tmp_path):
+    """vLLM's engine core with emulated model outputs schedules exactly as the real engine: the
+    simulator equals both, so the emulation is exact on these workloads."""
+    make, oc = WORKLOADS[name]
+    c, report = _compare(name, make, replace(oc, engine="emulated"), tiny_model, tmp_path)
+    _assert_exact(c, report)
+    assert c.oracle["config"]["engine"] == "emulated" and c.oracle["async_scheduling"] is False
+
+
+def test_async_scheduling_runs_vllms_async_scheduler(tiny_model, tmp_path):
+    """With async scheduling (vLLM's AsyncScheduler, two batches in flight) calls that arrive while
+    the device is busy start a step later; the simulator models the plain scheduler, so it differs.
+    With one call at a time the pipeline changes nothing, and the two agree."""
+    make, oc = WORKLOADS["concurrent-chunked"]
+    c, report = _compare("async", make, replace(oc, engine="emulated", async_scheduling=True), tiny_model, tmp_path)
+    assert c.oracle["async_scheduling"] is True
+    first = c.first_divergence
+    assert c.call_diffs and first["kind"] == "call", report
+    assert first["first_token_s"]["oracle"] == first["first_token_s"]["sim"] + 1, report  # one step later
+    make, oc = WORKLOADS["single-stream"]
+    c, report = _compare("async1", make, replace(oc, engine="emulated", async_scheduling=True), tiny_model, tmp_path)
+    _assert_exact(c, report)
