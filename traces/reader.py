@@ -25,7 +25,7 @@ from pathlib import Path
 
 from traces.format import FORMAT_NAME, FORMAT_VERSION, Call, Session, ToolCall, Trace, header_line
 
-__all__ = ["TraceFormatError", "load_trace", "write_trace"]
+__all__ = ["TraceFormatError", "check_call", "load_trace", "write_trace"]
 
 
 class TraceFormatError(ValueError):
@@ -201,6 +201,15 @@ def _parse_call(d) -> Call:
         _opt_number(d, "timestamp_s", False),
         _opt_number(d, "latency_s", True),
     )
+
+
+def check_call(d, path="", line: int = 0) -> Call:
+    """Validate one decoded call line exactly as :func:`load_trace` does (for writers
+    that append line by line); ``TraceFormatError(path, line, field, problem)`` otherwise."""
+    try:
+        return _parse_call(d)
+    except _Bad as b:
+        raise TraceFormatError(path, line, b.field, b.problem) from None
 
 
 def _check_header(d: dict) -> None:

@@ -1,0 +1,206 @@
+"""The recording reverse proxy: an ASGI app (Starlette) that forwards to the upstream with httpx.
+
+Every request goes to ``upstream + path`` unchanged (hop-by-hop headers
+aside, and ``Accept-Encoding: identity`` so that the answer can be read as it
+passes), and the upstream's status, headers and bytes come back unchanged:
+a server-sent-events answer chunk by chunk as the chunks arrive, anything
+else whole. ``POST .../chat/completions``, ``.../completions`` (OpenAI) and
+``.../messages`` (Anthropic) are LLM calls and are recorded
+(:class:`recorder.recording.Recording`); every other path is only passed
+through. With ``hints`` the forwarded body of an LLM call gets the session
+and tool hints in ``vllm_xargs`` and the request an ``X-Session-ID`` header
+(``docs/record.md``).
+
+Failures: an unreachable upstream answers 502 and a timeout 504, with an
+error body in the API's format; an upstream that breaks off a stream breaks
+off the answer to the client too (the connection is closed without the
+final chunk). All are recorded (:meth:`Recording.fail`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+from collections.abc import Callable
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from recorder.recording import Recording
+from recorder.responses import StreamReader, read_body
+
+__all__ = ["api_of", "make_app"]
+
+_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+        "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def api_of(method: str, path: str) -> str | None:
+    """Which recorded API a request is (``chat``, ``completions``, ``messages``), or None."""
+    if method != "POST":
+        return None
+    path = path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "completions"
+    if path.endswith("/messages"):
+        return "messages"
+    return None
+
+
+class _Broken(Exception):
+    """The upstream broke off a streamed answer."""
+
+
+class _PassThrough(StreamingResponse):
+    """A streamed answer that, when the upstream breaks off, breaks off too (no final chunk)."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except _Broken:
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _decoder(encoding: str) -> Callable[[bytes], bytes] | None:
+    """Incremental decoder for a content encoding the upstream used anyway (identity: None)."""
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        d = zlib.decompressobj(47 if encoding != "deflate" else 15)
+        return d.decompress
+    return None
+
+
+def _raw_headers(headers: httpx.Headers, length: int | None) -> list[tuple[bytes, bytes]]:
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.multi_items()
+           if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length")]
+    if length is not None:
+        out.append((b"content-length", str(length).encode()))
+    return out
+
+
+def _error(api: str | None, status: int, message: str) -> Response:
+    """An error answer in the API's own format (the upstream gave none)."""
+    if api == "messages":
+        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+    else:
+        body = {"error": {"message": message, "type": "upstream_error", "code": status}}
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+
+def make_app(upstream: str, recording: Recording | None, hints: bool = False, timeout_s: float = 600.0,
+             log: Callable[[str], None] = lambda line: None) -> Starlette:
+    """The proxy app. ``recording`` is closed when the app shuts down; ``log`` gets one line per failure."""
+    base = upstream.rstrip("/")
+    shown = httpx.URL(base).copy_with(username=None, password=None)
+    state: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["client"] = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            follow_redirects=False, trust_env=False)
+        try:
+            yield
+        finally:
+            await state["client"].aclose()
+            if recording is not None:
+                recording.close()
+
+    def failed(start, status: int, kind: str, out=None, message: str = "") -> None:
+        if start is not None:
+            recording.fail(start, status, kind, out)
+        log(f"{kind}: {message or status}" + (f" (session {start.session_id})" if start is not None else ""))
+
+    async def proxy(request: Request) -> Response:
+        body = await request.body()
+        api = api_of(request.method, request.url.path) if recording is not None else None
+        headers = [(k, v) for k, v in request.headers.items() if k not in _HOP]
+        headers.append(("accept-encoding", "identity"))
+        start = None
+        if api is not None:
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                start = recording.begin(api, data, request.headers.get("x-session-id"))
+                if hints:
+                    xargs = data.get("vllm_xargs")
+                    data["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}), **start.hints()}
+                    body = json.dumps(data, ensure_ascii=False).encode()
+                    headers = [(k, v) for k, v in headers if k != "x-session-id"]
+                    headers.append(("x-session-id", start.session_id))
+        url = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        client: httpx.AsyncClient = state["client"]
+        try:
+            resp = await client.send(client.build_request(request.method, url, headers=headers, content=body),
+                                     stream=True)
+        except httpx.TimeoutException:
+            failed(start, 504, "timeout", message=f"upstream {shown} timed out")
+            return _error(api, 504, f"upstream {shown} timed out (cwsim record)")
+        except httpx.HTTPError as e:
+            failed(start, 502, "unreachable", message=f"upstream {shown} unreachable ({type(e).__name__})")
+            return _error(api, 502, f"upstream {shown} unreachable: {type(e).__name__} (cwsim record)")
+        decode = _decoder(resp.headers.get("content-encoding", "").lower())
+        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+            response = _PassThrough(_stream(resp, start, decode, failed))
+            response.status_code = resp.status_code
+            response.raw_headers = _raw_headers(resp.headers, None)
+            return response
+        try:
+            content = b"".join([c async for c in resp.aiter_raw()])
+        except httpx.HTTPError as e:
+            failed(start, 502, "broken", message=f"upstream {shown} broke off its answer ({type(e).__name__})")
+            return _error(api, 502, f"upstream {shown} broke off its answer (cwsim record)")
+        finally:
+            await resp.aclose()
+        if start is not None:
+            if resp.status_code < 400:
+                recording.finish(start, read_body(api, decode(content) if decode else content))
+            else:
+                failed(start, resp.status_code, "upstream_error", message=f"upstream answered {resp.status_code}")
+        response = Response(content, status_code=resp.status_code)
+        response.raw_headers = _raw_headers(resp.headers, len(content))
+        return response
+
+    async def _stream(resp: httpx.Response, start, decode, failed_cb):
+        reader = StreamReader(start.api) if start is not None else None
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+                if reader is not None:
+                    reader.feed(decode(chunk) if decode else chunk)
+        except httpx.HTTPError as e:
+            kind = "timeout" if isinstance(e, httpx.TimeoutException) else "broken"
+            failed_cb(start, resp.status_code, kind, reader.out if reader else None,
+                      f"upstream {shown} broke off a stream ({type(e).__name__})")
+            raise _Broken() from None
+        except BaseException:  # the client went away: the generator is cancelled or closed
+            failed_cb(start, resp.status_code, "client_closed", reader.out if reader else None,
+                      "the client closed a stream")
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
+        if start is None:
+            return
+        out = reader.finish()
+        if resp.status_code >= 400 or out.error:
+            failed_cb(start, resp.status_code, "stream_error" if out.error else "upstream_error", out,
+                      f"upstream answered {resp.status_code}" + (f" with a stream error {out.error}" if out.error else ""))
+        else:
+            recording.finish(start, out)
+
+    routes = [Route("/{path:path}", proxy, methods=_METHODS)]
+    return Starlette(routes=routes, lifespan=lifespan)
