@@ -146,7 +146,10 @@ def record(upstream: str, out, listen: str = DEFAULT_LISTEN, hints: bool = False
         server = _server(make_app(upstream, rec, hints, timeout_s, log), 5)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}")
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn re-raises the Ctrl-C it handled: the stop the user asked for
     finally:
         rec.close()
         sock.close()
