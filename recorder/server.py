@@ -20,8 +20,8 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
 import uvicorn
 
 from recorder.proxy import make_app
@@ -56,13 +56,16 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_upstream(upstream: str) -> str:
+    """The upstream as shown in the header: scheme, host, port and path (never credentials or a query)."""
     try:
-        url = httpx.URL(upstream)
-    except httpx.InvalidURL:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+        u = urlsplit(upstream)
+        port = u.port
+    except ValueError:
+        u = port = None
+    if u is None or u.scheme not in ("http", "https") or not u.hostname:
         raise RecordingError(f"--upstream {upstream}: expected an http(s) URL such as http://127.0.0.1:8000")
-    return str(url.copy_with(username=None, password=None, query=None, fragment=None)).rstrip("/")
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"{u.scheme}://{host}" + (f":{port}" if port else "") + u.path.rstrip("/")
 
 
 def _salt(salt_file: str | os.PathLike | None) -> str:
