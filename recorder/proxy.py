@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -65,7 +66,10 @@ class _Broken(Exception):
 
 
 class _PassThrough(StreamingResponse):
-    """A streamed answer that, when the upstream breaks off, breaks off too (no final chunk)."""
+    """A streamed answer that, when the upstream breaks off, breaks off too (no final chunk).
+    ``after`` is run once the answer is complete (the recording's work, off the client's path)."""
+
+    after: Callable[[], None] | None = None
 
     async def stream_response(self, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -75,6 +79,38 @@ class _PassThrough(StreamingResponse):
         except _Broken:
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.after is not None:
+            self.after()
+
+
+class _Deferred:
+    """The recording's work on finished calls, run after their answers are sent (off the client's
+    path), and in any case before the next call is matched to a session or the recording closes."""
+
+    def __init__(self):
+        self._jobs: dict[object, Callable[[], None]] = {}
+
+    def add(self, f: Callable[[], None]) -> Callable[[], None]:
+        key = object()
+        self._jobs[key] = f
+
+        def run() -> None:
+            job = self._jobs.pop(key, None)
+            if job is not None:
+                job()
+        return run
+
+    def run_all(self) -> None:
+        for key in list(self._jobs):
+            job = self._jobs.pop(key, None)
+            if job is not None:
+                job()
+
+
+def _background(f: Callable[[], None]) -> BackgroundTask:
+    async def run() -> None:  # on the event loop (a sync BackgroundTask would go to a thread)
+        f()
+    return BackgroundTask(run)
 
 
 def _decoder(encoding: str) -> Callable[[bytes], bytes] | None:
@@ -109,6 +145,7 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
     u = urlsplit(base)
     shown = f"{u.scheme}://{u.hostname}" + (f":{u.port}" if u.port else "") + u.path
     state: dict = {}
+    deferred = _Deferred()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -121,6 +158,7 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
         finally:
             await state["client"].close()
             if recording is not None:
+                deferred.run_all()
                 recording.close()
 
     def failed(start, status: int, kind: str, out=None, message: str = "") -> None:
@@ -140,6 +178,7 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
             except ValueError:
                 data = None
             if isinstance(data, dict):
+                deferred.run_all()
                 start = recording.begin(api, data, request.headers.get("x-session-id"))
                 if hints:
                     xargs = data.get("vllm_xargs")
@@ -159,7 +198,8 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
             return _error(api, 502, f"upstream {shown} unreachable: {type(e).__name__} (cwsim record)")
         decode = _decoder(resp.headers.get("content-encoding", "").lower())
         if resp.headers.get("content-type", "").startswith("text/event-stream"):
-            response = _PassThrough(_stream(resp, start, decode, failed))
+            response = _PassThrough(b"")
+            response.body_iterator = _stream(resp, start, decode, failed, response)
             response.status_code = resp.status
             response.raw_headers = _raw_headers(resp.headers, None)
             return response
@@ -170,16 +210,19 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
             return _error(api, 502, f"upstream {shown} broke off its answer (cwsim record)")
         finally:
             resp.release()
+        background = None
         if start is not None:
             if resp.status < 400:
-                recording.finish(start, read_body(api, decode(content) if decode else content))
+                t_done = recording.clock()
+                background = _background(deferred.add(
+                    lambda: recording.finish(start, read_body(api, decode(content) if decode else content), t_done)))
             else:
                 failed(start, resp.status, "upstream_error", message=f"upstream answered {resp.status}")
-        response = Response(content, status_code=resp.status)
+        response = Response(content, status_code=resp.status, background=background)
         response.raw_headers = _raw_headers(resp.headers, len(content))
         return response
 
-    async def _stream(resp: aiohttp.ClientResponse, start, decode, failed_cb):
+    async def _stream(resp: aiohttp.ClientResponse, start, decode, failed_cb, response: _PassThrough):
         reader = StreamReader(start.api) if start is not None else None
         try:
             async for chunk in resp.content.iter_any():
@@ -204,7 +247,8 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
             failed_cb(start, resp.status, "stream_error" if out.error else "upstream_error", out,
                       f"upstream answered {resp.status}" + (f" with a stream error {out.error}" if out.error else ""))
         else:
-            recording.finish(start, out)
+            t_done = recording.clock()
+            response.after = deferred.add(lambda: recording.finish(start, out, t_done))
 
     routes = [Route("/{path:path}", proxy, methods=_METHODS)]
     return Starlette(routes=routes, lifespan=lifespan)

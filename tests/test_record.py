@@ -246,6 +246,8 @@ def test_writer_journal_and_recovery(tmp_path):
     w.write(line)
     w.hold({**line, "turn": 1})
     # a crash here: the final line of turn 1 never came, and half a line is torn
+    w._f.close()
+    w._journal.close()
     with open(out, "ab") as f:
         f.write(b'{"session_id":"a","tu')
     with pytest.raises(RecordingError, match="exists"):
@@ -263,8 +265,10 @@ def test_writer_journal_and_recovery(tmp_path):
     bad.write_text("hello\n")
     with pytest.raises(RecordingError, match="not a cwtrace"):
         TraceAppender(bad, {}, append=True)
+    w3 = TraceAppender(tmp_path / "c.jsonl", {})
     with pytest.raises(ValueError, match="output_tokens"):
-        TraceAppender(tmp_path / "c.jsonl", {}).write({**line, "output_tokens": 0})
+        w3.write({**line, "output_tokens": 0})
+    w3.close()
 
 
 # --------------------------------------------------------------------------- the proxy, small upstream
