@@ -1,94 +1,248 @@
-"""`cwsim`: the command line, a thin layer over :func:`cwsim.runner.simulate`."""
+"""`cwsim`: the command line, a thin layer over :func:`cwsim.runner.simulate` and the ``traces`` library.
+
+Every command that writes takes ``--out`` / ``-o`` (``--output`` too); commands that read a
+trace take ``--trace``. Bad input ends in one ``error: ...`` line naming the flag, file, line
+or field, exit code 2, no traceback. Ctrl-C and SIGTERM end with one line too (exit 130 / 143).
+"""
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
+from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from cwsim.config import SimConfig
-from cwsim.policies import POLICIES
-from cwsim.runner import DEFAULT_TRACE, simulate
+from cwsim.policies import POLICIES, get_policy
+from cwsim.runner import DEFAULT_TRACE, RESULT_FILES, SimulationInterrupted, simulate
 from cwsim.scheduler import SimulationError
 from cwsim.steptime import list_profiles, load_profile
+from traces.files import OutputPathError, check_file, check_folder
 from traces.reader import TraceFormatError, load_trace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class _NoBoolHelp:
+    """``--help`` (a flag) is listed without a ``<bool>`` type."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+
+class _Command(_NoBoolHelp, TyperCommand):
+    pass
+
+
+class _Group(_NoBoolHelp, TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   help="Simulate KV-cache policies for coding-agent sessions on a vLLM-like engine.")
+command = lambda *a, **kw: app.command(*a, cls=_Command, **kw)  # noqa: E731
 console = Console(stderr=True, soft_wrap=True)  # error lines keep paths whole
 
 _D = SimConfig()
+_DEFAULT_KV_BLOCKS = load_profile(_D.profile).default_kv_blocks(_D.block_size, _D.gpu_memory_utilization)
+_KV_BLOCKS_DEFAULT = (f"Default: what the profile's GPU has left after the weights at --gpu-memory-utilization "
+                      f"({_DEFAULT_KV_BLOCKS:,} for {_D.profile} at {_D.gpu_memory_utilization} and --block-size "
+                      f"{_D.block_size}).")
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        print(f"cwsim {_pkg_version('cachewise')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Simulate KV-cache policies for coding-agent sessions on a vLLM-like engine."""
+
+
+# ------------------------------------------------------------------------------ shared pieces
+def _out_option(default, help: str):
+    return typer.Option(default, "--out", "-o", "--output", help=help)
+
+
+def _trace_option(help: str):
+    return typer.Option(None, "--trace", help=help)
+
+
+def fail(message: str, code: int = 2):
+    """Print ``error: message`` (no markup: brackets stay) and exit with ``code``."""
+    console.print(f"error: {message}", style="red", markup=False, highlight=False)
+    raise typer.Exit(code=code)
+
+
+def _message(e: Exception, out_flag: str | None) -> str:
+    if isinstance(e, FileNotFoundError) and e.filename is not None:
+        return f"{e.filename}: no such file or folder"
+    if isinstance(e, OutputPathError) and out_flag is not None:
+        return f"{out_flag}: {e}"
+    return str(e)
+
+
+class _Stop:
+    """What a command reports when it is interrupted."""
+
+    def __init__(self) -> None:
+        self.signal = signal.SIGINT
+        self.note = "nothing written"
+
+
+@contextmanager
+def _guarded(out_flag: str | None = None):
+    """Bad input: one error line, exit 2. Ctrl-C / SIGTERM: one line, exit 130 / 143."""
+    stop = _Stop()
+
+    def on_term(signum, frame):
+        stop.signal = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield stop
+    except (TraceFormatError, FileNotFoundError, ValueError, SimulationError) as e:
+        fail(_message(e, out_flag))
+    except SimulationInterrupted as e:
+        where = f"partial results in {e.out_dir}" if e.out_dir is not None else "no --out: nothing written"
+        fail(f"interrupted after {e.calls_done} calls; {where}", 128 + stop.signal)
+    except KeyboardInterrupt:
+        fail(f"interrupted; {stop.note}", 128 + stop.signal)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _check_out_file(path: Path) -> None:
+    try:
+        check_file(path)
+    except OutputPathError as e:
+        fail(f"--out: {e}")
+
+
+def _bar(label: str, unit: str | None = None) -> Progress:
+    cols = [TextColumn(f"[bold]{label}[/]"), BarColumn()]
+    if unit is not None:
+        cols += [MofNCompleteColumn(), TextColumn(unit)]
+    return Progress(*cols, TimeElapsedColumn(), console=console, transient=True)
+
+
+def _load(path: Path | None) -> "Trace":  # noqa: F821
+    """Load a trace with a progress bar (bytes of the file) while it loads."""
+    path = path if path is not None else DEFAULT_TRACE
+    with Progress(TextColumn("[bold]loading[/]"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("load", total=None)
+        return load_trace(path, progress=lambda done, size: bar.update(task, completed=done, total=size))
+
+
+def _num(v, spec: str, suffix: str = "") -> str:
+    """``format(v, spec) + suffix``, or ``n/a`` where the figure is undefined (``None``)."""
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+# ------------------------------------------------------------------------------ run
+@command()
 def run(
-    trace: Optional[Path] = typer.Option(None, "--trace", help="Trace file (.jsonl or .jsonl.gz, format v1). Default: the bundled mini-swe-agent trace."),
+    trace: Optional[Path] = _trace_option("Trace file (.jsonl or .jsonl.gz, format v1 or v2). Default: the bundled mini-swe-agent trace."),
     policy: str = typer.Option(_D.policy, "--policy", help="Policy name (see `cwsim policies`)."),
-    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="KV pool size in blocks, null block included (vLLM --num-gpu-blocks-override)."),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="KV pool size in blocks, null block included "
+                                            f"(vLLM --num-gpu-blocks-override). {_KV_BLOCKS_DEFAULT}"),
     kv_gib: Optional[float] = typer.Option(None, "--kv-gib", help="KV pool size in GiB (converted with the profile's bytes per token)."),
     block_size: int = typer.Option(_D.block_size, "--block-size", help="Tokens per KV block."),
     profile: str = typer.Option(_D.profile, "--profile", help="Step-time profile: a bundled name (see `cwsim profiles`) or a JSON file."),
     max_num_seqs: int = typer.Option(_D.max_num_seqs, "--max-num-seqs", help="Most requests running at once."),
     max_num_batched_tokens: int = typer.Option(_D.max_num_batched_tokens, "--max-num-batched-tokens", help="Token budget of one step (chunked prefill)."),
+    scheduler_reserve_full_isl: bool = typer.Option(_D.scheduler_reserve_full_isl, "--scheduler-reserve-full-isl/--no-scheduler-reserve-full-isl", metavar="", help="vLLM's full-sequence admission check: admit a request only when its whole prompt fits."),
+    watermark: float = typer.Option(_D.watermark, "--watermark", help="vLLM's watermark: share of the pool's blocks kept free when admitting."),
+    long_prefill_token_threshold: int = typer.Option(_D.long_prefill_token_threshold, "--long-prefill-token-threshold", help="vLLM's cap on one prefill chunk when several requests are eligible (0: none)."),
     gpu_memory_utilization: float = typer.Option(_D.gpu_memory_utilization, "--gpu-memory-utilization", help="Share of GPU memory for weights + KV when the pool size is derived from the profile."),
     arrivals: str = typer.Option(_D.arrivals, "--arrivals", help="Session starts: concurrent (fixed number of active agents), poisson, or trace (recorded)."),
     agents: int = typer.Option(_D.agents, "--agents", help="Concurrently active sessions, with --arrivals concurrent."),
     rate: float = typer.Option(_D.rate, "--rate", help="Sessions per second, with --arrivals poisson."),
-    seed: int = typer.Option(_D.seed, "--seed", help="Random seed (Poisson arrivals)."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Random seed (Poisson arrivals, predictor error)."),
     max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Simulate only the first N sessions of the trace."),
-    predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the tool-call predictor learns from (default: the simulated trace)."),
+    predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the tool-call predictor learns from (default: the simulated trace); only for policies with a predictor."),
     predictor_error: float = typer.Option(_D.predictor_error, "--predictor-error", help="Injected prediction error: idle predictions times exp(N(0, this))."),
     aging_s: float = typer.Option(_D.aging_s, "--aging-s", help="Prefix-aware scheduling: a request waiting longer than this goes first."),
-    cpu_kv_blocks: Optional[int] = typer.Option(None, "--cpu-kv-blocks", help="CPU KV tier size in blocks (0: no tier). Default: the policy's (tokencake: the GPU pool size; others: none)."),
+    cpu_kv_blocks: Optional[int] = typer.Option(None, "--cpu-kv-blocks", help="CPU KV tier size in blocks (0: no tier), for a policy that offloads (tokencake). Default: the policy's (tokencake: the GPU pool size)."),
     cpu_kv_gib: Optional[float] = typer.Option(None, "--cpu-kv-gib", help="CPU KV tier size in GiB (converted with the profile's bytes per token; exclusive with --cpu-kv-blocks)."),
     pcie_gbps: float = typer.Option(_D.pcie_gbps, "--pcie-gbps", help="Effective PCIe bandwidth per direction to the CPU tier, GB/s."),
     offload_threshold_s: float = typer.Option(_D.offload_threshold_s, "--offload-threshold-s", help="Tokencake: offload during tool calls predicted to last longer than this (s)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for summary.json, requests.csv, sessions.csv (written as the run goes)."),
+    out: Optional[Path] = _out_option(None, "Folder for summary.json, requests.csv, sessions.csv (CSVs written as the run goes, "
+                                            "summary.json last; an earlier run's are removed first)."),
 ) -> None:
     """Simulate a trace under one policy and print a summary."""
-    try:
+    with _guarded("--out") as stop:
         config = SimConfig(policy=policy, kv_blocks=kv_blocks, kv_gib=kv_gib, block_size=block_size, profile=profile,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           scheduler_reserve_full_isl=scheduler_reserve_full_isl, watermark=watermark,
+                           long_prefill_token_threshold=long_prefill_token_threshold,
                            gpu_memory_utilization=gpu_memory_utilization, arrivals=arrivals, agents=agents, rate=rate,
                            seed=seed, max_sessions=max_sessions,
                            predictor_trace=str(predictor_trace) if predictor_trace is not None else None,
                            predictor_error=predictor_error, aging_s=aging_s, cpu_kv_blocks=cpu_kv_blocks,
                            cpu_kv_gib=cpu_kv_gib, pcie_gbps=pcie_gbps, offload_threshold_s=offload_threshold_s)
-        tr = load_trace(trace if trace is not None else DEFAULT_TRACE)
+        _check_policy_flags(config)
+        if out is not None:
+            check_folder(out)
+        tr = _load(trace)
         n_calls = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
-        with Progress(TextColumn("[bold]simulating[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("calls"),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
+        with _bar("simulating", "calls") as bar:
             task = bar.add_task("sim", total=n_calls)
             result = simulate(tr, config, out, on_progress=lambda n: bar.advance(task, n))
-    except (TraceFormatError, FileNotFoundError, ValueError, SimulationError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(code=2)
     _print_summary(result.summary)
     if out is not None:
-        console.print(f"results in {out}/ (summary.json, requests.csv, sessions.csv)")
+        console.print(f"results in {out}/ ({', '.join(RESULT_FILES)})", markup=False)
+
+
+def _check_policy_flags(config: SimConfig) -> None:
+    """Flags the chosen policy would ignore are errors, not silently accepted."""
+    spec = get_policy(config.policy)
+    tier = "--cpu-kv-blocks" if config.cpu_kv_blocks else "--cpu-kv-gib" if config.cpu_kv_gib else None
+    if tier is not None and not spec.offloads:
+        users = ", ".join(s.name for s in POLICIES.values() if s.offloads)
+        fail(f"{tier}: policy {spec.name!r} never offloads, so a CPU tier stays empty (policies that offload: {users})")
+    if config.predictor_trace is not None:
+        if not spec.needs_predictor:
+            users = ", ".join(s.name for s in POLICIES.values() if s.needs_predictor)
+            fail(f"--predictor-trace: policy {spec.name!r} uses no tool-call predictor (policies that do: {users})")
+        if not Path(config.predictor_trace).is_file():
+            fail(f"--predictor-trace: {config.predictor_trace}: no such file")
 
 
 def _print_summary(s: dict) -> None:
-    table = Table(title=f"cwsim: {s['policy']} on {Path(s['trace']).name}", show_header=False)
+    table = Table(title=escape(f"cwsim: {s['policy']} on {Path(s['trace']).name}"), show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
+    tier = bool(s.get("cpu_kv_blocks"))
     rows = [
-        ("sessions / requests", f"{s['sessions']} / {s['requests']}"),
-        ("KV pool", f"{s['kv_blocks']} blocks x {s['block_size']} tokens" if s["kv_blocks"] else "unbounded"),
+        ("sessions / requests", f"{s['sessions']:,} / {s['requests']:,}"),
+        ("KV pool", f"{s['kv_blocks']:,} blocks x {s['block_size']} tokens" if s["kv_blocks"] else "unbounded"),
         ("profile", s["profile"]),
-        ("evicted blocks", f"{s['evicted_blocks']:,}"),
-        ("harmful evictions", f"{s['harmful_evictions']:,}"),
-        ("prefix hit rate", f"{s['prefix_hit_rate']:.1%}"),
-        ("recomputed prompt tokens", f"{s['recomputed_prompt_tokens']:,}"),
-        ("preemptions", f"{s['preemptions']:,}"),
+        ("evicted", f"{s['evicted_blocks']:,} blocks"),
+        ("harmful evictions", f"{s['harmful_evictions']:,} blocks"),
+        ("prefix hit rate" + (" (GPU; swap-ins excluded)" if tier else ""),
+         f"{s['prefix_hit_rate']:.1%} of prompt tokens"),
+        ("recomputed prompt tokens", f"{s['recomputed_prompt_tokens']:,} tokens"),
+        ("preemptions", f"{s['preemptions']:,} requests"),
         *([("CPU tier", f"{s['cpu_kv_blocks']:,} blocks"),
-           ("offloaded / prefetched / swapped-in blocks",
-            f"{s['offloaded_blocks']:,} / {s['prefetched_blocks']:,} / {s['swap_in_hits']:,}")]
-          if s.get("cpu_kv_blocks") else []),
+           ("offloaded / prefetched / swapped in", f"{s['offloaded_blocks']:,} / {s['prefetched_blocks']:,} / "
+                                                   f"{s['swap_in_hits']:,} blocks"),
+           ("swapped-in tokens (not in hit rate)", f"{s['swapped_in_tokens']:,} tokens")]
+          if tier else []),
         ("total session time", f"{s['total_session_time_s']:,.1f} s"),
         ("mean / p99 session time", f"{s['mean_session_time_s']:,.1f} / {s['p99_session_time_s']:,.1f} s"),
         ("makespan", f"{s['makespan_s']:,.1f} s"),
@@ -99,108 +253,131 @@ def _print_summary(s: dict) -> None:
     Console().print(table)
 
 
-@app.command("import")
+# ------------------------------------------------------------------------------ traces
+@command("import")
 def import_(
-    src: list[Path] = typer.Argument(..., help="Files or folders to convert."),
+    src: list[Path] = typer.Argument(..., help="Files or folders to convert (folders are searched with their subfolders)."),
     fmt: str = typer.Option(..., "--format", "-f", help="Source format: mini-swe-agent, swe-agent, tracelab, mooncake, lmcache-agent."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output trace (.jsonl or .jsonl.gz)."),
+    output: Path = _out_option(..., "Output trace (.jsonl or .jsonl.gz); its folder is made if needed."),
 ) -> None:
-    """Convert a public trace format into trace format v1 (content-free)."""
+    """Convert a public trace format into trace format v2 (content-free, compact lines)."""
     from traces.importers import run_import
     from traces.reader import write_trace
 
-    total = sum(p.stat().st_size for s in src if s.exists() for p in ([s] if s.is_file() else s.rglob("*")) if p.is_file())
-    try:
-        with Progress(TextColumn("[bold]reading[/]"), BarColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+    _check_out_file(output)
+    with _guarded("--out"):
+        total = sum(p.stat().st_size for s in src if s.exists()
+                    for p in ([s] if s.is_file() else s.rglob("*")) if p.is_file())
+        with _bar("reading") as bar:
             task = bar.add_task("read", total=None)
             calls, report, header = run_import(fmt, src, progress=lambda n: bar.advance(task, n))
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(code=2)
-    Console().print(report.render())
-    if not calls:
-        console.print("[red]error:[/] nothing converted")
-        raise typer.Exit(code=1)
-    n = write_trace(output, calls, header)
-    console.print(f"wrote {n} calls ({report.sessions} sessions) to {output}" + (f" from {total:,} bytes" if total else ""))
+        Console().print(report.render(), markup=False, highlight=False)
+        if not calls:
+            fail(f"nothing converted: {_why_nothing(fmt, src, report)}")
+        n = write_trace(output, calls, header)
+    console.print(f"wrote {n} calls ({report.sessions} sessions) to {output}"
+                  + (f" from {total:,} bytes" if total else ""), markup=False)
 
 
-@app.command()
+def _why_nothing(fmt: str, src: list[Path], report) -> str:
+    from traces.importers import IMPORTERS
+
+    where = ", ".join(map(str, src))
+    if report.files_read == 0:
+        return (f"no {fmt} files found in {where} (subfolders searched; expected: "
+                f"{IMPORTERS[fmt].description})")
+    if report.rejected:
+        where_, reason = report.rejected[0]
+        return f"{len(report.rejected)} rejected, none converted (first: {where_}: {reason})"
+    return f"the {report.files_read} file(s) read hold no LLM calls"
+
+
+@command()
 def analyze(
-    trace: Optional[Path] = typer.Argument(None, help="Trace to analyse (default: the bundled trace)."),
-    out: Path = typer.Option(Path("runs/analysis"), "--out", help="Folder for analysis.json and the PNG figures."),
-    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV block."),
-    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="Pool size to compare the working set with (default: the profile's)."),
-    agents: int = typer.Option(16, "--agents", help="Concurrent agents for the timing of the working set."),
+    trace_arg: Optional[Path] = typer.Argument(None, metavar="TRACE", help="Trace to analyse (or --trace; default: the bundled trace)."),
+    trace: Optional[Path] = _trace_option("Trace to analyse (same as the TRACE argument)."),
+    out: Path = _out_option(Path("runs/analysis"), "Folder for analysis.json and the PNG figures."),
+    block_size: int = typer.Option(16, "--block-size", min=1, help="Tokens per KV block."),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", min=2,
+                                            help=f"Pool size to compare the working set with. {_KV_BLOCKS_DEFAULT}"),
+    agents: int = typer.Option(16, "--agents", min=1, help="Concurrent agents for the timing of the working set."),
     profile: str = typer.Option(_D.profile, "--profile", help="Step-time profile for the timing of the working set."),
 ) -> None:
     """Workload analysis: prefix reuse, tool times, gaps, KV working set; writes analysis.json and figures."""
     from traces.analysis import analyze as run_analysis, write_analysis
 
-    try:
-        tr = load_trace(trace if trace is not None else DEFAULT_TRACE)
+    if trace_arg is not None and trace is not None and trace_arg != trace:
+        fail(f"--trace: give the trace once (got {trace_arg} and --trace {trace})")
+    trace = trace if trace is not None else trace_arg
+    with _guarded("--out"):
+        check_folder(out)
+        tr = _load(trace)
         with console.status("analysing (includes one infinite-cache simulation for timing)"):
             result = run_analysis(tr, block_size=block_size, pool_blocks=kv_blocks, agents=agents, profile=profile)
             paths = write_analysis(result, tr, out)
-    except (TraceFormatError, FileNotFoundError, ValueError, SimulationError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(code=2)
-    table = Table(title=f"workload: {Path(tr.source).name}", show_header=False)
+    table = Table(title=escape(f"workload: {Path(tr.source).name}"), show_header=False)
     ws, ef = result["kv_working_set"], result["eviction_free_prefill"]
     for k, v in [
-        ("sessions / calls", f"{result['sessions']} / {result['calls']}"),
-        ("median calls per session", f"{result['calls_per_session']['median']:g}"),
-        ("median prompt / output tokens", f"{result['prompt_tokens']['median']:,.0f} / {result['output_tokens']['median']:,.0f}"),
-        ("median share of prompt = previous call", f"{result['prev_prefix_share']['median']:.1%}"),
-        ("prefill an eviction-free cache avoids", f"{ef['avoidable_share']:.1%}"),
-        ("median tool duration", f"{result['tool_duration_s']['all']['median']:.2f} s"),
+        ("sessions / calls", f"{result['sessions']:,} / {result['calls']:,}"),
+        ("median calls per session", _num(result["calls_per_session"]["median"], "g")),
+        ("median prompt / output tokens", f"{_num(result['prompt_tokens']['median'], ',.0f')} / "
+                                          f"{_num(result['output_tokens']['median'], ',.0f')}"),
+        ("median share of prompt = previous call",
+         _num(result["prev_prefix_share"]["median"], ".1%") + ("" if result["prev_prefix_share"]["median"] is not None
+                                                               else " (no session has a second call)")),
+        ("prefill an eviction-free cache avoids", _num(ef["avoidable_share"], ".1%")),
+        ("median tool duration", _num(result["tool_duration_s"]["all"]["median"], ".2f", " s")
+         if result["tool_duration_s"]["all"]["median"] is not None else "n/a (no tool calls)"),
         ("KV working set peak / pool", f"{ws['peak_blocks']:,} / {ws['pool_blocks']:,} blocks"),
     ]:
         table.add_row(k, v)
     Console().print(table)
-    console.print(f"wrote {len(paths)} files to {out}/")
+    console.print(f"wrote {len(paths)} files to {out}/", markup=False)
 
 
-@app.command()
+@command()
 def synth(
     like: Path = typer.Option(DEFAULT_TRACE, "--like", help="Real trace to fit the workload model to."),
     sessions: int = typer.Option(100, "--sessions", min=1, help="Synthetic sessions to write."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same trace)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output trace (.jsonl or .jsonl.gz)."),
+    output: Path = _out_option(..., "Output trace (.jsonl or .jsonl.gz); its folder is made if needed."),
     model_out: Optional[Path] = typer.Option(None, "--model-out", help="Also save the fitted model (JSON)."),
-    check_sessions: int = typer.Option(1000, "--check-sessions", help="Closeness report on the first N synthetic sessions (0: none)."),
+    check_sessions: int = typer.Option(1000, "--check-sessions", min=0, help="Closeness report on the first N synthetic sessions (0: none)."),
 ) -> None:
     """Fit a workload model to a real trace and sample new sessions like it; report how close they are."""
     from traces.reader import write_trace
     from traces.synth import closeness, fit, format_closeness, iter_sessions, synthetic_header, synthetic_trace
 
-    try:
-        real = load_trace(like)
-    except (TraceFormatError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(code=2)
-    model = fit(real)
-    model.source = str(like)
+    _check_out_file(output)
     if model_out is not None:
-        model.save(model_out)
-    header = synthetic_header(model, sessions, seed, str(like))
-    with Progress(TextColumn("[bold]sampling[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("sessions"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("synth", total=sessions)
+        try:
+            check_file(model_out)
+        except OutputPathError as e:
+            fail(f"--model-out: {e}")
+    with _guarded("--out"):
+        real = _load(like)
+        model = fit(real)
+        model.source = str(like)
+        if model_out is not None:
+            model.save(model_out)
+        header = synthetic_header(model, sessions, seed, str(like))
+        with _bar("sampling", "sessions") as bar:
+            task = bar.add_task("synth", total=sessions)
 
-        def calls():
-            for sess in iter_sessions(model, sessions, seed):
-                yield from sess.calls
-                bar.advance(task)
+            def calls():
+                for sess in iter_sessions(model, sessions, seed):
+                    yield from sess.calls
+                    bar.advance(task)
 
-        n = write_trace(output, calls(), header)
-    console.print(f"wrote {sessions} synthetic sessions, {n} calls to {output}")
-    if check_sessions > 0:
-        k = min(check_sessions, sessions)
-        Console().print(format_closeness(closeness(real, synthetic_trace(model, k, seed))))
+            n = write_trace(output, calls(), header)
+        console.print(f"wrote {sessions} synthetic sessions, {n} calls to {output}", markup=False)
+        if check_sessions > 0:
+            k = min(check_sessions, sessions)
+            Console().print(format_closeness(closeness(real, synthetic_trace(model, k, seed))), markup=False)
 
 
-@app.command()
+# ------------------------------------------------------------------------------ listings
+@command()
 def policies() -> None:
     """List the policies with one-line descriptions."""
     table = Table("policy", "description")
@@ -209,20 +386,20 @@ def policies() -> None:
     Console().print(table)
 
 
-@app.command()
+@command()
 def profiles() -> None:
     """List the bundled step-time profiles."""
     table = Table("profile", "model", "gpu", "source")
     for name in list_profiles():
         p = load_profile(name)
-        table.add_row(name, p.model, p.gpu, p.source.split(":")[0])
+        table.add_row(*map(escape, (name, p.model, p.gpu, p.source.split(":")[0])))
     Console().print(table)
 
 
 @app.command()
 def record(
     upstream: str = typer.Option(..., "--upstream", help="The LLM server to forward to, e.g. http://127.0.0.1:8000 or https://api.anthropic.com."),
-    output: Path = typer.Option(..., "-o", "--output", help="Trace to write (.jsonl, format v1), one line per LLM call."),
+    output: Path = _out_option(..., "Trace to write (.jsonl), one full line per LLM call."),
     listen: str = typer.Option("127.0.0.1:8790", "--listen", help="HOST:PORT to serve on (loopback unless you say otherwise)."),
     hints: bool = typer.Option(False, "--hints", help="Add session id, turn and previous tool to the forwarded requests (vllm_xargs, X-Session-ID)."),
     append: bool = typer.Option(False, "--append", help="Add to an existing recording instead of refusing to touch it."),

@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``field`` is the :class:`SimConfig` field, ``problem`` what is
+    wrong with it; the message names the CLI flags (``--kv-blocks must be >= 2, got 1``), which
+    are the fields with dashes."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{flag(field)} {_with_flags(problem)}")
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.problem))
+
+
+def flag(field: str) -> str:
+    """The CLI flag of a configuration field: ``kv_blocks`` -> ``--kv-blocks``."""
+    return "--" + field.replace("_", "-")
+
+
+def _with_flags(text: str) -> str:
+    """``together with kv_blocks`` -> ``together with --kv-blocks``, for every field named."""
+    names = "|".join(sorted(SimConfig.__dataclass_fields__, key=len, reverse=True))
+    return re.sub(rf"(?<![-\w])({names})\b", lambda m: flag(m.group(1)), text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +42,13 @@ class SimConfig:
     profile: str = "llama-3.1-8b-h100"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    #: vLLM's scheduler switches, under vLLM's names and with vLLM 0.32's defaults:
+    #: admit a waiting request only when its whole sequence fits in the free blocks (prefix hits counted)
+    scheduler_reserve_full_isl: bool = True
+    #: share of the pool's blocks kept free when admitting (while something runs)
+    watermark: float = 0.0
+    #: cap on one request's prefill chunk in a step when more than one request is eligible (0: none)
+    long_prefill_token_threshold: int = 0
     gpu_memory_utilization: float = 0.9
     arrivals: str = "concurrent"
     agents: int = 16
@@ -42,25 +75,30 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
-            (self.kv_blocks is None or self.kv_blocks >= 2, f"kv_blocks must be >= 2, got {self.kv_blocks}"),
-            (self.kv_gib is None or self.kv_gib > 0, f"kv_gib must be > 0, got {self.kv_gib}"),
-            (not (self.kv_blocks is not None and self.kv_gib is not None), "give kv_blocks or kv_gib, not both"),
-            (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
-            (self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
-            (self.max_sessions is None or self.max_sessions >= 1, f"max_sessions must be >= 1, got {self.max_sessions}"),
-            (self.predictor_error >= 0, f"predictor_error must be >= 0, got {self.predictor_error}"),
-            (self.aging_s >= 0, f"aging_s must be >= 0, got {self.aging_s}"),
-            (self.cpu_kv_blocks is None or self.cpu_kv_blocks >= 0, f"cpu_kv_blocks must be >= 0, got {self.cpu_kv_blocks}"),
-            (self.cpu_kv_gib is None or self.cpu_kv_gib >= 0, f"cpu_kv_gib must be >= 0, got {self.cpu_kv_gib}"),
-            (not (self.cpu_kv_blocks is not None and self.cpu_kv_gib is not None),
-             "give cpu_kv_blocks or cpu_kv_gib, not both"),
-            (self.pcie_gbps > 0, f"pcie_gbps must be > 0, got {self.pcie_gbps}"),
-            (self.offload_threshold_s >= 0, f"offload_threshold_s must be >= 0, got {self.offload_threshold_s}"),
+            (self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}"),
+            (self.kv_blocks is None or self.kv_blocks >= 2, "kv_blocks", f"must be >= 2, got {self.kv_blocks}"),
+            (self.kv_gib is None or self.kv_gib > 0, "kv_gib", f"must be > 0, got {self.kv_gib}"),
+            (not (self.kv_blocks is not None and self.kv_gib is not None), "kv_gib", "cannot be given together with kv_blocks (give one, not both)"),
+            (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+             f"must be in (0, 1], got {self.gpu_memory_utilization}"),
+            (self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}"),
+            (0.0 <= self.watermark < 1.0, "watermark", f"must be in [0, 1), got {self.watermark}"),
+            (self.long_prefill_token_threshold >= 0, "long_prefill_token_threshold",
+             f"must be >= 0, got {self.long_prefill_token_threshold}"),
+            (self.max_sessions is None or self.max_sessions >= 1, "max_sessions", f"must be >= 1, got {self.max_sessions}"),
+            (self.predictor_error >= 0, "predictor_error", f"must be >= 0, got {self.predictor_error}"),
+            (self.aging_s >= 0, "aging_s", f"must be >= 0, got {self.aging_s}"),
+            (self.cpu_kv_blocks is None or self.cpu_kv_blocks >= 0, "cpu_kv_blocks", f"must be >= 0, got {self.cpu_kv_blocks}"),
+            (self.cpu_kv_gib is None or self.cpu_kv_gib >= 0, "cpu_kv_gib", f"must be >= 0, got {self.cpu_kv_gib}"),
+            (not (self.cpu_kv_blocks is not None and self.cpu_kv_gib is not None), "cpu_kv_gib",
+             "cannot be given together with cpu_kv_blocks (give one, not both)"),
+            (self.pcie_gbps > 0, "pcie_gbps", f"must be > 0, got {self.pcie_gbps}"),
+            (self.offload_threshold_s >= 0, "offload_threshold_s", f"must be >= 0, got {self.offload_threshold_s}"),
         ]
-        for ok, msg in checks:
+        for ok, name, problem in checks:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(name, problem)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,11 @@ not run steps that start at or after its ``next_deadline``, and a step that
 swaps blocks in (or waits for a prefetch copy) takes that load time longer.
 
 Sessions are closed-loop processes: a session submits call k+1 once call k
-has finished and its gap has elapsed.
+has finished and its gap has elapsed. Events at one instant are ordered as
+the oracle orders them (``replay.oracle``): a step's finished calls are
+handled first (the engine yields once so that their sessions submit what is
+due now), then every call due by then joins the waiting queue in the trace's
+session order (``Scheduler.add``), then the next step is scheduled.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class Engine:
         self.decode_jumps = decode_jumps
         self._idle: simpy.Event | None = None
         self._next_rid = 0
-        self._block_ids = BlockIds()  # requests carry dense block ids as their hashes
+        self.block_ids = BlockIds()  # requests carry dense block ids as their hashes
         self.steps = 0
         self.jumps = 0
 
@@ -56,7 +60,7 @@ class Engine:
         call = sess.calls[turn]
         if sess.memo is None:
             sess.memo = PrefixMemo()
-        hashes = block_hashes(call.segs, self.block_size, sess.memo, self._block_ids)
+        hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
         req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes, self.env.now)
         if sess.hint is not None and sess.memo.reused:
             blocks, gens = sess.hint
@@ -100,7 +104,8 @@ class Engine:
                     self.steps += n
                     self.jumps += 1
                     yield env.timeout(dt)
-                    self._finish_jump(n, env.now)
+                    if self._finish_jump(n, env.now):
+                        yield env.timeout(0)  # sessions submit what is due now before the next step
                     continue
             dt = prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx)
             if plan.swap_in_s or plan.load_wait_s:
@@ -108,7 +113,10 @@ class Engine:
             self.steps += 1
             yield env.timeout(dt)
             self.ctx.now = env.now
-            sched.update(plan, env.now)
+            if sched.update(plan, env.now):
+                # the finished calls' sessions submit what is due now (a next call after no gap, a next
+                # session) before the next step is scheduled, as the oracle orders events at one instant
+                yield env.timeout(0)
 
     def _plan_jump(self, plan) -> int:
         """How many decode-only steps, starting with ``plan``'s, can run as one."""
@@ -127,12 +135,13 @@ class Engine:
             return 1
         return sched.steps_within_free_blocks(n)
 
-    def _finish_jump(self, n: int, now: float) -> None:
+    def _finish_jump(self, n: int, now: float) -> list:
         sched = self.scheduler
         finished = sched.finish_jump(n)
         self.ctx.now = now
         for r in finished:
             sched.finish(r, now)
+        return finished
 
 
 def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, workload: Workload, metrics):

@@ -125,6 +125,13 @@ class Metrics:
         req.recomputed_tokens += seen_before * bs
 
     def on_finish(self, req: Request, now: float) -> None:
+        # the row first, then the counts: an interrupt between the two leaves the summary's
+        # count no higher than the rows written
+        if self._req_writer is not None:
+            self._req_writer.writerow([
+                req.session.session_id, req.turn, _r(req.arrival), _r(req.first_scheduled), _r(req.first_token),
+                _r(now), req.prompt_len, req.output_len, req.cached_tokens, req.recomputed_tokens, req.preemptions,
+            ])
         self.requests += 1
         self.prompt_tokens += req.prompt_len
         self.cached_tokens += req.cached_tokens
@@ -136,11 +143,6 @@ class Metrics:
         acc[2] += req.cached_tokens
         acc[3] += req.recomputed_tokens
         acc[4] += req.preemptions
-        if self._req_writer is not None:
-            self._req_writer.writerow([
-                req.session.session_id, req.turn, _r(req.arrival), _r(req.first_scheduled), _r(req.first_token),
-                _r(now), req.prompt_len, req.output_len, req.cached_tokens, req.recomputed_tokens, req.preemptions,
-            ])
 
     def on_session_end(self, sess) -> None:
         duration = sess.end - sess.start

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import simpy
 
 from cwsim.block_pool import BlockPool
-from cwsim.config import SimConfig
+from cwsim.config import ConfigError, SimConfig
 from cwsim.cpu_tier import CpuTier
 from cwsim.engine import Engine, start_sessions
 from cwsim.kv_cache_manager import KVCacheManager
@@ -24,9 +25,16 @@ from cwsim.scheduler import Scheduler, SimulationError
 from cwsim.steptime import load_profile
 from cwsim.workload import Arrivals, Workload
 from traces.format import Trace
+from traces.files import atomic_write_text, ensure_folder
 from traces.reader import load_trace
 
-DEFAULT_TRACE = Path(__file__).resolve().parent.parent / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
+#: the repository (the installed packages' parent folder)
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = REPO / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
+
+
+#: the files a run writes into its results folder (an earlier run's are removed first)
+RESULT_FILES = ("summary.json", "requests.csv", "sessions.csv", "evictions.csv")
 
 
 @dataclass
@@ -35,12 +43,30 @@ class SimResult:
     out_dir: Path | None
 
 
+class SimulationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM turned into KeyboardInterrupt) during a run: the results folder (if any)
+    holds the CSV rows of ``calls_done`` finished calls and a ``summary.json`` marked partial."""
+
+    def __init__(self, calls_done: int, out_dir: Path | None):
+        super().__init__(calls_done, out_dir)
+        self.calls_done = calls_done
+        self.out_dir = out_dir
+
+
 def resolve_kv_blocks(config: SimConfig, profile) -> int:
     if config.kv_blocks is not None:
         return config.kv_blocks
     if config.kv_gib is not None:
-        return profile.kv_blocks_for_bytes(config.kv_gib * 2**30, config.block_size)
-    return profile.default_kv_blocks(config.block_size, config.gpu_memory_utilization)
+        n = profile.kv_blocks_for_bytes(config.kv_gib * 2**30, config.block_size)
+        if n < 2:
+            raise ConfigError("kv_gib", f"{config.kv_gib:g} GiB holds {n} blocks of {config.block_size} tokens "
+                                        f"under profile {profile.name!r}; the pool needs >= 2")
+        return n
+    n = profile.default_kv_blocks(config.block_size, config.gpu_memory_utilization)
+    if n < 2:
+        raise ConfigError("gpu_memory_utilization", f"{config.gpu_memory_utilization:g} leaves {n} KV blocks after "
+                                                    f"the weights of profile {profile.name!r}; raise it or give --kv-blocks")
+    return n
 
 
 def resolve_cpu_kv_blocks(config: SimConfig, profile, spec, kv_blocks: int) -> int:
@@ -52,11 +78,43 @@ def resolve_cpu_kv_blocks(config: SimConfig, profile, spec, kv_blocks: int) -> i
     return int(spec.default_cpu_tier * (kv_blocks - 1))
 
 
+def check_fits(workload: Workload, kv_blocks: int, block_size: int) -> None:
+    """``SimulationError`` naming the call if the largest call can never fit the pool, even alone.
+
+    A call of prompt ``P`` and output ``O`` tokens holds KV for ``P + O - 1`` tokens at its last
+    step (the last token generated is not fed back), in blocks of ``block_size``; block 0 is the
+    null block. The scheduler would find out only when it got there.
+    """
+    sess, turn, tokens = workload.largest_call()
+    need = -(-tokens // block_size)
+    if need > kv_blocks - 1:
+        raise SimulationError(f"request of session {sess.session_id!r} turn {turn} needs {need} blocks ({tokens} tokens "
+                              f"of prompt + output) but the pool has {kv_blocks - 1} usable blocks: "
+                              "raise --kv-blocks / --kv-gib")
+
+
+def prepare_results_dir(out_dir: str | Path) -> Path:
+    """Make the results folder and remove an earlier run's result files from it."""
+    out = ensure_folder(out_dir)
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
 def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), out_dir: str | Path | None = None,
-             on_progress=None) -> SimResult:
+             on_progress=None, eviction_log: bool = False) -> SimResult:
     """Run one simulation; write ``summary.json``, ``requests.csv`` and ``sessions.csv`` to ``out_dir`` if given.
 
-    ``on_progress(n_calls)`` is called as each session ends.
+    ``on_progress(n_calls)`` is called as each session ends. Everything that can be checked is
+    checked before the first step (``ConfigError``, ``TraceFormatError``, ``FileNotFoundError``).
+    The CSVs are written as sessions end; an earlier run's result files in ``out_dir`` are
+    removed first, and ``summary.json`` is written last, atomically. When the run stops early
+    (``SimulationError``, or Ctrl-C: ``SimulationInterrupted``) ``summary.json`` still comes,
+    with ``"partial": true`` and what stopped it in ``"stopped_by"``; a finished run's has
+    ``"partial": false``. ``eviction_log``: also
+    write ``evictions.csv`` (engine step, time and content hash of every evicted
+    block, in order; the hash is :func:`cwsim.hashing.block_hashes`'s, which
+    ``replay.compare`` maps to vLLM's).
     """
     wall0 = time.perf_counter()
     if trace is None:
@@ -70,31 +128,44 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     if config.max_sessions is not None:
         workload.sessions = workload.sessions[: config.max_sessions]
     kv_blocks = resolve_kv_blocks(config, profile)
-    out = Path(out_dir) if out_dir is not None else None
+    arrivals.check(workload)
+    if not spec.unbounded:
+        check_fits(workload, kv_blocks, config.block_size)
+    predictor = None
+    if spec.needs_predictor:
+        train = trace if config.predictor_trace is None else load_trace(config.predictor_trace)
+        predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
+    cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
+    out = prepare_results_dir(out_dir) if out_dir is not None else None
     metrics = Metrics(config.block_size, out, on_progress)
     ctx = PolicyContext(workload=workload)
+    ctx.predictor = predictor
     sched_policy, evict_policy = spec.scheduling(), spec.eviction()
     if hasattr(sched_policy, "aging_s"):
         sched_policy.aging_s = config.aging_s
     if hasattr(evict_policy, "offload_threshold_s"):
         evict_policy.offload_threshold_s = config.offload_threshold_s
-    if spec.needs_predictor:
-        train = trace if config.predictor_trace is None else load_trace(config.predictor_trace)
-        ctx.predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
     # a policy that keeps the constant base score is plain LRU: the pool need not call it
     score_fn = None if type(evict_policy).score is EvictionPolicy.score else evict_policy.score
-    pool = BlockPool(kv_blocks, score_fn, growable=spec.unbounded, on_evict=metrics.on_evict)
+    on_evict = metrics.on_evict
+    evictions: list[tuple[int, float, list[int]]] = []
+    if eviction_log:
+        def on_evict(ids, _metrics=metrics.on_evict):  # noqa: E306 - only when asked: off the default hot path
+            _metrics(ids)
+            evictions.append((engine.steps, env.now, list(ids)))
+    pool = BlockPool(kv_blocks, score_fn, growable=spec.unbounded, on_evict=on_evict)
     metrics.pool = pool
     kv = KVCacheManager(pool, config.block_size)
     ctx.kv = kv
-    cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
     tier = None
     if cpu_blocks > 0:
         tier = CpuTier(cpu_blocks, pool, profile.kv_bytes_per_block(config.block_size), config.pcie_gbps,
                        on_evict=metrics.on_evict)
         ctx.cpu_tier = metrics.cpu_tier = tier
     scheduler = Scheduler(kv, sched_policy, metrics, max_num_seqs=config.max_num_seqs,
-                          max_num_batched_tokens=config.max_num_batched_tokens, cpu_tier=tier)
+                          max_num_batched_tokens=config.max_num_batched_tokens, cpu_tier=tier,
+                          reserve_full_isl=config.scheduler_reserve_full_isl, watermark=config.watermark,
+                          long_prefill_token_threshold=config.long_prefill_token_threshold)
     ctx.scheduler = scheduler
     sched_policy.bind(ctx)
     evict_policy.bind(ctx)
@@ -102,26 +173,61 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps)
     start_sessions(env, engine, workload, arrivals, config.seed, metrics)
     env.process(engine.run())
+
+    def summary(**stopped) -> dict:
+        return {
+            "policy": config.policy,
+            "trace": trace.source,
+            "partial": bool(stopped),
+            **stopped,
+            **metrics.summary(),
+            "kv_blocks": kv_blocks if not spec.unbounded else None,
+            "kv_blocks_peak_in_use": pool.peak_in_use,
+            "cpu_kv_blocks": cpu_blocks,
+            "block_size": config.block_size,
+            "profile": profile.name,
+            "steps": engine.steps,
+            "decode_jumps": engine.jumps,
+            "config": config.to_dict(),
+            "wall_s": time.perf_counter() - wall0,
+        }
+
+    def stop(why: str) -> None:
+        metrics.close()
+        if out is not None:
+            write_summary(out, summary(stopped_by=why, sessions_in_trace=len(workload.sessions)))
+
     try:
         env.run()
+        if metrics.sessions_done != len(workload.sessions):
+            raise SimulationError(f"only {metrics.sessions_done} of {len(workload.sessions)} sessions finished")
+    except SimulationError as e:
+        stop(f"error: {e}")
+        raise
+    except KeyboardInterrupt:
+        stop("interrupt")
+        raise SimulationInterrupted(metrics.requests, out) from None
     finally:
         metrics.close()
-    if metrics.sessions_done != len(workload.sessions):
-        raise SimulationError(f"only {metrics.sessions_done} of {len(workload.sessions)} sessions finished")
-    summary = {
-        "policy": config.policy,
-        "trace": trace.source,
-        **metrics.summary(),
-        "kv_blocks": kv_blocks if not spec.unbounded else None,
-        "kv_blocks_peak_in_use": pool.peak_in_use,
-        "cpu_kv_blocks": cpu_blocks,
-        "block_size": config.block_size,
-        "profile": profile.name,
-        "steps": engine.steps,
-        "decode_jumps": engine.jumps,
-        "config": config.to_dict(),
-        "wall_s": time.perf_counter() - wall0,
-    }
+    result = summary()
     if out is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return SimResult(summary, out)
+        if eviction_log:
+            _write_evictions(out / "evictions.csv", evictions, engine.block_ids)
+        write_summary(out, result)
+    return SimResult(result, out)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _write_evictions(path: Path, evictions, block_ids) -> None:
+    content = [0] * len(block_ids)  # dense id -> content hash
+    for h, i in block_ids.items():
+        content[i] = h
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "time_s", "block_hash"])
+        for step, now, ids in evictions:
+            for i in ids:
+                w.writerow([step, now, content[i]])

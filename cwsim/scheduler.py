@@ -113,8 +113,15 @@ class Scheduler:
     """
 
     def __init__(self, kv: KVCacheManager, policy: SchedulingPolicy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 cpu_tier=None, lazy_decode: bool = True):
+                 cpu_tier=None, lazy_decode: bool = True, reserve_full_isl: bool = True, watermark: float = 0.0,
+                 long_prefill_token_threshold: int = 0):
         self.kv = kv
+        #: vLLM's scheduler_reserve_full_isl: admit only when the whole sequence fits (prefix hits counted)
+        self.reserve_full_isl = reserve_full_isl
+        #: vLLM's watermark in blocks (int(watermark * pool blocks)), kept free when admitting while something runs
+        self.watermark_blocks = int(watermark * kv.pool.num_blocks)
+        #: vLLM's long_prefill_token_threshold: chunk cap when more than one request is eligible (0: none)
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         #: False: every request is scheduled request by request (the reference the lazy batch is tested against)
         self.lazy_decode = lazy_decode
         self.cpu_tier = cpu_tier  # cwsim.cpu_tier.CpuTier or None
@@ -133,7 +140,16 @@ class Scheduler:
         self._sum_off = 0
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        """Queue a new request. Requests that arrive at the same instant queue in the
+        trace's session order, whatever order their sessions submitted them in."""
+        waiting = self.waiting
+        i = len(waiting)
+        if i and req.session is not None:
+            k = req.session.index
+            while i and (w := waiting[i - 1]).arrival == req.arrival and not w.preemptions \
+                    and w.session is not None and w.session.index > k:
+                i -= 1
+        waiting.insert(i, req)
 
     # ------------------------------------------------------ lazy decode batch
     def _join(self, req: Request) -> None:
@@ -236,6 +252,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled = plan.scheduled
         bs = kv.block_size
+        thr = self.long_prefill_token_threshold
+        if thr and len(running) + len(self.waiting) <= 1:
+            thr = 0  # nobody to starve: the one request may use the whole budget (as vLLM)
         i = 0
         if self._n_lazy:
             if self._n_lazy <= budget and self._lazy_prefix() and self._decode_lazy():
@@ -260,6 +279,8 @@ class Scheduler:
                 budget -= 1
                 i += 1
                 continue
+            if 0 < thr < n_new:
+                n_new = thr
             if n_new > budget:
                 n_new = budget
             while kv.allocate_slots(req, n_new) is None:
@@ -288,7 +309,7 @@ class Scheduler:
                 continue
             break
         if not plan.preempted and self.waiting:
-            self._admit(plan, budget, now)
+            self._admit(plan, budget, now, thr)
         # account the batch: the lazy decoders at once, the rest request by request
         decode_seqs = self._n_lazy if plan.lazy else 0
         decode_ctx = decode_seqs * self.step + self._sum_off if plan.lazy else 0
@@ -426,18 +447,23 @@ class Scheduler:
         budget = self.max_num_batched_tokens - len(self.running)
         if budget <= 0:
             return True
+        thr = self.long_prefill_token_threshold
         for req in self.waiting:
             hits = kv.longest_prefix(req)
             hit_tokens = len(hits) * bs
-            tokens = hit_tokens + min(req.num_tokens - hit_tokens, budget)
-            need = -(-tokens // bs) - len(hits) + int(np.count_nonzero(pool.ref[hits] == 0))
+            chunk = min(req.num_tokens - hit_tokens, budget)
+            if 0 < thr < chunk:
+                chunk = thr
+            tokens = req.num_tokens if self.reserve_full_isl else hit_tokens + chunk  # the full check needs more
+            need = -(-tokens // bs) - len(hits) + int(np.count_nonzero(pool.ref[hits] == 0)) + self.watermark_blocks
             if need <= pool.num_free:
                 return False
         return True
 
-    def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
+    def _admit(self, plan: StepPlan, budget: int, now: float, thr: int = 0) -> None:
         kv, policy, waiting, tier = self.kv, self.policy, self.waiting, self.cpu_tier
         bs = kv.block_size
+        full, wm = self.reserve_full_isl and not kv.pool.growable, self.watermark_blocks
         if policy.static or len(waiting) > getattr(policy, "max_queue", len(waiting)):
             order = waiting
         else:
@@ -447,9 +473,16 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             hits, hit_tokens = kv.get_computed_blocks(req)
+            reserve = wm if self.running else 0  # vLLM: the watermark only while something is scheduled
+            if full and not kv.whole_sequence_fits(req, hits, reserve):
+                break
             if tier is None:
-                n_new = min(req.num_tokens - hit_tokens, budget)
-                if kv.allocate_slots(req, n_new, hits) is None:
+                n_new = req.num_tokens - hit_tokens
+                if 0 < thr < n_new:
+                    n_new = thr
+                if n_new > budget:
+                    n_new = budget
+                if kv.allocate_slots(req, n_new, hits, reserve) is None:
                     break
                 req.num_computed = hit_tokens
                 self.metrics.on_admit(req, hit_tokens, now)
@@ -457,8 +490,12 @@ class Scheduler:
                 n_hit = len(hits)
                 n_swap = tier.continuation(req.hashes, n_hit, (req.num_tokens - 1) // bs)
                 swap_tokens = n_swap * bs
-                n_new = min(req.num_tokens - hit_tokens - swap_tokens, budget)
-                if kv.allocate_slots(req, swap_tokens + n_new, hits) is None:
+                n_new = req.num_tokens - hit_tokens - swap_tokens
+                if 0 < thr < n_new:
+                    n_new = thr
+                if n_new > budget:
+                    n_new = budget
+                if kv.allocate_slots(req, swap_tokens + n_new, hits, reserve) is None:
                     break
                 req.num_computed = hit_tokens + swap_tokens
                 if n_swap:

@@ -14,6 +14,7 @@ from operator import itemgetter
 
 import numpy as np
 
+from cwsim.config import ConfigError
 from cwsim.hashing import PrefixMemo, SegmentInterner
 from cwsim.sequences import shared_tokens
 from traces.format import Trace
@@ -55,6 +56,16 @@ class Workload:
     @property
     def num_calls(self) -> int:
         return sum(len(s.calls) for s in self.sessions)
+
+    def largest_call(self) -> tuple[SessionState, int, int]:
+        """``(session, turn, tokens)`` of the call holding the most KV at its last step:
+        ``tokens = prompt + output - 1`` (the last token generated is not fed back)."""
+        best = (self.sessions[0], 0, -1)
+        for s in self.sessions:
+            for turn, c in enumerate(s.calls):
+                if c.prompt_len + c.output_len - 1 > best[2]:
+                    best = (s, turn, c.prompt_len + c.output_len - 1)
+        return best
 
     @classmethod
     def from_trace(cls, trace: Trace) -> "Workload":
@@ -116,11 +127,15 @@ class Arrivals:
 
     def __post_init__(self) -> None:
         if self.mode not in ("concurrent", "poisson", "trace"):
-            raise ValueError(f"arrivals mode must be concurrent, poisson or trace, not {self.mode!r}")
+            raise ConfigError("arrivals", f"must be concurrent, poisson or trace, not {self.mode!r}")
         if self.mode == "concurrent" and self.agents < 1:
-            raise ValueError(f"agents must be >= 1, got {self.agents}")
+            raise ConfigError("agents", f"must be >= 1, got {self.agents}")
         if self.mode == "poisson" and not self.rate > 0:
-            raise ValueError(f"rate must be > 0, got {self.rate}")
+            raise ConfigError("rate", f"must be > 0, got {self.rate}")
+
+    def check(self, workload: Workload) -> None:
+        """Raise ``ConfigError`` now if these arrivals cannot start ``workload``'s sessions."""
+        self.start_times(workload, 0) if self.mode == "trace" else None
 
     def start_times(self, workload: Workload, seed: int) -> list[float] | None:
         """Start time of each session, or None for closed-loop ``concurrent`` starts."""
@@ -131,8 +146,8 @@ class Arrivals:
         if self.mode == "trace":
             missing = [s.session_id for s in workload.sessions if s.recorded_start_s is None]
             if missing:
-                raise ValueError(
-                    f"--arrivals trace needs recorded timestamps, but {len(missing)} session(s) have none "
+                raise ConfigError(
+                    "arrivals", f"trace needs recorded timestamps, but {len(missing)} session(s) have none "
                     f"(first: {missing[0]!r}); use --arrivals concurrent or poisson"
                 )
             t0 = min(s.recorded_start_s for s in workload.sessions)

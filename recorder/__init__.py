@@ -1,7 +1,7 @@
 """`cwsim record`: a recording reverse proxy for the OpenAI and Anthropic APIs.
 
 Sits between a coding agent and its LLM server, passes every byte through
-unchanged and writes one content-free trace line (format v1,
+unchanged and writes one content-free trace line (full form,
 ``docs/trace-format.md``) per LLM call; optionally adds CacheWise's session
 and tool hints to the forwarded requests. See ``docs/record.md``.
 

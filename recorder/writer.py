@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from traces.files import OutputPathError, ensure_parent
 from traces.format import FORMAT_NAME, header_line
 from traces.reader import check_call
 
@@ -101,6 +102,10 @@ class TraceAppender:
         self.path = Path(path)
         if self.path.name.endswith(".gz"):
             raise RecordingError(f"{self.path}: a recording is written as plain .jsonl (compress it afterwards)")
+        try:
+            ensure_parent(self.path)
+        except OutputPathError as e:
+            raise RecordingError(str(e)) from None
         self.recovered = recover(self.path)
         self.next_turns: dict[str, int] = {}  # sessions already in an appended file -> their next turn
         if self.path.exists() and self.path.stat().st_size > 0:

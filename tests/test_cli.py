@@ -87,3 +87,48 @@ def test_synth_writes_a_loadable_trace(tmp_path):
     assert res.exit_code == 0, res.output
     trace = load_trace(out)
     assert len(trace.sessions) == 5 and trace.header["synthetic"] is True
+
+
+def test_version_and_help_read_cleanly():
+    from importlib.metadata import version
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"cwsim {version('cachewise')}"
+    for cmd in ([], ["run"], ["import"], ["analyze"], ["synth"], ["policies"], ["profiles"]):
+        res = runner.invoke(app, [*cmd, "--help"], terminal_width=200)
+        assert res.exit_code == 0 and "<bool>" not in res.output, cmd
+    res = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
+    from cwsim.steptime import load_profile
+
+    default = load_profile("llama-3.1-8b-h100").default_kv_blocks(16, 0.9)
+    assert f"({default:,} for llama-3.1-8b-h100 at 0.9" in " ".join(res.output.split())
+
+
+def test_one_option_scheme_across_commands(tmp_path):
+    """--out / -o / --output on every command that writes; --trace on run and analyze."""
+    from tests.conftest import agent_trace
+    from traces.reader import write_trace
+
+    src = tmp_path / "t.jsonl"
+    write_trace(src, agent_trace(2, 3).calls())
+    for i, flag in enumerate(["--out", "-o", "--output"]):
+        res = runner.invoke(app, ["run", "--trace", str(src), "--kv-blocks", "2000", flag, str(tmp_path / f"r{i}")])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / f"r{i}" / "summary.json").is_file()
+        res = runner.invoke(app, ["synth", "--like", str(src), "--sessions", "1", "--check-sessions", "0",
+                                  flag, str(tmp_path / f"s{i}.jsonl")])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["analyze", "--trace", str(src), "-o", str(tmp_path / "a"), "--kv-blocks", "500"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a" / "analysis.json").is_file()
+    res = runner.invoke(app, ["analyze", str(src), "--trace", str(tmp_path / "other.jsonl")])
+    assert res.exit_code == 2 and "--trace: give the trace once" in res.output
+
+
+def test_summary_table_has_units():
+    res = runner.invoke(app, ["run", "--max-sessions", "2", "--kv-blocks", "3000"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    for row in ("evicted", "harmful evictions"):
+        line = next(l for l in res.output.splitlines() if f"│ {row} " in l)
+        assert line.rstrip(" │").endswith("blocks"), line
+    assert "% of prompt tokens" in res.output and "swap-ins" not in res.output  # no tier: nothing to exclude

@@ -340,6 +340,7 @@ def test_cli_flags(tmp_path):
     assert s["cpu_kv_blocks"] == 5000 and s["config"]["pcie_gbps"] == 12.5
     assert s["config"]["offload_threshold_s"] == 1.0
     assert all(f in s for f in TIER_FIELDS)
-    assert "offloaded / prefetched / swapped-in blocks" in res.output
+    assert "offloaded / prefetched / swapped in" in res.output
+    assert "prefix hit rate (GPU; swap-ins excluded)" in res.output
     res = CliRunner().invoke(app, ["run", "--max-sessions", "1", "--cpu-kv-blocks", "1", "--cpu-kv-gib", "1"])
     assert res.exit_code == 2 and "not both" in res.output

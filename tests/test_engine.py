@@ -99,10 +99,13 @@ def test_decode_jumps_change_nothing_but_speed(policy):
 
 def test_preemption_under_heavy_pressure_completes_everything():
     trace = agent_trace(6, 6, seed=2)
-    s = simulate(trace, SimConfig(kv_blocks=700, agents=6)).summary
+    # admission checking only the first chunk (vLLM with scheduler_reserve_full_isl off) over-admits
+    s = simulate(trace, SimConfig(kv_blocks=700, agents=6, scheduler_reserve_full_isl=False)).summary
     assert s["preemptions"] > 0
     assert s["requests"] == 36 and s["sessions"] == 6
     assert s["recomputed_prompt_tokens"] > 0
+    # vLLM's default full-sequence admission check keeps the same load from preempting
+    assert simulate(trace, SimConfig(kv_blocks=700, agents=6)).summary["preemptions"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,7 @@ def test_the_scheduler_admits_in_the_policys_order():
 
 
 # ------------------------------------------------------------------- end to end
-PRESSURED = dict(kv_blocks=700, agents=6)
+PRESSURED = dict(kv_blocks=650, agents=6)
 
 
 @pytest.fixture(scope="module")

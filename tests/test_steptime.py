@@ -21,7 +21,7 @@ from cwsim.steptime import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = ["llama-3.1-8b-a100", "llama-3.1-8b-h100", "qwen2.5-32b-a100", "qwen2.5-32b-h100"]
+BUNDLED = ["llama-3.1-8b-a100", "llama-3.1-8b-h100", "qwen2.5-32b-a100", "qwen2.5-32b-h100"]  # the roofline ones
 
 
 def make(**kw) -> StepTimeProfile:
@@ -159,8 +159,16 @@ def test_steps_before_bundled_profiles(name, batch, ctx, horizon, max_steps):
 
 # ------------------------------------------------------------------- profiles
 def test_list_profiles():
-    assert list_profiles() == BUNDLED
+    assert list_profiles() == sorted(BUNDLED + ["unit"])
     assert DEFAULT_PROFILE in list_profiles()
+
+
+def test_unit_profile_counts_steps():
+    p = load_profile("unit")
+    assert p.step_time(5000, 1e9, 300, 10**7) == 1.0 == p.step_time(0, 0, 1, 0)
+    assert p.decode_run_time(37, 64, 10**6) == 37.0
+    assert p.decode_steps_starting_before(8, 1000, 5.0, 100) == 5  # steps start at 0, 1, ..., 4
+    assert p.decode_steps_starting_before(8, 1000, 5.5, 100) == 6
 
 
 @pytest.mark.parametrize("name", BUNDLED)

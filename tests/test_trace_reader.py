@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from traces import Call, Session, ToolCall, Trace, TraceFormatError, load_trace, write_trace
 from traces.format import header_line
+from traces.reader import MAX_CALL_TOKENS
 
 
 def _calls() -> list[Call]:
@@ -53,7 +54,7 @@ def test_round_trip(tmp_path, name):
     tr = load_trace(p)
     assert isinstance(tr, Trace)
     assert tr.source == str(p)
-    assert tr.header == {"format": "cwtrace", "version": 1, "source": "unit"}
+    assert tr.header == {"format": "cwtrace", "version": 2, "source": "unit"}
     assert tr.rejected == []
     assert [s.session_id for s in tr.sessions] == ["a", "b"]
     assert tr.sessions[0] == Session("a", (calls[0], calls[2]))
@@ -97,10 +98,10 @@ def test_write_validates(tmp_path):
     p = tmp_path / "bad.jsonl"
     with pytest.raises(TraceFormatError) as ei:
         write_trace(p, [_calls()[0], Call("s", 0, (("a", 0),), 1)])
-    assert str(ei.value).startswith(f"{p}:2: prompt[0][1]: ")
+    assert str(ei.value).startswith(f"{p}:3: prompt[0][1]: ")  # line 1: the header
     assert not p.exists() and not (tmp_path / "bad.jsonl.tmp").exists()
     with pytest.raises(TraceFormatError) as ei:
-        write_trace(p, _calls(), header={"version": 2})
+        write_trace(p, _calls(), header={"version": 3})
     assert str(ei.value).startswith(f"{p}:1: version: ")
 
 
@@ -125,7 +126,7 @@ def test_header_only_first_line(tmp_path):
 
 
 def test_bad_header_version(tmp_path):
-    p = _write(tmp_path, json.dumps({"format": "cwtrace", "version": 2}), _line())
+    p = _write(tmp_path, json.dumps({"format": "cwtrace", "version": 3}), _line())
     assert str(_err(p)).startswith(f"{p}:1: version: ")
     # fatal even in lenient mode
     assert str(_err(p, skip_bad=True)).startswith(f"{p}:1: version: ")
@@ -319,8 +320,8 @@ def _sessions(draw):
                 Call(
                     sid,
                     turn,
-                    tuple(draw(st.lists(st.tuples(_ids, st.integers(1, 2**40)), min_size=1, max_size=6))),
-                    draw(st.integers(1, 2**31)),
+                    tuple(draw(st.lists(st.tuples(_ids, st.integers(1, MAX_CALL_TOKENS // 6)), min_size=1, max_size=6))),
+                    draw(st.integers(1, MAX_CALL_TOKENS)),
                     draw(st.none() | _ids),
                     tuple(draw(st.lists(_tool, max_size=3))),
                     draw(st.none() | _nonneg),

@@ -1,4 +1,4 @@
-"""Agent-session traces: format v1, reader, importers, analysis."""
+"""Agent-session traces: format v2 (v1 read too), reader, importers, analysis."""
 
 from traces.format import Call, Session, ToolCall, Trace
 from traces.reader import TraceFormatError, load_trace, write_trace

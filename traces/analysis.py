@@ -78,6 +78,7 @@ import numpy as np
 import pandas as pd
 
 from cwsim.sequences import shared_tokens
+from traces.files import atomic_write_text, ensure_folder
 from traces.format import Trace
 
 if TYPE_CHECKING:
@@ -513,8 +514,10 @@ def plot_prev_prefix_share(ax, calls: pd.DataFrame) -> None:
     """Histogram of the share of each prompt that the previous call's prompt + output covers."""
     v = calls["prev_prefix_share"].dropna() * 100
     ax.hist(v, bins=np.linspace(0, 100, 51), color="tab:green", edgecolor="white")
-    ax.set_yscale("log")
-    if len(v):
+    if not len(v):
+        ax.text(0.5, 0.5, "no call after a first turn", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.set_yscale("log")
         ax.axvline(v.median(), color="k", ls="--", lw=1, label=f"median {v.median():.1f} %")
         ax.legend(loc="upper left")
     ax.set_title("Prompt share reused from the previous call (turn ≥ 1)")
@@ -608,14 +611,17 @@ def make_figures(analysis: dict, trace: Trace) -> dict[str, Figure]:
 
 
 def write_analysis(analysis: dict, trace: Trace, out_dir) -> list[Path]:
-    """Write ``analysis.json`` (sorted keys, indent 2) and one PNG per figure; return the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write one PNG per figure, then ``analysis.json`` (sorted keys, indent 2, atomically); return the paths.
+
+    An earlier ``analysis.json`` in ``out_dir`` is removed first, so one found there belongs to
+    the figures beside it."""
+    out = ensure_folder(out_dir)
     path = out / "analysis.json"
-    path.write_text(json.dumps(analysis, sort_keys=True, indent=2) + "\n")
-    paths = [path]
+    path.unlink(missing_ok=True)  # an earlier analysis's: written again last, when the figures are
+    paths = []
     for name, fig in make_figures(analysis, trace).items():
         p = out / f"{name}.png"
         fig.savefig(p, dpi=110)
         paths.append(p)
-    return paths
+    atomic_write_text(path, json.dumps(analysis, sort_keys=True, indent=2) + "\n")
+    return [path, *paths]

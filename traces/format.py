@@ -1,4 +1,4 @@
-"""Trace format v1: the content-free record of coding-agent sessions.
+"""Trace format v2 (v1 files stay valid): the content-free record of coding-agent sessions.
 
 One JSON object per line, one line per LLM call (see ``docs/trace-format.md``).
 A call's prompt is an ordered list of *segments* ``[segment_id, n_tokens]``.
@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 
 FORMAT_NAME = "cwtrace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds the compact call form (docs/trace-format.md); version 1 files stay valid
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Read and write trace format v1 files (``docs/trace-format.md``).
+"""Read and write trace format v1 and v2 files (``docs/trace-format.md``).
 
 ``load_trace`` validates every line by hand (plain ``json`` plus type checks,
 no schema library) and reports the first problem as
@@ -20,12 +20,30 @@ import gzip
 import json
 import math
 import os
+import zlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
+from traces.files import ensure_parent
 from traces.format import FORMAT_NAME, FORMAT_VERSION, Call, Session, ToolCall, Trace, header_line
 
-__all__ = ["TraceFormatError", "check_call", "load_trace", "write_trace"]
+__all__ = ["MAX_CALL_TOKENS", "READ_VERSIONS", "TraceFormatError", "check_call", "compact_json", "load_trace", "sequence",
+           "write_trace"]
+
+#: lines between two calls of ``load_trace``'s ``progress``
+PROGRESS_LINES = 4096
+
+#: sessions whose last call ``write_trace`` keeps to write the next one compact (interleaved
+#: sessions beyond it get full lines: still valid, only longer)
+COMPACT_WINDOW = 4096
+
+#: the format versions this reader reads: 1 (full prompts only), 2 (also the compact form)
+READ_VERSIONS = (1, FORMAT_VERSION)
+
+#: The most tokens one prompt (the sum of its segments) or one output may hold. Far above any
+#: model's context; a larger count is a broken trace, and simulating it would hash blocks for ever.
+MAX_CALL_TOKENS = 10_000_000
 
 
 class TraceFormatError(ValueError):
@@ -115,21 +133,30 @@ def _int(d: dict, key: str, minimum: int) -> int:
     return v
 
 
+def _too_many(field: str, what: str, n: int) -> _Bad:
+    return _Bad(field, f"{what} of {n:,} tokens exceeds the limit of {MAX_CALL_TOKENS:,} tokens per call")
+
+
 _LIST, _TWO, _STR, _INT = {list}, {2}, {str}, {int}
 
 
-def _prompt(v) -> tuple[tuple[str, int], ...]:
+def _prompt(v, key: str = "prompt") -> tuple[tuple[str, int], ...]:
+    """A validated segment list: ``prompt`` (non-empty) or a compact call's ``append`` (may be empty)."""
     if v is _MISSING:
-        raise _Bad("prompt", "missing")
+        raise _Bad(key, "missing")
     if type(v) is not list:
-        raise _Bad("prompt", f"expected an array of [segment_id, n_tokens] pairs, got {_show(v)}")
+        raise _Bad(key, f"expected an array of [segment_id, n_tokens] pairs, got {_show(v)}")
     if not v:
-        raise _Bad("prompt", "empty (a call has at least one prompt segment)")
+        if key == "append":
+            return ()
+        raise _Bad(key, "empty (a call has at least one prompt segment)")
     # Fast path: C-level checks over the whole list (prompts are long).
     if set(map(type, v)) == _LIST and set(map(len, v)) == _TWO:
         out = tuple(map(tuple, v))
         segs, ns = zip(*out)
         if set(map(type, segs)) == _STR and set(map(type, ns)) == _INT and min(ns) >= 1 and "" not in segs:
+            if (total := sum(ns)) > MAX_CALL_TOKENS:
+                raise _too_many(key, "a prompt", total)
             return out
     # Slow path: find and name the first bad pair.
     out = []
@@ -141,9 +168,11 @@ def _prompt(v) -> tuple[tuple[str, int], ...]:
                 append((s, n))
                 continue
             if type(s) is not str or not s:
-                raise _Bad(f"prompt[{i}][0]", f"expected a non-empty string segment id, got {_show(s)}")
-            raise _Bad(f"prompt[{i}][1]", f"expected an integer n_tokens >= 1, got {_show(n)}")
-        raise _Bad(f"prompt[{i}]", f"expected a [segment_id, n_tokens] pair, got {_show(p)}")
+                raise _Bad(f"{key}[{i}][0]", f"expected a non-empty string segment id, got {_show(s)}")
+            raise _Bad(f"{key}[{i}][1]", f"expected an integer n_tokens >= 1, got {_show(n)}")
+        raise _Bad(f"{key}[{i}]", f"expected a [segment_id, n_tokens] pair, got {_show(p)}")
+    if (total := sum(n for _, n in out)) > MAX_CALL_TOKENS:
+        raise _too_many(key, "a prompt", total)
     return tuple(out)
 
 
@@ -173,7 +202,20 @@ def _tools(v) -> tuple[ToolCall, ...]:
 
 
 def _parse_call(d) -> Call:
-    """Validate one decoded call line; raise ``_Bad`` naming the field."""
+    """Validate one decoded full-form call line; raise ``_Bad`` naming the field."""
+    call, extends = _parse_line(d)
+    if extends is not None:
+        raise _Bad("extends", "a compact call line needs the session's previous call (the reader resolves it)")
+    return call
+
+
+def _parse_line(d) -> tuple[Call, int | None]:
+    """Validate one decoded call line; raise ``_Bad`` naming the field.
+
+    Returns ``(call, None)`` for the full form and ``(call, k)`` for the compact form
+    (``extends: k``): then ``call.prompt`` holds only the appended segments, and
+    :func:`_resolve` puts the previous call's first ``k`` segments before them.
+    """
     if type(d) is not dict:
         raise _Bad("json", f"expected a JSON object, got {_type_name(d)}")
     sid = d.get("session_id", _MISSING)
@@ -184,8 +226,23 @@ def _parse_call(d) -> Call:
     if type(sid) is not str or not sid:
         raise _Bad("session_id", f"expected a non-empty string, got {_show(sid)}")
     turn = _int(d, "turn", 0)
-    prompt = _prompt(d.get("prompt", _MISSING))
+    extends = d.get("extends", _MISSING)
+    if extends is _MISSING:
+        prompt = _prompt(d.get("prompt", _MISSING))
+        extends = None
+    else:
+        if "prompt" in d:
+            raise _Bad("extends", "give either prompt (full form) or extends + append (compact form), not both")
+        if type(extends) is not int or extends < 0:
+            raise _Bad("extends", f"expected an integer >= 0 (segments kept from the previous call), got {_show(extends)}")
+        if turn == 0:
+            raise _Bad("extends", "turn 0 has no previous call to extend; give its prompt")
+        prompt = _prompt(d.get("append", []), "append")
+        if extends == 0 and not prompt:
+            raise _Bad("append", "empty with extends 0 (a call has at least one prompt segment)")
     output_tokens = _int(d, "output_tokens", 1)
+    if output_tokens > MAX_CALL_TOKENS:
+        raise _too_many("output_tokens", "an output", output_tokens)
     out_seg = d.get("output_segment")
     if out_seg is not None and (type(out_seg) is not str or not out_seg):
         raise _Bad("output_segment", f"expected a non-empty string or null, got {_show(out_seg)}")
@@ -200,7 +257,52 @@ def _parse_call(d) -> Call:
         _opt_number(d, "gap_s", True),
         _opt_number(d, "timestamp_s", False),
         _opt_number(d, "latency_s", True),
-    )
+    ), extends
+
+
+def sequence(call: Call) -> tuple[tuple[str, int], ...]:
+    """A call's prompt, then its output as a segment when it has an ``output_segment``:
+    what a compact line's ``extends`` counts segments of."""
+    if call.output_segment is None:
+        return call.prompt
+    return (*call.prompt, (call.output_segment, call.output_tokens))
+
+
+def _resolve(call: Call, extends: int, prev: Call) -> Call:
+    """The full call of a compact line (``_Bad`` naming the field if it does not fit ``prev``)."""
+    base = sequence(prev)
+    if extends > len(base):
+        raise _Bad("extends", f"{extends} segments, but the previous call (turn {prev.turn}) has {len(base)} "
+                              "(prompt + output segment)")
+    prompt = base[:extends] + call.prompt if extends < len(base) else base + call.prompt
+    if (total := sum(n for _, n in prompt)) > MAX_CALL_TOKENS:
+        raise _too_many("append", "a prompt", total)
+    return Call(call.session_id, call.turn, prompt, call.output_tokens, call.output_segment, call.tools,
+                call.gap_s, call.timestamp_s, call.latency_s)
+
+
+def compact_json(call: Call, prev: Call | None) -> dict:
+    """``call`` as a line: the compact form (``extends`` + ``append``) when ``prev`` is the
+    session's previous call and the prompt starts with at least one of its segments, else the
+    full form."""
+    d = call.to_json()
+    if prev is None or prev.turn != call.turn - 1 or prev.session_id != call.session_id:
+        return d
+    base, prompt = sequence(prev), call.prompt
+    k = len(base)
+    if not (len(prompt) >= k and prompt[:k] == base):
+        k = 0
+        for a, b in zip(base, prompt):
+            if a != b:
+                break
+            k += 1
+    if k == 0:
+        return d
+    del d["prompt"]
+    out = {"session_id": d.pop("session_id"), "turn": d.pop("turn"), "extends": k,
+           "append": [[s, n] for s, n in prompt[k:]]}
+    out.update(d)
+    return out
 
 
 def check_call(d, path="", line: int = 0) -> Call:
@@ -217,15 +319,16 @@ def _check_header(d: dict) -> None:
     if fmt != FORMAT_NAME:
         raise _Bad("format", f"expected {FORMAT_NAME!r}, got {_show(fmt)}")
     version = d.get("version", _MISSING)
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise _Bad("version", f"unsupported version {_show(version)} (this reader reads version {FORMAT_VERSION})")
+    if type(version) is not int or version not in READ_VERSIONS:
+        raise _Bad("version", f"unsupported version {_show(version)} (this reader reads versions "
+                              f"{', '.join(map(str, READ_VERSIONS))})")
 
 
 def _is_gz(path: Path) -> bool:
     return path.name.endswith(".gz")
 
 
-def load_trace(path, *, skip_bad: bool = False) -> Trace:
+def load_trace(path, *, skip_bad: bool = False, progress=None) -> Trace:
     """Read and validate a ``.jsonl`` / ``.jsonl.gz`` trace file.
 
     Strict (default): the first problem raises ``TraceFormatError``.
@@ -233,27 +336,29 @@ def load_trace(path, *, skip_bad: bool = False) -> Trace:
     ``trace.rejected``; sessions with turn problems are dropped whole, with
     one record each. A missing file raises ``FileNotFoundError``; a trace
     with no (valid) calls raises ``TraceFormatError(path, 0, "trace", ...)``.
-    Header errors (wrong format or version) always raise.
+    Header errors (wrong format or version) always raise. ``progress(bytes_read,
+    file_size)``, if given, is called every ``PROGRESS_LINES`` lines (bytes of the file
+    on disk, compressed for ``.gz``).
     """
     # Parsing allocates many small containers that all survive; the cyclic
     # GC would rescan them over and over (~25% of the time) for nothing.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load(path, skip_bad)
+        return _load(path, skip_bad, progress)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _load(path, skip_bad: bool) -> Trace:
+def _load(path, skip_bad: bool, progress=None) -> Trace:
     p = Path(path)
     src = str(path)
-    opener = gzip.open if _is_gz(p) else open
     rejected: list[TraceFormatError] = []
     header: dict = {}
-    # session_id -> {turn: (line, Call)}, in order of first appearance
-    sessions: dict[str, dict[int, tuple[int, Call]]] = {}
+    # session_id -> {turn: (line, Call, extends)}, in order of first appearance (extends: None
+    # for a full-form line; else the call's prompt holds only its appended segments)
+    sessions: dict[str, dict[int, tuple[int, Call, int | None]]] = {}
     bad_sessions: dict[str, TraceFormatError] = {}
     rejected_lines_of: dict[str, list[int]] = {}
     n_lines = 0
@@ -265,8 +370,11 @@ def _load(path, skip_bad: bool) -> Trace:
         rejected.append(err)
 
     try:
-        with opener(p, "rb") as f:
+        with open(p, "rb") as disk, (gzip.GzipFile(fileobj=disk, mode="rb") if _is_gz(p) else disk) as f:
+            size = os.fstat(disk.fileno()).st_size
             for lineno, raw in enumerate(f, 1):
+                if progress is not None and not lineno % PROGRESS_LINES:
+                    progress(disk.tell(), size)
                 if not raw.strip():
                     continue
                 try:
@@ -287,7 +395,7 @@ def _load(path, skip_bad: bool) -> Trace:
                         continue
                 n_lines += 1
                 try:
-                    call = _parse_call(d)
+                    call, extends = _parse_line(d)
                 except _Bad as b:
                     if type(d) is dict:
                         sid = d.get("session_id")
@@ -311,9 +419,15 @@ def _load(path, skip_bad: bool) -> Trace:
                         raise err
                     bad_sessions.setdefault(call.session_id, err)
                     continue
-                turns[call.turn] = (lineno, call)
-    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
+                turns[call.turn] = (lineno, call, extends)
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise TraceFormatError(src, 0, "gzip" if _is_gz(p) else "file", f"unreadable ({e})") from None
+    except IsADirectoryError:
+        raise TraceFormatError(src, 0, "file", "is a folder, not a trace file (.jsonl or .jsonl.gz)") from None
+    except NotADirectoryError:
+        raise TraceFormatError(src, 0, "file", "a parent of this path is a file, not a folder") from None
+    except PermissionError as e:
+        raise TraceFormatError(src, 0, "file", f"cannot be read ({e.strerror})") from None
 
     if n_lines == 0:
         raise TraceFormatError(src, 0, "trace", "no calls")
@@ -342,7 +456,19 @@ def _load(path, skip_bad: bool) -> Trace:
             )
             bad_sessions[sid] = gap_errors[-1]
             continue
-        out.append(Session(sid, tuple(turns[t][1] for t in ordered)))
+        calls: list[Call] = []
+        for t in ordered:
+            lineno, call, extends = turns[t]
+            if extends is not None:
+                try:
+                    call = _resolve(call, extends, calls[-1])
+                except _Bad as b:
+                    gap_errors.append(TraceFormatError(src, lineno, b.field, b.problem))
+                    bad_sessions[sid] = gap_errors[-1]
+                    break
+            calls.append(call)
+        else:
+            out.append(Session(sid, tuple(calls)))
 
     if gap_errors and not skip_bad:
         raise min(gap_errors, key=lambda e: e.line)
@@ -371,16 +497,20 @@ def _ranges(turns: list[int]) -> str:
     return ", ".join(parts)
 
 
-def write_trace(path, calls: Iterable[Call], header: dict | None = None) -> int:
-    """Write calls (and an optional header) to ``.jsonl`` or ``.jsonl.gz``.
+def write_trace(path, calls: Iterable[Call], header: dict | None = None, *, compact: bool = True) -> int:
+    """Write calls (and a header) to ``.jsonl`` or ``.jsonl.gz``.
 
-    Each line is validated like ``load_trace`` does before it is written
-    (``TraceFormatError`` naming the line otherwise; nothing is left at
-    ``path`` then). Gzip output uses mtime 0 and no file name, so equal input
-    gives equal bytes. Writes to a temporary file and renames it into place.
-    Returns the number of calls written.
+    ``compact`` (default): format version 2, a call that starts with segments of its session's
+    previous call (the call just before it among the last ``COMPACT_WINDOW`` sessions written)
+    is written in the compact form (``extends`` + ``append``), and the header line is written
+    also when ``header`` is None. ``compact=False``: version 1, every prompt in full, a header
+    only when given. Each call is validated like ``load_trace`` does before it is written
+    (``TraceFormatError`` naming the line otherwise; nothing is left at ``path`` then). Gzip
+    output uses mtime 0 and no file name, so equal input gives equal bytes. Makes the folder
+    if needed, writes to a temporary file and renames it into place. Returns the number of
+    calls written.
     """
-    p = Path(path)
+    p = ensure_parent(path)
     src = str(path)
     tmp = p.with_name(p.name + ".tmp")
     n = 0
@@ -389,14 +519,15 @@ def write_trace(path, calls: Iterable[Call], header: dict | None = None) -> int:
             f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if _is_gz(p) else raw
             try:
                 lineno = 0
-                if header is not None:
-                    line = header_line(**header)
+                if header is not None or compact:
+                    line = header_line(**{"version": FORMAT_VERSION if compact else 1, **(header or {})})
                     lineno += 1
                     try:
                         _check_header(json.loads(line))
                     except _Bad as b:
                         raise TraceFormatError(src, lineno, b.field, b.problem) from None
                     f.write(line.encode() + b"\n")
+                last: OrderedDict[str, Call] = OrderedDict()  # the previous call of recent sessions
                 for call in calls:
                     lineno += 1
                     d = call.to_json()
@@ -404,6 +535,11 @@ def write_trace(path, calls: Iterable[Call], header: dict | None = None) -> int:
                         _parse_call(d)
                     except _Bad as b:
                         raise TraceFormatError(src, lineno, b.field, b.problem) from None
+                    if compact:
+                        d = compact_json(call, last.pop(call.session_id, None))
+                        last[call.session_id] = call
+                        if len(last) > COMPACT_WINDOW:
+                            last.popitem(last=False)
                     f.write(json.dumps(d, separators=(",", ":")).encode() + b"\n")
                     n += 1
             finally:

@@ -31,6 +31,8 @@ class PolicySpec:
     needs_predictor: bool = False
     #: CPU tier size, as a multiple of the GPU pool's usable blocks, when the configuration gives none
     default_cpu_tier: float = 0.0
+    #: offloads blocks to the CPU tier (a policy that does not leaves any tier empty)
+    offloads: bool = False
 
 
 POLICIES: dict[str, PolicySpec] = {
@@ -52,7 +54,8 @@ POLICIES: dict[str, PolicySpec] = {
                    FCFS, PBKVEviction, needs_predictor=True),
         PolicySpec("tokencake", "Tokencake: offload during long tool calls, prefetch before the predicted return "
                    "(CPU tier, default = GPU pool size); critical sessions first and evicted last",
-                   TokencakeScheduling, TokencakeEviction, needs_predictor=True, default_cpu_tier=1.0),
+                   TokencakeScheduling, TokencakeEviction, needs_predictor=True, default_cpu_tier=1.0,
+                   offloads=True),
     ]
 }
 

@@ -340,8 +340,9 @@ def convert(
 
 
 def find(sources: Iterable[str | Path]) -> list[Path]:
-    """Files named, and ``*.jsonl`` directly in directories named, sorted."""
-    return find_files(sources, ".jsonl", recursive=False)
+    """Files named, and ``*.jsonl`` in folders named and their subfolders (the repository's
+    top folder holds ``miniswe/``), each folder's sorted."""
+    return find_files(sources, ".jsonl")
 
 
 find_logs = find

@@ -1,0 +1,104 @@
+"""The workloads the simulator is held to against vLLM (tests/test_oracle.py).
+
+Each is a small trace and the engine it runs on, chosen for the scheduler
+behaviour it exercises, not tuned to the simulator: every one was written
+before its comparison ran. Sessions are agent-like: prompt k+1 is prompt k,
+the answer k, then a tool result.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from replay.oracle import OracleConfig
+from traces.format import Call, Session, ToolCall, Trace
+
+SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+
+
+def agent_sessions(n: int, turns: int, seed: int, *, system: int = 0, task=(20, 120), output=(8, 60),
+                   tool=(10, 150), gap=(0, 6), start=None, prefix: str = "s") -> list[Session]:
+    rng = random.Random(seed)
+    out = []
+    for s in range(n):
+        sid = f"{prefix}{s}"
+        prompt = ([("sys", system)] if system else []) + [(f"{sid}:task", rng.randint(*task))]
+        calls = []
+        for t in range(turns):
+            o = rng.randint(*output)
+            ts = None if start is None or t else float(start(s, rng))
+            calls.append(Call(sid, t, tuple(prompt), o, f"{sid}:o{t}", (ToolCall("bash", "shell", 0.0),),
+                              gap_s=float(rng.randint(*gap)), timestamp_s=ts))
+            prompt = prompt + [(f"{sid}:o{t}", o), (f"{sid}:r{t}", rng.randint(*tool))]
+        out.append(Session(sid, tuple(calls)))
+    return out
+
+
+def miniswe_sample(n_sessions: int, scale: int, max_turns: int) -> Trace:
+    """The first real mini-swe-agent sessions, token counts divided by ``scale``, cut to ``max_turns`` calls."""
+    from traces.importers import miniswe
+
+    calls, _ = miniswe.convert(miniswe.find([SHARED_TRACES / "mini-swe-agent-deepseek"])[:n_sessions])
+    by_session: dict[str, list[Call]] = {}
+    for c in calls:
+        by_session.setdefault(c.session_id, []).append(c)
+    sessions = []
+    for sid in list(by_session)[:n_sessions]:
+        cs = sorted(by_session[sid], key=lambda c: c.turn)[:max_turns]
+        scaled = []
+        for c in cs:
+            prompt = tuple((seg, max(1, n // scale)) for seg, n in c.prompt)
+            scaled.append(Call(c.session_id, c.turn, prompt, max(1, c.output_tokens // scale), c.output_segment,
+                               c.tools, gap_s=min(c.next_gap_s, 20.0)))
+        sessions.append(Session(sid, tuple(scaled)))
+    return Trace(sessions, source="mini-swe-agent-deepseek (scaled)")
+
+
+def _scaled_outputs(trace: Trace) -> Trace:
+    """A scaled trace's prompts name outputs by their full length: cut them to the scaled output length."""
+    sessions = []
+    for s in trace.sessions:
+        outs = {c.output_segment: c.output_tokens for c in s.calls if c.output_segment}
+        calls = [Call(c.session_id, c.turn, tuple((seg, min(n, outs.get(seg, n))) for seg, n in c.prompt),
+                      c.output_tokens, c.output_segment, c.tools, c.gap_s) for c in s.calls]
+        sessions.append(Session(s.session_id, tuple(calls)))
+    return Trace(sessions, source=trace.source)
+
+
+def OC(**kw) -> OracleConfig:
+    kw.setdefault("max_num_seqs", 16)  # vLLM wants max_num_batched_tokens >= max_num_seqs
+    return OracleConfig(**kw)
+
+
+def workloads() -> dict[str, tuple]:
+    """name -> (trace factory, OracleConfig)."""
+    return {
+        "single-stream": (lambda: Trace(agent_sessions(3, 6, seed=1, system=300), source="single-stream"),
+                          OC(kv_blocks=40, block_size=32, agents=1)),
+        "concurrent-chunked": (lambda: Trace(agent_sessions(6, 5, seed=2, task=(100, 400)), source="chunked"),
+                               OC(kv_blocks=120, block_size=32, agents=6, max_num_batched_tokens=96)),
+        "heavy-pressure": (lambda: Trace(agent_sessions(8, 5, seed=3, output=(60, 200), tool=(20, 80)),
+                                         source="pressure"),
+                           OC(kv_blocks=48, block_size=32, agents=8, max_num_batched_tokens=512)),
+        "shared-system-prompt": (lambda: Trace(agent_sessions(6, 4, seed=4, system=700), source="shared-system"),
+                                 OC(kv_blocks=90, block_size=32, agents=3, max_num_batched_tokens=1024)),
+        "longer-than-budget": (lambda: Trace(agent_sessions(4, 4, seed=5, task=(300, 900), tool=(100, 400)),
+                                             source="long-prompts"),
+                               OC(kv_blocks=160, block_size=32, agents=4, max_num_batched_tokens=128)),
+        "simultaneous-arrivals": (lambda: Trace(agent_sessions(6, 4, seed=6, gap=(0, 2),
+                                                               start=lambda s, rng: 3 * (s // 3)),
+                                                source="simultaneous"),
+                                  OC(kv_blocks=80, block_size=32, arrivals="trace",
+                                               max_num_batched_tokens=256)),
+        "pool-barely-one-prompt": (lambda: Trace(agent_sessions(3, 3, seed=7, task=(200, 260), tool=(20, 40),
+                                                                output=(10, 20)), source="tight-pool"),
+                                   OC(kv_blocks=16, block_size=32, agents=3, max_num_batched_tokens=256)),
+        "max-num-seqs": (lambda: Trace(agent_sessions(8, 3, seed=8), source="max-seqs"),
+                         OC(kv_blocks=70, block_size=32, agents=8, max_num_seqs=3)),
+    }
+
+
+def miniswe_workload() -> tuple:
+    return (lambda: _scaled_outputs(miniswe_sample(6, scale=20, max_turns=12)),
+            OC(kv_blocks=64, block_size=32, agents=6, max_num_batched_tokens=512))
