@@ -115,7 +115,7 @@ def vllm_url(tmp_path_factory):
                    "--tool-call-parser", "hermes"]
             log = root / "vllm.log"
             watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(owner), str(log), *cmd], env=env)
-            deadline = time.time() + 300
+            deadline = time.time() + 900  # cold start ~50 s; minutes on a loaded 2-core machine
             while not _healthy(url):
                 if watchdog.poll() is not None or time.time() > deadline:
                     watchdog.terminate()
