@@ -49,6 +49,9 @@ class SimConfig:
     watermark: float = 0.0
     #: cap on one request's prefill chunk in a step when more than one request is eligible (0: none)
     long_prefill_token_threshold: int = 0
+    #: vLLM's async scheduling (AsyncScheduler + two steps in flight); off: the plain scheduler, as vLLM on
+    #: CPUs and with --no-async-scheduling (vLLM 0.32 turns it on by default on GPUs)
+    async_scheduling: bool = False
     gpu_memory_utilization: float = 0.9
     arrivals: str = "concurrent"
     agents: int = 16

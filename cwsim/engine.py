@@ -75,6 +75,9 @@ class Engine:
 
     # ----------------------------------------------------------------- loop
     def run(self):
+        if self.scheduler.async_scheduling:
+            yield from self._run_async()
+            return
         env, sched, prof = self.env, self.scheduler, self.profile
         while True:
             if not sched.running and not sched.waiting:
@@ -117,6 +120,48 @@ class Engine:
                 # the finished calls' sessions submit what is due now (a next call after no gap, a next
                 # session) before the next step is scheduled, as the oracle orders events at one instant
                 yield env.timeout(0)
+
+    def _run_async(self):
+        """vLLM's engine core with async scheduling: two steps in flight.
+
+        Each iteration schedules a step (while the one before it may still run on the device) and
+        sends it; the device runs steps one after another. When two are in flight, or nothing more
+        can be scheduled, the iteration waits for the older one and applies its output. A step that
+        schedules nothing takes no device time but a turn in the queue, as in vLLM's batch queue.
+        """
+        from collections import deque
+
+        env, sched, prof = self.env, self.scheduler, self.profile
+        queue: deque = deque()
+        device_free = 0.0
+        while True:
+            has_requests = bool(sched.running or sched.waiting or sched.finished_pending)
+            if not has_requests and not queue:
+                self._idle = env.event()
+                yield self._idle
+                self._idle = None
+                continue
+            now = env.now
+            self.ctx.now = now
+            if has_requests:
+                if (ev := self.ctx.eviction) is not None:
+                    ev.tick(now)
+                plan = sched.schedule(now)
+                samples = sched.dispatch(plan)
+                start = max(now, device_free)
+                if plan.scheduled:
+                    self.steps += 1
+                    device_free = start + prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs,
+                                                         plan.decode_ctx)
+                queue.appendleft((plan, samples, device_free if plan.scheduled else start))
+                if len(queue) < 2 and (plan.scheduled or sched.running or sched.waiting or sched.finished_pending):
+                    continue
+            plan, samples, end = queue.pop()
+            if end > now:
+                yield env.timeout(end - now)
+            self.ctx.now = env.now
+            if sched.apply_output(plan, samples, env.now):
+                yield env.timeout(0)  # the finished calls' sessions submit what is due now
 
     def _plan_jump(self, plan) -> int:
         """How many decode-only steps, starting with ``plan``'s, can run as one."""

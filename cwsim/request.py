@@ -55,6 +55,13 @@ class Request:
     #: ``num_computed = step + c_off`` until the request leaves the batch
     lazy: bool = False
     c_off: int = 0
+    #: async scheduling (``Scheduler(async_scheduling=True)``): tokens to be sampled by steps in
+    #: flight, tokens scheduled whose output has not arrived, and in-flight tokens of a preempted
+    #: request whose output is stale (vLLM's num_output_placeholders, num_in_flight_tokens,
+    #: num_stale_output_tokens)
+    placeholders: int = 0
+    in_flight: int = 0
+    stale: int = 0
 
     @property
     def blocks(self) -> np.ndarray:

@@ -165,7 +165,8 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     scheduler = Scheduler(kv, sched_policy, metrics, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens, cpu_tier=tier,
                           reserve_full_isl=config.scheduler_reserve_full_isl, watermark=config.watermark,
-                          long_prefill_token_threshold=config.long_prefill_token_threshold)
+                          long_prefill_token_threshold=config.long_prefill_token_threshold,
+                          async_scheduling=config.async_scheduling)
     ctx.scheduler = scheduler
     sched_policy.bind(ctx)
     evict_policy.bind(ctx)

@@ -114,8 +114,19 @@ class Scheduler:
 
     def __init__(self, kv: KVCacheManager, policy: SchedulingPolicy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int,
                  cpu_tier=None, lazy_decode: bool = True, reserve_full_isl: bool = True, watermark: float = 0.0,
-                 long_prefill_token_threshold: int = 0):
+                 long_prefill_token_threshold: int = 0, async_scheduling: bool = False):
         self.kv = kv
+        #: vLLM's AsyncScheduler: a step is scheduled while the one before it is in flight
+        #: (``dispatch`` / ``apply_output`` instead of ``update``; request by request, no lazy batch)
+        self.async_scheduling = async_scheduling
+        if async_scheduling:
+            lazy_decode = False
+            if cpu_tier is not None:
+                raise ValueError("async scheduling is not modelled with a CPU KV tier")
+        #: steps dispatched whose output has not been applied (async scheduling)
+        self.inflight = 0
+        #: a request finished since the last schedule (vLLM's has_finished_requests)
+        self.finished_pending = False
         #: vLLM's scheduler_reserve_full_isl: admit only when the whole sequence fits (prefix hits counted)
         self.reserve_full_isl = reserve_full_isl
         #: vLLM's watermark in blocks (int(watermark * pool blocks)), kept free when admitting while something runs
@@ -244,6 +255,9 @@ class Scheduler:
         self.kv.free(victim, now, "preempt")
         victim.num_computed = 0
         victim.preemptions += 1
+        if victim.in_flight:  # async: what is in flight for it arrives stale
+            victim.stale = victim.in_flight
+            victim.placeholders = 0
         self.waiting.insert(0, victim)
 
     def schedule(self, now: float) -> StepPlan:
@@ -262,11 +276,18 @@ class Scheduler:
                 budget -= i
             else:  # the shortcut does not cover this step exactly: request by request
                 self._write_back_all()
+        asyn = self.async_scheduling
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed
             n_new = req.prompt_len + req.num_generated - computed
-            if n_new == 1 and req.num_generated and (
+            if asyn:
+                p = req.placeholders
+                if p and computed + 2 - p >= req.prompt_len + req.output_len:
+                    i += 1  # its last token is in flight: nothing more to schedule
+                    continue
+                n_new += p
+            elif n_new == 1 and req.num_generated and (
                     computed % bs or (len(req.blocks) * bs == computed and (kv.pool.num_free or kv.pool.growable))):
                 # one decode token, what allocate_slots would do without its checks: inside the
                 # last block nothing is allocated; at a block boundary the one new block is free
@@ -325,7 +346,7 @@ class Scheduler:
                 decode_ctx += computed
         plan.prefill_tokens, plan.attn_pairs = prefill_tokens, attn_pairs
         plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
-        if not scheduled and not running and self.waiting and not plan.preempted and not (
+        if not scheduled and not running and self.waiting and not plan.preempted and not self.inflight and not (
                 self.cpu_tier is not None and self.cpu_tier.holds_blocks()):  # else: wait for the copies
             req = self.waiting[0]
             need = -(-req.num_tokens // kv.block_size)
@@ -469,9 +490,14 @@ class Scheduler:
         else:
             order = sorted(waiting, key=policy.priority)  # stable: ties keep queue order
         admitted: list[Request] = []
+        skipped = False
         for req in order:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if req.stale:  # async: its stale output is still in flight (vLLM skips it this step; with two
+                # steps in flight it has always arrived by the next schedule, so this does not arise)
+                skipped = True
+                continue
             hits, hit_tokens = kv.get_computed_blocks(req)
             reserve = wm if self.running else 0  # vLLM: the watermark only while something is scheduled
             if full and not kv.whole_sequence_fits(req, hits, reserve):
@@ -510,7 +536,7 @@ class Scheduler:
             admitted.append(req)
         if admitted:
             plan.admitted = len(admitted)
-            if order is waiting:
+            if order is waiting and not skipped:
                 del waiting[: len(admitted)]
             else:
                 ids = {id(r) for r in admitted}
@@ -541,7 +567,61 @@ class Scheduler:
             self.finish(req, now)
         return finished
 
+    # ------------------------------------------------------- async scheduling
+    def dispatch(self, plan: StepPlan) -> list[bool]:
+        """Async scheduling: the step is sent; its tokens count as computed at once, and each
+        request it completes (not left inside its prefill) gets a placeholder for the token it
+        will sample. Returns, per scheduled request, whether it samples."""
+        self.finished_pending = False
+        samples = []
+        for req, n in plan.scheduled:
+            c = req.num_computed + n
+            req.num_computed = c
+            req.in_flight += n
+            s = c >= req.prompt_len + req.num_generated + req.placeholders
+            if s:
+                req.placeholders += 1
+            samples.append(s)
+        if plan.scheduled:
+            self.inflight += 1
+        return samples
+
+    def apply_output(self, plan: StepPlan, samples: list[bool], now: float) -> list[Request]:
+        """Async scheduling: a dispatched step's output arrives: sampled tokens are appended, the
+        blocks they fill cached, finished requests freed. A preempted request's stale output is
+        appended but changes no counter and caches nothing."""
+        if plan.scheduled:
+            self.inflight -= 1
+        finished = []
+        for (req, n), s in zip(plan.scheduled, samples):
+            req.in_flight -= n
+            stale = req.stale > 0
+            if stale:
+                req.stale -= n
+            if req.finish >= 0 or not s:
+                continue
+            req.num_generated += 1
+            if req.first_token < 0:
+                req.first_token = now
+            if not stale:
+                req.placeholders -= 1
+                self.kv.cache_blocks(req, req.num_computed - req.placeholders)
+            if req.num_generated >= req.output_len:
+                finished.append(req)
+        for req in finished:
+            self.finish(req, now)
+        if finished:
+            self.finished_pending = True
+        return finished
+
     def finish(self, req: Request, now: float) -> None:
+        if self.async_scheduling and req not in self.running:  # a stale token finished a preempted request
+            self.waiting.remove(req)
+            req.finish = now
+            self.metrics.on_finish(req, now)
+            if req.done is not None:
+                req.done.succeed()
+            return
         self.running.remove(req)
         req.finish = now
         self.kv.free(req, now, "finish")

@@ -63,7 +63,7 @@ def sim_config_for(oc: OracleConfig, **overrides) -> SimConfig:
     kw = dict(policy="vllm", profile="unit", kv_blocks=oc.kv_blocks, block_size=oc.block_size,
               max_num_seqs=oc.max_num_seqs, max_num_batched_tokens=oc.max_num_batched_tokens,
               arrivals=oc.arrivals, agents=oc.agents, max_sessions=oc.max_sessions)
-    for name in ("scheduler_reserve_full_isl", "watermark", "long_prefill_token_threshold"):
+    for name in ("scheduler_reserve_full_isl", "watermark", "long_prefill_token_threshold", "async_scheduling"):
         v = getattr(oc, name)
         if v is not None and name in SimConfig.__dataclass_fields__:
             kw[name] = v

@@ -68,7 +68,7 @@ def test_simulator_equals_vllm_on_real_miniswe_sessions(tiny_model, tmp_path):
 
 
 def _rerun_sim(name, oc, c, tmp_path, **overrides):
-    """The simulator again, against the oracle run ``c`` already made, with ``overrides``."""
+    """The simulator again, against the oracle run ``c`` already made (in ``tmp_path / name``), with ``overrides``."""
     from replay.compare import diff_runs, sim_config_for
     from replay.oracle import step_trace
 
@@ -159,16 +159,27 @@ def test_emulated_engine_core_equals_the_real_engine(name, tiny_model, tmp_path)
     assert c.oracle["config"]["engine"] == "emulated" and c.oracle["async_scheduling"] is False
 
 
-def test_async_scheduling_runs_vllms_async_scheduler(tiny_model, tmp_path):
-    """With async scheduling (vLLM's AsyncScheduler, two batches in flight) calls that arrive while
-    the device is busy start a step later; the simulator models the plain scheduler, so it differs.
-    With one call at a time the pipeline changes nothing, and the two agree."""
-    make, oc = WORKLOADS["concurrent-chunked"]
-    c, report = _compare("async", make, replace(oc, engine="emulated", async_scheduling=True), tiny_model, tmp_path)
-    assert c.oracle["async_scheduling"] is True
-    first = c.first_divergence
-    assert c.call_diffs and first["kind"] == "call", report
-    assert first["first_token_s"]["oracle"] == first["first_token_s"]["sim"] + 1, report  # one step later
-    make, oc = WORKLOADS["single-stream"]
-    c, report = _compare("async1", make, replace(oc, engine="emulated", async_scheduling=True), tiny_model, tmp_path)
+ASYNC = ["concurrent-chunked", "heavy-pressure", "longer-than-budget", "simultaneous-arrivals", "max-num-seqs",
+         "single-stream"]
+
+
+@pytest.mark.parametrize("name", ASYNC)
+def test_async_simulator_equals_vllms_async_scheduler(name, tiny_model, tmp_path):
+    """Async scheduling (vLLM's AsyncScheduler and batch queue, two steps in flight; emulated
+    outputs, as vLLM's CPU platform forces it off): ``cwsim --async-scheduling`` equals it exactly."""
+    make, oc = WORKLOADS[name]
+    c, report = _compare(name, make, replace(oc, engine="emulated", async_scheduling=True), tiny_model, tmp_path)
+    assert c.oracle["async_scheduling"] is True and c.sim["config"]["async_scheduling"] is True
     _assert_exact(c, report)
+    if name != "single-stream":  # with one call at a time the pipeline changes nothing
+        sync = _rerun_sim(name, oc, c, tmp_path, async_scheduling=False)
+        assert not sync.exact, f"{name}: the plain scheduler should not match the async one"
+
+
+def test_async_with_preemptions_of_steps_in_flight(tiny_model, tmp_path):
+    """Many preemptions (no full-sequence check): victims with a step in flight, whose output arrives stale."""
+    make, oc = WORKLOADS["heavy-pressure"]
+    oc = replace(oc, engine="emulated", async_scheduling=True, scheduler_reserve_full_isl=False)
+    c, report = _compare("hp-async-nofull", make, oc, tiny_model, tmp_path)
+    _assert_exact(c, report)
+    assert c.oracle["preemptions"] > 20
