@@ -395,3 +395,26 @@ def profiles() -> None:
         p = load_profile(name)
         table.add_row(*map(escape, (name, p.model, p.gpu, p.source.split(":")[0])))
     Console().print(table)
+
+
+@app.command()
+def record(
+    upstream: str = typer.Option(..., "--upstream", help="The LLM server to forward to, e.g. http://127.0.0.1:8000 or https://api.anthropic.com."),
+    output: Path = _out_option(..., "Trace to write (.jsonl), one full line per LLM call."),
+    listen: str = typer.Option("127.0.0.1:8790", "--listen", help="HOST:PORT to serve on (loopback unless you say otherwise)."),
+    hints: bool = typer.Option(False, "--hints", help="Add session id, turn and previous tool to the forwarded requests (vllm_xargs, X-Session-ID)."),
+    append: bool = typer.Option(False, "--append", help="Add to an existing recording instead of refusing to touch it."),
+    salt_file: Optional[Path] = typer.Option(None, "--salt-file", help="Keep the segment-id salt here (created if missing) so that recordings share ids; default: a fresh secret salt."),
+    timeout_s: float = typer.Option(600.0, "--timeout-s", help="Upstream read timeout (s) per response or stream chunk."),
+) -> None:
+    """Record content-free traces of your own agent: a proxy for the OpenAI and Anthropic APIs (docs/record.md)."""
+    from recorder import RecordingError, record as run_recording
+
+    try:
+        rec = run_recording(upstream, output, listen, hints, append, timeout_s, salt_file,
+                            on_ready=lambda url: console.print(f"recording to {output}: point the agent at {url} (Ctrl-C to stop)"))
+    except RecordingError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    extra = f", {rec.recovered} recovered from an interrupted recording" if rec.recovered else ""
+    console.print(f"wrote {rec.calls} calls ({rec.sessions} sessions, {rec.failed} failed calls{extra}) to {output}")

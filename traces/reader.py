@@ -28,7 +28,7 @@ from pathlib import Path
 from traces.files import ensure_parent
 from traces.format import FORMAT_NAME, FORMAT_VERSION, Call, Session, ToolCall, Trace, header_line
 
-__all__ = ["MAX_CALL_TOKENS", "READ_VERSIONS", "TraceFormatError", "compact_json", "load_trace", "sequence",
+__all__ = ["MAX_CALL_TOKENS", "READ_VERSIONS", "TraceFormatError", "check_call", "compact_json", "load_trace", "sequence",
            "write_trace"]
 
 #: lines between two calls of ``load_trace``'s ``progress``
@@ -303,6 +303,15 @@ def compact_json(call: Call, prev: Call | None) -> dict:
            "append": [[s, n] for s, n in prompt[k:]]}
     out.update(d)
     return out
+
+
+def check_call(d, path="", line: int = 0) -> Call:
+    """Validate one decoded call line exactly as :func:`load_trace` does (for writers
+    that append line by line); ``TraceFormatError(path, line, field, problem)`` otherwise."""
+    try:
+        return _parse_call(d)
+    except _Bad as b:
+        raise TraceFormatError(path, line, b.field, b.problem) from None
 
 
 def _check_header(d: dict) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "parse_json",
     "read_lines",
     "sessions_of",
+    "split_total",
     "turn_pairs",
 ]
 
@@ -306,6 +307,24 @@ def turn_pairs(sessions: Mapping[str, list[Call]]) -> Iterator[tuple[Call, Call]
     """``(previous call, call)`` for every call but the first of each session."""
     for sc in sessions.values():
         yield from zip(sc, sc[1:])
+
+
+def split_total(total: int, weights: list[int]) -> list[int]:
+    """``total`` split over ``weights`` (largest remainder), each >= 1;
+    requires ``total >= len(weights)``."""
+    n = len(weights)
+    extra = total - n
+    wsum = sum(weights)
+    if wsum <= 0:
+        weights = [1] * n
+        wsum = n
+    shares = [extra * w / wsum for w in weights]
+    base = [int(s) for s in shares]
+    left = extra - sum(base)
+    order = sorted(range(n), key=lambda i: (-(shares[i] - base[i]), i))
+    for i in order[:left]:
+        base[i] += 1
+    return [1 + b for b in base]
 
 
 def median(xs: Sequence[float]) -> float:

@@ -57,7 +57,7 @@ from traces.format import Call, ToolCall
 # importers); re-exported here so that existing imports keep working.
 from traces.importers.commands import CATEGORIES, classify_command
 from traces.importers.common import Reject, SessionFileReport, category_rows, convert_files, find_files
-from traces.importers.common import headline_figures, importer_main, load_json_object, message_text
+from traces.importers.common import headline_figures, importer_main, load_json_object, message_text, split_total
 
 __all__ = [
     "CATEGORIES",
@@ -139,24 +139,6 @@ def _sha8(*parts: str) -> str:
 
 def _estimate(text: str) -> int:
     return max(1, round(len(text) / CHARS_PER_TOKEN))
-
-
-def _split(total: int, weights: list[int]) -> list[int]:
-    """``total`` split over ``weights`` (largest remainder), each >= 1;
-    requires ``total >= len(weights)``."""
-    n = len(weights)
-    extra = total - n
-    wsum = sum(weights)
-    if wsum <= 0:
-        weights = [1] * n
-        wsum = n
-    shares = [extra * w / wsum for w in weights]
-    base = [int(s) for s in shares]
-    left = extra - sum(base)
-    order = sorted(range(n), key=lambda i: (-(shares[i] - base[i]), i))
-    for i in order[:left]:
-        base[i] += 1
-    return [1 + b for b in base]
 
 
 def _num(v) -> float | None:
@@ -273,7 +255,7 @@ def _convert_session(path: Path, data: dict, shared: dict[str, int], report: Imp
                 count[i] = give
                 remaining -= give
             if others:
-                for i, n in zip(others, _split(remaining, [len(texts[i]) for i in others])):
+                for i, n in zip(others, split_total(remaining, [len(texts[i]) for i in others])):
                     count[i] = n
             for i in new:
                 if i in hashed:
