@@ -284,8 +284,8 @@ def run_sweep(spec_or_path: dict | str | Path, out_dir: str | Path, workers: int
                 {"id": p.id, "values": p.values, "trace": str(p.trace), "config": p.config.to_dict()}, indent=2) + "\n")
             todo.append(p)
     if on_progress is not None:
-        for row in table.rows.values():
-            on_progress(table.done, len(points), row)
+        for done, row in enumerate(table.rows.values(), start=1):
+            on_progress(done, len(points), row)
     traces = {str(t): load_trace(t) for t in dict.fromkeys(p.trace for p in todo)}
 
     def finished(p: SweepPoint, result: dict) -> None:

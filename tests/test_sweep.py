@@ -158,7 +158,9 @@ def test_rerun_skips_finished_points_and_retries_failed_ones(tmp_path, trace_fil
     # a point whose run stopped part way: redone
     victim = tmp_path / "s" / "points" / ok.iloc[0] / "summary.json"
     victim.write_text(json.dumps({**json.loads(victim.read_text()), "partial": True}))
-    again = run_sweep(spec, tmp_path / "s", workers=1)
+    seen = []
+    again = run_sweep(spec, tmp_path / "s", workers=1, on_progress=lambda done, total, row: seen.append(done))
+    assert seen == [1, 2, 3, 4]
     assert again.attrs["skipped"] == 1 and again.attrs["ran"] == 3 and again.attrs["failed"] == 2
     assert (tmp_path / "s" / "points" / ok.iloc[1] / "summary.json").stat().st_mtime_ns == stamps[ok.iloc[1]]
     assert json.loads(victim.read_text())["partial"] is False
