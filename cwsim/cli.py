@@ -7,7 +7,9 @@ or field, exit code 2, no traceback. Ctrl-C and SIGTERM end with one line too (e
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from contextlib import contextmanager
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
@@ -252,6 +254,45 @@ def _print_summary(s: dict) -> None:
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)
+
+
+# ------------------------------------------------------------------------------ sweep
+@command()
+def sweep(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Grid file (.toml, .yaml): `cwsim run` options and trace, each one value or a list."),
+    out: Path = _out_option(..., "Folder for results.parquet and points/<id>/ (a rerun skips the finished points)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes (default: every core); with --ray-address local, the CPUs of the Ray instance."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run the points as Ray tasks: local (start Ray here), auto or an address (join a cluster)."),
+) -> None:
+    """Simulate every point of a grid of configurations; one row per point in results.parquet."""
+    from cwsim.sweep import RESULTS_FILE, SweepInterrupted, run_sweep
+
+    interrupted = False
+    try:
+        with _guarded("--out") as stop:
+            check_folder(out)
+            with _bar("sweeping", "points") as bar:
+                task = bar.add_task("sweep", total=None)
+                try:
+                    df = run_sweep(config, out, workers=workers, ray_address=ray_address,
+                                   on_progress=lambda done, total, row: bar.update(task, completed=done, total=total))
+                except SweepInterrupted as e:
+                    interrupted = True
+                    stop.note = f"{e.done} of {e.total} points kept in {out / RESULTS_FILE}; rerun to resume"
+                    raise
+    except typer.Exit as e:
+        if interrupted:  # everything is written; the killed pool's threads could hold up a normal exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
+        raise
+    failed = df.loc[df["status"] != "ok"]
+    console.print(f"{len(df)} points: {df.attrs['ran']} run, {df.attrs['skipped']} already done, {len(failed)} failed; "
+                  f"results in {out / RESULTS_FILE}", markup=False)
+    for _, r in failed.iterrows():
+        console.print(f"failed {r['point_id']}: {r['error']}", markup=False, style="red")
+    if len(failed):
+        raise typer.Exit(code=1)
 
 
 # ------------------------------------------------------------------------------ traces

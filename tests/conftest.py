@@ -1,7 +1,11 @@
 """Shared test helpers: small synthetic agent traces and paths to real data."""
 
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,22 @@ def round_profile(tmp_path) -> str:
     path = tmp_path / "round.json"
     path.write_text(json.dumps(ROUND_PROFILE.to_json()))
     return str(path)
+
+
+def interrupt_cwsim(args: list[str], ready, sig) -> tuple[int, str]:
+    """Run ``cwsim ARGS`` in a process, send it ``sig`` once ``ready()`` holds; (exit code, stderr).
+
+    The process gets Python's own Ctrl-C handler, as from a terminal (a background child would
+    inherit "ignore SIGINT")."""
+    boot = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+           "from cwsim.cli import app; sys.argv[0] = 'cwsim'; app()"
+    proc = subprocess.Popen([sys.executable, "-c", boot, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the command ended before it could be interrupted"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr
+    return proc.returncode, stderr

@@ -3,10 +3,7 @@ field, exit code 2, no traceback, and nothing stale or half-written left looking
 The bad inputs are fixtures in ``tests/data/bad/``."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from cwsim.cli import app
 from cwsim.config import SimConfig
 from cwsim.runner import SimulationInterrupted, simulate
 from cwsim.scheduler import SimulationError
-from tests.conftest import agent_trace
+from tests.conftest import agent_trace, interrupt_cwsim
 from traces.reader import write_trace
 
 DATA = Path(__file__).parent / "data"
@@ -177,23 +174,10 @@ def test_interrupt_reports_and_marks_partial_results(tmp_path, long_trace, sig, 
     out = tmp_path / "r"
     out.mkdir()
     (out / "summary.json").write_text('{"earlier": true}\n')
-    # as from a terminal: Python's own Ctrl-C handler (a background child would inherit "ignore SIGINT")
-    boot = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
-           "from cwsim.cli import app; sys.argv[0] = 'cwsim'; app()"
-    proc = subprocess.Popen([sys.executable, "-c", boot, "run", "--trace", str(long_trace), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
     sessions = out / "sessions.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if sessions.exists() and len(sessions.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == code, stderr
-    assert "Traceback" not in stderr
+    rc, stderr = interrupt_cwsim(["run", "--trace", long_trace, "--out", out], sig=sig,
+                                 ready=lambda: sessions.exists() and len(sessions.read_text().splitlines()) >= 3)
+    assert rc == code, stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["partial"] is True and summary["stopped_by"] == "interrupt"
     assert stderr.strip().splitlines()[-1] == f"error: interrupted after {summary['requests']} calls; partial results in {out}"
