@@ -1,13 +1,16 @@
 """`cwreplay`: a trace on a real vLLM engine, and the simulator held to it.
 
-A thin layer over :mod:`replay.oracle` and :mod:`replay.compare`. The live
-server replay (``cwreplay serve`` / ``cwreplay run``) is built by a later issue.
+A thin layer over :mod:`replay.oracle`, :mod:`replay.compare`,
+:mod:`replay.server` (``cwreplay serve``) and :mod:`replay.live`
+(``cwreplay run``). Bad input and faults end with one line and exit code 2;
+Ctrl-C / SIGTERM with one line and 130 / 143.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -78,4 +81,102 @@ def oracle(
     s = res.summary
     print(json.dumps({k: s[k] for k in ("sessions", "requests", "steps", "evicted_blocks", "preemptions",
                                         "prefix_hit_rate", "makespan_s")}, indent=1))
+    console.print(f"results in {out}/ (summary.json, requests.csv, sessions.csv, evictions.csv, outputs.jsonl)")
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+@app.command()
+def serve(
+    kv_blocks: int = typer.Option(..., "--kv-blocks", help="KV pool size in blocks, null block included (vLLM --num-gpu-blocks-override)."),
+    block_size: int = typer.Option(32, "--block-size", help="Tokens per KV block (vLLM's CPU backend needs a multiple of 32)."),
+    port: int = typer.Option(0, "--port", help="HTTP port on 127.0.0.1 (0: a free one)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the tiny random-weight Llama, built in --dir)."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most requests running at once."),
+    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="Token budget of one step."),
+    run_dir: Path = typer.Option(..., "--dir", help="Run folder: server.log, server.json, the KV event sockets, temp and cache folders."),
+) -> None:
+    """Start a local vLLM server for replay and keep it in the foreground (Ctrl-C / SIGTERM stop it)."""
+    from replay.server import ServerConfig, ServerError, start_server
+
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    server = None
+    try:
+        cfg = ServerConfig(kv_blocks=kv_blocks, block_size=block_size, port=port, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens,
+                           model=str(model) if model is not None else None)
+        console.print(f"starting vLLM (log: {run_dir / 'server.log'}) ...")
+        server = start_server(cfg, run_dir)
+        print(f"url: {server.url}")
+        print(f"events: {server.events}")
+        print(f"events replay: {server.events_replay}")
+        print(f"run with: cwreplay run --server {server.url} --events {server.events} "
+              f"--events-replay {server.events_replay} --vocab-size {server.vocab_size} --trace TRACE --out DIR", flush=True)
+        code = server.process.wait()
+        console.print(f"error: vLLM server exited with code {code} (log: {run_dir / 'server.log'})")
+        raise typer.Exit(code=2)
+    except (ValueError, ServerError) as e:
+        console.print(f"error: {e}")
+        raise typer.Exit(code=2)
+    except KeyboardInterrupt:
+        if server is not None:
+            server.stop()
+        console.print("stopped the vLLM server and its engine processes")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if server is not None and server.alive():
+            server.stop()
+
+
+@app.command("run")
+def run_cmd(
+    trace: Path = typer.Option(..., "--trace", help="Trace file (format v1)."),
+    server: str = typer.Option(..., "--server", help="The vLLM server's URL (cwreplay serve prints it)."),
+    events: Optional[str] = typer.Option(None, "--events", help="Its KV event endpoint (ZMQ PUB; cwreplay serve prints it). Without it no evictions are counted."),
+    events_replay: Optional[str] = typer.Option(None, "--events-replay", help="Its KV event replay endpoint (fills lost batches; without it a lost batch is an error)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: requests.csv, sessions.csv, evictions.csv, outputs.jsonl, run.json, summary.json."),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="Multiply the trace's gaps (and recorded starts) by this."),
+    max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Replay only the first N sessions of the trace."),
+    agents: int = typer.Option(4, "--agents", help="Concurrently active sessions, with --arrivals concurrent."),
+    arrivals: str = typer.Option("concurrent", "--arrivals", help="Session starts: concurrent (--agents at once) or trace (recorded)."),
+    max_in_flight: int = typer.Option(64, "--max-in-flight", help="Most requests open at once."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="The served model's vocabulary size (default: the tiny model's)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: keep its finished sessions, run the rest."),
+) -> None:
+    """Replay a trace against a live vLLM server, closed loop, recording its KV events and metrics."""
+    from cwsim.cli import _bar
+    from replay.closed_loop import ArrivalError, ClosedLoop
+    from replay.live import LiveConfig, ReplayError, ReplayInterrupted, run_live
+
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cfg = LiveConfig(server=server.rstrip("/"), events=events, events_replay=events_replay, time_scale=time_scale,
+                         max_sessions=max_sessions, arrivals=arrivals, agents=agents, max_in_flight=max_in_flight)
+        tr = load_trace(trace)
+        ClosedLoop(tr.sessions[: max_sessions or None], arrivals, agents, time_scale)  # arrival errors before a call
+        total = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
+        with _bar("replay", "calls") as bar:
+            task = bar.add_task("replay", total=total)
+            res = run_live(tr, cfg, out, resume=resume, vocab_size=vocab_size,
+                           on_progress=lambda n: bar.advance(task, n))
+    except FileNotFoundError as e:
+        console.print(f"error: --trace {trace}: {e.strerror or 'no such file'}")
+        raise typer.Exit(code=2)
+    except (TraceFormatError, ValueError, ArrivalError) as e:
+        console.print(f"error: {e}")
+        raise typer.Exit(code=2)
+    except ReplayError as e:
+        console.print(f"error: {e}; finished sessions kept in {out}/ (continue with --resume)")
+        raise typer.Exit(code=2)
+    except ReplayInterrupted as e:
+        console.print(f"interrupted: {e.sessions_done} finished session(s) written to {out}/ "
+                      "(summary.json marked partial; continue with --resume)")
+        raise typer.Exit(code=130)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    s = res.summary
+    print(json.dumps({k: s[k] for k in ("sessions", "requests", "evicted_blocks", "preemptions", "prefix_hit_rate",
+                                        "mean_session_time_s", "makespan_s", "event_gaps_recovered")}, indent=1))
     console.print(f"results in {out}/ (summary.json, requests.csv, sessions.csv, evictions.csv, outputs.jsonl)")
