@@ -84,8 +84,20 @@ def oracle(
     console.print(f"results in {out}/ (summary.json, requests.csv, sessions.csv, evictions.csv, outputs.jsonl)")
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt
+class _Signals:
+    """SIGTERM handled as Ctrl-C while a command runs; ``code`` the exit code to end with (130 / 143)."""
+
+    def __enter__(self):
+        self.code = 130
+        self._old = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_term(self, signum, frame):
+        self.code = 143
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
 
 
 @app.command()
@@ -101,7 +113,7 @@ def serve(
     """Start a local vLLM server for replay and keep it in the foreground (Ctrl-C / SIGTERM stop it)."""
     from replay.server import ServerConfig, ServerError, start_server
 
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    sig = _Signals().__enter__()
     server = None
     try:
         cfg = ServerConfig(kv_blocks=kv_blocks, block_size=block_size, port=port, max_num_seqs=max_num_seqs,
@@ -125,7 +137,7 @@ def serve(
             server.stop()
         console.print("stopped the vLLM server and its engine processes")
     finally:
-        signal.signal(signal.SIGTERM, old)
+        sig.__exit__()
         if server is not None and server.alive():
             server.stop()
 
@@ -143,6 +155,7 @@ def run_cmd(
     arrivals: str = typer.Option("concurrent", "--arrivals", help="Session starts: concurrent (--agents at once) or trace (recorded)."),
     max_in_flight: int = typer.Option(64, "--max-in-flight", help="Most requests open at once."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="The served model's vocabulary size (default: the tiny model's)."),
+    stream: bool = typer.Option(False, "--stream", help="Stream answers and time the first token in the client (dearer; default: the server's per-request times)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: keep its finished sessions, run the rest."),
 ) -> None:
     """Replay a trace against a live vLLM server, closed loop, recording its KV events and metrics."""
@@ -150,10 +163,11 @@ def run_cmd(
     from replay.closed_loop import ArrivalError, ClosedLoop
     from replay.live import LiveConfig, ReplayError, ReplayInterrupted, run_live
 
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    sig = _Signals().__enter__()
     try:
         cfg = LiveConfig(server=server.rstrip("/"), events=events, events_replay=events_replay, time_scale=time_scale,
-                         max_sessions=max_sessions, arrivals=arrivals, agents=agents, max_in_flight=max_in_flight)
+                         max_sessions=max_sessions, arrivals=arrivals, agents=agents, max_in_flight=max_in_flight,
+                         stream=stream)
         tr = load_trace(trace)
         ClosedLoop(tr.sessions[: max_sessions or None], arrivals, agents, time_scale)  # arrival errors before a call
         total = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
@@ -173,9 +187,9 @@ def run_cmd(
     except ReplayInterrupted as e:
         console.print(f"interrupted: {e.sessions_done} finished session(s) written to {out}/ "
                       "(summary.json marked partial; continue with --resume)")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=sig.code)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        sig.__exit__()
     s = res.summary
     print(json.dumps({k: s[k] for k in ("sessions", "requests", "evicted_blocks", "preemptions", "prefix_hit_rate",
                                         "mean_session_time_s", "makespan_s", "event_gaps_recovered")}, indent=1))

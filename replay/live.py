@@ -10,7 +10,8 @@ starts one) the way ``cwsim run`` drives its engine, in wall-clock seconds:
   its recorded start (``--arrivals trace``);
 - prompts are token-id lists from :class:`replay.tokens.TokenBook` (the
   oracle's deterministic tokens), and an output segment is the tokens the
-  server really generated (``return_token_ids``), so shared prefixes fall on
+  server really generated (logprob tokens as ``token_id:N``, or
+  ``return_token_ids`` when streaming), so shared prefixes fall on
   the same block boundaries as in the simulator;
 - every call asks for exactly its trace's output length (``max_tokens =
   min_tokens``, ``ignore_eos``, temperature 0) and carries ``session_id`` and
@@ -82,6 +83,9 @@ class LiveConfig:
     max_in_flight: int = 64
     request_timeout_s: float = 600.0
     settle_s: float = 0.5  #: wait after the last call before the final event catch-up and /metrics
+    #: stream answers (first token timed by the client, one chunk per token); off: one JSON answer per
+    #: call, the first token timed by the server's per-request metrics (queue + prefill), far cheaper
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -177,21 +181,25 @@ class _Done:
     tokens: list[int]
 
 
-def request_body(call, prompt: list[int], model: str, session_id: str) -> dict:
+def request_body(call, prompt: list[int], model: str, session_id: str, stream: bool) -> dict:
     tool = call.tools[0] if call.tools else None
     xargs = {"turn": call.turn, "tool": tool.name if tool else "", "tool_category": tool.category if tool else ""}
-    return {"model": model, "prompt": prompt, "max_tokens": call.output_tokens, "min_tokens": call.output_tokens,
-            "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
-            "return_token_ids": True, "session_id": session_id, "vllm_xargs": xargs}
+    body = {"model": model, "prompt": prompt, "max_tokens": call.output_tokens, "min_tokens": call.output_tokens,
+            "ignore_eos": True, "temperature": 0.0, "session_id": session_id, "vllm_xargs": xargs}
+    if stream:  # generated ids in each chunk (the prompt's ids once, in the first)
+        body.update(stream=True, stream_options={"include_usage": True}, return_token_ids=True)
+    else:  # generated ids as "token_id:N" logprob tokens: return_token_ids would echo the whole prompt
+        body.update(logprobs=0, return_tokens_as_token_ids=True)
+    return body
 
 
 class _Client:
     """The HTTP side: one streamed completion per call."""
 
-    def __init__(self, client, url: str, model: str, t0: float):
+    def __init__(self, client, url: str, model: str, t0: float, stream: bool):
         import msgspec
 
-        self.client, self.url, self.model, self.t0 = client, url, model, t0
+        self.client, self.url, self.model, self.t0, self.stream = client, url, model, t0, stream
         self._enc = msgspec.json.Encoder()
         self._dec = msgspec.json.Decoder()
 
@@ -202,46 +210,70 @@ class _Client:
         import httpx
 
         where = f"session {session_id!r} turn {call.turn}"
-        body = self._enc.encode(request_body(call, prompt, self.model, session_id))
+        body = self._enc.encode(request_body(call, prompt, self.model, session_id, self.stream))
         sent = self.now()
-        first = -1.0
-        tokens: list[int] = []
-        cached, queue_ms, finished = 0, None, False
         try:
-            async with self.client.stream("POST", "/v1/completions", content=body,
-                                          headers={"content-type": "application/json"}) as r:
-                if r.status_code != 200:
-                    text = (await r.aread()).decode(errors="replace").replace("\n", " ")[:300]
-                    raise ReplayError(f"server {self.url}: HTTP {r.status_code} for {where}: {text}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        finished = True
-                        break
-                    chunk = self._dec.decode(line[6:])
-                    choices = chunk.get("choices")
-                    if choices:
-                        got = choices[0].get("token_ids")
-                        if got:
-                            if first < 0:
-                                first = self.now()
-                            tokens += got
-                    usage = chunk.get("usage")
-                    if usage:
-                        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                        queue_ms = (chunk.get("metrics") or {}).get("queue_time_ms")
+            if self.stream:
+                tokens, first, cached, queue_ms = await self._streamed(body, where)
+            else:
+                tokens, first, cached, queue_ms = await self._whole(body, where, sent)
         except httpx.TransportError as e:
             raise ReplayError(f"server {self.url}: {type(e).__name__} during {where} "
                               f"({e or 'connection lost'}): is the server running?") from None
-        if not finished:
-            raise ReplayError(f"server {self.url}: the answer to {where} ended before [DONE]")
         if len(tokens) != call.output_tokens:
             raise ReplayError(f"server {self.url}: {where}: generated {len(tokens)} tokens, the trace says "
                               f"{call.output_tokens}")
         finish = self.now()
         sched = None if queue_ms is None else sent + queue_ms / 1000.0
         return _Done(si, call.turn, due, sent, first, finish, sched, int(cached), tokens)
+
+    def _error(self, status: int, text: str, where: str) -> ReplayError:
+        return ReplayError(f"server {self.url}: HTTP {status} for {where}: {text.replace(chr(10), ' ')[:300]}")
+
+    async def _whole(self, body: bytes, where: str, sent: float):
+        """One JSON answer; the first token's time from the server's per-request metrics (queue + prefill)."""
+        r = await self.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        if r.status_code != 200:
+            raise self._error(r.status_code, r.text, where)
+        try:
+            d = self._dec.decode(r.content)
+            tokens = [int(t[9:]) for t in d["choices"][0]["logprobs"]["tokens"]]  # "token_id:N"
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ReplayError(f"server {self.url}: malformed answer to {where}") from None
+        usage = d.get("usage") or {}
+        m = d.get("metrics") or {}
+        queue_ms, ttft_ms = m.get("queue_time_ms"), m.get("time_to_first_token_ms")
+        first = -1.0 if queue_ms is None or ttft_ms is None else sent + (queue_ms + ttft_ms) / 1000.0
+        return tokens, first, (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0, queue_ms
+
+    async def _streamed(self, body: bytes, where: str):
+        """A streamed answer; the first token timed here."""
+        first, tokens, cached, queue_ms, finished = -1.0, [], 0, None, False
+        async with self.client.stream("POST", "/v1/completions", content=body,
+                                      headers={"content-type": "application/json"}) as r:
+            if r.status_code != 200:
+                raise self._error(r.status_code, (await r.aread()).decode(errors="replace"), where)
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    finished = True
+                    break
+                chunk = self._dec.decode(line[6:])
+                choices = chunk.get("choices")
+                if choices:
+                    got = choices[0].get("token_ids")
+                    if got:
+                        if first < 0:
+                            first = self.now()
+                        tokens += got
+                usage = chunk.get("usage")
+                if usage:
+                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                    queue_ms = (chunk.get("metrics") or {}).get("queue_time_ms")
+        if not finished:
+            raise ReplayError(f"server {self.url}: the answer to {where} ended before [DONE]")
+        return tokens, first, cached, queue_ms
 
 
 # --------------------------------------------------------------------------- the run
@@ -373,7 +405,7 @@ class _Attempt:
                 self.t0 = time.monotonic()
                 if stream is not None:
                     pump = asyncio.create_task(self._pump(stream))
-                await self._loop(_Client(client, cfg.server, model, self.t0), pump)
+                await self._loop(_Client(client, cfg.server, model, self.t0, cfg.stream), pump)
                 await asyncio.sleep(cfg.settle_s)
                 if pump is not None:
                     pump.cancel()
@@ -402,11 +434,24 @@ class _Attempt:
         start: dict[int, float] = {}
         acc: dict[int, list[int]] = {}
 
+        last: dict[int, tuple[tuple, list[int]]] = {}  # a session's previous prompt: its segments and ids
+
+        def prompt_ids(si: int, call) -> list[int]:
+            """The prompt's token ids; the previous prompt's reused when it is a prefix (agent turns)."""
+            segs = tuple(call.prompt)
+            prev = last.get(si)
+            if prev is not None and segs[: len(prev[0])] == prev[0]:
+                ids = prev[1] + self.book.prompt(segs[len(prev[0]):])
+            else:
+                ids = self.book.prompt(segs)
+            last[si] = (segs, ids)
+            return ids
+
         async def one(si: int, turn: int, due: float) -> _Done:
             s = self.sessions[si]
             call = s.calls[turn]
             async with sem:
-                return await http.complete(si, call, self.book.prompt(call.prompt), s.session_id, due)
+                return await http.complete(si, call, prompt_ids(si, call), s.session_id, due)
 
         try:
             while loop or pending:
@@ -435,6 +480,7 @@ class _Attempt:
                     if loop.finished(d.si, d.turn, d.finish):
                         self.writer.session(s.session_id, rows.pop(d.si), gen.pop(d.si), start.pop(d.si), d.finish,
                                             *acc.pop(d.si))
+                        last.pop(d.si, None)
                         self.sessions_done += 1
                         if self.on_progress is not None:
                             self.on_progress(len(s.calls))

@@ -149,6 +149,13 @@ def test_replay_under_pressure_counts_every_eviction_and_matches_metrics(servers
     assert s["prompt_tokens"] == after["prompt_tokens"] - before["prompt_tokens"]
     assert s["preemptions"] == after["preemptions"] - before["preemptions"]
     assert s["kv_blocks"] == 48 and s["block_size"] == 32
+    # the server's per-request times came back: queue (first scheduled) and first token, in order
+    for r in reqs:
+        sent, sched, first, fin = (float(r[k]) for k in ("sent_s", "first_scheduled_s", "first_token_s", "finish_s"))
+        assert float(r["arrival_s"]) <= sent <= sched <= first <= fin + 1e-3, r
+    from replay.tiny_model import TINY_VOCAB_SIZE
+
+    assert srv.vocab_size == TINY_VOCAB_SIZE
     # the server saw the trace's token stream: every evicted block is a block of some call's prompt + output
     book = TokenBook(srv.vocab_size)
     outputs = {(d["session_id"], d["turn"]): d["tokens"]
