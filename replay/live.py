@@ -324,15 +324,21 @@ def _r(x: float) -> float:
     return round(x, 6)
 
 
-async def _served_model(client, url: str) -> str:
+async def _get(client, url: str, path: str):
+    """GET ``path``: the answer, or a one-line ``ReplayError`` naming the server."""
     import httpx
 
     try:
-        r = await client.get("/v1/models")
+        r = await client.get(path)
     except httpx.TransportError as e:
-        raise ReplayError(f"server {url} unreachable ({type(e).__name__}: {e or 'no answer'})") from None
+        raise ReplayError(f"server {url} unreachable ({type(e).__name__} on GET {path}: {e or 'no answer'})") from None
     if r.status_code != 200:
-        raise ReplayError(f"server {url}: GET /v1/models answered HTTP {r.status_code}")
+        raise ReplayError(f"server {url}: GET {path} answered HTTP {r.status_code}")
+    return r
+
+
+async def _served_model(client, url: str) -> str:
+    r = await _get(client, url, "/v1/models")
     try:
         return r.json()["data"][0]["id"]
     except (ValueError, KeyError, IndexError):
@@ -340,15 +346,7 @@ async def _served_model(client, url: str) -> str:
 
 
 async def _scrape(client, url: str) -> str:
-    import httpx
-
-    try:
-        r = await client.get("/metrics")
-    except httpx.TransportError as e:
-        raise ReplayError(f"server {url}: /metrics unreachable ({type(e).__name__}: {e or 'no answer'})") from None
-    if r.status_code != 200:
-        raise ReplayError(f"server {url}: GET /metrics answered HTTP {r.status_code}")
-    return r.text
+    return (await _get(client, url, "/metrics")).text
 
 
 def _check_ipc(endpoint: str | None, flag: str) -> None:

@@ -168,6 +168,13 @@ def test_replay_under_pressure_counts_every_eviction_and_matches_metrics(servers
             book.record_output(c.output_segment, gen)
             ours.update(external_hash(h) for h in vllm_block_hashes(book.prompt(c.prompt) + gen, 32))
     assert set(counter.removed) <= ours
+    # the same run in cwsim, side by side (the mechanics: the unit profile's times are not the server's)
+    from replay.live_compare import compare_live
+
+    c = compare_live(tmp_path, "unit", max_num_seqs=8, max_num_batched_tokens=512)
+    assert c["evicted_blocks"]["real"] == s["evicted_blocks"] and c["evicted_blocks"]["sim"] > 0
+    assert c["calls_compared"] == 30 and c["sessions_compared"] == 6 and c["session_time_mape"] is not None
+    assert (tmp_path / "compare.json").exists() and (tmp_path / "compare_sessions.png").stat().st_size > 0
 
 
 def test_a_killed_server_keeps_finished_sessions_and_resume_finishes(servers, tmp_path):

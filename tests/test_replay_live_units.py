@@ -313,3 +313,30 @@ def test_parse_metrics_sums_counters_over_labels():
     assert m["prefix_cache_hits"] == 384 and m["prefix_cache_queries"] == 1000 and m["preemptions"] == 3
     assert m["prompt_tokens"] == 0  # absent: 0
     assert cache_config(METRICS) == {"num_gpu_blocks": 80, "block_size": 32}
+
+
+def test_cli_serve_bad_flag_exits_2_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from replay.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--kv-blocks", "1", "--dir", str(tmp_path / "srv")])
+    assert res.exit_code == 2 and "--kv-blocks must be >= 2" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["serve", "--kv-blocks", "8", "--max-num-seqs", "16", "--max-num-batched-tokens",
+                                   "8", "--dir", str(tmp_path / "srv")])
+    assert res.exit_code == 2 and "--max-num-batched-tokens (8) must be >= --max-num-seqs" in res.output
+    res = CliRunner().invoke(app, ["serve", "--kv-blocks", "8", "--dir", str(tmp_path / ("x" * 120))])
+    assert res.exit_code == 2 and "path too long for the KV event sockets" in res.output
+
+
+def test_compare_scales_gaps_and_refuses_a_partial_run(tmp_path):
+    from replay.live_compare import CompareError, compare_live, scaled
+
+    t = scaled(Trace(_sessions(2, starts=[10.0, 20.0]), source="t"), 0.5)
+    assert [c.gap_s for c in t.sessions[0].calls] == [1.0, 1.0] and t.sessions[1].start_s == 10.0
+    with pytest.raises(CompareError, match="not a cwreplay run folder"):
+        compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"partial": True, "stopped_by": "interrupt"}))
+    with pytest.raises(CompareError, match="partial .*--resume"):
+        compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
