@@ -1,13 +1,17 @@
 """`cwreplay`: a trace on a real vLLM engine, and the simulator held to it.
 
-A thin layer over :mod:`replay.oracle` and :mod:`replay.compare`. The live
-server replay (``cwreplay serve`` / ``cwreplay run``) is built by a later issue.
+A thin layer over :mod:`replay.oracle`, :mod:`replay.compare`,
+:mod:`replay.server` (``cwreplay serve``) and :mod:`replay.live`
+(``cwreplay run``). Bad input and faults end with one line and exit code 2;
+Ctrl-C / SIGTERM with one line and 130 / 143.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +23,19 @@ from traces.reader import TraceFormatError, load_trace
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run traces on a real vLLM engine and compare the simulator with it.")
 console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+@contextmanager
+def _bad_input(trace: Path, *errors: type[Exception]):
+    """A missing trace, a malformed one, a bad flag (or ``errors``): one line, exit 2."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        console.print(f"error: --trace {trace}: {e.strerror or 'no such file'}")
+        raise typer.Exit(code=2)
+    except (TraceFormatError, ValueError, *errors) as e:
+        console.print(f"error: {e}")
+        raise typer.Exit(code=2)
 
 
 @app.callback()
@@ -50,7 +67,7 @@ def oracle(
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from replay.oracle import OracleConfig, OracleError, run_oracle, step_trace
 
-    try:
+    with _bad_input(trace, OracleError):
         oc = OracleConfig(kv_blocks=kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, arrivals=arrivals, agents=agents,
                           max_sessions=max_sessions, steps_per_s=steps_per_s,
@@ -71,13 +88,168 @@ def oracle(
                 raise typer.Exit(code=1)
             return
         res = run_oracle(step_trace(tr, steps_per_s), oc, out)
-    except FileNotFoundError as e:
-        console.print(f"error: --trace {trace}: {e.strerror or 'no such file'}")
-        raise typer.Exit(code=2)
-    except (TraceFormatError, ValueError, OracleError) as e:
-        console.print(f"error: {e}")
-        raise typer.Exit(code=2)
     s = res.summary
     print(json.dumps({k: s[k] for k in ("sessions", "requests", "steps", "evicted_blocks", "preemptions",
                                         "prefix_hit_rate", "makespan_s")}, indent=1))
     console.print(f"results in {out}/ (summary.json, requests.csv, sessions.csv, evictions.csv, outputs.jsonl)")
+
+
+class _Signals:
+    """SIGTERM handled as Ctrl-C while a command runs; ``code`` the exit code to end with (130 / 143)."""
+
+    def __enter__(self):
+        self.code = 130
+        self._old = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_term(self, signum, frame):
+        self.code = 143
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+@app.command()
+def serve(
+    kv_blocks: int = typer.Option(..., "--kv-blocks", help="KV pool size in blocks, null block included (vLLM --num-gpu-blocks-override)."),
+    block_size: int = typer.Option(32, "--block-size", help="Tokens per KV block (vLLM's CPU backend needs a multiple of 32)."),
+    port: int = typer.Option(0, "--port", help="HTTP port on 127.0.0.1 (0: a free one)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the tiny random-weight Llama, built in --dir)."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most requests running at once."),
+    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="Token budget of one step."),
+    run_dir: Path = typer.Option(..., "--dir", help="Run folder: server.log, server.json, the KV event sockets, temp and cache folders."),
+) -> None:
+    """Start a local vLLM server for replay and keep it in the foreground (Ctrl-C / SIGTERM stop it)."""
+    from replay.server import ServerConfig, ServerError, start_server
+
+    server = None
+    with _Signals():
+        try:
+            cfg = ServerConfig(kv_blocks=kv_blocks, block_size=block_size, port=port, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=max_num_batched_tokens,
+                               model=str(model) if model is not None else None)
+            console.print(f"starting vLLM (log: {run_dir / 'server.log'}) ...")
+            server = start_server(cfg, run_dir)
+            print(f"url: {server.url}")
+            print(f"events: {server.events}")
+            print(f"events replay: {server.events_replay}")
+            print(f"run with: cwreplay run --server {server.url} --events {server.events} --events-replay "
+                  f"{server.events_replay} --vocab-size {server.vocab_size} --trace TRACE --out DIR", flush=True)
+            code = server.process.wait()
+            console.print(f"error: vLLM server exited with code {code} (log: {run_dir / 'server.log'})")
+            raise typer.Exit(code=2)
+        except (ValueError, ServerError) as e:
+            console.print(f"error: {e}")
+            raise typer.Exit(code=2)
+        except KeyboardInterrupt:
+            if server is not None:
+                server.stop()
+            console.print("stopped the vLLM server and its engine processes")
+        finally:
+            if server is not None and server.alive():
+                server.stop()
+
+
+@app.command("run")
+def run_cmd(
+    trace: Path = typer.Option(..., "--trace", help="Trace file (format v1)."),
+    server: str = typer.Option(..., "--server", help="The vLLM server's URL (cwreplay serve prints it)."),
+    events: Optional[str] = typer.Option(None, "--events", help="Its KV event endpoint (ZMQ PUB; cwreplay serve prints it). Without it no evictions are counted."),
+    events_replay: Optional[str] = typer.Option(None, "--events-replay", help="Its KV event replay endpoint (fills lost batches; without it a lost batch is an error)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: requests.csv, sessions.csv, evictions.csv, outputs.jsonl, run.json, summary.json."),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="Multiply the trace's gaps (and recorded starts) by this."),
+    max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Replay only the first N sessions of the trace."),
+    agents: int = typer.Option(4, "--agents", help="Concurrently active sessions, with --arrivals concurrent."),
+    arrivals: str = typer.Option("concurrent", "--arrivals", help="Session starts: concurrent (--agents at once) or trace (recorded)."),
+    max_in_flight: int = typer.Option(64, "--max-in-flight", help="Most requests open at once."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="The served model's vocabulary size (default: the tiny model's)."),
+    stream: bool = typer.Option(False, "--stream", help="Stream answers and time the first token in the client (dearer; default: the server's per-request times)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: keep its finished sessions, run the rest."),
+) -> None:
+    """Replay a trace against a live vLLM server, closed loop, recording its KV events and metrics."""
+    from cwsim.cli import _bar
+    from replay.closed_loop import ArrivalError, ClosedLoop
+    from replay.live import LiveConfig, ReplayError, ReplayInterrupted, run_live
+
+    with _Signals() as sig, _bad_input(trace, ArrivalError):
+        cfg = LiveConfig(server=server.rstrip("/"), events=events, events_replay=events_replay, time_scale=time_scale,
+                         max_sessions=max_sessions, arrivals=arrivals, agents=agents, max_in_flight=max_in_flight,
+                         stream=stream)
+        tr = load_trace(trace)
+        ClosedLoop(tr.sessions[: max_sessions or None], arrivals, agents, time_scale)  # arrival errors before a call
+        total = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
+        try:
+            with _bar("replay", "calls") as bar:
+                task = bar.add_task("replay", total=total)
+                res = run_live(tr, cfg, out, resume=resume, vocab_size=vocab_size,
+                               on_progress=lambda n: bar.advance(task, n))
+        except ReplayError as e:
+            console.print(f"error: {e}; finished sessions kept in {out}/ (continue with --resume)")
+            raise typer.Exit(code=2)
+        except ReplayInterrupted as e:
+            console.print(f"interrupted: {e.sessions_done} finished session(s) written to {out}/ "
+                          "(summary.json marked partial; continue with --resume)")
+            raise typer.Exit(code=sig.code)
+    s = res.summary
+    print(json.dumps({k: s[k] for k in ("sessions", "requests", "evicted_blocks", "preemptions", "prefix_hit_rate",
+                                        "mean_session_time_s", "makespan_s", "event_gaps_recovered")}, indent=1))
+    console.print(f"results in {out}/ (summary.json, requests.csv, sessions.csv, evictions.csv, outputs.jsonl)")
+
+
+@app.command()
+def calibrate(
+    out: Path = typer.Option(..., "--out", help="Profile file to write (JSON; cwsim run --profile FILE loads it)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the tiny random-weight Llama, built locally)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: measured-<model folder>)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timings per design point (the median is kept)."),
+    quick: bool = typer.Option(False, "--quick", help="A small design (fewer, shorter batches): a rough profile in a fraction of the time."),
+) -> None:
+    """Fit the step-time profile from timed steps of vLLM's in-process engine over a designed set of batches."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from replay.calibrate import TERMS, CalibrationConfig, calibrate as run_calibration
+    from replay.oracle import OracleError
+    from traces.files import OutputPathError
+
+    try:
+        cfg = CalibrationConfig(repeats=repeats, model=str(model) if model is not None else None)
+        if quick:
+            cfg = CalibrationConfig(prefill_q=(32, 256, 1024), prefill_c=(0, 512), decode_b=(1, 8), decode_l=(64, 512),
+                                    decode_steps=4, repeats=repeats, kv_blocks=512, model=cfg.model)
+        profile = run_calibration(cfg, out, name=name,
+                                  on_point=lambda p: console.print(f"  {p['kind']} point: {1000 * p['t']:.2f} ms"))
+    except OutputPathError as e:
+        console.print(f"error: --out {e}")
+        raise typer.Exit(code=2)
+    except (ValueError, OracleError) as e:
+        console.print(f"error: {e}")
+        raise typer.Exit(code=2)
+    fit = json.loads(out.read_text())["_fit"]
+    for k in TERMS:
+        print(f"{k:22s} {getattr(profile, k):.4g}  (+- {fit['stderr'][k]:.2g})")
+    print("MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fit["mape"].items()))
+    console.print(f"profile written to {out} ({profile.source})")
+
+
+@app.command("compare")
+def compare_cmd(
+    run_dir: Path = typer.Argument(..., help="A finished `cwreplay run` folder."),
+    profile: str = typer.Option(..., "--profile", help="Step-time profile for cwsim (a `cwreplay calibrate` file, or a bundled name)."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="The server's --max-num-seqs."),
+    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="The server's --max-num-batched-tokens."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="The trace file, if it has moved since the run."),
+) -> None:
+    """Run a live replay's trace in cwsim (same pool, arrivals, time scale) and print real vs simulated."""
+    from replay.live_compare import CompareError, compare_live
+
+    with _bad_input(trace or run_dir, CompareError):
+        c = compare_live(run_dir, profile, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                         trace=trace)
+    pct = lambda x: "n/a" if x is None else f"{100 * x:+.1f}%"  # noqa: E731
+    print(f"evicted blocks: real {c['evicted_blocks']['real']}, sim {c['evicted_blocks']['sim']} "
+          f"({pct(c['evicted_blocks']['error'])}); first differing eviction: {c['first_differing_eviction']}")
+    print(f"preemptions: real {c['preemptions']['real']}, sim {c['preemptions']['sim']}")
+    print(f"prefix hit rate: real {c['prefix_hit_rate']['real']:.4f}, sim {c['prefix_hit_rate']['sim']:.4f}")
+    mape = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"per-call latency MAPE {mape(c['call_latency_mape'])}, per-session time MAPE {mape(c['session_time_mape'])}")
+    console.print(f"written: {run_dir}/compare.json, {run_dir}/compare_sessions.png, {run_dir}/sim/")

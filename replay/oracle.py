@@ -39,7 +39,6 @@ for :mod:`replay.compare`), and last ``summary.json`` with ``source:
 from __future__ import annotations
 
 import csv
-import heapq
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from replay.closed_loop import ClosedLoop
 from traces.format import Call, Session, Trace
 
 REQUEST_FIELDS = [
@@ -318,15 +318,7 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
         fo = open(out / "outputs.jsonl", "w")
         files.append(fo)
     try:
-        due: list[tuple[float, int, int]] = []  # (time, session index, turn)
-        if config.arrivals == "trace":
-            for si, s in enumerate(sessions):
-                heapq.heappush(due, (s.calls[0].timestamp_s or 0.0, si, 0))
-            next_session = len(sessions)
-        else:
-            for si in range(min(config.agents, len(sessions))):
-                heapq.heappush(due, (0.0, si, 0))
-            next_session = min(config.agents, len(sessions))
+        loop = ClosedLoop(sessions, config.arrivals, config.agents)
         live: dict[str, _CallRec] = {}
         sess_start: dict[int, float] = {}
         sess_acc: dict[int, list[int]] = {}
@@ -336,9 +328,8 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
         session_times: list[float] = []
         makespan = 0.0
         last_preempt: dict[str, int] = {}
-        while due or live:
-            while due and due[0][0] <= clock:
-                t, si, turn = heapq.heappop(due)
+        while loop or live:
+            for t, si, turn in loop.pop_due(clock):
                 call = sessions[si].calls[turn]
                 if turn == 0:
                     sess_start[si] = t
@@ -346,7 +337,7 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
                 live[rid] = _CallRec(si, turn, call, t)
                 engine.add(rid, book.prompt(call.prompt), call.output_tokens)
             if not live:
-                clock = due[0][0]
+                clock = loop.next_time()
                 continue
             start = clock
             outs, clock, ran, batches = engine.step(start)
@@ -406,8 +397,7 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
                     fo.write(json.dumps({"session_id": sessions[rec.si].session_id, "turn": rec.turn,
                                          "tokens": rec.generated}) + "\n")
                 s = sessions[rec.si]
-                if rec.turn + 1 < len(s.calls):
-                    heapq.heappush(due, (clock + call.next_gap_s, rec.si, rec.turn + 1))
+                if not loop.finished(rec.si, rec.turn, clock):
                     continue
                 duration = clock - sess_start[rec.si]
                 session_times.append(duration)
@@ -417,9 +407,6 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
                     writers["sessions"].writerow([s.session_id, acc[0], sess_start[rec.si], clock, duration, *acc[1:]])
                 if on_progress is not None:
                     on_progress(len(s.calls))
-                if config.arrivals == "concurrent" and next_session < len(sessions):
-                    heapq.heappush(due, (clock, next_session, 0))
-                    next_session += 1
         import numpy as np
 
         t = np.array(session_times) if session_times else np.zeros(1)

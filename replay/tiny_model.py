@@ -20,6 +20,9 @@ from pathlib import Path
 #: bump when the model or tokenizer recipe changes: an older build is rebuilt
 RECIPE_VERSION = 1
 VOCAB_SIZE = 4096
+#: the size of the vocabulary the BPE trainer reaches on the fixed corpus (below VOCAB_SIZE): the
+#: model's ``vocab_size``, and the token range a replay against it uses (a test checks it)
+TINY_VOCAB_SIZE = 2106
 MAX_MODEL_LEN = 32768
 _MARK = "cachewise-tiny-model.json"
 

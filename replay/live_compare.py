@@ -1,0 +1,115 @@
+"""A live replay against the simulator: the same run in ``cwsim``, side by side.
+
+``compare_live(run_dir, profile=FILE, ...)`` reads a ``cwreplay run`` folder
+(``run.json``, ``summary.json``, the CSVs), runs the same trace, sessions,
+pool, block size, arrivals and time scale in ``cwsim`` with policy ``vllm``
+and the given (calibrated) step-time profile (``run_dir/sim``), and reports:
+evicted blocks on each side and the first evicted block that differs (the
+simulator's hashes mapped to vLLM's, :func:`replay.compare.hash_map`),
+prefix hit rate, preemptions, and the mean absolute percentage error of
+per-call latency (finish - arrival) and of per-session completion time. It
+writes ``run_dir/compare.json`` and ``run_dir/compare_sessions.png`` (simulated
+against real session times).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cwsim.config import SimConfig
+from cwsim.runner import simulate
+from replay.compare import hash_map
+from replay.live import load_outputs
+from traces.files import atomic_write_text
+from traces.format import Session, Trace
+from traces.reader import load_trace
+
+
+class CompareError(ValueError):
+    """The folder is not a finished live run, or its trace cannot be found."""
+
+
+def scaled(trace: Trace, time_scale: float) -> Trace:
+    """``trace`` with every gap and recorded start times ``time_scale``: what the live run waited."""
+    sessions = [Session(s.session_id, tuple(
+        replace(c, gap_s=c.next_gap_s * time_scale,
+                timestamp_s=None if c.timestamp_s is None else c.timestamp_s * time_scale) for c in s.calls))
+        for s in trace.sessions]
+    return Trace(sessions, trace.header, trace.source)
+
+
+def _mape(real: pd.Series, sim: pd.Series) -> float | None:
+    ok = real > 0
+    return float(np.mean(np.abs(sim[ok] - real[ok]) / real[ok])) if ok.any() else None
+
+
+def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 trace: str | Path | None = None) -> dict:
+    run = Path(run_dir)
+    try:
+        state = json.loads((run / "run.json").read_text())
+        real = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CompareError(f"{run}: not a cwreplay run folder (run.json / summary.json: {e})") from None
+    if real.get("partial"):
+        raise CompareError(f"{run}: the run is partial ({real.get('stopped_by')}); finish it with --resume first")
+    cfg = state["config"]
+    tr = load_trace(trace if trace is not None else state["trace"])
+    tr = scaled(tr, cfg["time_scale"])
+    sim_cfg = SimConfig(policy="vllm", profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
+                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        arrivals=cfg["arrivals"], agents=cfg["agents"], max_sessions=cfg["max_sessions"])
+    sim = simulate(tr, sim_cfg, run / "sim", eviction_log=True).summary
+    key = ["session_id", "turn"]
+    rq = pd.read_csv(run / "requests.csv", dtype={"session_id": str})
+    sq = pd.read_csv(run / "sim" / "requests.csv", dtype={"session_id": str})
+    calls = rq.merge(sq, on=key, suffixes=("_real", "_sim"))
+    lat_real = calls["finish_s_real"] - calls["arrival_s_real"]
+    lat_sim = calls["finish_s_sim"] - calls["arrival_s_sim"]
+    rs = pd.read_csv(run / "sessions.csv", dtype={"session_id": str})
+    ss = pd.read_csv(run / "sim" / "sessions.csv", dtype={"session_id": str})
+    sess = rs.merge(ss, on="session_id", suffixes=("_real", "_sim"))
+    hmap = hash_map(tr, real["block_size"], load_outputs(run), state["vocab_size"], cfg["max_sessions"])
+    ev_real = [int(h) for h in pd.read_csv(run / "evictions.csv", dtype={"block_hash": "uint64"})["block_hash"]]
+    ev_sim = [hmap.get(int(h)) for h in pd.read_csv(run / "sim" / "evictions.csv",
+                                                      dtype={"block_hash": "int64"})["block_hash"]]
+    first = next((i for i in range(max(len(ev_real), len(ev_sim)))
+                  if (ev_real[i] if i < len(ev_real) else None) != (ev_sim[i] if i < len(ev_sim) else None)), None)
+    rel = lambda a, b: None if not a else (b - a) / a  # noqa: E731
+    out = {
+        "run": str(run), "profile": profile,
+        "evicted_blocks": {"real": real["evicted_blocks"], "sim": sim["evicted_blocks"],
+                           "error": rel(real["evicted_blocks"], sim["evicted_blocks"])},
+        "first_differing_eviction": None if first is None else {
+            "index": first, "real": ev_real[first] if first < len(ev_real) else None,
+            "sim": ev_sim[first] if first < len(ev_sim) else None},
+        "preemptions": {"real": real["preemptions"], "sim": sim["preemptions"],
+                        "error": rel(real["preemptions"], sim["preemptions"])},
+        "prefix_hit_rate": {"real": real["prefix_hit_rate"], "sim": sim["prefix_hit_rate"]},
+        "call_latency_mape": _mape(lat_real, lat_sim),
+        "session_time_mape": _mape(sess["duration_s_real"], sess["duration_s_sim"]),
+        "calls_compared": len(calls), "sessions_compared": len(sess),
+        "resumed": real.get("attempts", 1) > 1,
+    }
+    atomic_write_text(run / "compare.json", json.dumps(out, indent=2, default=str) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(sess["duration_s_real"], sess["duration_s_sim"], s=14)
+    top = float(max(sess["duration_s_real"].max(), sess["duration_s_sim"].max(), 1e-9)) * 1.05
+    ax.plot([0, top], [0, top], color="grey", lw=0.8)
+    ax.set_xlabel("real session time (s)")
+    ax.set_ylabel("simulated session time (s)")
+    ax.set_title(f"cwsim vs vLLM: session MAPE {100 * (out['session_time_mape'] or 0):.1f}%")
+    fig.tight_layout()
+    fig.savefig(run / "compare_sessions.png", dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,84 @@
+"""`cwreplay calibrate`: the fit (no vLLM) and a measured profile that `cwsim run --profile` loads (vLLM)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from cwsim.steptime import StepTimeProfile, prefill_attn_pairs
+from replay.calibrate import TERMS, CalibrationConfig, fit
+
+
+def _points(truth: StepTimeProfile, noise: float = 0.0, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    pts = []
+    for q in (32, 128, 512, 2048):
+        for c in (0, 512, 1536):
+            a = prefill_attn_pairs(q, c)
+            pts.append({"kind": "prefill", "P": q, "A": a, "D": 0, "C": 0})
+    for b in (1, 4, 16):
+        for L in (64, 512, 1536):
+            for j in range(1, 5):
+                pts.append({"kind": "decode", "P": 0, "A": 0.0, "D": b, "C": b * (L + j)})
+    for p in pts:
+        t = truth.step_time(p["P"], p["A"], p["D"], p["C"])
+        p["t"] = t * (1 + rng.uniform(-noise, noise))
+    return pts
+
+
+TRUTH = StepTimeProfile(name="t", model="m", gpu="g", step_overhead_s=2e-3, prefill_token_s=3e-6, decode_seq_s=5e-5,
+                        prefill_attn_pair_s=1e-10, decode_ctx_token_s=2e-8, kv_bytes_per_token=1, weights_bytes=0,
+                        gpu_mem_bytes=0)
+
+
+def test_fit_recovers_known_coefficients():
+    coef, err, mape = fit(_points(TRUTH))
+    for k in TERMS:
+        assert coef[k] == pytest.approx(getattr(TRUTH, k), rel=1e-6), k
+    assert mape["all"] < 1e-9
+
+
+def test_fit_with_noise_reports_errors_and_keeps_terms_non_negative():
+    truth = StepTimeProfile(**{**TRUTH.to_json(), "decode_ctx_token_s": 0.0})
+    coef, err, mape = fit(_points(truth, noise=0.05, seed=1))
+    assert all(v >= 0 for v in coef.values())
+    assert coef["step_overhead_s"] == pytest.approx(2e-3, rel=0.1)
+    assert 0 < mape["all"] < 0.05 and set(mape) == {"prefill", "decode", "all"}
+    assert all(e >= 0 for e in err.values()) and err["step_overhead_s"] > 0
+
+
+def test_prefix_lengths_must_be_whole_blocks():
+    with pytest.raises(ValueError, match="multiple of --block-size 32"):
+        CalibrationConfig(prefill_c=(0, 100))
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (pip install -e '.[vllm]'); CI installs it")
+def test_calibrated_profile_is_measured_and_cwsim_runs_with_it(tmp_path):
+    from cwsim.runner import simulate
+    from cwsim.config import SimConfig
+    from cwsim.steptime import load_profile
+    from replay.calibrate import calibrate
+    from replay.tiny_model import build_tiny_model
+    from tests.oracle_workloads import agent_sessions
+    from traces.format import Trace
+
+    model = build_tiny_model(tmp_path / "tiny-llama")
+    cfg = CalibrationConfig(prefill_q=(32, 512), prefill_c=(0, 512), decode_b=(1, 8), decode_l=(64, 512),
+                            decode_steps=3, repeats=1, kv_blocks=256, model=str(model))
+    path = tmp_path / "measured.json"
+    prof = calibrate(cfg, path)
+    loaded = load_profile(path)
+    assert loaded == prof and loaded.source.startswith("measured on ")
+    # timings on a shared machine are noisy: the fit's terms are not checked, only that it is one
+    assert sum(getattr(loaded, k) for k in TERMS) > 0 and loaded.kv_bytes_per_token == 2 * 2 * 2 * 32 * 2
+    d = json.loads(path.read_text())
+    assert len(d["_fit"]["points"]) == 4 + 4 * 3 and set(d["_fit"]["stderr"]) == set(TERMS)
+    assert all(p["t"] > 0 for p in d["_fit"]["points"])
+    res = simulate(Trace(agent_sessions(2, 3, 0), source="t"), SimConfig(profile=str(path), kv_blocks=64, agents=2))
+    assert res.summary["profile"] == prof.name and res.summary["makespan_s"] > 0

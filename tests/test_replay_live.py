@@ -1,0 +1,249 @@
+"""The live replay against a real vLLM 0.32 server started by ``replay.server.start_server``.
+
+One server serves the first tests; the kill test kills it and resumes on a
+fresh one, which the last test uses. Needs vLLM (``pip install -e '.[vllm]'``;
+CI installs it); about 3 minutes on 2 cores, most of it two server starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import threading
+import time
+
+import pytest
+
+from tests.oracle_workloads import agent_sessions
+from traces.format import Trace
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vLLM is not installed (pip install -e '.[vllm]'); CI installs it"),
+]
+
+#: a pool of 47 usable blocks of 32 tokens against 4 agents of prompts up to ~800 tokens: heavy pressure
+SERVER = dict(kv_blocks=48, block_size=32, max_num_seqs=8, max_num_batched_tokens=512)
+
+
+def _trace(seed=3) -> Trace:
+    return Trace(agent_sessions(6, 5, seed, system=64), source=f"agent-like seed {seed}")
+
+
+class _Servers:
+    """The module's servers: ``current`` is started on first use and replaced by ``fresh()``."""
+
+    def __init__(self, root, model):
+        self.root, self.model, self.n, self._current = root, model, 0, None
+
+    @property
+    def current(self):
+        if self._current is None or not self._current.alive():
+            self.fresh()
+        return self._current
+
+    def fresh(self):
+        from replay.server import ServerConfig, start_server
+
+        if self._current is not None:
+            self._current.stop()
+        self.n += 1
+        self._current = start_server(ServerConfig(model=self.model, **SERVER), self.root / f"s{self.n}")
+        return self._current
+
+    def close(self):
+        if self._current is not None:
+            self._current.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    from replay.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("srv")
+    s = _Servers(root, str(build_tiny_model(root / "tiny-llama")))
+    yield s
+    s.close()
+
+
+class _Counter:
+    """The test's own subscriber: every BlockRemoved hash the server publishes while it listens."""
+
+    def __init__(self, endpoint):
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(endpoint)
+        self.seqs, self.removed, self._stop = [], [], False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        time.sleep(0.3)
+
+    def _run(self):
+        import msgspec
+
+        while not self._stop:
+            if self.sock.poll(100):
+                _, seq, payload = self.sock.recv_multipart()
+                self.seqs.append(int.from_bytes(seq, "big"))
+                for ev in msgspec.msgpack.decode(payload)[1]:
+                    if ev["type"] == "BlockRemoved":
+                        self.removed += ev["block_hashes"]
+
+    def stop(self):
+        time.sleep(0.5)
+        self._stop = True
+        self.thread.join()
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _metrics(url):
+    import httpx
+
+    from replay.server_metrics import parse_metrics
+
+    return parse_metrics(httpx.get(f"{url}/metrics").text)
+
+
+def _config(server, **kw):
+    from replay.live import LiveConfig
+
+    return LiveConfig(server=server.url, events=server.events, events_replay=server.events_replay,
+                      time_scale=kw.pop("time_scale", 0.05), agents=4, **kw)
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_replay_under_pressure_counts_every_eviction_and_matches_metrics(servers, tmp_path):
+    from replay.live import run_live
+    from replay.tokens import TokenBook, external_hash, vllm_block_hashes
+
+    srv = servers.current
+    trace = _trace()
+    before = _metrics(srv.url)
+    counter = _Counter(srv.events)
+    try:
+        res = run_live(trace, _config(srv), tmp_path, vocab_size=srv.vocab_size)
+    finally:
+        counter.stop()
+    after = _metrics(srv.url)
+    s = res.summary
+    assert s["source"] == "vllm" and not s["partial"] and s["sessions"] == 6 and s["requests"] == 30
+    # real evictions, every one counted: the test's own subscriber saw the same BlockRemoved hashes
+    assert s["evicted_blocks"] > 0
+    assert s["evicted_blocks"] == len(counter.removed) == len(_csv(tmp_path / "evictions.csv"))
+    assert [int(r["block_hash"]) for r in _csv(tmp_path / "evictions.csv")] == counter.removed
+    # prefix hits: the per-request cached tokens add up to vLLM's own counter
+    reqs = _csv(tmp_path / "requests.csv")
+    assert s["cached_prompt_tokens"] == sum(int(r["cached_tokens"]) for r in reqs) > 0
+    assert s["cached_prompt_tokens"] == after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert s["prompt_tokens"] == after["prompt_tokens"] - before["prompt_tokens"]
+    assert s["preemptions"] == after["preemptions"] - before["preemptions"]
+    assert s["kv_blocks"] == 48 and s["block_size"] == 32
+    # the server's per-request times came back: queue (first scheduled) and first token, in order
+    for r in reqs:
+        sent, sched, first, fin = (float(r[k]) for k in ("sent_s", "first_scheduled_s", "first_token_s", "finish_s"))
+        assert float(r["arrival_s"]) <= sent <= sched <= first <= fin + 1e-3, r
+    from replay.tiny_model import TINY_VOCAB_SIZE
+
+    assert srv.vocab_size == TINY_VOCAB_SIZE
+    # the server saw the trace's token stream: every evicted block is a block of some call's prompt + output
+    book = TokenBook(srv.vocab_size)
+    outputs = {(d["session_id"], d["turn"]): d["tokens"]
+               for d in map(json.loads, (tmp_path / "outputs.jsonl").read_text().splitlines())}
+    ours = set()
+    for sess in trace.sessions:
+        for c in sess.calls:
+            gen = outputs[(sess.session_id, c.turn)]
+            assert len(gen) == c.output_tokens
+            book.record_output(c.output_segment, gen)
+            ours.update(external_hash(h) for h in vllm_block_hashes(book.prompt(c.prompt) + gen, 32))
+    assert set(counter.removed) <= ours
+    # the same run in cwsim, side by side (the mechanics: the unit profile's times are not the server's)
+    from replay.live_compare import compare_live
+
+    c = compare_live(tmp_path, "unit", max_num_seqs=8, max_num_batched_tokens=512)
+    assert c["evicted_blocks"]["real"] == s["evicted_blocks"] and c["evicted_blocks"]["sim"] > 0
+    assert c["calls_compared"] == 30 and c["sessions_compared"] == 6 and c["session_time_mape"] is not None
+    assert (tmp_path / "compare.json").exists() and (tmp_path / "compare_sessions.png").stat().st_size > 0
+
+
+def test_a_killed_server_keeps_finished_sessions_and_resume_finishes(servers, tmp_path):
+    from replay.live import ReplayError, run_live
+
+    srv = servers.current
+    trace = _trace(seed=4)
+    box = {}
+
+    def go():
+        try:
+            box["result"] = run_live(trace, _config(srv, time_scale=0.6), tmp_path, vocab_size=srv.vocab_size)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            box["error"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_csv_or_empty(tmp_path / "sessions.csv")) < 1 and t.is_alive():
+        time.sleep(0.1)
+    srv.kill()
+    t.join(60)
+    assert "error" in box, box
+    err = box["error"]
+    assert isinstance(err, ReplayError) and srv.url in str(err) and "\n" not in str(err)
+    kept = [r["session_id"] for r in _csv(tmp_path / "sessions.csv")]
+    assert 1 <= len(kept) < 6
+    partial = json.loads((tmp_path / "summary.json").read_text())
+    assert partial["partial"] and partial["sessions"] == len(kept) and partial["stopped_by"].startswith("error:")
+
+    fresh = servers.fresh()
+    res = run_live(trace, _config(fresh), tmp_path, resume=True, vocab_size=fresh.vocab_size)
+    s = res.summary
+    assert not s["partial"] and s["sessions"] == 6 and s["requests"] == 30 and s["attempts"] == 2
+    calls = [(r["session_id"], r["turn"]) for r in _csv(tmp_path / "requests.csv")]
+    assert sorted(calls) == sorted((x.session_id, str(c.turn)) for x in trace.sessions for c in x.calls)
+    assert [r["session_id"] for r in _csv(tmp_path / "sessions.csv")][: len(kept)] == kept
+
+
+def _csv_or_empty(path):
+    try:
+        return _csv(path)
+    except (OSError, KeyError):
+        return []
+
+
+def test_a_dropped_event_batch_is_recovered_from_the_servers_replay_endpoint(servers, tmp_path, monkeypatch):
+    from replay.kv_events import EventStream
+    from replay.live import run_live
+
+    srv = servers.current
+    real = EventStream.handle
+    seen = {"n": 0, "dropped": None}
+
+    async def lossy(self, frames):  # lose the third batch on the way, as a slow subscriber would
+        seen["n"] += 1
+        if seen["n"] == 3:
+            seen["dropped"] = int.from_bytes(frames[1], "big")
+            return []
+        return await real(self, frames)
+
+    monkeypatch.setattr(EventStream, "handle", lossy)
+    counter = _Counter(srv.events)
+    try:
+        res = run_live(_trace(seed=5), _config(srv), tmp_path, vocab_size=srv.vocab_size)
+    finally:
+        counter.stop()
+    s = res.summary
+    assert seen["dropped"] is not None
+    assert s["event_gaps_recovered"] >= 1
+    assert s["evicted_blocks"] == len(counter.removed) > 0
+    assert s["event_batches"] == len(counter.seqs)
