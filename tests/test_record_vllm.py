@@ -320,6 +320,36 @@ def _normalised(raw: bytes) -> bytes:
     return re.sub(rb'"created":\s*\d+', b'"created":0', raw)
 
 
+_DELTA_KEYS = ("content", "text", "arguments", "partial_json", "thinking")
+
+
+def _stream_content(raw: bytes):
+    """What a stream carries, whatever its framing: the delta strings joined in order, the non-null
+    finish/stop reasons, the last usage, and the kinds of events."""
+    text, finish, usage, kinds = [], [], None, set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k in _DELTA_KEYS and isinstance(x, str):
+                    text.append(x)
+                elif k in ("finish_reason", "stop_reason") and x is not None:
+                    finish.append(x)
+                elif k != "usage":
+                    walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    for line in _normalised(raw).split(b"\n"):
+        if line.startswith(b"data: {"):
+            e = json.loads(line[6:])
+            kinds.add(e.get("type") or e.get("object"))
+            usage = e.get("usage") or (e.get("message") or {}).get("usage") or usage
+            walk(e)
+    return "".join(text), finish, usage, kinds
+
+
 @pytest.mark.parametrize("path,body", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": TASK}], "max_tokens": 12}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": TASK}], "max_tokens": 12, "stream": True,
@@ -341,8 +371,13 @@ def test_the_client_gets_exactly_what_the_upstream_sent(vllm_url, tmp_path, path
         via = httpx.post(px.url + path, json={**body, "cache_salt": "p" + salt}, timeout=60)
     assert direct.status_code == via.status_code == 200
     assert direct.headers["content-type"] == via.headers["content-type"]
-    a, b = _normalised(via.content).split(b"\n"), _normalised(direct.content).split(b"\n")
-    assert a == b, next((x, y) for x, y in zip(a, b) if x != y)
+    if not body.get("stream"):
+        assert _normalised(via.content) == _normalised(direct.content)
+    else:
+        # vLLM itself frames a stream by timing (a busy server merges tokens into one event), so two
+        # runs differ in where events split; what they carry must agree. (Byte-exact pass-through of
+        # the events is checked against a deterministic upstream in test_record.py.)
+        assert _stream_content(via.content) == _stream_content(direct.content)
     assert load_trace(tmp_path / "t.jsonl").num_calls == 1
 
 
