@@ -114,7 +114,7 @@ def test_block_hashes_are_vllms(tiny_model):
         eng.add("r", prompt, 40)
         stored, generated = [], []
         while eng.has_unfinished():
-            outs, _, batches = eng.step()
+            outs, _, _, batches = eng.step(0.0)
             for o in outs:
                 generated += o.outputs[0].token_ids
             stored += [h for b in batches for e in b.events if type(e).__name__ == "BlockStored" for h in e.block_hashes]
