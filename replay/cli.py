@@ -242,7 +242,7 @@ def compare_cmd(
     """Run a live replay's trace in cwsim (same pool, arrivals, time scale) and print real vs simulated."""
     from replay.live_compare import CompareError, compare_live
 
-    with _bad_input(trace or run_dir, CompareError):
+    with _bad_input(trace, CompareError):
         c = compare_live(run_dir, profile, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          trace=trace)
     pct = lambda x: "n/a" if x is None else f"{100 * x:+.1f}%"  # noqa: E731

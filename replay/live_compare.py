@@ -49,7 +49,8 @@ def _mape(real: pd.Series, sim: pd.Series) -> float | None:
 
 
 def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 trace: str | Path | None = None) -> dict:
+                 trace: str | Path | Trace | None = None) -> dict:
+    """See the module docstring; ``trace``: the trace (or its file) when the recorded path does not hold it."""
     run = Path(run_dir)
     try:
         state = json.loads((run / "run.json").read_text())
@@ -59,7 +60,13 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
     if real.get("partial"):
         raise CompareError(f"{run}: the run is partial ({real.get('stopped_by')}); finish it with --resume first")
     cfg = state["config"]
-    tr = load_trace(trace if trace is not None else state["trace"])
+    if isinstance(trace, Trace):
+        tr = trace
+    else:
+        path = Path(trace if trace is not None else state["trace"])
+        if not path.is_file():
+            raise CompareError(f"{run}: the run's trace {str(path)!r} is not a file here: give --trace")
+        tr = load_trace(path)
     tr = scaled(tr, cfg["time_scale"])
     sim_cfg = SimConfig(policy="vllm", profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -171,7 +171,7 @@ def test_replay_under_pressure_counts_every_eviction_and_matches_metrics(servers
     # the same run in cwsim, side by side (the mechanics: the unit profile's times are not the server's)
     from replay.live_compare import compare_live
 
-    c = compare_live(tmp_path, "unit", max_num_seqs=8, max_num_batched_tokens=512)
+    c = compare_live(tmp_path, "unit", max_num_seqs=8, max_num_batched_tokens=512, trace=trace)
     assert c["evicted_blocks"]["real"] == s["evicted_blocks"] and c["evicted_blocks"]["sim"] > 0
     assert c["calls_compared"] == 30 and c["sessions_compared"] == 6 and c["session_time_mape"] is not None
     assert (tmp_path / "compare.json").exists() and (tmp_path / "compare_sessions.png").stat().st_size > 0

@@ -336,7 +336,10 @@ def test_compare_scales_gaps_and_refuses_a_partial_run(tmp_path):
     assert [c.gap_s for c in t.sessions[0].calls] == [1.0, 1.0] and t.sessions[1].start_s == 10.0
     with pytest.raises(CompareError, match="not a cwreplay run folder"):
         compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
-    (tmp_path / "run.json").write_text(json.dumps({"config": {}}))
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"time_scale": 1.0}, "trace": str(tmp_path / "gone")}))
+    (tmp_path / "summary.json").write_text(json.dumps({"partial": False}))
+    with pytest.raises(CompareError, match="trace .*gone.* is not a file here: give --trace"):
+        compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
     (tmp_path / "summary.json").write_text(json.dumps({"partial": True, "stopped_by": "interrupt"}))
     with pytest.raises(CompareError, match="partial .*--resume"):
         compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
