@@ -100,11 +100,11 @@ def measure(config: CalibrationConfig, engine=None, on_point=None) -> list[dict]
 
     def run_out() -> None:
         while engine.has_unfinished():
-            engine.step()
+            engine.step(0.0)
 
     def timed_step():
         t = time.perf_counter()
-        outs, executed, _ = engine.step()
+        outs, _, _, _ = engine.step(0.0)  # the oracle's clock does not matter here
         return time.perf_counter() - t, outs
 
     points = []
@@ -139,7 +139,7 @@ def measure(config: CalibrationConfig, engine=None, on_point=None) -> list[dict]
                         engine.add(f"d{n[0]}-{i}", fresh(L), config.decode_steps + 1)
                     started: set[str] = set()
                     while len(started) < b:  # prefill steps: not timed
-                        outs, _, _ = engine.step()
+                        outs, _, _, _ = engine.step(0.0)
                         started.update(o.request_id for o in outs if o.outputs[0].token_ids)
                     for j in range(config.decode_steps):
                         t, _ = timed_step()
