@@ -31,20 +31,12 @@ class KVCacheManager:
         max_blocks = (req.num_tokens - 1) // self.block_size
         return self.pool.find_longest_prefix(req.hashes, max_blocks, req.hint)
 
-    def whole_sequence_fits(self, req: Request, hits: np.ndarray, reserve: int = 0) -> bool:
-        """vLLM's full-sequence admission check (``scheduler_reserve_full_isl``): the blocks
-        the request's whole current sequence needs beyond its hits, plus the hits taken out
-        of the free queue, plus ``reserve``, are free."""
-        pool = self.pool
-        need = -(-req.num_tokens // self.block_size) - req.nblk - len(hits)
-        if len(hits):
-            need += int(np.count_nonzero(pool.ref[hits] == 0))
-        return max(need, 0) + reserve <= pool.num_free
-
     def allocate_slots(self, req: Request, num_new_tokens: int, new_computed: np.ndarray | None = None,
-                       reserve: int = 0) -> np.ndarray | None:
+                       reserve: int = 0, full_sequence_must_fit: bool = False) -> np.ndarray | None:
         """Blocks for ``num_new_tokens`` more tokens, or None if the pool cannot hold them
-        (with ``reserve`` blocks left free: vLLM's watermark)."""
+        (with ``reserve`` blocks left free: vLLM's watermark). ``full_sequence_must_fit``
+        (vLLM's admission check, ``scheduler_reserve_full_isl``): also None unless the blocks
+        the request's whole current sequence needs beyond its hits fit."""
         pool, bs = self.pool, self.block_size
         n_hit = 0 if new_computed is None else len(new_computed)
         total = req.num_computed + n_hit * bs + num_new_tokens
@@ -55,8 +47,13 @@ class KVCacheManager:
             n_evictable_hits = int(np.count_nonzero(hit_free))
         else:
             n_evictable_hits = 0
-        if n_new + n_evictable_hits + reserve > pool.num_free and not pool.growable:
-            return None
+        if not pool.growable:
+            if full_sequence_must_fit:
+                need = -(-req.num_tokens // bs) - req.nblk - n_hit
+                if max(need, 0) + n_evictable_hits + reserve > pool.num_free:
+                    return None
+            if n_new + n_evictable_hits + reserve > pool.num_free:
+                return None
         if n_hit:
             pool._touch(new_computed, r, hit_free, n_evictable_hits)  # pool.touch, reusing the counts above
         new = pool.get_new_blocks(n_new) if n_new > 0 else _EMPTY

@@ -484,7 +484,7 @@ class Scheduler:
     def _admit(self, plan: StepPlan, budget: int, now: float, thr: int = 0) -> None:
         kv, policy, waiting, tier = self.kv, self.policy, self.waiting, self.cpu_tier
         bs = kv.block_size
-        full, wm = self.reserve_full_isl and not kv.pool.growable, self.watermark_blocks
+        full, wm = self.reserve_full_isl, self.watermark_blocks
         if policy.static or len(waiting) > getattr(policy, "max_queue", len(waiting)):
             order = waiting
         else:
@@ -500,15 +500,13 @@ class Scheduler:
                 continue
             hits, hit_tokens = kv.get_computed_blocks(req)
             reserve = wm if self.running else 0  # vLLM: the watermark only while something is scheduled
-            if full and not kv.whole_sequence_fits(req, hits, reserve):
-                break
             if tier is None:
                 n_new = req.num_tokens - hit_tokens
                 if 0 < thr < n_new:
                     n_new = thr
                 if n_new > budget:
                     n_new = budget
-                if kv.allocate_slots(req, n_new, hits, reserve) is None:
+                if kv.allocate_slots(req, n_new, hits, reserve, full) is None:
                     break
                 req.num_computed = hit_tokens
                 self.metrics.on_admit(req, hit_tokens, now)
@@ -521,7 +519,7 @@ class Scheduler:
                     n_new = thr
                 if n_new > budget:
                     n_new = budget
-                if kv.allocate_slots(req, swap_tokens + n_new, hits, reserve) is None:
+                if kv.allocate_slots(req, swap_tokens + n_new, hits, reserve, full) is None:
                     break
                 req.num_computed = hit_tokens + swap_tokens
                 if n_swap:
