@@ -28,20 +28,17 @@ The policy is one invariant over one data structure:
 With the default policy (score 0 for every block) this is exactly vLLM's LRU
 order, which ``tests/test_block_pool_vllm.py`` pins with vLLM's own cases.
 
-Implementation: the queue is a heap of *runs*, one run per release (or per
-equal-score stretch of a release), each a numpy array of block ids. Taking a
-block out of the middle of the queue (a prefix hit) only marks it
-(``run_of[b] = -1``); stale entries are skipped when the run reaches the front
-and runs are compacted when mostly stale. So touching or freeing a whole
-20k-token prompt is a handful of vectorised numpy operations, not a Python loop
-per block. Only evictions (hash-map updates) are per block, and allocating or
-caching a few blocks (up to ``_SMALL``, the decode steps) takes scalar steps,
-where numpy's per-call overhead would cost more than the work.
+The queue is its own class (``cwsim.free_queue.FreeBlockQueue``, vLLM's
+queue surface over block ids); the pool keeps the blocks' reference counts,
+hashes and the hash map, as vLLM's ``BlockPool`` does. Only evictions
+(hash-map updates) are per block; touching or freeing a whole 20k-token prompt
+is a handful of vectorised numpy operations, and allocating or caching a few
+blocks (up to ``_SMALL``, the decode steps) takes scalar steps, where numpy's
+per-call overhead would cost more than the work.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,8 +48,7 @@ import numpy as np
 NULL_BLOCK = 0
 _consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
-_COMPACT_MIN = 256
-_SMALL = 7  # up to this many blocks, allocation takes scalar steps (numpy's per-call overhead dominates)
+from cwsim.free_queue import SMALL as _SMALL, FreeBlockQueue
 # count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays.
 # It returns a numpy integer: convert before keeping a count (counters stay Python ints).
 try:  # the C function itself, without np.count_nonzero's Python wrapper (axis/keepdims handling)
@@ -82,17 +78,6 @@ class FreedBlocks:
     seq: int = -1
 
 
-class _Run:
-    __slots__ = ("key", "rid", "ids", "start", "live")
-
-    def __init__(self, key: tuple, rid: int, ids: np.ndarray):
-        self.key = key
-        self.rid = rid
-        self.ids = ids
-        self.start = 0
-        self.live = len(ids)
-
-
 class BlockPool:
     """A pool of ``num_blocks`` KV blocks (block 0 is the null block).
 
@@ -120,134 +105,29 @@ class BlockPool:
         self.ref = np.zeros(num_blocks, dtype=np.int32)
         self.has_hash = np.zeros(num_blocks, dtype=bool)
         self.hash_of = np.zeros(num_blocks, dtype=np.int64)
-        self.run_of = np.full(num_blocks, -1, dtype=np.int64)
         # canonical[b]: b is the block that lookups of its hash return;
         # gen[b]: bumped each time b is evicted (so a remembered block can be re-checked)
         self.canonical = np.zeros(num_blocks, dtype=bool)
         self.gen = np.zeros(num_blocks, dtype=np.int64)
         self.cached: dict[int, int] = {}
         self._dups: dict[int, list[int]] = {}
-        self._runs: dict[int, _Run] = {}
-        self._heap: list[tuple[tuple, int]] = []
-        self._next_rid = 0
-        self._seq = 0
-        self.num_free = 0
         self.num_free_hashed = 0
         self.num_evicted = 0
         self.peak_in_use = 0  # most blocks in use at once (null block excluded)
-        self._push_run((0, 0.0, 0), np.arange(1, num_blocks, dtype=np.int64))
+        #: the free blocks in reuse order; every block but the null block starts free, in id order
+        self.queue = FreeBlockQueue(num_blocks, np.arange(1, num_blocks, dtype=np.int64))
         self.ref[NULL_BLOCK] = 1  # never freed, never in the queue
 
     # ----------------------------------------------------------------- queue
-    def _push_run(self, key: tuple, ids: np.ndarray) -> None:
-        rid = self._next_rid
-        self._next_rid += 1
-        run = _Run(key, rid, ids)
-        self._runs[rid] = run
-        self.run_of[ids] = rid
-        self.num_free += len(ids)
-        heapq.heappush(self._heap, (key, rid))
+    @property
+    def num_free(self) -> int:
+        """Free blocks (the queue's length)."""
+        return self.queue.num_free_blocks
 
     def _leave_queue(self, blocks: np.ndarray) -> None:
-        """Take free blocks out of their runs (they become in use)."""
-        run_of = self.run_of
-        rids = run_of[blocks]
-        run_of[blocks] = -1
-        n = len(blocks)
-        self.num_free -= n
-        self.num_free_hashed -= n  # only cached blocks can be hit
-        r0 = rids.item(0)
-        if r0 == rids.item(-1) and (n <= 2 or not _cnz(rids != r0)):
-            groups = ((r0, n),)
-        else:
-            uniq, counts = np.unique(rids, return_counts=True)
-            groups = zip(uniq.tolist(), counts.tolist())
-        for rid, cnt in groups:
-            run = self._runs[rid]
-            run.live -= cnt
-            if run.live == 0:
-                del self._runs[rid]
-            elif len(run.ids) - run.start > _COMPACT_MIN and run.live * 4 < len(run.ids) - run.start:
-                seg = run.ids[run.start :]
-                run.ids = seg[run_of[seg] == rid]
-                run.start = 0
-        if len(self._heap) > 2 * len(self._runs) + 64:
-            self._heap = [(r.key, r.rid) for r in self._runs.values()]
-            heapq.heapify(self._heap)
-
-    def _front_run(self) -> _Run:
-        """The run at the front of the queue (dead heap entries are dropped on the way)."""
-        heap, runs = self._heap, self._runs
-        while True:
-            run = runs.get(heap[0][1])
-            if run is not None:
-                return run
-            heapq.heappop(heap)
-
-    def _advance(self, run: _Run, start: int, live: int) -> None:
-        """The front ``run`` after taking blocks: it starts at ``start`` with ``live`` left, or is gone."""
-        if live:
-            run.start = start
-            run.live = live
-        else:
-            heapq.heappop(self._heap)
-            del self._runs[run.rid]
-
-    def _pop_front_small(self, n: int) -> list[int]:
-        """``_pop_front`` in scalar steps, as a list: for a few blocks (decode steps)."""
-        run_of = self.run_of
-        out: list[int] = []
-        need = n
-        while need:
-            run = self._front_run()
-            rid, ids, start, live = run.rid, run.ids, run.start, run.live
-            take = need if need < live else live
-            for _ in range(take):
-                b = ids.item(start)
-                start += 1
-                while run_of.item(b) != rid:  # stale: left the run since
-                    b = ids.item(start)
-                    start += 1
-                run_of[b] = -1
-                out.append(b)
-            need -= take
-            self._advance(run, start, live - take)
-        self.num_free -= n
-        return out
-
-    def _pop_front(self, n: int) -> np.ndarray:
-        """The first ``n`` free blocks in queue order, taken out of the queue."""
-        run_of = self.run_of
-        out: list[np.ndarray] = []
-        need = n
-        while need:
-            run = self._front_run()
-            rid, ids, start, live = run.rid, run.ids, run.start, run.live
-            take = need if need < live else live
-            seg = ids[start : start + take]
-            if _cnz(run_of[seg] == rid) == take:  # the common case: no stale entries among the next ``take``
-                out.append(seg)
-                start += take
-            else:
-                left = take
-                while left:
-                    width = min(len(ids) - start, max(2 * left, 64))
-                    seg = ids[start : start + width]
-                    valid = (run_of[seg] == rid).nonzero()[0]
-                    if len(valid) > left:
-                        valid = valid[:left]
-                        start += valid.item(-1) + 1
-                    else:
-                        start += width
-                    if len(valid):
-                        out.append(seg[valid])
-                        left -= len(valid)
-            need -= take
-            self._advance(run, start, live - take)
-        blocks = out[0].copy() if len(out) == 1 else np.concatenate(out)
-        run_of[blocks] = -1
-        self.num_free -= n
-        return blocks
+        """Take free cached blocks out of the queue (they become in use)."""
+        self.queue.remove(blocks)
+        self.num_free_hashed -= len(blocks)  # only cached blocks can be hit
 
     def _deref(self, blocks: np.ndarray) -> np.ndarray:
         """Drop one reference from each of ``blocks`` (distinct ids); their new ref counts."""
@@ -276,8 +156,7 @@ class BlockPool:
         hashed = self.has_hash[freed]
         n_h = int(_cnz(hashed))
         if n_h < n_freed:
-            self._seq += 1
-            self._push_run((0, 0.0, -self._seq), freed[~hashed])
+            self.queue.prepend_n(freed[~hashed])
             if n_h == 0:
                 return
             freed_h = freed[hashed]
@@ -285,35 +164,24 @@ class BlockPool:
             freed_h = freed
         self.num_free_hashed += n_h
         if self.score_fn is None:  # score 0 for every block: one run
-            self._seq += 1
-            self._push_run((1, 0.0, self._seq), freed_h)
+            self.queue.append_n(freed_h)
             return
         positions = np.arange(n - 1, -1, -1) if tail_first else np.arange(n)
         pos = positions if all_freed else positions[freed_mask]
         if n_h < n_freed:
             pos = pos[hashed]
-        score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason, self._seq + 1))
-        if np.ndim(score) == 0:
-            self._seq += 1
-            self._push_run((1, float(score), self._seq), freed_h)
-            return
-        score = np.asarray(score, dtype=np.float64)
-        # one run per stretch of equal score, keeping the release order inside
-        cuts = (score[1:] != score[:-1]).nonzero()[0] + 1
-        bounds = [0, *cuts.tolist(), len(score)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            self._seq += 1
-            self._push_run((1, float(score[a]), self._seq), freed_h[a:b])
+        score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason,
+                                          self.queue.next_seq))
+        self.queue.append_n(freed_h, score)
 
     # ------------------------------------------------------------ public API
     def in_release(self, blocks: np.ndarray, seq: int) -> np.ndarray:
         """Which of ``blocks`` are still free in the run(s) keyed with release ``seq``."""
-        rids = self.run_of[blocks]
-        out = np.zeros(len(blocks), dtype=bool)
-        for rid in np.unique(rids[rids >= 0]).tolist():
-            if self._runs[rid].key[2] == seq:
-                out |= rids == rid
-        return out
+        return self.queue.in_release(blocks, seq)
+
+    def is_free(self, blocks: np.ndarray) -> np.ndarray:
+        """Per block: is it in the free queue (``ref == 0``)."""
+        return self.queue.is_free(blocks)
 
     def get_num_free_blocks(self) -> int:
         return self.num_free
@@ -387,9 +255,9 @@ class BlockPool:
         if n > self.num_free:
             raise ValueError(f"cannot get {n} free blocks from the pool ({self.num_free} free)")
         if n > _SMALL:
-            blocks = self._pop_front(n)
+            blocks = self.queue.popleft_n(n)
         else:
-            got = self._pop_front_small(n)
+            got = self.queue.popleft_small(n)
         in_use = self.num_blocks - 1 - self.num_free
         if in_use > self.peak_in_use:
             self.peak_in_use = in_use
@@ -545,8 +413,7 @@ class BlockPool:
         hashed = freed[self.has_hash[freed]]
         if len(hashed):
             self._unhash(hashed)
-        self._seq += 1
-        self._push_run((0, 0.0, -self._seq), freed.copy())
+        self.queue.prepend_n(freed.copy())
         return len(freed)
 
     def requeue(self, blocks: np.ndarray, score: float, seq: int) -> None:
@@ -561,15 +428,7 @@ class BlockPool:
         blocks = np.asarray(blocks, dtype=np.int64)
         if len(blocks) == 0:
             return
-        moving = blocks[(self.run_of[blocks] >= 0) & self.has_hash[blocks]]
-        if len(moving) == 0:
-            return
-        _, first = np.unique(moving, return_index=True)
-        if len(first) < len(moving):
-            moving = moving[np.sort(first)]
-        self._leave_queue(moving)  # counts them out of num_free and num_free_hashed ...
-        self.num_free_hashed += len(moving)  # ... and they stay free and cached
-        self._push_run((1, float(score), int(seq)), moving.copy())
+        self.queue.requeue(blocks[self.has_hash[blocks]], score, seq)  # they stay free and cached
 
     def _ensure_unhashed_free(self, n: int) -> None:
         """Growable pools add blocks rather than evict a cached one."""
@@ -582,35 +441,29 @@ class BlockPool:
         self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
         self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
         self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
-        self.run_of = np.concatenate([self.run_of, np.full(grow, -1, dtype=np.int64)])
+        self.queue.grow(new)
         self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
         self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
         self.num_blocks = new
         # new blocks are unhashed and go to the very front, in id order
-        self._seq += 1
-        self._push_run((0, 0.0, -self._seq), np.arange(old, new, dtype=np.int64))
+        self.queue.prepend_n(np.arange(old, new, dtype=np.int64))
 
     # ------------------------------------------------------------- inspection
     def free_block_ids(self) -> list[int]:
         """All free blocks in queue order (front = next to be allocated)."""
-        out: list[int] = []
-        for key, rid in sorted((r.key, r.rid) for r in self._runs.values()):
-            run = self._runs[rid]
-            seg = run.ids[run.start :]
-            out.extend(seg[self.run_of[seg] == rid].tolist())
-        return out
+        return self.queue.get_all_free_blocks()
 
     def check_invariants(self) -> None:
         """O(num_blocks) consistency check, for tests."""
-        ref, run_of = self.ref, self.run_of
-        assert ref[NULL_BLOCK] >= 1 and run_of[NULL_BLOCK] == -1, "null block must never be free"
+        ref = self.ref
+        self.queue.check_invariants()
+        assert ref[NULL_BLOCK] >= 1 and not self.queue.is_free(np.array([NULL_BLOCK]))[0], "null block must never be free"
         assert (ref >= 0).all(), "negative ref count"
         order = self.free_block_ids()
         assert len(order) == len(set(order)) == self.num_free, "free queue holds a block twice or count drifted"
         free_mask = np.zeros(self.num_blocks, dtype=bool)
         free_mask[order] = True
         assert ((ref == 0) == free_mask)[1:].all(), "free queue must hold exactly the blocks with ref 0"
-        assert ((run_of >= 0) == free_mask).all(), "run membership disagrees with the free queue"
         for h, b in self.cached.items():
             assert self.has_hash[b] and self.hash_of[b] == h, "hash map points at a block without that hash"
         assert int(self.canonical.sum()) == len(self.cached), "canonical flags disagree with the hash map"

@@ -263,7 +263,7 @@ class CpuTier:
 
     def _start_offload(self, job: _Offload) -> None:
         pool, b = self.pool, job.blocks
-        ok = (pool.run_of[b] >= 0) & pool.has_hash[b] & (pool.gen[b] == job.gens)
+        ok = pool.is_free(b) & pool.has_hash[b] & (pool.gen[b] == job.gens)
         if not ok.all():
             job.blocks = b = b[ok]
             job.hashes = pool.hash_of[b].tolist()

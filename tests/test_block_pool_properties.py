@@ -542,12 +542,12 @@ def test_large_run_compaction(mode):
         chain_idx = len(drv.chains) - 1
         table = drv.requests[sorted(drv.requests)[-1]]["blocks"]
         drv.apply(("finish", 0, 0, len(drv.requests) - 1, 0))
-        tail_run = pool._runs[int(pool.run_of[table[-1]])]
+        tail_run = pool.queue._runs[int(pool.queue.run_of[table[-1]])]
         size_before = len(tail_run.ids) - tail_run.start
         # hit 500 of the 600 blocks (several times, from several requests)
         for d in (2, 4, 8):  # d even: no max_blocks cut; d=2: with the chain's hint
             drv.apply(("hit", 500, 0, chain_idx, d))
-        if pool.run_of[table[-1]] >= 0:
+        if pool.queue.run_of[table[-1]] >= 0:
             compacted |= len(tail_run.ids) - tail_run.start < size_before
         # release the hitting requests again, then re-hit everything
         for _ in range(3):
@@ -575,9 +575,9 @@ def test_heap_rebuild_after_many_dead_runs(mode):
         drv.apply(("alloc", 2, 0, 0, 0))
         _cache_all(drv, len(drv.requests) - 1, i, fresh=True)
         drv.apply(("finish", 0, 0, len(drv.requests) - 1, 0))
-        heap_before = len(pool._heap)
+        heap_before = len(pool.queue._heap)
         drv.apply(("hit", 2, 0, len(drv.chains) - 1, 2))
-        rebuilt |= len(pool._heap) < heap_before
+        rebuilt |= len(pool.queue._heap) < heap_before
     while len(drv.requests) > n_before:
         drv.apply(("finish", 0, 0, len(drv.requests) - 1, 0))
     assert rebuilt
