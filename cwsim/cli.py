@@ -346,7 +346,8 @@ def analyze(
     profile: str = typer.Option(_D.profile, "--profile", help="Step-time profile for the timing of the working set."),
 ) -> None:
     """Workload analysis: prefix reuse, tool times, gaps, KV working set; writes analysis.json and figures."""
-    from traces.analysis import analyze as run_analysis, write_analysis
+    from cwsim.analysis import analyze as run_analysis
+    from traces.analysis import write_analysis
 
     if trace_arg is not None and trace is not None and trace_arg != trace:
         fail(f"--trace: give the trace once (got {trace_arg} and --trace {trace})")
@@ -385,8 +386,10 @@ def synth(
     output: Path = _out_option(..., "Output trace (.jsonl or .jsonl.gz); its folder is made if needed."),
     model_out: Optional[Path] = typer.Option(None, "--model-out", help="Also save the fitted model (JSON)."),
     check_sessions: int = typer.Option(1000, "--check-sessions", min=0, help="Closeness report on the first N synthetic sessions (0: none)."),
+    working_set: bool = typer.Option(False, "--working-set", metavar="", help="Closeness of the KV working set too (simulates both traces; slow)."),
 ) -> None:
     """Fit a workload model to a real trace and sample new sessions like it; report how close they are."""
+    from cwsim.analysis import analyze as analyze_simulated
     from traces.reader import write_trace
     from traces.synth import closeness, fit, format_closeness, iter_sessions, synthetic_header, synthetic_trace
 
@@ -415,7 +418,9 @@ def synth(
         console.print(f"wrote {sessions} synthetic sessions, {n} calls to {output}", markup=False)
         if check_sessions > 0:
             k = min(check_sessions, sessions)
-            Console().print(format_closeness(closeness(real, synthetic_trace(model, k, seed))), markup=False)
+            report = closeness(real, synthetic_trace(model, k, seed),
+                               analyze=analyze_simulated if working_set else None)  # None: without the working set
+            Console().print(format_closeness(report), markup=False)
 
 
 # ------------------------------------------------------------------------------ listings

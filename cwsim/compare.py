@@ -5,7 +5,7 @@ What it runs
     ``--agents`` concurrent sessions (default 16), and a KV pool of
     ``ceil(peak / pressure) + 1`` blocks (the ``+ 1`` is vLLM's null block),
     where ``peak`` is the trace's peak KV working set in blocks under the same
-    number of agents (``traces.analysis.analyze(trace)["kv_working_set"]
+    number of agents (``cwsim.analysis.analyze(trace)["kv_working_set"]
     ["peak_blocks"]``, computed once per trace and cached in
     ``OUT/working_set.json``). Pressure 1 means the pool just holds the working
     set, pressure 4 that the working set is 4x the pool. Policies default to
@@ -65,11 +65,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cwsim.analysis import analyze
 from cwsim.config import SimConfig
 from cwsim.runner import REPO
 from cwsim.policies.registry import POLICIES
 from cwsim.runner import DEFAULT_TRACE, simulate
-from traces.analysis import analyze
 from traces.format import Trace
 from traces.reader import load_trace
 

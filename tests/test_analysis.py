@@ -1,4 +1,5 @@
-"""traces.analysis: every number of a tiny hand-made trace, and the bundled real trace."""
+"""traces.analysis and cwsim.analysis (its simulated KV working set): every number of a tiny
+hand-made trace, and the bundled real trace."""
 
 import json
 import math
@@ -6,13 +7,15 @@ import math
 import pandas as pd
 import pytest
 
+import cwsim.sequences
+import traces.analysis
+from cwsim.analysis import analyze, working_set_inputs
 from cwsim.runner import DEFAULT_TRACE
 from traces.analysis import (
-    analyze,
     call_table,
     compare,
+    make_figures,
     session_first_prompt_shares,
-    shared_tokens,
     stats,
     summary_scalars,
     working_set,
@@ -20,6 +23,7 @@ from traces.analysis import (
 )
 from traces.format import Call, Session, ToolCall, Trace
 from traces.reader import load_trace
+from traces.sequences import common_prefix_len, shared_tokens
 
 TOP_KEYS = {
     "sessions", "calls", "calls_per_session", "prompt_tokens", "output_tokens", "gap_s", "new_tokens_per_call",
@@ -64,6 +68,11 @@ def test_shared_tokens_follows_the_token_identity_rule():
     assert shared_tokens((("a", 10), ("ctx", 300)), (("a", 10), ("ctx", 1000))) == 310
     assert shared_tokens((("a", 10), ("ctx", 300), ("x", 5)), (("a", 10), ("ctx", 300), ("x", 5))) == 315
     assert shared_tokens((("a", 10),), (("b", 10),)) == 0
+
+
+def test_cwsim_sequences_are_the_traces_helpers():
+    assert cwsim.sequences.shared_tokens is shared_tokens
+    assert cwsim.sequences.common_prefix_len is common_prefix_len
 
 
 def test_stats_by_hand():
@@ -166,6 +175,25 @@ def test_working_set_sweep_by_hand():
     assert ws["peak_blocks"] == 7
     assert ws["mean_blocks"] == pytest.approx((4 * 5 + 5 * 5 + 7 * 15 + 6 * 5 + 2 * 10) / 40)
     assert ws["time_over_pool_share"] == pytest.approx(15 / 40)  # 7 > 6 on [10, 25)
+
+
+def test_traces_analysis_takes_the_working_set_inputs_from_the_caller(tiny):
+    trace = tiny_trace()
+    plain = traces.analysis.analyze(trace)
+    assert plain["kv_working_set"] is None
+    assert {k: v for k, v in plain.items() if k != "kv_working_set"} == \
+        {k: v for k, v in tiny.items() if k != "kv_working_set"}
+    inputs = working_set_inputs(trace, block_size=16, pool_blocks=6, agents=2)
+    assert (inputs.block_size, inputs.pool_blocks) == (16, 6)
+    assert traces.analysis.analyze(trace, working_set_inputs=inputs) == tiny
+    assert analyze(trace, block_size=16, pool_blocks=6, agents=2, working_set=False) == plain
+    assert "kv_working_set" not in make_figures(plain, trace)
+
+
+def test_empty_trace_is_refused_before_any_simulation():
+    for run in (traces.analysis.analyze, analyze):
+        with pytest.raises(ValueError, match="no sessions"):
+            run(Trace([]))
 
 
 def test_compare_is_zero_on_itself_and_relative(tiny):

@@ -89,6 +89,18 @@ def test_synth_writes_a_loadable_trace(tmp_path):
     assert len(trace.sessions) == 5 and trace.header["synthetic"] is True
 
 
+def test_synth_closeness_with_the_working_set(tmp_path):
+    from tests.conftest import agent_trace
+    from traces.reader import write_trace
+
+    src = tmp_path / "t.jsonl"
+    write_trace(src, agent_trace(n_sessions=3, turns=3).calls())
+    res = runner.invoke(app, ["synth", "--like", str(src), "--sessions", "3", "-o", str(tmp_path / "s.jsonl"),
+                              "--working-set"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "closeness (cwsim.analysis.analyze)" in res.output and "kv_working_set.peak_blocks" in res.output
+
+
 def test_version_and_help_read_cleanly():
     from importlib.metadata import version
 

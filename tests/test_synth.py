@@ -168,6 +168,20 @@ def test_closeness(real, synth):
     assert "calls_per_session.median" in table and "tool_mix.grep" in table
 
 
+def test_closeness_with_the_simulated_working_set():
+    from cwsim.analysis import analyze
+
+    real, synth = agent_trace(n_sessions=4, turns=4, seed=0), agent_trace(n_sessions=4, turns=4, seed=1)
+    plain = closeness(real, synth)
+    assert plain["analysis"] == "traces.analysis.analyze"
+    assert not any(k.startswith("kv_working_set.") for k in plain["stats"])
+    rep = closeness(real, synth, analyze=analyze)
+    assert rep["analysis"] == "cwsim.analysis.analyze"
+    peak = rep["stats"]["kv_working_set.peak_blocks"]
+    assert peak["real"] > 0 and peak["synthetic"] > 0
+    assert {k: v for k, v in rep["stats"].items() if not k.startswith("kv_working_set.")} == plain["stats"]
+
+
 def test_fit_plain_trace_without_times_or_submit():
     model = fit(agent_trace(n_sessions=6, turns=5))
     assert model.terminal is None and model.latency_s is None and model.interarrival_s is None

@@ -50,45 +50,51 @@ p10, p90, p99, max}`` (numpy's linear-interpolation percentiles; all but
 ``kv_working_set``
     ``pool_blocks``, ``block_size``, ``peak_blocks``, ``mean_blocks``,
     ``time_over_pool_share``, ``series``: the distinct KV blocks that the
-    active sessions' current contexts need over simulated time. The timing
-    comes from ``cwsim`` simulating the trace with the ``infinite`` policy
-    (no eviction, so no eviction distorts it) and ``agents`` concurrent
-    sessions. From a call's arrival until the session's next arrival (or the
-    session's end) the session holds ``ceil((prompt + output) / block_size)``
-    blocks; full blocks of a prefix that active sessions share across
-    sessions (the system prompt) are counted once. ``mean_blocks`` is
-    time-weighted over the simulated span, ``time_over_pool_share`` is the
-    share of that span with more blocks than ``pool_blocks`` (default: what
-    the simulator gives the profile's GPU). ``series`` is ``[t_s, blocks]``
-    points of the step function (value from ``t_s`` on); with more than 500
-    steps it is cut into 500 equal time bins, each point giving the bin's
-    start and its *maximum*, so the peak survives the downsampling.
+    active sessions' current contexts need over simulated time, or ``None``
+    when ``analyze`` is given no :class:`WorkingSetInputs`. The timing comes
+    from outside this package: ``cwsim.analysis.analyze`` simulates the trace
+    with the ``infinite`` policy (no eviction, so no eviction distorts it) and
+    ``agents`` concurrent sessions and passes the simulator's request and
+    session tables in. From a call's arrival until the session's next arrival
+    (or the session's end) the session holds
+    ``ceil((prompt + output) / block_size)`` blocks; full blocks of a prefix
+    that active sessions share across sessions (the system prompt) are
+    counted once. ``mean_blocks`` is time-weighted over the simulated span,
+    ``time_over_pool_share`` is the share of that span with more blocks than
+    ``pool_blocks`` (``cwsim.analysis``'s default: what the simulator gives
+    the profile's GPU). ``series`` is ``[t_s, blocks]`` points of the step
+    function (value from ``t_s`` on); with more than 500 steps it is cut into
+    500 equal time bins, each point giving the bin's start and its *maximum*,
+    so the peak survives the downsampling.
+
+This module runs no simulation and imports nothing from ``cwsim``: the
+simulator-backed entry point is ``cwsim.analysis.analyze``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from cwsim.sequences import shared_tokens
 from traces.files import atomic_write_text, ensure_folder
 from traces.format import Trace
+from traces.sequences import shared_tokens
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "WorkingSetInputs",
     "analyze",
     "call_table",
     "compare",
-    "default_pool_blocks",
     "make_figures",
     "plot_calls_per_session",
     "plot_gaps_ecdf",
@@ -98,7 +104,6 @@ __all__ = [
     "plot_prompt_growth",
     "plot_tool_durations",
     "session_first_prompt_shares",
-    "shared_tokens",
     "stats",
     "summary_scalars",
     "tool_table",
@@ -208,6 +213,22 @@ def tool_table(trace: Trace) -> pd.DataFrame:
 
 
 # -------------------------------------------------------------- working set
+@dataclass(frozen=True)
+class WorkingSetInputs:
+    """What ``kv_working_set`` needs beyond the trace, supplied by the caller.
+
+    ``requests`` and ``sessions`` are the simulated times that
+    :func:`working_set` reads (e.g. the ``requests.csv`` / ``sessions.csv``
+    of an ``infinite``-policy run of the trace); ``block_size`` is the
+    tokens per KV block, ``pool_blocks`` the pool to compare against.
+    """
+
+    requests: pd.DataFrame
+    sessions: pd.DataFrame
+    block_size: int
+    pool_blocks: int
+
+
 def working_set(calls: pd.DataFrame, requests: pd.DataFrame, sessions: pd.DataFrame, trace: Trace, *,
                 block_size: int, pool_blocks: int) -> dict:
     """The ``kv_working_set`` dict from simulated times.
@@ -341,42 +362,16 @@ def working_set(calls: pd.DataFrame, requests: pd.DataFrame, sessions: pd.DataFr
     }
 
 
-def _simulate_working_set(trace: Trace, calls: pd.DataFrame, *, block_size: int, pool_blocks: int,
-                          agents: int, profile: str) -> dict:
-    from cwsim.config import SimConfig
-    from cwsim.runner import simulate
-
-    config = SimConfig(policy="infinite", agents=agents, block_size=block_size, profile=profile)
-    with tempfile.TemporaryDirectory(prefix="cw-analysis-") as tmp:
-        simulate(trace, config, out_dir=tmp)
-        requests = pd.read_csv(Path(tmp) / "requests.csv", dtype={"session_id": str})
-        sessions = pd.read_csv(Path(tmp) / "sessions.csv", dtype={"session_id": str})
-    return working_set(calls, requests, sessions, trace, block_size=block_size, pool_blocks=pool_blocks)
-
-
-def default_pool_blocks(profile: str = "llama-3.1-8b-h100", block_size: int = 16) -> int:
-    """The KV pool the simulator gives ``profile`` by default (null block included)."""
-    from cwsim.config import SimConfig
-    from cwsim.runner import resolve_kv_blocks
-    from cwsim.steptime import load_profile
-
-    return resolve_kv_blocks(SimConfig(profile=profile, block_size=block_size), load_profile(profile))
-
-
 # ------------------------------------------------------------------ analyze
-def analyze(trace: Trace, *, block_size: int = 16, pool_blocks: int | None = None, agents: int = 16,
-            profile: str = "llama-3.1-8b-h100", working_set: bool = True) -> dict:
+def analyze(trace: Trace, *, working_set_inputs: WorkingSetInputs | None = None) -> dict:
     """Summary statistics of ``trace`` (see the module docstring for the layout).
 
-    Runs one ``infinite``-policy simulation of the whole trace for
-    ``kv_working_set`` (``agents`` concurrent sessions, ``profile``'s step
-    times); ``pool_blocks`` defaults to the profile's default KV pool.
-    ``working_set=False`` skips that simulation (``kv_working_set`` is None).
+    ``kv_working_set`` is computed with :func:`working_set` from
+    ``working_set_inputs`` and is ``None`` without them (this function runs
+    no simulation; ``cwsim.analysis.analyze`` runs one and passes its times).
     """
     if not trace.sessions:
         raise ValueError("trace has no sessions")
-    if pool_blocks is None and working_set:
-        pool_blocks = default_pool_blocks(profile, block_size)
     calls = call_table(trace)
     tools = tool_table(trace)
 
@@ -416,8 +411,9 @@ def analyze(trace: Trace, *, block_size: int = 16, pool_blocks: int | None = Non
             "avoidable_tokens": avoidable,
             "avoidable_share": avoidable / prompt_total if prompt_total else 0.0,
         },
-        "kv_working_set": _simulate_working_set(trace, calls, block_size=block_size, pool_blocks=pool_blocks,
-                                                agents=agents, profile=profile) if working_set else None,
+        "kv_working_set": None if working_set_inputs is None else working_set(
+            calls, working_set_inputs.requests, working_set_inputs.sessions, trace,
+            block_size=working_set_inputs.block_size, pool_blocks=working_set_inputs.pool_blocks),
     }
 
 
@@ -586,7 +582,9 @@ def plot_prefill(ax, analysis: dict) -> None:
 
 
 def make_figures(analysis: dict, trace: Trace) -> dict[str, Figure]:
-    """The figures of :func:`write_analysis`, by file stem (Agg canvases, no pyplot state)."""
+    """The figures of :func:`write_analysis`, by file stem (Agg canvases, no pyplot state).
+
+    ``kv_working_set`` is drawn only when the analysis has one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -601,6 +599,8 @@ def make_figures(analysis: dict, trace: Trace) -> dict[str, Figure]:
         "kv_working_set": (lambda ax: plot_kv_working_set(ax, analysis), (8.0, 4.5)),
         "prefill": (lambda ax: plot_prefill(ax, analysis), (5.0, 4.5)),
     }
+    if analysis.get("kv_working_set") is None:
+        del specs["kv_working_set"]
     figs = {}
     for name, (draw, size) in specs.items():
         fig = Figure(figsize=size, layout="constrained")

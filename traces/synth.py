@@ -93,7 +93,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -506,26 +506,32 @@ def synthetic_header(model: WorkloadModel, n_sessions: int, seed: int, fitted_fr
 
 # ---------------------------------------------------------------- closeness
 
-def closeness(real: Trace, synthetic: Trace, *, working_set: bool = False, real_analysis: dict | None = None) -> dict:
+def closeness(real: Trace, synthetic: Trace, *, analyze: Callable[[Trace], dict] | None = None,
+              real_analysis: dict | None = None) -> dict:
     """How close a synthetic trace is to the real one, statistic by statistic.
 
-    Analyses both traces with ``traces.analysis.analyze`` (with
-    ``working_set=True`` it also simulates both for ``kv_working_set``, which
-    is much slower) and compares their summary scalars with
-    ``summary_scalars`` / ``compare``. ``real_analysis`` reuses an
-    analysis of ``real`` made the same way.
+    Analyses both traces with the function ``analyze`` (default
+    ``traces.analysis.analyze``, which leaves out ``kv_working_set``; pass
+    ``cwsim.analysis.analyze`` to simulate both traces for it, which is much
+    slower, as ``cwsim synth --working-set`` does) and compares their summary scalars with ``summary_scalars`` /
+    ``compare``. ``real_analysis`` reuses an analysis of ``real`` made the
+    same way.
 
     Returns ``{"analysis", "real_sessions", "synthetic_sessions", "stats"}``;
-    ``stats`` maps each scalar's dotted name (``calls_per_session.median``,
+    ``analysis`` names the analysis function (module and name), ``stats``
+    maps each scalar's dotted name (``calls_per_session.median``,
     ``tool_mix.grep``, ``tool_duration_s.all.median``, ...) to ``{"real",
     "synthetic", "rel_error"}``, ``rel_error = (synthetic - real) / |real|``
     (``None`` where undefined; a tool category missing on one side has share 0).
     """
-    from traces.analysis import analyze, compare, summary_scalars as scalars  # noqa: PLC0415
+    from traces import analysis  # noqa: PLC0415  (pandas is loaded only for a report)
 
-    name = "traces.analysis.analyze" + ("" if working_set else " (working_set=False)")
-    ra = real_analysis if real_analysis is not None else analyze(real, working_set=working_set)
-    sa = analyze(synthetic, working_set=working_set)
+    if analyze is None:
+        analyze = analysis.analyze
+    compare, scalars = analysis.compare, analysis.summary_scalars
+    name = f"{analyze.__module__}.{analyze.__qualname__}"
+    ra = real_analysis if real_analysis is not None else analyze(real)
+    sa = analyze(synthetic)
     r, s, rel = scalars(ra), scalars(sa), compare(ra, sa)
     stats = {}
     for key in list(r) + [k for k in s if k not in r]:
@@ -580,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m traces.synth",
         description="Fit an empirical workload model to a trace and write a synthetic trace like it.",
+        epilog="The closeness report leaves out the KV working set; `cwsim synth --working-set` simulates it.",
     )
     ap.add_argument("--like", help="real trace to fit (.jsonl or .jsonl.gz)")
     ap.add_argument("--model", help="use this saved workload model (JSON) instead of fitting --like")
@@ -592,11 +599,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=1000,
         help="closeness report on the first N synthetic sessions (regenerated in memory; 0: no report; default 1000)",
-    )
-    ap.add_argument(
-        "--working-set",
-        action="store_true",
-        help="closeness with traces.analysis.analyze, incl. the simulated KV working set (slow)",
     )
     args = ap.parse_args(argv)
     if not args.like and not args.model:
@@ -634,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if real is not None and args.check_sessions > 0:
         k = min(args.check_sessions, args.sessions)
         synth = synthetic_trace(model, k, args.seed)
-        print(format_closeness(closeness(real, synth, working_set=args.working_set)))
+        print(format_closeness(closeness(real, synth)))
     return 0
 
 
