@@ -102,6 +102,8 @@ class BlockPool:
         self.score_fn = score_fn
         self.growable = growable
         self.on_evict = on_evict
+        #: ``on_release(blocks, refs_after, request)``: called with every release (before the freed blocks are scored)
+        self.on_release: Callable[[np.ndarray, np.ndarray, object], None] | None = None
         self.ref = np.zeros(num_blocks, dtype=np.int32)
         self.has_hash = np.zeros(num_blocks, dtype=bool)
         self.hash_of = np.zeros(num_blocks, dtype=np.int64)
@@ -147,7 +149,10 @@ class BlockPool:
         n = len(ordered)
         if n == 0:
             return
-        freed_mask = self._deref(ordered) == 0
+        refs = self._deref(ordered)
+        if self.on_release is not None:
+            self.on_release(ordered, refs, request)
+        freed_mask = refs == 0
         n_freed = _cnz(freed_mask)
         if n_freed == 0:
             return

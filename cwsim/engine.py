@@ -47,7 +47,7 @@ class Engine:
         self.scheduler = scheduler
         self.profile = profile
         self.block_size = block_size
-        self.ctx = ctx  # PolicyContext: its clock is kept current here
+        self.ctx = ctx  # cwsim.policy_adapter.SimEnvironment: its clock is kept current here
         self.decode_jumps = decode_jumps
         self._idle: simpy.Event | None = None
         self._next_rid = 0
@@ -86,13 +86,12 @@ class Engine:
                 self._idle = None
             now = env.now
             self.ctx.now = now
-            if (tier := self.ctx.cpu_tier) is not None:
+            if (tier := self.ctx.tier) is not None:
                 tier.tick(now)  # background transfers that ended or start by now
-            if (ev := self.ctx.eviction) is not None:
-                ev.tick(now)  # time-driven eviction changes (a pin that expires) before scheduling
+            self.ctx.tick(now)  # the policy's time hook (a pin that expires) before scheduling
             plan = sched.schedule(now)
             if plan.empty:
-                tier = self.ctx.cpu_tier
+                tier = self.ctx.tier
                 if tier is not None and not plan.preempted and not sched.running and sched.waiting:
                     # nothing fits while CPU-tier copies hold blocks: wait for the next transfer event (or a submission)
                     self._idle = env.event()
@@ -144,8 +143,7 @@ class Engine:
             now = env.now
             self.ctx.now = now
             if has_requests:
-                if (ev := self.ctx.eviction) is not None:
-                    ev.tick(now)
+                self.ctx.tick(now)
                 plan = sched.schedule(now)
                 samples = sched.dispatch(plan)
                 start = max(now, device_free)
@@ -171,9 +169,8 @@ class Engine:
         if n <= 1:
             return 1
         horizon = self.env.peek() - self.env.now
-        if (ev := self.ctx.eviction) is not None:  # nor past the eviction policy's next tick
-            horizon = min(horizon, ev.next_deadline() - self.env.now)
-        if (tier := self.ctx.cpu_tier) is not None:  # nor past a transfer's start or end
+        horizon = min(horizon, self.ctx.next_deadline() - self.env.now)  # nor past the policy's next tick
+        if (tier := self.ctx.tier) is not None:  # nor past a transfer's start or end
             horizon = min(horizon, tier.next_deadline() - self.env.now)
         n = self.profile.decode_steps_starting_before(plan.decode_seqs, plan.decode_ctx, horizon, n)
         if n <= 1:

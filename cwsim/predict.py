@@ -27,6 +27,8 @@ import numpy as np
 from traces.format import Call, Trace
 
 NO_TOOL = "none"
+#: predicted wait given to a session that is predicted to end (s)
+END_HORIZON_S = 24 * 3600.0
 
 
 def call_category(call: Call) -> str:
@@ -102,6 +104,16 @@ class ToolCallPredictor:
         if self.error > 0 and key is not None:
             idle *= float(np.exp(np.random.default_rng((self.seed, key)).normal(0.0, self.error)))
         return idle
+
+    def predicted_wait(self, cat: str, key: int | None = None) -> float:
+        """Seconds until the session calls again after a response of category ``cat``, as seen when
+        the response ends: ``END_HORIZON_S`` when the session is predicted to end (``p_continue <
+        0.5``) or no gap that long was ever seen, else the expected idle time (``key`` seeds the
+        injected error)."""
+        if self.p_continue(cat) < 0.5:
+            return END_HORIZON_S
+        idle = self.expected_idle(cat, key=key)
+        return idle if math.isfinite(idle) else END_HORIZON_S
 
     def typical_idle(self) -> float:
         """The mean gap to a next call over all categories (0 when none was seen)."""

@@ -62,6 +62,8 @@ class Request:
     placeholders: int = 0
     in_flight: int = 0
     stale: int = 0
+    #: what a policy sees of it (``cwsim.policy_adapter.SimRequestView``), made at arrival
+    view: object = None
 
     @property
     def blocks(self) -> np.ndarray:

@@ -19,7 +19,8 @@ from cwsim.cpu_tier import CpuTier
 from cwsim.engine import Engine, start_sessions
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.metrics import Metrics
-from cwsim.policies import EvictionPolicy, PolicyContext, get_policy
+from cwsim.policies import get_policy
+from cwsim.policy_adapter import SimEnvironment, TraceFuture
 from cwsim.predict import ToolCallPredictor
 from cwsim.scheduler import Scheduler, SimulationError
 from cwsim.steptime import load_profile
@@ -138,38 +139,28 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
     out = prepare_results_dir(out_dir) if out_dir is not None else None
     metrics = Metrics(config.block_size, out, on_progress)
-    ctx = PolicyContext(workload=workload)
-    ctx.predictor = predictor
-    sched_policy, evict_policy = spec.scheduling(), spec.eviction()
-    if hasattr(sched_policy, "aging_s"):
-        sched_policy.aging_s = config.aging_s
-    if hasattr(evict_policy, "offload_threshold_s"):
-        evict_policy.offload_threshold_s = config.offload_threshold_s
-    # a policy that keeps the constant base score is plain LRU: the pool need not call it
-    score_fn = None if type(evict_policy).score is EvictionPolicy.score else evict_policy.score
+    policy = spec.make(aging_s=config.aging_s, offload_threshold_s=config.offload_threshold_s)
     on_evict = metrics.on_evict
     evictions: list[tuple[int, float, list[int]]] = []
     if eviction_log:
         def on_evict(ids, _metrics=metrics.on_evict):  # noqa: E306 - only when asked: off the default hot path
             _metrics(ids)
             evictions.append((engine.steps, env.now, list(ids)))
-    pool = BlockPool(kv_blocks, score_fn, growable=spec.unbounded, on_evict=on_evict)
+    pool = BlockPool(kv_blocks, growable=spec.unbounded, on_evict=on_evict)
     metrics.pool = pool
     kv = KVCacheManager(pool, config.block_size)
-    ctx.kv = kv
     tier = None
     if cpu_blocks > 0:
         tier = CpuTier(cpu_blocks, pool, profile.kv_bytes_per_block(config.block_size), config.pcie_gbps,
                        on_evict=metrics.on_evict)
-        ctx.cpu_tier = metrics.cpu_tier = tier
-    scheduler = Scheduler(kv, sched_policy, metrics, max_num_seqs=config.max_num_seqs,
+        metrics.cpu_tier = tier
+    ctx = SimEnvironment(policy, kv, predictor=predictor, cpu_tier=tier, future=TraceFuture(workload))
+    scheduler = Scheduler(kv, ctx, metrics, max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens, cpu_tier=tier,
                           reserve_full_isl=config.scheduler_reserve_full_isl, watermark=config.watermark,
                           long_prefill_token_threshold=config.long_prefill_token_threshold,
                           async_scheduling=config.async_scheduling)
-    ctx.scheduler = scheduler
-    sched_policy.bind(ctx)
-    evict_policy.bind(ctx)
+    ctx.attach(scheduler)
     env = simpy.Environment()
     engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps)
     start_sessions(env, engine, workload, arrivals, config.seed, metrics)

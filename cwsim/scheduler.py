@@ -29,7 +29,6 @@ from operator import attrgetter
 import numpy as np
 
 from cwsim.kv_cache_manager import KVCacheManager
-from cwsim.policies.base import SchedulingPolicy
 from cwsim.request import Request
 from cwsim.steptime import prefill_attn_pairs
 
@@ -112,7 +111,7 @@ class Scheduler:
     runs request by request.
     """
 
-    def __init__(self, kv: KVCacheManager, policy: SchedulingPolicy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, kv: KVCacheManager, policy, metrics, *, max_num_seqs: int, max_num_batched_tokens: int,
                  cpu_tier=None, lazy_decode: bool = True, reserve_full_isl: bool = True, watermark: float = 0.0,
                  long_prefill_token_threshold: int = 0, async_scheduling: bool = False):
         self.kv = kv
@@ -136,6 +135,8 @@ class Scheduler:
         #: False: every request is scheduled request by request (the reference the lazy batch is tested against)
         self.lazy_decode = lazy_decode
         self.cpu_tier = cpu_tier  # cwsim.cpu_tier.CpuTier or None
+        #: the policy's decisions (``cwsim.policy_adapter.SimEnvironment``): ``static``, ``max_queue``,
+        #: ``priority_key(req)``, ``preemption_victim(running)``, ``on_arrival(req)``, ``on_finish(req, now)``
         self.policy = policy
         self.metrics = metrics
         self.max_num_seqs = max_num_seqs
@@ -153,6 +154,8 @@ class Scheduler:
     def add(self, req: Request) -> None:
         """Queue a new request. Requests that arrive at the same instant queue in the
         trace's session order, whatever order their sessions submitted them in."""
+        if req.view is None:
+            self.policy.on_arrival(req)
         waiting = self.waiting
         i = len(waiting)
         if i and req.session is not None:
@@ -485,10 +488,10 @@ class Scheduler:
         kv, policy, waiting, tier = self.kv, self.policy, self.waiting, self.cpu_tier
         bs = kv.block_size
         full, wm = self.reserve_full_isl, self.watermark_blocks
-        if policy.static or len(waiting) > getattr(policy, "max_queue", len(waiting)):
+        if policy.static or (policy.max_queue is not None and len(waiting) > policy.max_queue):
             order = waiting
         else:
-            order = sorted(waiting, key=policy.priority)  # stable: ties keep queue order
+            order = sorted(waiting, key=policy.priority_key)  # stable: ties keep queue order
         admitted: list[Request] = []
         skipped = False
         for req in order:
@@ -616,6 +619,7 @@ class Scheduler:
         if self.async_scheduling and req not in self.running:  # a stale token finished a preempted request
             self.waiting.remove(req)
             req.finish = now
+            self.policy.on_finish(req, now)
             self.metrics.on_finish(req, now)
             if req.done is not None:
                 req.done.succeed()
@@ -623,6 +627,7 @@ class Scheduler:
         self.running.remove(req)
         req.finish = now
         self.kv.free(req, now, "finish")
+        self.policy.on_finish(req, now)
         self.metrics.on_finish(req, now)
         if req.done is not None:  # the session's completion event
             req.done.succeed()

@@ -1,6 +1,7 @@
-"""Scheduling and eviction policies, and their registry."""
+"""KV-cache policies: the contract (``api``), the policies, and their registry."""
 
-from cwsim.policies.base import EvictionPolicy, PolicyContext, SchedulingPolicy
-from cwsim.policies.registry import POLICIES, PolicySpec, get_policy
+from cwsim.policies.api import Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
+from cwsim.policies.registry import POLICIES, PolicySpec, get_policy, make_policy
 
-__all__ = ["EvictionPolicy", "PolicyContext", "SchedulingPolicy", "POLICIES", "PolicySpec", "get_policy"]
+__all__ = ["Environment", "Need", "Policy", "Release", "ReleaseReason", "RequestView", "ToolCall", "POLICIES",
+           "PolicySpec", "get_policy", "make_policy"]

@@ -1,60 +1,93 @@
-"""The policy registry: a name -> (scheduling policy, eviction policy) pair.
+"""The policy registry: a name -> a :class:`PolicySpec` that builds one ``Policy`` object.
 
-``cwsim policies`` lists it. To add a policy, write its two small classes
-(or reuse one) and register a :class:`PolicySpec` here; see
-``docs/adding-a-policy.md``.
+``cwsim policies`` lists it. To add a policy, write its class
+(``cwsim.policies.api.Policy``) and register a :class:`PolicySpec` here; see
+``docs/adding-a-policy.md``. Settings reach a policy's constructor explicitly:
+a spec names the settings its class takes (``params``), and
+:func:`make_policy` passes those, and only those, from what the engine's
+configuration gives (``cwsim run --aging-s``, or the vLLM plugin's
+``--additional-config``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from cwsim.policies.base import EvictionPolicy, SchedulingPolicy
-from cwsim.policies.cachewise import PrefixAwareScheduling, ReuseAwareEviction
-from cwsim.policies.continuum import ContinuumEviction, ProgramFCFS
-from cwsim.policies.eviction import LFU, LRU, Belady
-from cwsim.policies.pbkv import PBKVEviction
-from cwsim.policies.scheduling import FCFS, LongestPrefixMatch
-from cwsim.policies.tokencake import TokencakeEviction, TokencakeScheduling
+from cwsim.policies.api import Need, Policy
+from cwsim.policies.cachewise import CacheWise, PrefixAwareScheduling, ReuseAwareEviction
+from cwsim.policies.continuum import Continuum
+from cwsim.policies.eviction import LFU, Belady
+from cwsim.policies.pbkv import PBKV
+from cwsim.policies.scheduling import LongestPrefixMatch
+from cwsim.policies.tokencake import Tokencake
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
     name: str
     description: str
-    scheduling: Callable[[], SchedulingPolicy]
-    eviction: Callable[[], EvictionPolicy]
+    cls: type[Policy]
+    #: the constructor's settings that the configuration may give
+    params: tuple[str, ...] = ()
     #: no capacity limit: the pool grows instead of evicting
     unbounded: bool = False
-    #: uses the tool-call predictor (fitted by the runner)
-    needs_predictor: bool = False
     #: CPU tier size, as a multiple of the GPU pool's usable blocks, when the configuration gives none
     default_cpu_tier: float = 0.0
     #: offloads blocks to the CPU tier (a policy that does not leaves any tier empty)
     offloads: bool = False
 
+    @property
+    def needs(self) -> frozenset[Need]:
+        return self.cls.needs
+
+    @property
+    def needs_predictor(self) -> bool:
+        return Need.PREDICTOR in self.cls.needs
+
+    def make(self, **settings) -> Policy:
+        """A new policy object, given the settings it takes (others are ignored; unknown ones refused)."""
+        return self.cls(**{k: settings[k] for k in self.params if k in settings})
+
+
+class _Vllm(Policy):
+    """vLLM v1: FCFS admission, last-admitted preemption, LRU eviction."""
+
+    name = "vllm"
+
+
+class _Infinite(Policy):
+    """No capacity limit (the pool grows): FCFS, LRU."""
+
+    name = "infinite"
+
+
+class _CacheWiseEvict(ReuseAwareEviction):
+    name = "cachewise-evict"
+
 
 POLICIES: dict[str, PolicySpec] = {
     spec.name: spec
     for spec in [
-        PolicySpec("vllm", "vLLM v1: FCFS scheduling, LRU eviction (unhashed blocks first, tail first)", FCFS, LRU),
-        PolicySpec("sglang", "SGLang-style: longest-prefix-match scheduling, LRU eviction", LongestPrefixMatch, LRU),
-        PolicySpec("belady", "offline reference: FCFS, evict the block whose next use is farthest (trace future)", FCFS, Belady),
-        PolicySpec("infinite", "no capacity limit (never evicts): lower bound of session time", FCFS, LRU, unbounded=True),
-        PolicySpec("lfu", "FCFS, evict the least frequently used block (ties LRU)", FCFS, LFU),
-        PolicySpec("cachewise", "CacheWise: prefix-aware scheduling with aging + reuse-aware eviction from tool-call predictions",
-                   PrefixAwareScheduling, ReuseAwareEviction, needs_predictor=True),
-        PolicySpec("cachewise-sched", "CacheWise's prefix-aware scheduling alone (LRU eviction)", PrefixAwareScheduling, LRU),
-        PolicySpec("cachewise-evict", "CacheWise's reuse-aware eviction alone (FCFS scheduling)", FCFS, ReuseAwareEviction,
-                   needs_predictor=True),
-        PolicySpec("continuum", "Continuum: program-level FCFS, a tool call pins its session's blocks for a per-tool TTL (q=0.9)",
-                   ProgramFCFS, ContinuumEviction, needs_predictor=True),
-        PolicySpec("pbkv", "PBKV: FCFS, LRU blended with the predicted next-call wait, weighted by predictor confidence",
-                   FCFS, PBKVEviction, needs_predictor=True),
+        PolicySpec("vllm", "vLLM v1: FCFS scheduling, LRU eviction (unhashed blocks first, tail first)", _Vllm),
+        PolicySpec("sglang", "SGLang-style: longest-prefix-match scheduling, LRU eviction", LongestPrefixMatch,
+                   ("max_queue",)),
+        PolicySpec("belady", "offline reference: FCFS, evict the block whose next use is farthest (trace future)",
+                   Belady),
+        PolicySpec("infinite", "no capacity limit (never evicts): lower bound of session time", _Infinite,
+                   unbounded=True),
+        PolicySpec("lfu", "FCFS, evict the least frequently used block (ties LRU)", LFU),
+        PolicySpec("cachewise", "CacheWise: prefix-aware scheduling with aging + reuse-aware eviction from "
+                   "tool-call predictions", CacheWise, ("aging_s",)),
+        PolicySpec("cachewise-sched", "CacheWise's prefix-aware scheduling alone (LRU eviction)",
+                   PrefixAwareScheduling, ("aging_s",)),
+        PolicySpec("cachewise-evict", "CacheWise's reuse-aware eviction alone (FCFS scheduling)", _CacheWiseEvict),
+        PolicySpec("continuum", "Continuum: program-level FCFS, a tool call pins its session's blocks for a "
+                   "per-tool TTL (q=0.9)", Continuum, ("q",)),
+        PolicySpec("pbkv", "PBKV: FCFS, LRU blended with the predicted next-call wait, weighted by predictor "
+                   "confidence", PBKV),
         PolicySpec("tokencake", "Tokencake: offload during long tool calls, prefetch before the predicted return "
                    "(CPU tier, default = GPU pool size); critical sessions first and evicted last",
-                   TokencakeScheduling, TokencakeEviction, needs_predictor=True, default_cpu_tier=1.0,
+                   Tokencake, ("offload_threshold_s", "reserve_share", "prefetch_margin_s"), default_cpu_tier=1.0,
                    offloads=True),
     ]
 }
@@ -65,3 +98,8 @@ def get_policy(name: str) -> PolicySpec:
         return POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}") from None
+
+
+def make_policy(name: str, **settings) -> Policy:
+    """The registered policy ``name``, built with the settings it takes from ``settings``."""
+    return get_policy(name).make(**settings)

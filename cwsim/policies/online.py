@@ -1,0 +1,99 @@
+"""Facts an engine learns online, computed one way for both engines' adapters.
+
+The simulator's adapter (``cwsim.policy_adapter``) and the vLLM plugin
+(``replay.vllm_plugin``) feed these trackers the same events (a request
+arrives, a request finishes, a request's block table is released), so the
+views they give a policy (``Environment.active_sessions``, ``Release.shared``,
+the session numbers) are equal by construction, not by two implementations
+that happen to agree.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+#: default of ``SessionActivity.idle_s``: an agent away this long counts as gone (s)
+DEFAULT_SESSION_IDLE_S = 600.0
+
+
+class SessionActivity:
+    """Which sessions are active: a request of theirs is in the engine, or their latest request
+    finished at most ``idle_s`` seconds ago. Also numbers the sessions in the order the engine
+    first sees them, and keeps each one's start (the arrival of its first request)."""
+
+    def __init__(self, idle_s: float = DEFAULT_SESSION_IDLE_S):
+        if not idle_s >= 0:
+            raise ValueError(f"session idle time must be >= 0, got {idle_s}")
+        self.idle_s = idle_s
+        self._number: dict[str, int] = {}
+        self._start: dict[str, float] = {}
+        self._in_engine: dict[str, int] = {}
+        self._last_finish: dict[str, float] = {}
+        self._finishes: deque[tuple[float, str]] = deque()  # (finish time, session), in time order
+        self._active: set[str] = set()
+
+    def arrive(self, session_id: str, now: float) -> tuple[int, float]:
+        """A request of ``session_id`` arrives at ``now``: the session's ``(number, start)``."""
+        number = self._number.setdefault(session_id, len(self._number))
+        start = self._start.setdefault(session_id, now)
+        self._in_engine[session_id] = self._in_engine.get(session_id, 0) + 1
+        self._active.add(session_id)
+        return number, start
+
+    def finish(self, session_id: str, now: float) -> None:
+        """A request of ``session_id`` finished at ``now``."""
+        self._in_engine[session_id] -= 1
+        self._last_finish[session_id] = now
+        self._finishes.append((now, session_id))
+
+    def _expire(self, now: float) -> None:
+        fin, idle = self._finishes, self.idle_s
+        while fin and fin[0][0] + idle < now:
+            t, sid = fin.popleft()
+            if self._in_engine[sid] == 0 and self._last_finish[sid] == t:
+                self._active.discard(sid)
+
+    def count(self, now: float) -> int:
+        self._expire(now)
+        return len(self._active)
+
+    def is_active(self, session_id: str, now: float) -> bool:
+        self._expire(now)
+        return session_id in self._active
+
+
+class BlockSharing:
+    """Per block: has a request of another session held it since its content was cached?
+
+    Fed every release of a request's block table. A block's record (the last
+    session that released it, and whether it was shared) belongs to its
+    content's cached life, named by ``gen`` (an engine's count of the block's
+    evictions): a record from an earlier life does not count. A block released
+    while another request still holds it is shared.
+    """
+
+    def __init__(self, num_blocks: int):
+        self._holder = np.full(num_blocks, -1, dtype=np.int64)
+        self._gen = np.full(num_blocks, -1, dtype=np.int64)
+        self._shared = np.zeros(num_blocks, dtype=bool)
+
+    def grow(self, num_blocks: int) -> None:
+        n = num_blocks - len(self._holder)
+        if n > 0:
+            self._holder = np.concatenate([self._holder, np.full(n, -1, dtype=np.int64)])
+            self._gen = np.concatenate([self._gen, np.full(n, -1, dtype=np.int64)])
+            self._shared = np.concatenate([self._shared, np.zeros(n, dtype=bool)])
+
+    def release(self, blocks: np.ndarray, hashed: np.ndarray, gens: np.ndarray, refs_after: np.ndarray,
+                session: int) -> np.ndarray:
+        """Session number ``session`` releases ``blocks`` (distinct ids; ``hashed``, ``gens`` and
+        ``refs_after`` per block): whether each is shared. Records the hashed ones."""
+        valid = self._gen[blocks] == gens
+        shared = (valid & (self._shared[blocks] | (self._holder[blocks] != session))) | (refs_after > 0)
+        b = blocks[hashed]
+        self._holder[b] = session
+        self._gen[b] = gens[hashed]
+        self._shared[b] = shared[hashed]
+        return shared
