@@ -427,9 +427,9 @@ def synth(
 @command()
 def policies() -> None:
     """List the policies with one-line descriptions."""
-    table = Table("policy", "description")
+    table = Table("policy", "runs in", "description")
     for spec in POLICIES.values():
-        table.add_row(spec.name, spec.description)
+        table.add_row(spec.name, "cwsim, vLLM" if spec.runs_in_vllm else "cwsim", spec.description)
     Console().print(table)
 
 

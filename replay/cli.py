@@ -119,6 +119,10 @@ def serve(
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most requests running at once."),
     max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="Token budget of one step."),
     run_dir: Path = typer.Option(..., "--dir", help="Run folder: server.log, server.json, the KV event sockets, temp and cache folders."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Run this project policy inside vLLM (the plugin; `cwsim policies` lists them). Default: vLLM's own scheduler."),
+    setting: list[str] = typer.Option([], "--setting", help="A policy setting NAME=VALUE (e.g. aging_s=30); repeatable."),
+    policy_import: list[str] = typer.Option([], "--policy-import", help="A module to import first (it registers your own policy); repeatable."),
+    predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the policy's tool-call predictor is fitted on (policies that use one)."),
 ) -> None:
     """Start a local vLLM server for replay and keep it in the foreground (Ctrl-C / SIGTERM stop it)."""
     from replay.server import ServerConfig, ServerError, start_server
@@ -128,7 +132,9 @@ def serve(
         try:
             cfg = ServerConfig(kv_blocks=kv_blocks, block_size=block_size, port=port, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
-                               model=str(model) if model is not None else None)
+                               model=str(model) if model is not None else None, policy=policy,
+                               policy_settings=parse_settings(setting), policy_imports=tuple(policy_import),
+                               predictor_trace=str(predictor_trace) if predictor_trace is not None else None)
             console.print(f"starting vLLM (log: {run_dir / 'server.log'}) ...")
             server = start_server(cfg, run_dir)
             print(f"url: {server.url}")
@@ -149,6 +155,24 @@ def serve(
         finally:
             if server is not None and server.alive():
                 server.stop()
+
+
+def parse_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
+    """``--setting NAME=VALUE`` pairs; a value is a number when it reads as one."""
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--setting {item!r}: expected NAME=VALUE")
+        try:
+            v: object = int(value)
+        except ValueError:
+            try:
+                v = float(value)
+            except ValueError:
+                v = value
+        out.append((name.strip(), v))
+    return tuple(out)
 
 
 @app.command("run")

@@ -122,6 +122,10 @@ def install(core, vocab_size: int, async_scheduling: bool) -> EmulatedExecutor:
 
     old = core.scheduler
     cls = AsyncScheduler if async_scheduling else Scheduler
+    if hasattr(old, "cw"):  # the policy plugin's scheduler: its variant of the same kind
+        from replay.vllm_plugin.scheduler import AsyncPolicyScheduler, SyncPolicyScheduler
+
+        cls = AsyncPolicyScheduler if async_scheduling else SyncPolicyScheduler
     core.scheduler = cls(vllm_config=core.vllm_config, kv_cache_config=old.kv_cache_config,
                          structured_output_manager=core.structured_output_manager, block_size=old.block_size,
                          include_finished_set=False, log_stats=old.log_stats)

@@ -81,6 +81,10 @@ class OracleConfig:
     engine: str = "model"
     #: vLLM's AsyncScheduler and the engine core's batch queue (two batches in flight); with engine="emulated"
     async_scheduling: bool = False
+    #: a registered policy run inside vLLM by the plugin (``replay.vllm_plugin``); None: vLLM's own scheduler
+    policy: str | None = None
+    #: the policy's settings (constructor arguments: ``aging_s``, ...), as ``cwsim run`` gives them
+    policy_settings: tuple[tuple[str, object], ...] = ()
     #: model folder; None: the tiny random-weight model, built in ``model_cache``
     model: str | None = None
     model_cache: str | None = None
@@ -157,7 +161,7 @@ def default_model_cache() -> Path:
 class VllmEngine:
     """One in-process vLLM engine, stepped by hand; the parts of it the oracle reads."""
 
-    def __init__(self, config: OracleConfig, max_model_len: int):
+    def __init__(self, config: OracleConfig, max_model_len: int, predictor=None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, stepped by us
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -182,6 +186,7 @@ class VllmEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null"),
             **sched_kw,
+            **({} if config.policy is None else {"scheduler_cls": "replay.vllm_plugin.PolicyScheduler"}),
         )
         self.llm = LLMEngine.from_engine_args(args)
         core = self.llm.engine_core.engine_core
@@ -196,6 +201,26 @@ class VllmEngine:
         else:
             self.async_scheduling = bool(self.llm.vllm_config.scheduler_config.async_scheduling)
         self.scheduler = core.scheduler
+        #: the engine's clock (steps), which the policy plugin reads: the step's start while it schedules,
+        #: its end while its output is applied, a request's arrival while it is added
+        self.now = 0.0
+        if config.policy is not None:
+            from cwsim.policies.registry import make_policy
+
+            self.scheduler.install(make_policy(config.policy, **dict(config.policy_settings)), predictor)
+            self.scheduler.clock = lambda: self.now
+            update = self.scheduler.update_from_output
+
+            def update_at_step_end(*args, **kwargs):
+                ex = self.executor
+                if ex is None:
+                    self.now = self._step_start + 1.0
+                elif ex.read_end is not None:
+                    self.now = max(self._step_start, ex.read_end)
+                return update(*args, **kwargs)
+
+            self.scheduler.update_from_output = update_at_step_end
+        self._step_start = 0.0
         # the KV cache manager records events (enable_kv_cache_events); the scheduler hands each step's
         # batch to its publisher: ours keeps them (vLLM's publisher config accepts only null / zmq)
         self.publisher = self.scheduler.kv_event_publisher = _Collector()
@@ -209,13 +234,18 @@ class VllmEngine:
 
         core.step_fn = counted_step
 
-    def add(self, request_id: str, token_ids: list[int], output_tokens: int) -> None:
+    def add(self, request_id: str, token_ids: list[int], output_tokens: int, *, arrival: float = 0.0,
+            session_id: str | None = None, turn: int = 0, tools: list | None = None) -> None:
+        """Add a request arriving at ``arrival``, with the metadata a policy reads (``vllm_xargs``)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        extra = {"turn": turn, "tools": tools or []}
         params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=0.0,
-                                detokenize=False, output_kind=RequestOutputKind.DELTA)
-        self.llm.add_request(request_id, {"prompt_token_ids": token_ids}, params)
+                                detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        self.now = arrival
+        self.llm.add_request(request_id, {"prompt_token_ids": token_ids}, params, arrival_time=arrival,
+                             session_id=session_id)
 
     def step(self, now: float):
         """One engine-core step at time ``now``: (request outputs, the time they are there,
@@ -226,6 +256,7 @@ class VllmEngine:
         a batch (no output, no time), or read the oldest batch in flight at the time it ends.
         """
         self.executed.clear()
+        self.now = self._step_start = now
         if self.executor is None:
             outs = self.llm.step()
             ran = sum(self.executed)
@@ -301,7 +332,15 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
         raise OracleError("--arrivals trace needs recorded timestamps on every session's first call")
     own_engine = engine is None
     if engine is None:
-        engine = VllmEngine(config, max_model_len=min(pool_tokens, 32768))
+        predictor = None
+        if config.policy is not None:
+            from cwsim.policies.registry import get_policy
+
+            if get_policy(config.policy).needs_predictor:
+                from cwsim.predict import ToolCallPredictor
+
+                predictor = ToolCallPredictor.fit(trace)  # as the simulator: on the whole (stepped) trace
+        engine = VllmEngine(config, max_model_len=min(pool_tokens, 32768), predictor=predictor)
     book = TokenBook(engine.vocab_size)
     out = Path(out_dir) if out_dir is not None else None
     files = []
@@ -335,7 +374,9 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
                     sess_start[si] = t
                 rid = _request_id(si, turn)
                 live[rid] = _CallRec(si, turn, call, t)
-                engine.add(rid, book.prompt(call.prompt), call.output_tokens)
+                engine.add(rid, book.prompt(call.prompt), call.output_tokens, arrival=t,
+                           session_id=sessions[si].session_id, turn=turn,
+                           tools=[[tc.name, tc.category] for tc in call.tools])
             if not live:
                 clock = loop.next_time()
                 continue

@@ -54,6 +54,14 @@ class ServerConfig:
     max_model_len: int | None = None  #: None: the pool's capacity, at most 32768
     buffer_steps: int = 10000  #: KV event batches the replay endpoint keeps
     gpu_memory_utilization: float = 0.5
+    #: a registered policy to run inside vLLM (the plugin, ``replay.vllm_plugin``); None: vLLM's own scheduler
+    policy: str | None = None
+    #: the policy's settings, ``(name, value)`` pairs (``aging_s``, ...)
+    policy_settings: tuple[tuple[str, object], ...] = ()
+    #: modules to import in the server before the policy is looked up (a user's own policies)
+    policy_imports: tuple[str, ...] = ()
+    #: the trace the policy's tool-call predictor is fitted on (a policy that uses one needs it)
+    predictor_trace: str | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -63,9 +71,46 @@ class ServerConfig:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.policy is not None:
+            self.plugin_config()  # a bad policy fails here, before a server starts
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
                              f"({self.max_num_seqs}), as vLLM requires")
+
+
+    def plugin_config(self):
+        """The plugin's ``--additional-config`` settings; ``ValueError`` naming the flag when the policy
+        cannot run inside vLLM."""
+        import importlib
+
+        from cwsim.policies.registry import get_policy
+        from replay.vllm_plugin.config import PluginConfig
+
+        for module in self.policy_imports:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ValueError(f"--policy-import {module}: {e}") from None
+        try:
+            spec = get_policy(self.policy)
+        except ValueError as e:
+            raise ValueError(f"--policy: {e}") from None
+        if not spec.runs_in_vllm:
+            raise ValueError(f"--policy {spec.name}: runs in the simulator only (it needs an unbounded pool or "
+                             "the trace's future)")
+        bad = sorted({k for k, _ in self.policy_settings} - set(spec.params))
+        if bad:
+            raise ValueError(f"--policy {spec.name}: takes the settings {list(spec.params)}, not {bad}")
+        trace = self.predictor_trace
+        if spec.needs_predictor:
+            if trace is None:
+                raise ValueError(f"--predictor-trace: policy {spec.name!r} fits a tool-call predictor on a trace: "
+                                 "give one")
+            if not Path(trace).is_file():
+                raise ValueError(f"--predictor-trace {trace}: no such file")
+            trace = str(Path(trace).resolve())
+        return PluginConfig(policy=spec.name, settings=dict(self.policy_settings), imports=list(self.policy_imports),
+                            predictor_trace=trace if spec.needs_predictor else None)
 
 
 @dataclass
@@ -145,7 +190,15 @@ def server_command(config: ServerConfig, model: str, port: int, events: str, eve
             "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
             "--gpu-memory-utilization", str(config.gpu_memory_utilization),
             "--enable-prompt-tokens-details", "--enable-per-request-metrics",
-            "--kv-events-config", json.dumps(kv_events), *config.extra_args]
+            "--kv-events-config", json.dumps(kv_events), *policy_args(config), *config.extra_args]
+
+
+def policy_args(config: ServerConfig) -> list[str]:
+    """vLLM's flags that install ``config.policy`` (none for vLLM's own scheduler)."""
+    if config.policy is None:
+        return []
+    return ["--scheduler-cls", "replay.vllm_plugin.PolicyScheduler",
+            "--additional-config", config.plugin_config().to_json()]
 
 
 def start_server(config: ServerConfig, run_dir: str | os.PathLike, *, timeout_s: float = 600.0,

@@ -35,6 +35,31 @@ def agent_sessions(n: int, turns: int, seed: int, *, system: int = 0, task=(20, 
     return out
 
 
+def tool_mix_sessions(n: int, turns: int, seed: int, *, system: int = 300, task=(40, 160), output=(8, 40),
+                      tool=(10, 80)) -> list[Session]:
+    """Agent sessions whose tool calls predict their gaps: ``read`` returns at once (0-2 steps),
+    ``test`` takes long (25-60 steps); the last call submits. For the policies that read tool-call
+    metadata (their predictor learns these categories from the trace)."""
+    rng = random.Random(seed)
+    out = []
+    for s in range(n):
+        sid = f"m{s}"
+        prompt = ([("sys", system)] if system else []) + [(f"{sid}:task", rng.randint(*task))]
+        calls = []
+        for t in range(turns):
+            o = rng.randint(*output)
+            if t == turns - 1:
+                tc, gap = ToolCall("submit", "submit", 0.0), 0.0
+            elif rng.random() < 0.5:
+                tc, gap = ToolCall("cat", "read", 0.0), float(rng.randint(0, 2))
+            else:
+                tc, gap = ToolCall("pytest", "test", 0.0), float(rng.randint(25, 60))
+            calls.append(Call(sid, t, tuple(prompt), o, f"{sid}:o{t}", (tc,), gap_s=gap))
+            prompt = prompt + [(f"{sid}:o{t}", o), (f"{sid}:r{t}", rng.randint(*tool))]
+        out.append(Session(sid, tuple(calls)))
+    return out
+
+
 def miniswe_sample(n_sessions: int, scale: int, max_turns: int) -> Trace:
     """The first real mini-swe-agent sessions, token counts divided by ``scale``, cut to ``max_turns`` calls."""
     from traces.importers import miniswe
@@ -96,6 +121,11 @@ def workloads() -> dict[str, tuple]:
                                    OC(kv_blocks=16, block_size=32, agents=3, max_num_batched_tokens=256)),
         "max-num-seqs": (lambda: Trace(agent_sessions(8, 3, seed=8), source="max-seqs"),
                          OC(kv_blocks=70, block_size=32, agents=8, max_num_seqs=3)),
+        # tool categories that predict the gaps, a shared system prompt: the policies act here
+        "tool-mix-tight": (lambda: Trace(tool_mix_sessions(10, 8, seed=12), source="tool-mix"),
+                           OC(kv_blocks=50, block_size=32, agents=6, max_num_batched_tokens=512)),
+        "tool-mix-roomy": (lambda: Trace(tool_mix_sessions(10, 8, seed=12), source="tool-mix"),
+                           OC(kv_blocks=90, block_size=32, agents=6, max_num_batched_tokens=512)),
     }
 
 

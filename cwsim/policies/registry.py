@@ -44,8 +44,13 @@ class PolicySpec:
     def needs_predictor(self) -> bool:
         return Need.PREDICTOR in self.cls.needs
 
+    @property
+    def runs_in_vllm(self) -> bool:
+        """Whether the vLLM plugin can run it (not with an unbounded pool, nor with the trace's future)."""
+        return not self.unbounded and Need.FUTURE not in self.cls.needs
+
     def make(self, **settings) -> Policy:
-        """A new policy object, given the settings it takes (others are ignored; unknown ones refused)."""
+        """A new policy object, given the settings among ``settings`` that it takes (``params``)."""
         return self.cls(**{k: settings[k] for k in self.params if k in settings})
 
 
@@ -91,6 +96,17 @@ POLICIES: dict[str, PolicySpec] = {
                    offloads=True),
     ]
 }
+
+
+def register_policy(spec: PolicySpec) -> PolicySpec:
+    """Add a policy to the registry (a module of the user's that defines one calls this at import);
+    a name already registered is refused."""
+    if not isinstance(spec, PolicySpec) or not (isinstance(spec.cls, type) and issubclass(spec.cls, Policy)):
+        raise TypeError("register_policy takes a PolicySpec whose cls is a cwsim.policies.api.Policy subclass")
+    if spec.name in POLICIES:
+        raise ValueError(f"a policy named {spec.name!r} is already registered")
+    POLICIES[spec.name] = spec
+    return spec
 
 
 def get_policy(name: str) -> PolicySpec:

@@ -1,0 +1,46 @@
+"""The plugin's settings, read from vLLM's ``--additional-config`` (key ``cachewise``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from cwsim.policies.online import DEFAULT_SESSION_IDLE_S
+
+#: the key of ``additional_config`` that holds the plugin's settings
+CONFIG_KEY = "cachewise"
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """``policy``: a registered policy name (``cwsim policies``), after importing the modules named
+    in ``imports`` (a module of the user's that registers its own policy); ``settings``: its constructor
+    settings (``aging_s``, ``offload_threshold_s``, ...); ``predictor_trace``: the trace the
+    tool-call predictor is fitted on (a policy that needs a predictor needs it), with
+    ``predictor_error`` and ``seed`` as in ``cwsim run``; ``session_idle_s``: how long after its
+    latest finished request a session still counts as active."""
+
+    policy: str = "vllm"
+    settings: dict = field(default_factory=dict)
+    imports: list = field(default_factory=list)
+    predictor_trace: str | None = None
+    predictor_error: float = 0.0
+    seed: int = 0
+    session_idle_s: float = DEFAULT_SESSION_IDLE_S
+
+    @classmethod
+    def from_additional_config(cls, additional: dict | None) -> "PluginConfig":
+        raw = (additional or {}).get(CONFIG_KEY) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"--additional-config {CONFIG_KEY!r} must be an object, got {raw!r}")
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(raw) - known)
+        if bad:
+            raise ValueError(f"--additional-config {CONFIG_KEY!r}: unknown keys {bad}; known: {sorted(known)}")
+        return cls(**raw)
+
+    def to_additional_config(self) -> dict:
+        return {CONFIG_KEY: asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_additional_config())

@@ -1,0 +1,211 @@
+"""vLLM's scheduler with a project policy installed (``--scheduler-cls replay.vllm_plugin.PolicyScheduler``).
+
+:class:`PolicyScheduler` builds vLLM's ``Scheduler``, or its ``AsyncScheduler``
+when the engine runs async scheduling (a GPU's default; vLLM's CPU platform
+forces it off), each with :class:`_PolicyMixin`. What the mixin changes, and
+nothing else:
+
+- the waiting queue (:class:`PolicyWaitingQueue`, vLLM's FCFS queue) is
+  sorted by the policy's ``priority`` (stable) the first time the waiting
+  phase of a step looks at it, i.e. after the running requests are scheduled,
+  as in the simulator; a policy that keeps the base priority leaves it alone;
+- the preemption victim: vLLM's ``priority`` branch of ``schedule()`` (which
+  handles a victim anywhere in the running list) is switched on, and each
+  request's ``priority`` reads 1 for the policy's victim, 0 for the others;
+  a policy that keeps the base victim leaves vLLM's FCFS branch;
+- the pool's free queue is replaced (``replay.vllm_plugin.block_queue``), and
+  every release of a request's blocks is announced to it first
+  (``_free_request_blocks``), with its reason (finish or preempt);
+- ``tick`` before every step; the clock (``clock``, default ``time.time``, the
+  clock of vLLM's ``arrival_time``) may be replaced by whoever drives the
+  engine (the oracle counts steps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import FCFSRequestQueue, SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from cwsim.policies.api import ReleaseReason
+from replay.vllm_plugin.config import PluginConfig
+from replay.vllm_plugin.environment import VllmEnvironment, build_policy
+
+
+class PolicyWaitingQueue(FCFSRequestQueue):
+    """vLLM's FCFS waiting queue, admitted from in the policy's order.
+
+    The first time a step's waiting phase looks at the queue, the policy's order
+    is taken (a stable sort: ties keep queue order); admissions pop from it. The
+    queue's own order is left as it was (the simulator's too), so the next step
+    sorts the same base order. Any other change to the queue takes a new order.
+    """
+
+    def __init__(self, env: VllmEnvironment, requests=()):
+        super().__init__(requests)
+        self._env = env
+        self._order: deque | None = None
+        self._sorted = True
+
+    def new_step(self) -> None:
+        self._sorted = False
+
+    def _sort(self) -> None:
+        self._sorted = True
+        self._order = None
+        env = self._env
+        mq = env.policy.max_queue
+        if len(self) < 2 or (mq is not None and len(self) > mq):
+            return
+        priority, view = env.policy.priority, env.view
+        self._order = deque(sorted(self, key=lambda r: priority(view(r))))
+
+    def peek_request(self) -> Request:
+        if not self._sorted:
+            self._sort()
+        if self._order:
+            return self._order[0]
+        return super().peek_request()
+
+    def pop_request(self) -> Request:
+        if not self._sorted:
+            self._sort()
+        if not self._order:
+            return super().pop_request()
+        req = self._order.popleft()
+        for i, r in enumerate(self):
+            if r is req:
+                del self[i]
+                return req
+        raise AssertionError("a request in the policy's order left the queue")
+
+    def _changed(self) -> None:
+        self._sorted = False
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        self._changed()
+
+    def prepend_request(self, request: Request) -> None:
+        super().prepend_request(request)
+        self._changed()
+
+    def prepend_requests(self, requests) -> None:
+        super().prepend_requests(requests)
+        self._changed()
+
+    def remove_request(self, request: Request) -> None:
+        super().remove_request(request)
+        self._changed()
+
+    def remove_requests(self, requests) -> None:
+        super().remove_requests(requests)
+        self._changed()
+
+
+class _VictimKey:
+    """``request.priority`` for vLLM's priority-preemption branch: 1 for the policy's victim."""
+
+    def __get__(self, request, owner=None):
+        if request is None:
+            return self
+        sched = request._cw_sched
+        running = sched.running
+        key = tuple(map(id, running))
+        if sched._cw_victim_key != key:
+            env = sched.cw
+            sched._cw_victim_key = key
+            sched._cw_victim = env.policy.preemption_victim([env.view(r) for r in running])._r
+        return 1 if sched._cw_victim is request else 0
+
+    def __set__(self, request, value) -> None:
+        request.__dict__["_cw_priority"] = value
+
+
+class _PolicyRequest(Request):
+    """A vLLM request whose ``priority`` names the policy's preemption victim (set on arrival)."""
+
+    priority = _VictimKey()
+
+
+class _PolicyMixin:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = PluginConfig.from_additional_config(self.vllm_config.additional_config)
+        policy, predictor = build_policy(config)
+        self.clock = time.time
+        self._cw_preempting = False
+        self._cw_victim_key = None
+        self._cw_victim = None
+        self.cw = VllmEnvironment(self, policy, predictor, config.session_idle_s)
+        if not self.cw.static:
+            self.waiting = PolicyWaitingQueue(self.cw, self.waiting)
+        if self.cw.custom_victim:
+            self.policy = SchedulingPolicy.PRIORITY  # vLLM's branch that preempts anywhere in the running list
+
+    def install(self, policy, predictor=None, session_idle_s: float | None = None) -> None:
+        """Put another policy in place (before the first request): for tests and in-process engines."""
+        if self.requests:
+            raise RuntimeError("install a policy before the first request")
+        self.cw = VllmEnvironment(self, policy, predictor, session_idle_s or self.cw.sessions.idle_s)
+        self.waiting = PolicyWaitingQueue(self.cw) if not self.cw.static else FCFSRequestQueue()
+        self.policy = SchedulingPolicy.PRIORITY if self.cw.custom_victim else SchedulingPolicy.FCFS
+
+    def schedule(self, *args, **kwargs):
+        self.cw.tick()
+        if isinstance(self.waiting, PolicyWaitingQueue):
+            self.waiting.new_step()
+        return super().schedule(*args, **kwargs)
+
+    def add_request(self, request: Request) -> None:
+        new = request.request_id not in self.requests
+        if new and self.cw.custom_victim:
+            request.__class__ = _PolicyRequest
+            request._cw_sched = self
+        super().add_request(request)
+        if new:
+            self.cw.on_arrival(request)
+
+    def _preempt_request(self, request: Request, *args, **kwargs) -> None:
+        self._cw_preempting = True
+        try:
+            super()._preempt_request(request, *args, **kwargs)
+        finally:
+            self._cw_preempting = False
+
+    def _free_request_blocks(self, request: Request) -> None:
+        self.cw.before_free(request, ReleaseReason.PREEMPT if self._cw_preempting else ReleaseReason.FINISH)
+        try:
+            super()._free_request_blocks(request)
+        finally:
+            self.cw.after_free(request)
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        out = super()._free_request(request, *args, **kwargs)
+        self.cw.on_finish(request)
+        return out
+
+
+class SyncPolicyScheduler(_PolicyMixin, Scheduler):
+    """vLLM's ``Scheduler`` with the policy."""
+
+
+class AsyncPolicyScheduler(_PolicyMixin, AsyncScheduler):
+    """vLLM's ``AsyncScheduler`` with the policy."""
+
+
+class PolicyScheduler(SyncPolicyScheduler):
+    """The class to give ``--scheduler-cls``: an :class:`AsyncPolicyScheduler` when the engine runs
+    async scheduling, else a :class:`SyncPolicyScheduler`."""
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if vllm_config is not None and vllm_config.scheduler_config.async_scheduling:
+            obj = object.__new__(AsyncPolicyScheduler)
+            obj.__init__(*args, **kwargs)
+            return obj
+        return object.__new__(cls)

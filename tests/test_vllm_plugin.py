@@ -1,0 +1,182 @@
+"""The same policy objects inside vLLM 0.32 (``replay.vllm_plugin``) and in ``cwsim``: exactly equal.
+
+Each policy that can run in an engine (all but ``belady``, which reads the
+trace's future, and ``infinite``, an unbounded pool) runs inside vLLM's
+in-process engine through the plugin (``OracleConfig(policy=...)``) and in the
+simulator, on two pressured workloads whose tool calls predict their gaps
+(tests/oracle_workloads.py); every call's arrival, first-token and finish
+step, cached tokens and preemptions, and the evicted block hashes in order,
+must be EXACTLY equal. Each policy must also change vLLM's own eviction order
+on at least one of them, so the equality is not that of two LRUs.
+
+Needs vLLM (``pip install -e '.[vllm]'``; CI installs it).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.oracle_workloads import workloads
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vLLM is not installed (pip install -e '.[vllm]'); CI installs it"),
+]
+
+WORKLOADS = workloads()
+POLICY_WORKLOADS = ("tool-mix-tight", "tool-mix-roomy")
+ENGINE_POLICIES = ("vllm", "sglang", "lfu", "cachewise", "cachewise-sched", "cachewise-evict", "continuum", "pbkv",
+                   "tokencake")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from replay.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """(workload, policy) -> the comparison, run once per module."""
+    from replay.compare import compare, format_report
+
+    root = tmp_path_factory.mktemp("plugin")
+    cache: dict = {}
+
+    def get(name: str, policy: str):
+        if (name, policy) not in cache:
+            make, oc = WORKLOADS[name]
+            out = root / f"{name}-{policy}"
+            c = compare(make(), replace(oc, model=tiny_model, policy=policy), out)
+            cache[name, policy] = (c, format_report(c), out)
+        return cache[name, policy]
+
+    return get
+
+
+def _assert_exact(c, report):
+    assert not c.call_diffs, report
+    assert c.first_eviction_diff is None, report
+    assert c.evictions[0] == c.evictions[1] == c.oracle["evicted_blocks"] == c.sim["evicted_blocks"], report
+    assert c.oracle["preemptions"] == c.sim["preemptions"], report
+    assert c.oracle["cached_prompt_tokens"] == c.sim["cached_prompt_tokens"], report
+    assert c.oracle["makespan_s"] == c.sim["makespan_s"] and c.oracle["steps"] == c.sim["steps"], report
+
+
+def _evicted(out: Path) -> list[str]:
+    with open(out / "oracle" / "evictions.csv", newline="") as f:
+        return [row["block_hash"] for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("name", POLICY_WORKLOADS)
+@pytest.mark.parametrize("policy", ENGINE_POLICIES)
+def test_policy_inside_vllm_equals_the_simulator(policy, name, runs):
+    c, report, _ = runs(name, policy)
+    _assert_exact(c, report)
+    assert c.oracle["evicted_blocks"] > 0  # pressured
+
+
+@pytest.mark.parametrize("policy", [p for p in ENGINE_POLICIES if p != "vllm"])
+def test_policy_changes_vllms_own_eviction_order(policy, runs):
+    changed = [name for name in POLICY_WORKLOADS if _evicted(runs(name, policy)[2]) != _evicted(runs(name, "vllm")[2])]
+    assert changed, f"{policy} evicts in vLLM's own order on {POLICY_WORKLOADS}"
+
+
+def test_every_engine_policy_is_covered():
+    from cwsim.policies.registry import POLICIES
+
+    assert {n for n, s in POLICIES.items() if s.runs_in_vllm} == set(ENGINE_POLICIES)
+    assert {n for n, s in POLICIES.items() if not s.runs_in_vllm} == {"belady", "infinite"}
+
+
+# ------------------------------------------------------------- the documented example
+def _doc_example() -> str:
+    text = (DOCS / "adding-a-policy.md").read_text()
+    blocks = re.findall(r"```python\n(# my_policies\.py\n.*?)```", text, re.S)
+    assert len(blocks) == 1, "docs/adding-a-policy.md must hold one ```python block starting '# my_policies.py'"
+    return blocks[0]
+
+
+@pytest.fixture
+def protect_shared():
+    """The policy of docs/adding-a-policy.md, registered from the doc's own code (and removed after)."""
+    from cwsim.policies.registry import POLICIES
+
+    namespace: dict = {}
+    exec(compile(_doc_example(), "docs/adding-a-policy.md", "exec"), namespace)  # noqa: S102 - our own docs
+    try:
+        yield namespace["ProtectShared"]
+    finally:
+        POLICIES.pop("protect-shared", None)
+
+
+def test_the_documented_example_runs_in_both_engines_and_they_agree(protect_shared, tiny_model, tmp_path, runs):
+    from replay.compare import compare, format_report
+
+    make, oc = WORKLOADS["tool-mix-tight"]
+    c = compare(make(), replace(oc, model=tiny_model, policy="protect-shared"), tmp_path / "example")
+    _assert_exact(c, format_report(c))
+    assert _evicted(tmp_path / "example") != _evicted(runs("tool-mix-tight", "vllm")[2])
+
+
+# ------------------------------------------------------------------- what it refuses
+def test_policies_an_engine_cannot_run_are_refused_with_the_reason():
+    from replay.vllm_plugin.config import PluginConfig
+    from replay.vllm_plugin.environment import build_policy
+
+    with pytest.raises(ValueError, match="trace's future"):
+        build_policy(PluginConfig(policy="belady"))
+    with pytest.raises(ValueError, match="unbounded"):
+        build_policy(PluginConfig(policy="infinite"))
+    with pytest.raises(ValueError, match="predictor_trace"):
+        build_policy(PluginConfig(policy="cachewise"))
+    with pytest.raises(ValueError, match=r"takes the settings \['aging_s'\], not \['q'\]"):
+        build_policy(PluginConfig(policy="cachewise-sched", settings={"q": 1}))
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        build_policy(PluginConfig(policy="nope"))
+    with pytest.raises(ValueError, match="unknown keys \\['polcy'\\]"):
+        PluginConfig.from_additional_config({"cachewise": {"polcy": "lfu"}})
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz'"):
+        build_policy(PluginConfig(policy="lfu", imports=["no_such_module_xyz"]))
+    policy, predictor = build_policy(PluginConfig(policy="cachewise-sched", settings={"aging_s": 5.0}))
+    assert policy.aging_s == 5.0 and predictor is None
+    assert PluginConfig.from_additional_config({}) == PluginConfig()  # no settings: vLLM's own policy
+
+
+def test_a_policy_reaches_the_plugin_through_additional_config(tmp_path):
+    """The server path: --scheduler-cls and --additional-config, with the predictor fitted on a trace file."""
+    from replay.server import ServerConfig, policy_args
+    from traces.reader import load_trace
+
+    trace = tmp_path / "t.jsonl"
+    from tests.oracle_workloads import tool_mix_sessions
+    from traces.format import Trace
+    from traces.reader import write_trace
+
+    write_trace(Trace(tool_mix_sessions(4, 3, seed=1)), trace)
+    cfg = ServerConfig(kv_blocks=50, policy="cachewise", policy_settings=(("aging_s", 12.5),),
+                       predictor_trace=str(trace))
+    args = policy_args(cfg)
+    assert args[:2] == ["--scheduler-cls", "replay.vllm_plugin.PolicyScheduler"]
+    import json
+
+    from replay.vllm_plugin.config import PluginConfig
+    from replay.vllm_plugin.environment import build_policy
+
+    plugin = PluginConfig.from_additional_config(json.loads(args[3]))
+    policy, predictor = build_policy(plugin)
+    assert policy.aging_s == 12.5 and predictor is not None
+    assert len(load_trace(trace).sessions) == 4
+    with pytest.raises(ValueError, match="--predictor-trace"):
+        ServerConfig(kv_blocks=50, policy="pbkv")
+    with pytest.raises(ValueError, match="--policy belady: runs in the simulator only"):
+        ServerConfig(kv_blocks=50, policy="belady")
