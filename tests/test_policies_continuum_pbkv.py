@@ -10,17 +10,18 @@ import json
 import numpy as np
 import pytest
 
-from cwsim.block_pool import BlockPool, FreedBlocks
+from cwsim.block_pool import BlockPool
 from cwsim.config import SimConfig
-from cwsim.kv_cache_manager import KVCacheManager
-from cwsim.policies import PolicyContext, get_policy
-from cwsim.policies.continuum import PINNED, ContinuumEviction, ProgramFCFS
-from cwsim.policies.pbkv import PBKVEviction
+from cwsim.policies import get_policy
+from cwsim.policies.api import Release, ReleaseReason
+from cwsim.policies.continuum import PINNED, Continuum, ProgramFCFS
+from cwsim.policies.pbkv import PBKV
 from cwsim.predict import ToolCallPredictor
 from cwsim.request import Request
 from cwsim.runner import DEFAULT_TRACE, simulate
 from cwsim.workload import Workload
 from tests.conftest import ROUND_PROFILE
+from tests.policy_harness import bound_pool, release
 from traces.format import Call, Session, ToolCall, Trace, header_line
 from traces.reader import load_trace
 
@@ -63,19 +64,19 @@ def sessions_for(cats: list[list[str]]):
     return Workload.from_trace(Trace(sess, source="hand")).sessions
 
 
-def req(rid: int, sess, turn: int = 0, arrival: float = 0.0) -> Request:
-    return Request(rid, sess, turn, 4, 1, [], arrival)
-
-
 class Harness:
-    """A bare pool scored by ``policy``, bound to a context with ``pred``."""
+    """A bare pool scored by ``policy``, bound to the simulator's adapter with ``pred``."""
 
     def __init__(self, policy, num_blocks: int, pred):
         self.policy = policy
-        self.pool = BlockPool(num_blocks, policy.score)
-        self.ctx = PolicyContext(kv=KVCacheManager(self.pool, 4), workload=Workload([]), predictor=pred)
-        policy.bind(self.ctx)
+        self.pool, self.env = bound_pool(policy, num_blocks, 4, predictor=pred)
         self._h = 1000
+
+    def req(self, rid: int, sess, turn: int = 0, arrival: float = 0.0) -> Request:
+        """A request that arrives in the engine (it gets its view)."""
+        r = Request(rid, sess, turn, 4, 1, [], arrival)
+        self.env.on_arrival(r)
+        return r
 
     def use(self, n: int) -> np.ndarray:
         """Allocate ``n`` blocks and give them fresh hashes (full, cached blocks)."""
@@ -85,20 +86,20 @@ class Harness:
         return blocks
 
     def finish(self, blocks: np.ndarray, r: Request, now: float, reason: str = "finish") -> None:
-        self.pool.free_block_table(blocks, r, now, reason)  # tail first, as vLLM frees
+        release(self.env, blocks, r, now, reason)  # tail first, as vLLM frees
         self.pool.check_invariants()
 
 
 # ---------------------------------------------------------------- Continuum
 def test_continuum_pin_is_evicted_after_unpinned_then_rejoins_lru_at_expiry(pred):
     s = sessions_for([["read", "submit"], ["read", "submit"], [None]])
-    h = Harness(ContinuumEviction(q=0.9), 7, pred)
+    h = Harness(Continuum(q=0.9), 7, pred)
     pool, pol = h.pool, h.policy
     a, b, c = h.use(2), h.use(2), h.use(2)
     assert (a.tolist(), b.tolist(), c.tolist()) == ([1, 2], [3, 4], [5, 6])
-    h.finish(a, req(0, s[0], 0), now=10.0)  # a tool call (read): pinned until 14.6
-    h.finish(b, req(1, s[1], 1), now=11.0)  # submit: the session is predicted to end, not pinned
-    h.finish(c, req(2, s[2], 0), now=12.0)  # no tool call: not pinned
+    h.finish(a, h.req(0, s[0], 0), now=10.0)  # a tool call (read): pinned until 14.6
+    h.finish(b, h.req(1, s[1], 1), now=11.0)  # submit: the session is predicted to end, not pinned
+    h.finish(c, h.req(2, s[2], 0), now=12.0)  # no tool call: not pinned
     assert pool.free_block_ids() == [4, 3, 6, 5, 2, 1]
     assert pol.next_deadline() == pytest.approx(14.6)
     pol.tick(14.5)
@@ -113,11 +114,11 @@ def test_continuum_pin_is_evicted_after_unpinned_then_rejoins_lru_at_expiry(pred
 
 def test_continuum_pins_are_lru_among_themselves_and_expire_separately(pred):
     s = sessions_for([["read"], ["grep"]])
-    h = Harness(ContinuumEviction(q=0.9), 5, pred)
+    h = Harness(Continuum(q=0.9), 5, pred)
     pool, pol = h.pool, h.policy
     a, b = h.use(2), h.use(2)
-    h.finish(a, req(0, s[0]), now=0.0)  # read: expires at 4.6
-    h.finish(b, req(1, s[1]), now=1.0)  # grep: expires at 1.5
+    h.finish(a, h.req(0, s[0]), now=0.0)  # read: expires at 4.6
+    h.finish(b, h.req(1, s[1]), now=1.0)  # grep: expires at 1.5
     assert pool.free_block_ids() == [2, 1, 4, 3]
     assert pol.next_deadline() == pytest.approx(1.5)
     pol.tick(2.0)  # b's pin expired, a's not
@@ -130,40 +131,47 @@ def test_continuum_pins_are_lru_among_themselves_and_expire_separately(pred):
 
 def test_continuum_session_predicted_to_end_is_not_pinned(pred):
     s = sessions_for([["submit"], [None], ["read"]])
-    h = Harness(ContinuumEviction(), 5, pred)
+    h = Harness(Continuum(), 5, pred)
     blocks = h.use(2)
 
-    def fb(r):
-        return FreedBlocks(blocks, h.pool.hash_of[blocks], np.arange(2), r, 3.0, "finish")
+    def fb(r, reason=ReleaseReason.FINISH):
+        view = None
+        if r is not None:
+            r.finish = 3.0  # the response has ended: its tool calls are known
+            view = r.view
+        return Release(view, reason, 3.0, np.arange(2), h.pool.hash_of[blocks], np.zeros(2, dtype=bool), blocks, -1)
 
-    assert h.policy.score(fb(req(0, s[0]))) == 0.0
-    assert h.policy.score(fb(req(1, s[1]))) == 0.0
+    assert h.policy.score(fb(h.req(0, s[0]))) == 0.0
+    assert h.policy.score(fb(h.req(1, s[1]))) == 0.0
     assert h.policy.score(fb(None)) == 0.0
+    assert h.policy.score(fb(h.req(2, s[2]), ReleaseReason.PREFETCH)) == 0.0  # only a finish pins
     assert h.policy.next_deadline() == np.inf and h.policy.pinned_releases == 0
-    assert h.policy.score(fb(req(2, s[2]))) == PINNED  # a tool call that continues: pinned
+    assert h.policy.ttl(h.req(3, s[2]).view) == 0.0  # before the response has ended: no tool call known
+    assert h.policy.score(fb(h.req(4, s[2]))) == PINNED  # a tool call that continues: pinned
+    assert h.policy.pinned_releases == 1
 
 
 def test_continuum_preemption_is_not_pinned(pred):
     s = sessions_for([["read"]])
-    h = Harness(ContinuumEviction(), 5, pred)
+    h = Harness(Continuum(), 5, pred)
     a, b = h.use(2), h.use(2)
-    h.finish(a, req(0, s[0]), now=0.0, reason="preempt")
-    h.finish(b, req(1, s[0]), now=1.0, reason="finish")
+    h.finish(a, h.req(0, s[0]), now=0.0, reason="preempt")
+    h.finish(b, h.req(1, s[0]), now=1.0, reason="finish")
     assert h.pool.free_block_ids() == [2, 1, 4, 3]
     assert h.policy.next_deadline() == pytest.approx(1.0 + 4.6)  # only the finish pinned
 
 
 def test_continuum_expiry_skips_blocks_reused_or_evicted_since(pred):
     s = sessions_for([["read", "read"], [None], [None]])
-    h = Harness(ContinuumEviction(), 8, pred)
+    h = Harness(Continuum(), 8, pred)
     pool, pol = h.pool, h.policy
     a = h.use(3)  # 1, 2, 3
     b = h.use(2)  # 4, 5
-    h.finish(a, req(0, s[0]), now=0.0)  # pinned until 4.6
-    h.finish(b, req(1, s[1]), now=1.0)
+    h.finish(a, h.req(0, s[0]), now=0.0)  # pinned until 4.6
+    h.finish(b, h.req(1, s[1]), now=1.0)
     assert pool.free_block_ids() == [6, 7, 5, 4, 3, 2, 1]
     pool.touch(np.array([1]))  # the session's next call hits block 1 ...
-    pool.free_blocks(np.array([1]), req(2, s[2]), 2.0)  # ... and frees it again, unpinned
+    pool.free_blocks(np.array([1]), h.req(2, s[2]), 2.0)  # ... and frees it again, unpinned
     assert pool.free_block_ids() == [6, 7, 5, 4, 1, 3, 2]
     pool.touch(np.array([2]))  # block 2 is in use at the expiry
     pol.tick(5.0)  # only block 3 is still in the pinned release
@@ -173,10 +181,10 @@ def test_continuum_expiry_skips_blocks_reused_or_evicted_since(pred):
 
 def test_continuum_expiry_skips_blocks_evicted_and_freed_unhashed(pred):
     s = sessions_for([["read"], [None]])
-    h = Harness(ContinuumEviction(), 5, pred)
+    h = Harness(Continuum(), 5, pred)
     pool, pol = h.pool, h.policy
     a = h.use(2)  # 1, 2
-    h.finish(a, req(0, s[0]), now=0.0)  # pinned
+    h.finish(a, h.req(0, s[0]), now=0.0)  # pinned
     got = pool.get_new_blocks(3)  # 3, 4 (never used), then evicts 2 (pinned goes last, but nothing else is left)
     assert got.tolist() == [3, 4, 2]
     pool.free_blocks(got[:2])
@@ -225,21 +233,32 @@ def test_requeue_many_blocks_after_partial_hits_keeps_invariants():
 
 
 def test_program_fcfs_orders_by_session_start_and_preempts_the_latest_program(pred):
-    s = sessions_for([["read"], ["read"], ["read"]])
-    s[0].start, s[1].start, s[2].start = 5.0, 1.0, 3.0
-    r0 = req(0, s[0], arrival=6.0)  # old session, arrived first
-    r1 = req(1, s[1], arrival=9.0)
-    r2 = req(2, s[2], arrival=7.0)
-    r3 = req(3, s[1], arrival=8.0)  # same session as r1, arrived earlier
+    """Session starts 5, 1, 3 (was: set on ``SessionState.start``; now the arrival of the session's
+    first request in the engine, ``RequestView.session_start``)."""
+    s = sessions_for([["read"] * 3, ["read"] * 3, ["read"] * 3])
     pol = ProgramFCFS()
-    pol.bind(PolicyContext())
-    assert not pol.static
+    pool, env = bound_pool(pol, 4)
+    assert not env.static and pool.score_fn is None  # scheduling only: LRU eviction
+
+    def req(rid, sess, turn, arrival):
+        r = Request(rid, sess, turn, 4, 1, [], arrival)
+        env.on_arrival(r)
+        return r
+
+    firsts = [req(10, s[0], 0, 5.0), req(11, s[1], 0, 1.0), req(12, s[2], 0, 3.0)]
+    r0 = req(0, s[0], 1, arrival=6.0)  # old session, arrived first
+    r1 = req(1, s[1], 2, arrival=9.0)
+    r2 = req(2, s[2], 1, arrival=7.0)
+    r3 = req(3, s[1], 1, arrival=8.0)  # same session as r1, arrived earlier
+    assert [r.view.session_start for r in (*firsts, r0, r1, r2, r3)] == [5.0, 1.0, 3.0, 5.0, 1.0, 3.0, 1.0]
+    assert [r.view.session_number for r in (*firsts, r0, r1, r2, r3)] == [0, 1, 2, 0, 1, 2, 1]
     waiting = [r0, r1, r2, r3]
-    assert sorted(waiting, key=pol.priority) == [r3, r1, r2, r0]
-    assert pol.preemption_victim([r1, r0, r2]) is r0
-    assert pol.preemption_victim([r1, r2]) is r2
-    r4 = req(4, s[2], arrival=9.5)  # tie on session start: the one admitted last
-    assert pol.preemption_victim([r2, r4, r1]) is r4
+    assert sorted(waiting, key=env.priority_key) == [r3, r1, r2, r0]
+    assert pol.preemption_victim([r.view for r in (r1, r0, r2)]) is r0.view
+    assert env.preemption_victim([r1, r0, r2]) is r0  # the adapter hands back the request
+    assert env.preemption_victim([r1, r2]) is r2
+    r4 = req(4, s[2], 2, arrival=9.5)  # tie on session start: the one admitted last
+    assert env.preemption_victim([r2, r4, r1]) is r4
 
 
 # --------------------------------------------------- engine: jumps stop at an expiry
@@ -291,7 +310,7 @@ def test_decode_jump_without_the_deadline_would_differ(expiry_setup, monkeypatch
     """The case is sensitive: ignoring the deadline, the jump evicts in the pre-expiry order."""
     trace, cfg = expiry_setup
     stepwise, _ = run_summary(trace, cfg, decode_jumps=False)
-    monkeypatch.setattr(ContinuumEviction, "next_deadline", lambda self: np.inf)
+    monkeypatch.setattr(Continuum, "next_deadline", lambda self: np.inf)
     jumped, _ = run_summary(trace, cfg, decode_jumps=True)
     assert jumped["cached_prompt_tokens"] > stepwise["cached_prompt_tokens"]
 
@@ -300,13 +319,13 @@ def test_decode_jump_without_the_deadline_would_differ(expiry_setup, monkeypatch
 def test_pbkv_with_zero_confidence_is_exactly_lru(pred):
     s = sessions_for([["slow"], ["grep"], ["submit"], ["read"]])
     pred.confidence = lambda cat: 0.0
-    h = Harness(PBKVEviction(), 9, pred)
+    h = Harness(PBKV(), 9, pred)
     lru = BlockPool(9)
     for i, (sess, t) in enumerate([(s[0], 1.0), (s[1], 2.0), (s[2], 3.0), (s[3], 4.0)]):
         blocks = h.use(2)
         lb = lru.get_new_blocks(2)
         lru.cache_full_blocks(lb, [i * 2, i * 2 + 1])
-        h.finish(blocks, req(i, sess), now=t)
+        h.finish(blocks, h.req(i, sess), now=t)
         lru.free_block_table(lb)
     assert h.pool.free_block_ids() == lru.free_block_ids() == [2, 1, 4, 3, 6, 5, 8, 7]
 
@@ -314,11 +333,11 @@ def test_pbkv_with_zero_confidence_is_exactly_lru(pred):
 def test_pbkv_confident_long_wait_is_evicted_before_older_short_wait(pred):
     s = sessions_for([["grep"], ["slow"], ["read"]])
     assert pred.confidence("slow") == pytest.approx(5 / 6) and pred.confidence("grep") == pytest.approx(5 / 6)
-    h = Harness(PBKVEviction(), 7, pred)
+    h = Harness(PBKV(), 7, pred)
     a, b, c = h.use(2), h.use(2), h.use(2)
-    h.finish(a, req(0, s[0]), now=0.0)  # older, back in 0.5 s: score 0 - 5/6 * 0.5
-    h.finish(b, req(1, s[1]), now=10.0)  # recent, away 100 s: score 10 - 5/6 * 100
-    h.finish(c, req(2, s[2]), now=11.0, reason="preempt")  # needed at once: score 11
+    h.finish(a, h.req(0, s[0]), now=0.0)  # older, back in 0.5 s: score 0 - 5/6 * 0.5
+    h.finish(b, h.req(1, s[1]), now=10.0)  # recent, away 100 s: score 10 - 5/6 * 100
+    h.finish(c, h.req(2, s[2]), now=11.0, reason="preempt")  # needed at once: score 11
     assert h.pool.free_block_ids() == [4, 3, 2, 1, 6, 5]
     read_c = pred.confidence("read")
     assert 0 < read_c < 5 / 6  # spread lowers the confidence
@@ -328,10 +347,10 @@ def test_pbkv_category_never_seen_continuing_stays_lru(pred):
     """``submit`` has no observed gap: confidence 0, so its predicted end (a 24 h wait) is not used."""
     s = sessions_for([["grep"], ["submit"]])
     assert pred.confidence("submit") == 0.0
-    h = Harness(PBKVEviction(), 5, pred)
+    h = Harness(PBKV(), 5, pred)
     a, b = h.use(2), h.use(2)
-    h.finish(a, req(0, s[0]), now=0.0)  # score 0 - 5/6 * 0.5
-    h.finish(b, req(1, s[1]), now=1.0)  # score 1
+    h.finish(a, h.req(0, s[0]), now=0.0)  # score 0 - 5/6 * 0.5
+    h.finish(b, h.req(1, s[1]), now=1.0)  # score 1
     assert h.pool.free_block_ids() == [2, 1, 4, 3]
 
 

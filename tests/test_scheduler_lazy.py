@@ -15,9 +15,11 @@ import pytest
 
 from cwsim.block_pool import BlockPool
 from cwsim.kv_cache_manager import KVCacheManager
-from cwsim.policies.base import SchedulingPolicy
+from cwsim.policies.api import Policy
+from cwsim.policy_adapter import SimEnvironment
 from cwsim.request import Request
 from cwsim.scheduler import Scheduler
+from cwsim.workload import SessionState, SimCall
 
 BS = 4
 
@@ -35,7 +37,7 @@ class Recorder:
         self.finished.append((req.rid, now))
 
 
-class FirstRunningVictim(SchedulingPolicy):
+class FirstRunningVictim(Policy):
     """Preempts the earliest admitted running request: the victim is a lazy decoder."""
 
     name = "first-victim"
@@ -44,11 +46,21 @@ class FirstRunningVictim(SchedulingPolicy):
         return running[0]
 
 
-def make(lazy: bool, num_blocks: int, budget: int, policy: SchedulingPolicy, max_num_seqs: int = 64):
+def make(lazy: bool, num_blocks: int, budget: int, policy: Policy, max_num_seqs: int = 64):
     pool = BlockPool(num_blocks)
     kv = KVCacheManager(pool, BS)
-    return Scheduler(kv, policy, Recorder(), max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                     lazy_decode=lazy)
+    env = SimEnvironment(policy, kv)
+    sched = Scheduler(kv, env, Recorder(), max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                      lazy_decode=lazy)
+    env.attach(sched)
+    return sched
+
+
+def request(rid, _session, turn, prompt, output, hashes, arrival) -> Request:
+    """A request of its own session (numbered by ``rid``, so that requests arriving at the same
+    instant keep the order they were added in, as with no session)."""
+    sess = SessionState(rid, f"s{rid}", [SimCall((), prompt, output, 0.0, 0)], None)
+    return Request(rid, sess, turn, prompt, output, hashes, arrival)
 
 
 def workload(seed: int, n: int) -> list[tuple[int, tuple]]:
@@ -88,7 +100,7 @@ def run_both(seed: int, num_blocks: int, budget: int, policy_cls, steps: int = 4
         for at, fields in arrivals:
             if at == step:
                 for sched in pair:
-                    sched.add(Request(*fields))
+                    sched.add(request(*fields))
         out = []
         for sched in pair:
             was_lazy = {r.rid for r in sched.running if r.lazy}
@@ -110,7 +122,7 @@ def run_both(seed: int, num_blocks: int, budget: int, policy_cls, steps: int = 4
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("num_blocks,budget", [(200, 64), (60, 64), (40, 9)])
 def test_lazy_batch_matches_request_by_request(seed, num_blocks, budget):
-    stats, pair = run_both(seed, num_blocks, budget, SchedulingPolicy)
+    stats, pair = run_both(seed, num_blocks, budget, Policy)
     assert stats["lazy_seen"] >= 3  # the lazy batch really carried decoders
     assert pair[1]._n_lazy == 0  # the reference never went lazy
 
@@ -125,12 +137,12 @@ def test_preempting_a_lazy_decoder_matches_the_reference(seed):
 def test_a_jump_equals_its_single_steps(seed):
     """finish_jump(n) leaves the same state as n single decode steps."""
     rng = random.Random(seed)
-    pair = [make(lazy, 300, 512, SchedulingPolicy()) for lazy in (True, False)]
+    pair = [make(lazy, 300, 512, Policy()) for lazy in (True, False)]
     for rid in range(6):  # pairs with the same content: which copy of a block is cached first matters
         fields = (rid, None, 0, rng.randint(5, 30), rng.randint(20, 60),
                   [10**4 * (rid // 2) + i for i in range(30)], 0.0)
         for sched in pair:
-            sched.add(Request(*fields))
+            sched.add(request(*fields))
     lazy, ref = pair
     for sched in pair:  # one prefill step: everyone decodes from then on
         sched.update(sched.schedule(0.0), 0.0)
@@ -161,10 +173,10 @@ def test_a_jump_caches_duplicate_blocks_in_step_order():
     jump the step order decides which copy a lookup returns, as in single steps.
     """
     hashes = list(range(100, 112))
-    pair = [make(lazy, 100, 512, SchedulingPolicy()) for lazy in (True, False)]
+    pair = [make(lazy, 100, 512, Policy()) for lazy in (True, False)]
     for sched in pair:
-        sched.add(Request(0, None, 0, 5, 30, hashes, 0.0))
-        sched.add(Request(1, None, 0, 9, 30, hashes, 0.0))
+        sched.add(request(0, None, 0, 5, 30, hashes, 0.0))
+        sched.add(request(1, None, 0, 9, 30, hashes, 0.0))
         sched.update(sched.schedule(0.0), 0.0)
     lazy, ref = pair
     plan = lazy.schedule(1.0)
