@@ -190,6 +190,7 @@ def run_cmd(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="The served model's vocabulary size (default: the tiny model's)."),
     stream: bool = typer.Option(False, "--stream", help="Stream answers and time the first token in the client (dearer; default: the server's per-request times)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: keep its finished sessions, run the rest."),
+    policy: str = typer.Option("vllm", "--policy", help="The policy the server runs (cwreplay serve --policy): recorded in summary.json and simulated by cwreplay compare."),
 ) -> None:
     """Replay a trace against a live vLLM server, closed loop, recording its KV events and metrics."""
     from cwsim.cli import _bar
@@ -199,7 +200,7 @@ def run_cmd(
     with _Signals() as sig, _bad_input(trace, ArrivalError):
         cfg = LiveConfig(server=server.rstrip("/"), events=events, events_replay=events_replay, time_scale=time_scale,
                          max_sessions=max_sessions, arrivals=arrivals, agents=agents, max_in_flight=max_in_flight,
-                         stream=stream)
+                         stream=stream, policy=policy)
         tr = load_trace(trace)
         ClosedLoop(tr.sessions[: max_sessions or None], arrivals, agents, time_scale)  # arrival errors before a call
         total = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])

@@ -86,6 +86,8 @@ class LiveConfig:
     #: stream answers (first token timed by the client, one chunk per token); off: one JSON answer per
     #: call, the first token timed by the server's per-request metrics (queue + prefill), far cheaper
     stream: bool = False
+    #: the policy the server runs (``cwreplay serve --policy``): recorded in summary.json, simulated by the comparison
+    policy: str = "vllm"
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -182,8 +184,9 @@ class _Done:
 
 
 def request_body(call, prompt: list[int], model: str, session_id: str, stream: bool) -> dict:
-    tool = call.tools[0] if call.tools else None
-    xargs = {"turn": call.turn, "tool": tool.name if tool else "", "tool_category": tool.category if tool else ""}
+    # the response's tool calls as flat lists of strings (what vLLM's vllm_xargs accepts), read by the policy plugin
+    xargs = {"turn": call.turn, "tool_names": [t.name for t in call.tools],
+             "tool_categories": [t.category for t in call.tools]}
     body = {"model": model, "prompt": prompt, "max_tokens": call.output_tokens, "min_tokens": call.output_tokens,
             "ignore_eos": True, "temperature": 0.0, "session_id": session_id, "vllm_xargs": xargs}
     if stream:  # generated ids in each chunk (the prompt's ids once, in the first)
@@ -504,7 +507,7 @@ def summarize(out: Path, state: dict, *, partial: bool = False, **extra) -> dict
     ttft = [float(r["ttft_s"]) for r in reqs if r["ttft_s"] != ""]
     return {
         "source": "vllm",
-        "policy": "vllm",
+        "policy": state["config"].get("policy", "vllm"),
         "trace": state["trace"],
         "partial": partial,
         **extra,

@@ -2,7 +2,7 @@
 
 ``compare_live(run_dir, profile=FILE, ...)`` reads a ``cwreplay run`` folder
 (``run.json``, ``summary.json``, the CSVs), runs the same trace, sessions,
-pool, block size, arrivals and time scale in ``cwsim`` with policy ``vllm``
+pool, block size, arrivals and time scale in ``cwsim`` with the run's policy (``--policy``)
 and the given (calibrated) step-time profile (``run_dir/sim``), and reports:
 evicted blocks on each side and the first evicted block that differs (the
 simulator's hashes mapped to vLLM's, :func:`replay.compare.hash_map`),
@@ -68,7 +68,7 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
             raise CompareError(f"{run}: the run's trace {str(path)!r} is not a file here: give --trace")
         tr = load_trace(path)
     tr = scaled(tr, cfg["time_scale"])
-    sim_cfg = SimConfig(policy="vllm", profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
+    sim_cfg = SimConfig(policy=cfg.get("policy", "vllm"), cpu_kv_blocks=0, profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         arrivals=cfg["arrivals"], agents=cfg["agents"], max_sessions=cfg["max_sessions"])
     sim = simulate(tr, sim_cfg, run / "sim", eviction_log=True).summary

@@ -102,6 +102,16 @@ class OracleConfig:
             raise ValueError(f"--steps-per-s must be > 0, got {self.steps_per_s}")
         if self.engine not in ("model", "emulated"):
             raise ValueError(f"--engine must be model or emulated, not {self.engine!r}")
+        if self.policy is not None:
+            from cwsim.policies.registry import get_policy
+
+            spec = get_policy(self.policy)  # ValueError naming the registered ones
+            if not spec.runs_in_vllm:
+                raise ValueError(f"--policy {spec.name}: runs in the simulator only (it needs an unbounded pool or "
+                                 "the trace's future)")
+            bad = sorted({k for k, _ in self.policy_settings} - set(spec.params))
+            if bad:
+                raise ValueError(f"--policy {spec.name}: takes the settings {list(spec.params)}, not {bad}")
         if self.async_scheduling and self.engine != "emulated":
             raise ValueError("--async-scheduling needs --engine emulated (vLLM's CPU platform forces async "
                              "scheduling off in a real engine)")
@@ -240,7 +250,8 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        extra = {"turn": turn, "tools": tools or []}
+        tools = tools or []
+        extra = {"turn": turn, "tool_names": [t[0] for t in tools], "tool_categories": [t[1] for t in tools]}
         params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=0.0,
                                 detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=extra)
         self.now = arrival

@@ -97,7 +97,11 @@ def test_the_comparison_sees_same_instant_arrivals_out_of_session_order(tiny_mod
     make, oc = WORKLOADS["max-num-seqs"]
     c, report = _compare("max-num-seqs", make, oc, tiny_model, tmp_path)
     _assert_exact(c, report)
-    monkeypatch.setattr(Scheduler, "add", lambda self, req: self.waiting.append(req))
+    def add_as_submitted(self, req):
+        self.policy.on_arrival(req)  # the request's view, as Scheduler.add makes it
+        self.waiting.append(req)
+
+    monkeypatch.setattr(Scheduler, "add", add_as_submitted)
     w = _rerun_sim("max-num-seqs", oc, c, tmp_path)
     assert not w.exact and w.call_diffs
 

@@ -107,23 +107,23 @@ def _doc_example() -> str:
 
 
 @pytest.fixture
-def protect_shared():
+def evict_finished_first():
     """The policy of docs/adding-a-policy.md, registered from the doc's own code (and removed after)."""
     from cwsim.policies.registry import POLICIES
 
     namespace: dict = {}
     exec(compile(_doc_example(), "docs/adding-a-policy.md", "exec"), namespace)  # noqa: S102 - our own docs
     try:
-        yield namespace["ProtectShared"]
+        yield namespace["EvictFinishedFirst"]
     finally:
-        POLICIES.pop("protect-shared", None)
+        POLICIES.pop("evict-finished-first", None)
 
 
-def test_the_documented_example_runs_in_both_engines_and_they_agree(protect_shared, tiny_model, tmp_path, runs):
+def test_the_documented_example_runs_in_both_engines_and_they_agree(evict_finished_first, tiny_model, tmp_path, runs):
     from replay.compare import compare, format_report
 
     make, oc = WORKLOADS["tool-mix-tight"]
-    c = compare(make(), replace(oc, model=tiny_model, policy="protect-shared"), tmp_path / "example")
+    c = compare(make(), replace(oc, model=tiny_model, policy="evict-finished-first"), tmp_path / "example")
     _assert_exact(c, format_report(c))
     assert _evicted(tmp_path / "example") != _evicted(runs("tool-mix-tight", "vllm")[2])
 
@@ -157,12 +157,11 @@ def test_a_policy_reaches_the_plugin_through_additional_config(tmp_path):
     from replay.server import ServerConfig, policy_args
     from traces.reader import load_trace
 
-    trace = tmp_path / "t.jsonl"
     from tests.oracle_workloads import tool_mix_sessions
-    from traces.format import Trace
     from traces.reader import write_trace
 
-    write_trace(Trace(tool_mix_sessions(4, 3, seed=1)), trace)
+    trace = tmp_path / "t.jsonl"
+    write_trace(trace, [c for s in tool_mix_sessions(4, 3, seed=1) for c in s.calls])
     cfg = ServerConfig(kv_blocks=50, policy="cachewise", policy_settings=(("aging_s", 12.5),),
                        predictor_trace=str(trace))
     args = policy_args(cfg)

@@ -5,10 +5,11 @@ from vLLM's ``Request``, scheduler and ``BlockPool``, with the online facts
 
 Request metadata comes with the request: the session is vLLM's ``session_id``
 (the request body's field) or ``vllm_xargs.session_id``; ``vllm_xargs`` (vLLM's
-``sampling_params.extra_args``) may give ``turn`` and ``tools``, the response's
-tool calls as ``[[name, category], ...]`` (``cwreplay run`` sends them from the
-trace); a policy sees them only once the response has ended, as in the
-simulator. A request without a session is a session of its own.
+``sampling_params.extra_args``, which takes strings, numbers and flat lists of
+them) may give ``turn`` and the response's tool calls as two lists of strings,
+``tool_names`` and ``tool_categories`` (``cwreplay run`` and the oracle send
+them from the trace); a policy sees them only once the response has ended, as
+in the simulator. A request without a session is a session of its own.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def request_metadata(request) -> tuple[str, int, tuple[ToolCall, ...]]:
     extra = getattr(request.sampling_params, "extra_args", None) or {}
     sid = request.session_id or extra.get("session_id") or request.request_id
     turn = int(extra.get("turn", 0))
-    tools = tuple(ToolCall(str(t[0]), str(t[1])) for t in extra.get("tools", ()) or ())
+    names = extra.get("tool_names") or []
+    cats = extra.get("tool_categories") or []
+    if isinstance(names, str):  # one tool call
+        names, cats = [names], [cats]
+    tools = tuple(ToolCall(str(n), str(c)) for n, c in zip(names, cats))
     return str(sid), turn, tools
 
 
