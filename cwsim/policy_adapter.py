@@ -27,14 +27,15 @@ _REASONS = {r.value: r for r in ReleaseReason}
 class SimRequestView(RequestView):
     """A simulator ``Request`` as a policy sees it."""
 
-    __slots__ = ("_r", "_sched", "_tools")
+    __slots__ = ("_r", "_sched", "_tools", "_cache")
 
-    def __init__(self, req: Request, number: int, session_number: int, session_start: float, sched):
+    def __init__(self, req: Request, number: int, session_number: int, session_start: float, sched, cache: dict):
         super().__init__(number, req.session.session_id, session_number, session_start, req.turn, req.arrival,
                          req.prompt_len)
         self._r = req
         self._sched = sched
         self._tools: tuple[ToolCall, ...] | None = None
+        self._cache = cache  # the run's: a trace call's tools (by identity) -> what a policy sees of them
 
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
@@ -42,7 +43,11 @@ class SimRequestView(RequestView):
         if r.finish < 0:
             return ()
         if self._tools is None:
-            self._tools = tuple(ToolCall(t.name, t.category) for t in r.session.calls[r.turn].tools)
+            tools = r.session.calls[r.turn].tools
+            seen = self._cache.get(id(tools))
+            if seen is None or seen[0] is not tools:
+                seen = self._cache[id(tools)] = (tools, tuple(ToolCall(t.name, t.category) for t in tools))
+            self._tools = seen[1]
         return self._tools
 
     @property
@@ -127,13 +132,17 @@ class SimEnvironment(Environment):
         self.cpu_tier = SimCpuTier(cpu_tier) if cpu_tier is not None else None
         self.future = future if Need.FUTURE in needs else None
         self.scheduler = None
-        self._now = 0.0
+        #: the engine's clock (the engine keeps it current)
+        self.now = 0.0
         self.sessions = SessionActivity(session_idle_s)
+        self._tool_calls: dict[int, tuple] = {}
         # the decisions the generic loops take from the policy (None / True: vLLM's own, skipped)
         self.static = not policy.overrides("priority")
         self.max_queue = policy.max_queue
         self._victim = policy.overrides("preemption_victim")
         self.ticks = policy.overrides("tick")
+        #: the policy decides nothing of its own (vLLM's): no views, no session facts to keep
+        self.passive = self.static and not self._victim and not self.ticks and not policy.overrides("score")
         if policy.overrides("score"):
             self.sharing = BlockSharing(pool.num_blocks)
             self._last = None
@@ -149,14 +158,6 @@ class SimEnvironment(Environment):
 
     # ------------------------------------------------------- Environment
     @property
-    def now(self) -> float:
-        return self._now
-
-    @now.setter
-    def now(self, t: float) -> None:
-        self._now = t
-
-    @property
     def usable_blocks(self) -> int:
         return self.pool.num_usable_blocks
 
@@ -169,10 +170,10 @@ class SimEnvironment(Environment):
 
     @property
     def active_sessions(self) -> int:
-        return self.sessions.count(self._now)
+        return self.sessions.count(self.now)
 
     def session_active(self, session_id: str) -> bool:
-        return self.sessions.is_active(session_id, self._now)
+        return self.sessions.is_active(session_id, self.now)
 
     def still_free(self, seq: int, blocks: np.ndarray) -> np.ndarray:
         return self.pool.in_release(blocks, seq)
@@ -184,10 +185,14 @@ class SimEnvironment(Environment):
 
     # ------------------------------------------- the engine's events
     def on_arrival(self, req: Request) -> None:
+        if self.passive:
+            return
         number, start = self.sessions.arrive(req.session.session_id, req.arrival)
-        req.view = SimRequestView(req, req.rid, number, start, self.scheduler)
+        req.view = SimRequestView(req, req.rid, number, start, self.scheduler, self._tool_calls)
 
     def on_finish(self, req: Request, now: float) -> None:
+        if self.passive:
+            return
         self.sessions.finish(req.session.session_id, now)
 
     # ------------------------------------------- the loops' decisions
@@ -200,7 +205,7 @@ class SimEnvironment(Environment):
         return self.policy.preemption_victim([r.view for r in running])._r
 
     def tick(self, now: float) -> None:
-        self._now = now
+        self.now = now
         if self.ticks:
             self.policy.tick(now)
 

@@ -155,7 +155,7 @@ class Scheduler:
         """Queue a new request. Requests that arrive at the same instant queue in the
         trace's session order, whatever order their sessions submitted them in."""
         if req.view is None:
-            self.policy.on_arrival(req)
+            self.policy.on_arrival(req)  # (a policy that decides nothing of its own gets no view)
         waiting = self.waiting
         i = len(waiting)
         if i and req.session is not None:

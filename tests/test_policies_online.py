@@ -85,8 +85,22 @@ def test_idle_zero_and_invalid_idle():
             SessionActivity(idle_s=bad)
 
 
+class _Ticking(Policy):
+    """A policy of its own (a time hook): the adapter keeps views and session facts for it."""
+
+    def tick(self, now: float) -> None:
+        pass
+
+
+def test_a_policy_that_decides_nothing_of_its_own_gets_no_views():
+    pool, env = bound_pool(Policy(), 8)
+    r = Request(0, tool_session(0, "A"), 0, 8, 1, [], 0.0)
+    env.on_arrival(r)
+    assert env.passive and r.view is None and env.sessions.count(0.0) == 0
+
+
 def test_the_adapter_feeds_session_activity_from_arrivals_finishes_and_its_clock():
-    pool, env = bound_pool(Policy(), 8, session_idle_s=10.0)
+    pool, env = bound_pool(_Ticking(), 8, session_idle_s=10.0)
     a, b = tool_session(0, "A", [None, None]), tool_session(1, "B")
     r0 = arrive(env, 0, b, 0, arrival=2.0)
     r1 = arrive(env, 1, a, 0, arrival=3.0)
@@ -111,7 +125,7 @@ def test_the_adapter_feeds_session_activity_from_arrivals_finishes_and_its_clock
 def test_the_scheduler_tells_the_adapter_of_arrivals_and_finishes():
     pool = BlockPool(40)
     kv = KVCacheManager(pool, 4)
-    env = SimEnvironment(Policy(), kv, session_idle_s=1.0)
+    env = SimEnvironment(_Ticking(), kv, session_idle_s=1.0)
     sched = Scheduler(kv, env, SimpleNamespace(on_admit=lambda *a: None, on_finish=lambda *a: None),
                       max_num_seqs=8, max_num_batched_tokens=1000)
     env.attach(sched)

@@ -206,9 +206,8 @@ class Environment:
     cpu_tier: CpuTierAccess | None = None
     future = None
 
-    @property
-    def now(self) -> float:
-        raise NotImplementedError
+    #: the engine's clock, seconds (an adapter may make it a property)
+    now: float = 0.0
 
     def cached_prefix_blocks(self, req: RequestView) -> int:
         raise NotImplementedError

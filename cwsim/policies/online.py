@@ -14,6 +14,11 @@ from collections import deque
 
 import numpy as np
 
+try:  # the C function itself, without np.count_nonzero's Python wrapper
+    from numpy._core.multiarray import count_nonzero as _cnz
+except ImportError:  # pragma: no cover - other numpy layouts
+    _cnz = np.count_nonzero
+
 #: default of ``SessionActivity.idle_s``: an agent away this long counts as gone (s)
 DEFAULT_SESSION_IDLE_S = 600.0
 
@@ -90,10 +95,18 @@ class BlockSharing:
                 session: int) -> np.ndarray:
         """Session number ``session`` releases ``blocks`` (distinct ids; ``hashed``, ``gens`` and
         ``refs_after`` per block): whether each is shared. Records the hashed ones."""
-        valid = self._gen[blocks] == gens
-        shared = (valid & (self._shared[blocks] | (self._holder[blocks] != session))) | (refs_after > 0)
-        b = blocks[hashed]
-        self._holder[b] = session
-        self._gen[b] = gens[hashed]
-        self._shared[b] = shared[hashed]
+        gen, holder, flag = self._gen, self._holder, self._shared
+        shared = holder[blocks] != session
+        shared |= flag[blocks]
+        shared &= gen[blocks] == gens
+        shared |= refs_after > 0
+        if _cnz(hashed) == len(hashed):  # the common case: every block of the table has a hash
+            holder[blocks] = session
+            gen[blocks] = gens
+            flag[blocks] = shared
+        else:
+            b = blocks[hashed]
+            holder[b] = session
+            gen[b] = gens[hashed]
+            flag[b] = shared[hashed]
         return shared
