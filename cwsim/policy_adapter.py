@@ -27,15 +27,14 @@ _REASONS = {r.value: r for r in ReleaseReason}
 class SimRequestView(RequestView):
     """A simulator ``Request`` as a policy sees it."""
 
-    __slots__ = ("_r", "_sched", "_tools", "_cache")
+    __slots__ = ("_r", "_sched", "_tools")
 
-    def __init__(self, req: Request, number: int, session_number: int, session_start: float, sched, cache: dict):
+    def __init__(self, req: Request, number: int, session_number: int, session_start: float, sched):
         super().__init__(number, req.session.session_id, session_number, session_start, req.turn, req.arrival,
                          req.prompt_len)
         self._r = req
         self._sched = sched
         self._tools: tuple[ToolCall, ...] | None = None
-        self._cache = cache  # the run's: a trace call's tools (by identity) -> what a policy sees of them
 
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
@@ -43,11 +42,7 @@ class SimRequestView(RequestView):
         if r.finish < 0:
             return ()
         if self._tools is None:
-            tools = r.session.calls[r.turn].tools
-            seen = self._cache.get(id(tools))
-            if seen is None or seen[0] is not tools:
-                seen = self._cache[id(tools)] = (tools, tuple(ToolCall(t.name, t.category) for t in tools))
-            self._tools = seen[1]
+            self._tools = tuple([ToolCall(t.name, t.category) for t in r.session.calls[r.turn].tools])
         return self._tools
 
     @property
@@ -135,7 +130,6 @@ class SimEnvironment(Environment):
         #: the engine's clock (the engine keeps it current)
         self.now = 0.0
         self.sessions = SessionActivity(session_idle_s)
-        self._tool_calls: dict[int, tuple] = {}
         # the decisions the generic loops take from the policy (None / True: vLLM's own, skipped)
         self.static = not policy.overrides("priority")
         self.max_queue = policy.max_queue
@@ -188,7 +182,7 @@ class SimEnvironment(Environment):
         if self.passive:
             return
         number, start = self.sessions.arrive(req.session.session_id, req.arrival)
-        req.view = SimRequestView(req, req.rid, number, start, self.scheduler, self._tool_calls)
+        req.view = SimRequestView(req, req.rid, number, start, self.scheduler)
 
     def on_finish(self, req: Request, now: float) -> None:
         if self.passive:
@@ -215,7 +209,7 @@ class SimEnvironment(Environment):
     def _on_release(self, ordered: np.ndarray, refs_after: np.ndarray, request) -> None:
         """Every release of blocks (before the freed ones are scored): the sharing facts."""
         pool = self.pool
-        if len(pool.ref) > len(self.sharing._holder):
+        if len(pool.ref) > self.sharing.size:
             self.sharing.grow(len(pool.ref))
         hashed = pool.has_hash[ordered]
         if request is None or request.view is None:

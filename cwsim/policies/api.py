@@ -41,6 +41,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -71,8 +72,7 @@ class Need(str, Enum):
     FUTURE = "future"
 
 
-@dataclass(frozen=True, slots=True)
-class ToolCall:
+class ToolCall(NamedTuple):
     """One tool call a response makes: the tool's name and its category (``traces`` format)."""
 
     name: str

@@ -76,37 +76,43 @@ class BlockSharing:
     session that released it, and whether it was shared) belongs to its
     content's cached life, named by ``gen`` (an engine's count of the block's
     evictions): a record from an earlier life does not count. A block released
-    while another request still holds it is shared.
+    while another reference to it remains (another request holds it) is shared.
+
+    A record is one integer, ``gen << 32 | session << 1 | shared``, so a release
+    reads and writes one array.
     """
 
     def __init__(self, num_blocks: int):
-        self._holder = np.full(num_blocks, -1, dtype=np.int64)
-        self._gen = np.full(num_blocks, -1, dtype=np.int64)
-        self._shared = np.zeros(num_blocks, dtype=bool)
+        self._rec = np.full(num_blocks, -1, dtype=np.int64)  # -1: no record (gen -1)
+
+    @property
+    def size(self) -> int:
+        """Blocks it has room for."""
+        return len(self._rec)
 
     def grow(self, num_blocks: int) -> None:
-        n = num_blocks - len(self._holder)
+        n = num_blocks - len(self._rec)
         if n > 0:
-            self._holder = np.concatenate([self._holder, np.full(n, -1, dtype=np.int64)])
-            self._gen = np.concatenate([self._gen, np.full(n, -1, dtype=np.int64)])
-            self._shared = np.concatenate([self._shared, np.zeros(n, dtype=bool)])
+            self._rec = np.concatenate([self._rec, np.full(n, -1, dtype=np.int64)])
 
     def release(self, blocks: np.ndarray, hashed: np.ndarray, gens: np.ndarray, refs_after: np.ndarray,
                 session: int) -> np.ndarray:
         """Session number ``session`` releases ``blocks`` (distinct ids; ``hashed``, ``gens`` and
         ``refs_after`` per block): whether each is shared. Records the hashed ones."""
-        gen, holder, flag = self._gen, self._holder, self._shared
-        shared = holder[blocks] != session
-        shared |= flag[blocks]
-        shared &= gen[blocks] == gens
+        if not 0 <= session < 1 << 31:
+            raise ValueError(f"session number out of range: {session}")
+        rec = self._rec
+        r = rec[blocks]
+        me = session << 1
+        cur = gens << 32
+        # valid (same cached life) and (another session released it last, or it was shared already)
+        shared = (r >> 32) == gens
+        shared &= (r & 0xFFFFFFFF) != me
         shared |= refs_after > 0
+        cur |= me
+        cur |= shared
         if _cnz(hashed) == len(hashed):  # the common case: every block of the table has a hash
-            holder[blocks] = session
-            gen[blocks] = gens
-            flag[blocks] = shared
+            rec[blocks] = cur
         else:
-            b = blocks[hashed]
-            holder[b] = session
-            gen[b] = gens[hashed]
-            flag[b] = shared[hashed]
+            rec[blocks[hashed]] = cur[hashed]
         return shared

@@ -31,9 +31,14 @@ from vllm.v1.core.sched.request_queue import FCFSRequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from vllm.logger import init_logger
+
 from cwsim.policies.api import ReleaseReason
 from replay.vllm_plugin.config import PluginConfig
 from replay.vllm_plugin.environment import VllmEnvironment, build_policy
+
+
+logger = init_logger(__name__)
 
 
 class PolicyWaitingQueue(FCFSRequestQueue):
@@ -146,6 +151,8 @@ class _PolicyMixin:
             self.waiting = PolicyWaitingQueue(self.cw, self.waiting)
         if self.cw.custom_victim:
             self.policy = SchedulingPolicy.PRIORITY  # vLLM's branch that preempts anywhere in the running list
+        logger.info("cachewise policy plugin: %s (%s) installed in vLLM's %s", policy.name, type(policy).__name__,
+                    type(self).__mro__[2].__name__)
 
     def install(self, policy, predictor=None, session_idle_s: float | None = None) -> None:
         """Put another policy in place (before the first request): for tests and in-process engines."""
