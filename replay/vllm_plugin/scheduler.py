@@ -38,7 +38,7 @@ from replay.vllm_plugin.config import PluginConfig
 from replay.vllm_plugin.environment import VllmEnvironment, build_policy
 
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.cachewise_plugin")  # under "vllm": vLLM's log handlers show it
 
 
 class PolicyWaitingQueue(FCFSRequestQueue):
