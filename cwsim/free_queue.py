@@ -265,6 +265,13 @@ class FreeBlockQueue:
         self._push((1, float(score), int(seq)), moving.copy())
         return moving
 
+    def rescore(self, seq: int, ids: np.ndarray, score: float) -> None:
+        """Move the blocks of ``ids`` that are still free in release ``seq`` to ``(score, seq)``
+        (a policy's ``Environment.rescore``; those are cached blocks: only they are appended)."""
+        keep = self.in_release(ids, seq)
+        if keep.any():
+            self.requeue(ids[keep], score, seq)
+
     # ---------------------------------------------------------- inspection
     def get_all_free_blocks(self) -> list[int]:
         """All free blocks in queue order (front = next to be popped)."""

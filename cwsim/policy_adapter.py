@@ -173,9 +173,7 @@ class SimEnvironment(Environment):
         return self.pool.in_release(blocks, seq)
 
     def rescore(self, seq: int, blocks: np.ndarray, score: float) -> None:
-        keep = self.pool.in_release(blocks, seq)
-        if keep.any():
-            self.pool.requeue(blocks[keep], score, seq)
+        self.pool.queue.rescore(seq, blocks, score)
 
     # ------------------------------------------- the engine's events
     def on_arrival(self, req: Request) -> None:

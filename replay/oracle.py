@@ -103,15 +103,9 @@ class OracleConfig:
         if self.engine not in ("model", "emulated"):
             raise ValueError(f"--engine must be model or emulated, not {self.engine!r}")
         if self.policy is not None:
-            from cwsim.policies.registry import get_policy
+            from replay.vllm_plugin.config import engine_policy
 
-            spec = get_policy(self.policy)  # ValueError naming the registered ones
-            if not spec.runs_in_vllm:
-                raise ValueError(f"--policy {spec.name}: runs in the simulator only (it needs an unbounded pool or "
-                                 "the trace's future)")
-            bad = sorted({k for k, _ in self.policy_settings} - set(spec.params))
-            if bad:
-                raise ValueError(f"--policy {spec.name}: takes the settings {list(spec.params)}, not {bad}")
+            engine_policy(self.policy, [k for k, _ in self.policy_settings])
         if self.async_scheduling and self.engine != "emulated":
             raise ValueError("--async-scheduling needs --engine emulated (vLLM's CPU platform forces async "
                              "scheduling off in a real engine)")

@@ -83,24 +83,14 @@ class ServerConfig:
         cannot run inside vLLM."""
         import importlib
 
-        from cwsim.policies.registry import get_policy
-        from replay.vllm_plugin.config import PluginConfig
+        from replay.vllm_plugin.config import PluginConfig, engine_policy
 
         for module in self.policy_imports:
             try:
                 importlib.import_module(module)
             except ImportError as e:
                 raise ValueError(f"--policy-import {module}: {e}") from None
-        try:
-            spec = get_policy(self.policy)
-        except ValueError as e:
-            raise ValueError(f"--policy: {e}") from None
-        if not spec.runs_in_vllm:
-            raise ValueError(f"--policy {spec.name}: runs in the simulator only (it needs an unbounded pool or "
-                             "the trace's future)")
-        bad = sorted({k for k, _ in self.policy_settings} - set(spec.params))
-        if bad:
-            raise ValueError(f"--policy {spec.name}: takes the settings {list(spec.params)}, not {bad}")
+        spec = engine_policy(self.policy, [k for k, _ in self.policy_settings])
         trace = self.predictor_trace
         if spec.needs_predictor:
             if trace is None:

@@ -132,3 +132,13 @@ def workloads() -> dict[str, tuple]:
 def miniswe_workload() -> tuple:
     return (lambda: _scaled_outputs(miniswe_sample(6, scale=20, max_turns=12)),
             OC(kv_blocks=64, block_size=32, agents=6, max_num_batched_tokens=512))
+
+
+def assert_exact(c, report: str) -> None:
+    """The comparison ``c`` (``replay.compare.compare``) is exact: every call, every evicted block in order."""
+    assert not c.call_diffs, report
+    assert c.first_eviction_diff is None, report
+    assert c.evictions[0] == c.evictions[1] == c.oracle["evicted_blocks"] == c.sim["evicted_blocks"], report
+    assert c.oracle["preemptions"] == c.sim["preemptions"], report
+    assert c.oracle["cached_prompt_tokens"] == c.sim["cached_prompt_tokens"], report
+    assert c.oracle["makespan_s"] == c.sim["makespan_s"] and c.oracle["steps"] == c.sim["steps"], report

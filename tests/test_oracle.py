@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.oracle_workloads import SHARED_TRACES, miniswe_workload, workloads
+from tests.oracle_workloads import SHARED_TRACES, assert_exact, miniswe_workload, workloads
 
 pytestmark = [
     pytest.mark.vllm,
@@ -41,20 +41,13 @@ def _compare(name, make, oc, tiny_model, tmp_path):
     return c, format_report(c)
 
 
-def _assert_exact(c, report):
-    assert not c.call_diffs, report
-    assert c.first_eviction_diff is None, report
-    assert c.evictions[0] == c.evictions[1] == c.oracle["evicted_blocks"] == c.sim["evicted_blocks"], report
-    assert c.oracle["preemptions"] == c.sim["preemptions"], report
-    assert c.oracle["cached_prompt_tokens"] == c.sim["cached_prompt_tokens"], report
-    assert c.oracle["makespan_s"] == c.sim["makespan_s"] and c.oracle["steps"] == c.sim["steps"], report
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_simulator_equals_vllm(name, tiny_model, tmp_path):
     make, oc = WORKLOADS[name]
     c, report = _compare(name, make, oc, tiny_model, tmp_path)
-    _assert_exact(c, report)
+    assert_exact(c, report)
     assert c.calls == sum(len(s.calls) for s in make().sessions)
 
 
@@ -63,7 +56,7 @@ def test_simulator_equals_vllm_on_real_miniswe_sessions(tiny_model, tmp_path):
         pytest.skip(f"real traces not found at {SHARED_TRACES} (the shared data folder is absent on this clone)")
     make, oc = miniswe_workload()
     c, report = _compare("miniswe", make, oc, tiny_model, tmp_path)
-    _assert_exact(c, report)
+    assert_exact(c, report)
     assert c.oracle["evicted_blocks"] > 0
 
 
@@ -84,7 +77,7 @@ def test_the_comparison_sees_a_missing_full_sequence_check(tiny_model, tmp_path)
     """Against the same oracle run, a simulator without vLLM's full-sequence admission check differs."""
     make, oc = WORKLOADS["longer-than-budget"]
     c, report = _compare("longer-than-budget", make, oc, tiny_model, tmp_path)
-    _assert_exact(c, report)
+    assert_exact(c, report)
     w = _rerun_sim("longer-than-budget", oc, c, tmp_path, scheduler_reserve_full_isl=False)
     assert not w.exact and w.call_diffs and w.first_divergence is not None
     assert w.sim["preemptions"] > c.oracle["preemptions"]
@@ -96,7 +89,7 @@ def test_the_comparison_sees_same_instant_arrivals_out_of_session_order(tiny_mod
 
     make, oc = WORKLOADS["max-num-seqs"]
     c, report = _compare("max-num-seqs", make, oc, tiny_model, tmp_path)
-    _assert_exact(c, report)
+    assert_exact(c, report)
     def add_as_submitted(self, req):
         self.policy.on_arrival(req)  # the request's view, as Scheduler.add makes it
         self.waiting.append(req)
@@ -159,7 +152,7 @@ def test_emulated_engine_core_equals_the_real_engine(name, tiny_model, tmp_path)
     simulator equals both, so the emulation is exact on these workloads."""
     make, oc = WORKLOADS[name]
     c, report = _compare(name, make, replace(oc, engine="emulated"), tiny_model, tmp_path)
-    _assert_exact(c, report)
+    assert_exact(c, report)
     assert c.oracle["config"]["engine"] == "emulated" and c.oracle["async_scheduling"] is False
 
 
@@ -174,7 +167,7 @@ def test_async_simulator_equals_vllms_async_scheduler(name, tiny_model, tmp_path
     make, oc = WORKLOADS[name]
     c, report = _compare(name, make, replace(oc, engine="emulated", async_scheduling=True), tiny_model, tmp_path)
     assert c.oracle["async_scheduling"] is True and c.sim["config"]["async_scheduling"] is True
-    _assert_exact(c, report)
+    assert_exact(c, report)
     if name != "single-stream":  # with one call at a time the pipeline changes nothing
         sync = _rerun_sim(name, oc, c, tmp_path, async_scheduling=False)
         assert not sync.exact, f"{name}: the plain scheduler should not match the async one"
@@ -185,5 +178,5 @@ def test_async_with_preemptions_of_steps_in_flight(tiny_model, tmp_path):
     make, oc = WORKLOADS["heavy-pressure"]
     oc = replace(oc, engine="emulated", async_scheduling=True, scheduler_reserve_full_isl=False)
     c, report = _compare("hp-async-nofull", make, oc, tiny_model, tmp_path)
-    _assert_exact(c, report)
+    assert_exact(c, report)
     assert c.oracle["preemptions"] > 20

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.oracle_workloads import workloads
+from tests.oracle_workloads import assert_exact, workloads
 
 pytestmark = [
     pytest.mark.vllm,
@@ -63,13 +63,6 @@ def runs(tiny_model, tmp_path_factory):
     return get
 
 
-def _assert_exact(c, report):
-    assert not c.call_diffs, report
-    assert c.first_eviction_diff is None, report
-    assert c.evictions[0] == c.evictions[1] == c.oracle["evicted_blocks"] == c.sim["evicted_blocks"], report
-    assert c.oracle["preemptions"] == c.sim["preemptions"], report
-    assert c.oracle["cached_prompt_tokens"] == c.sim["cached_prompt_tokens"], report
-    assert c.oracle["makespan_s"] == c.sim["makespan_s"] and c.oracle["steps"] == c.sim["steps"], report
 
 
 def _evicted(out: Path) -> list[str]:
@@ -81,7 +74,7 @@ def _evicted(out: Path) -> list[str]:
 @pytest.mark.parametrize("policy", ENGINE_POLICIES)
 def test_policy_inside_vllm_equals_the_simulator(policy, name, runs):
     c, report, _ = runs(name, policy)
-    _assert_exact(c, report)
+    assert_exact(c, report)
     assert c.oracle["evicted_blocks"] > 0  # pressured
 
 
@@ -124,7 +117,7 @@ def test_the_documented_example_runs_in_both_engines_and_they_agree(evict_finish
 
     make, oc = WORKLOADS["tool-mix-tight"]
     c = compare(make(), replace(oc, model=tiny_model, policy="evict-finished-first"), tmp_path / "example")
-    _assert_exact(c, format_report(c))
+    assert_exact(c, format_report(c))
     assert _evicted(tmp_path / "example") != _evicted(runs("tool-mix-tight", "vllm")[2])
 
 

@@ -11,6 +11,25 @@ from cwsim.policies.online import DEFAULT_SESSION_IDLE_S
 CONFIG_KEY = "cachewise"
 
 
+def engine_policy(name: str, setting_names=()):
+    """The registry's spec of a policy the plugin can run with these settings, or ``ValueError``
+    (one line naming ``--policy``): an unknown policy, one that runs in the simulator only, a
+    setting it does not take."""
+    from cwsim.policies.registry import get_policy
+
+    try:
+        spec = get_policy(name)
+    except ValueError as e:
+        raise ValueError(f"--policy: {e}") from None
+    if not spec.runs_in_vllm:
+        why = "an unbounded KV pool" if spec.unbounded else "the trace's future, which a live engine does not know"
+        raise ValueError(f"--policy {spec.name}: runs in the simulator only (it needs {why})")
+    bad = sorted(set(setting_names) - set(spec.params))
+    if bad:
+        raise ValueError(f"--policy {spec.name}: takes the settings {list(spec.params)}, not {bad}")
+    return spec
+
+
 @dataclass(frozen=True)
 class PluginConfig:
     """``policy``: a registered policy name (``cwsim policies``), after importing the modules named

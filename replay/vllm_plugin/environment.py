@@ -21,9 +21,8 @@ import numpy as np
 
 from cwsim.policies.api import Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
 from cwsim.policies.online import BlockSharing, SessionActivity
-from cwsim.policies.registry import get_policy
 from replay.tokens import external_hash
-from replay.vllm_plugin.config import PluginConfig
+from replay.vllm_plugin.config import PluginConfig, engine_policy
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -79,15 +78,7 @@ def build_policy(config: PluginConfig) -> tuple[Policy, object]:
             importlib.import_module(module)
         except ImportError as e:
             raise ValueError(f"--additional-config cachewise.imports: cannot import {module!r}: {e}") from e
-    spec = get_policy(config.policy)
-    if spec.unbounded:
-        raise ValueError(f"policy {spec.name!r} needs an unbounded KV pool: it runs in the simulator only")
-    if Need.FUTURE in spec.needs:
-        raise ValueError(f"policy {spec.name!r} reads the trace's future, which a live engine does not know: "
-                         "it runs in the simulator only")
-    unknown = sorted(set(config.settings) - set(spec.params))
-    if unknown:
-        raise ValueError(f"policy {spec.name!r} takes the settings {list(spec.params)}, not {unknown}")
+    spec = engine_policy(config.policy, config.settings)
     policy = spec.make(**config.settings)
     predictor = None
     if Need.PREDICTOR in spec.needs:
@@ -162,10 +153,7 @@ class VllmEnvironment(Environment):
         return self.queue.queue.in_release(blocks, seq)
 
     def rescore(self, seq: int, blocks: np.ndarray, score: float) -> None:
-        q = self.queue.queue
-        keep = q.in_release(blocks, seq)
-        if keep.any():
-            q.requeue(blocks[keep], score, seq)
+        self.queue.queue.rescore(seq, blocks, score)
 
     # --------------------------------------------------- the scheduler's events
     def on_arrival(self, request) -> None:
