@@ -70,18 +70,27 @@ def _evicted(out: Path) -> list[str]:
         return [row["block_hash"] for row in csv.DictReader(f)]
 
 
+#: (policy, workload) on which the policy evicts in another order than vLLM's own (measured; every policy
+#: but vllm is on at least one: the equality below is not that of two LRUs)
+ORDER_CHANGED = {
+    "tool-mix-tight": {"sglang", "lfu", "cachewise", "cachewise-sched", "cachewise-evict", "continuum", "pbkv"},
+    "tool-mix-roomy": {"lfu", "cachewise", "cachewise-evict", "pbkv", "tokencake"},
+}
+
+
 @pytest.mark.parametrize("name", POLICY_WORKLOADS)
 @pytest.mark.parametrize("policy", ENGINE_POLICIES)
 def test_policy_inside_vllm_equals_the_simulator(policy, name, runs):
-    c, report, _ = runs(name, policy)
+    c, report, out = runs(name, policy)
     assert_exact(c, report)
     assert c.oracle["evicted_blocks"] > 0  # pressured
+    if policy != "vllm":
+        changed = _evicted(out) != _evicted(runs(name, "vllm")[2])
+        assert changed == (policy in ORDER_CHANGED[name]), f"{policy} on {name}: order changed {changed}"
 
 
-@pytest.mark.parametrize("policy", [p for p in ENGINE_POLICIES if p != "vllm"])
-def test_policy_changes_vllms_own_eviction_order(policy, runs):
-    changed = [name for name in POLICY_WORKLOADS if _evicted(runs(name, policy)[2]) != _evicted(runs(name, "vllm")[2])]
-    assert changed, f"{policy} evicts in vLLM's own order on {POLICY_WORKLOADS}"
+def test_every_policy_changes_vllms_order_somewhere():
+    assert set().union(*ORDER_CHANGED.values()) == set(ENGINE_POLICIES) - {"vllm"}
 
 
 def test_every_engine_policy_is_covered():

@@ -48,12 +48,13 @@ def _replay(server, trace, out, policy):
     return run_live(trace, cfg, out, vocab_size=server.vocab_size).summary
 
 
-def test_cachewise_runs_inside_a_live_server_and_changes_vllms_eviction_order(tmp_path_factory):
+def test_cachewise_runs_inside_a_live_server_and_changes_vllms_eviction_order(tmp_path_factory, monkeypatch):
     from replay.live_compare import scaled
     from replay.server import ServerConfig, start_server
     from replay.tiny_model import build_tiny_model
     from traces.reader import write_trace
 
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # the servers' logs say what the plugin installed
     tmp_path = tmp_path_factory.mktemp("lp")  # short: the servers' ipc:// socket paths must stay under 107 bytes
     model = str(build_tiny_model(tmp_path / "tiny-llama"))
     trace = _trace()
