@@ -18,7 +18,7 @@ import numpy as np
 from cwsim.block_pool import FreedBlocks
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.policies.api import CpuTierAccess, Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
-from cwsim.policies.online import DEFAULT_SESSION_IDLE_S, BlockSharing, SessionActivity
+from cwsim.policies.online import DEFAULT_SESSION_IDLE_S, BlockSharing, SessionActivity, SessionFacts
 from cwsim.request import Request
 
 _REASONS = {r.value: r for r in ReleaseReason}
@@ -101,7 +101,7 @@ class SimCpuTier(CpuTierAccess):
         self.tier.cancel(handle)
 
 
-class SimEnvironment(Environment):
+class SimEnvironment(SessionFacts, Environment):
     """One policy bound to one simulated engine.
 
     ``policy`` gets ``predictor`` if it needs one, ``future`` (a
@@ -162,13 +162,6 @@ class SimEnvironment(Environment):
     def running(self) -> Sequence[SimRequestView]:
         return [r.view for r in self.scheduler.running]
 
-    @property
-    def active_sessions(self) -> int:
-        return self.sessions.count(self.now)
-
-    def session_active(self, session_id: str) -> bool:
-        return self.sessions.is_active(session_id, self.now)
-
     def still_free(self, seq: int, blocks: np.ndarray) -> np.ndarray:
         return self.pool.in_release(blocks, seq)
 
@@ -197,7 +190,7 @@ class SimEnvironment(Environment):
         return self.policy.preemption_victim([r.view for r in running])._r
 
     def tick(self, now: float) -> None:
-        self.now = now
+        self.now = now  # the time hook runs at this time (the engine has set it too)
         if self.ticks:
             self.policy.tick(now)
 

@@ -69,6 +69,21 @@ class SessionActivity:
         return session_id in self._active
 
 
+class SessionFacts:
+    """``Environment.active_sessions`` and ``session_active`` from an adapter's ``sessions``
+    (a :class:`SessionActivity`) and its clock ``now``: one implementation for both adapters."""
+
+    sessions: SessionActivity
+    now: float
+
+    @property
+    def active_sessions(self) -> int:
+        return self.sessions.count(self.now)
+
+    def session_active(self, session_id: str) -> bool:
+        return self.sessions.is_active(session_id, self.now)
+
+
 class BlockSharing:
     """Per block: has a request of another session held it since its content was cached?
 

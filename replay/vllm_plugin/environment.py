@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cwsim.policies.api import Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
-from cwsim.policies.online import BlockSharing, SessionActivity
+from cwsim.policies.online import BlockSharing, SessionActivity, SessionFacts
 from replay.tokens import external_hash
 from replay.vllm_plugin.config import PluginConfig, engine_policy
 
@@ -93,7 +93,7 @@ def build_policy(config: PluginConfig) -> tuple[Policy, object]:
     return policy, predictor
 
 
-class VllmEnvironment(Environment):
+class VllmEnvironment(SessionFacts, Environment):
     """One policy bound to one vLLM scheduler (``replay.vllm_plugin.scheduler``)."""
 
     def __init__(self, scheduler, policy: Policy, predictor, session_idle_s: float):
@@ -141,13 +141,6 @@ class VllmEnvironment(Environment):
     def running(self) -> Sequence[VllmRequestView]:
         views = self.views
         return [views[r.request_id] for r in self.scheduler.running]
-
-    @property
-    def active_sessions(self) -> int:
-        return self.sessions.count(self.now)
-
-    def session_active(self, session_id: str) -> bool:
-        return self.sessions.is_active(session_id, self.now)
 
     def still_free(self, seq: int, blocks: np.ndarray) -> np.ndarray:
         return self.queue.queue.in_release(blocks, seq)

@@ -158,7 +158,8 @@ class _PolicyMixin:
         """Put another policy in place (before the first request): for tests and in-process engines."""
         if self.requests:
             raise RuntimeError("install a policy before the first request")
-        self.cw = VllmEnvironment(self, policy, predictor, session_idle_s or self.cw.sessions.idle_s)
+        idle = self.cw.sessions.idle_s if session_idle_s is None else session_idle_s
+        self.cw = VllmEnvironment(self, policy, predictor, idle)
         self.waiting = PolicyWaitingQueue(self.cw) if not self.cw.static else FCFSRequestQueue()
         self.policy = SchedulingPolicy.PRIORITY if self.cw.custom_victim else SchedulingPolicy.FCFS
 
