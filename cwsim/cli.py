@@ -7,9 +7,7 @@ or field, exit code 2, no traceback. Ctrl-C and SIGTERM end with one line too (e
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from contextlib import contextmanager
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
@@ -267,25 +265,16 @@ def sweep(
     """Simulate every point of a grid of configurations; one row per point in results.parquet."""
     from cwsim.sweep import RESULTS_FILE, SweepInterrupted, run_sweep
 
-    interrupted = False
-    try:
-        with _guarded("--out") as stop:
-            check_folder(out)
-            with _bar("sweeping", "points") as bar:
-                task = bar.add_task("sweep", total=None)
-                try:
-                    df = run_sweep(config, out, workers=workers, ray_address=ray_address,
-                                   on_progress=lambda done, total, row: bar.update(task, completed=done, total=total))
-                except SweepInterrupted as e:
-                    interrupted = True
-                    stop.note = f"{e.done} of {e.total} points kept in {out / RESULTS_FILE}; rerun to resume"
-                    raise
-    except typer.Exit as e:
-        if interrupted:  # everything is written; the killed pool's threads could hold up a normal exit
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(e.exit_code)
-        raise
+    with _guarded("--out") as stop:
+        check_folder(out)
+        with _bar("sweeping", "points") as bar:
+            task = bar.add_task("sweep", total=None)
+            try:
+                df = run_sweep(config, out, workers=workers, ray_address=ray_address,
+                               on_progress=lambda done, total, row: bar.update(task, completed=done, total=total))
+            except SweepInterrupted as e:
+                stop.note = f"{e.done} of {e.total} points kept in {out / RESULTS_FILE}; rerun to resume"
+                raise
     failed = df.loc[df["status"] != "ok"]
     console.print(f"{len(df)} points: {df.attrs['ran']} run, {df.attrs['skipped']} already done, {len(failed)} failed; "
                   f"results in {out / RESULTS_FILE}", markup=False)

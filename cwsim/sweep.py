@@ -334,9 +334,14 @@ def _run_pool(todo: list[SweepPoint], traces: dict[str, Trace], out: Path, worke
                 exc = f.exception()
                 finished(futures[f], {"error": f"{type(exc).__name__}: {exc}"} if exc else f.result())
     except BaseException:
-        for proc in list((pool._processes or {}).values()):  # the points under way are dropped
+        procs = list((pool._processes or {}).values())
+        for proc in procs:  # the points under way are dropped
             proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.join()
+        # a clean shutdown: the pool's queues and their semaphores are released before the
+        # process exits (no "leaked semaphore" warning after the last line)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
 
