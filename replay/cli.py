@@ -191,6 +191,7 @@ def run_cmd(
     stream: bool = typer.Option(False, "--stream", help="Stream answers and time the first token in the client (dearer; default: the server's per-request times)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: keep its finished sessions, run the rest."),
     policy: str = typer.Option("vllm", "--policy", help="The policy the server runs (cwreplay serve --policy): recorded in summary.json and simulated by cwreplay compare."),
+    predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="The trace the server's predictor was fitted on (cwreplay serve --predictor-trace): recorded, and used by cwreplay compare."),
 ) -> None:
     """Replay a trace against a live vLLM server, closed loop, recording its KV events and metrics."""
     from cwsim.cli import _bar
@@ -200,7 +201,8 @@ def run_cmd(
     with _Signals() as sig, _bad_input(trace, ArrivalError):
         cfg = LiveConfig(server=server.rstrip("/"), events=events, events_replay=events_replay, time_scale=time_scale,
                          max_sessions=max_sessions, arrivals=arrivals, agents=agents, max_in_flight=max_in_flight,
-                         stream=stream, policy=policy)
+                         stream=stream, policy=policy,
+                         predictor_trace=str(predictor_trace) if predictor_trace is not None else None)
         tr = load_trace(trace)
         ClosedLoop(tr.sessions[: max_sessions or None], arrivals, agents, time_scale)  # arrival errors before a call
         total = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
@@ -263,18 +265,20 @@ def compare_cmd(
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="The server's --max-num-seqs."),
     max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="The server's --max-num-batched-tokens."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="The trace file, if it has moved since the run."),
+    predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="The trace the server's predictor was fitted on (default: the run's --predictor-trace)."),
 ) -> None:
-    """Run a live replay's trace in cwsim (same pool, arrivals, time scale) and print real vs simulated."""
+    """Run a live replay's trace in cwsim (same pool, arrivals, time scale, policy) and print real vs simulated."""
     from replay.live_compare import CompareError, compare_live
 
     with _bad_input(trace, CompareError):
         c = compare_live(run_dir, profile, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                         trace=trace)
+                         trace=trace, predictor_trace=predictor_trace)
     pct = lambda x: "n/a" if x is None else f"{100 * x:+.1f}%"  # noqa: E731
+    mape = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     print(f"evicted blocks: real {c['evicted_blocks']['real']}, sim {c['evicted_blocks']['sim']} "
-          f"({pct(c['evicted_blocks']['error'])}); first differing eviction: {c['first_differing_eviction']}")
+          f"({pct(c['evicted_blocks']['error'])}); first differing eviction: {c['first_differing_eviction']}; "
+          f"in common: {mape(c['evicted_in_common'])}")
     print(f"preemptions: real {c['preemptions']['real']}, sim {c['preemptions']['sim']}")
     print(f"prefix hit rate: real {c['prefix_hit_rate']['real']:.4f}, sim {c['prefix_hit_rate']['sim']:.4f}")
-    mape = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     print(f"per-call latency MAPE {mape(c['call_latency_mape'])}, per-session time MAPE {mape(c['session_time_mape'])}")
     console.print(f"written: {run_dir}/compare.json, {run_dir}/compare_sessions.png, {run_dir}/sim/")

@@ -88,6 +88,9 @@ class LiveConfig:
     stream: bool = False
     #: the policy the server runs (``cwreplay serve --policy``): recorded in summary.json, simulated by the comparison
     policy: str = "vllm"
+    #: the trace the server's predictor was fitted on (``cwreplay serve --predictor-trace``): recorded,
+    #: and what the comparison fits the simulated policy's predictor on
+    predictor_trace: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:

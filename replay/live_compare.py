@@ -3,9 +3,10 @@
 ``compare_live(run_dir, profile=FILE, ...)`` reads a ``cwreplay run`` folder
 (``run.json``, ``summary.json``, the CSVs), runs the same trace, sessions,
 pool, block size, arrivals and time scale in ``cwsim`` with the run's policy (``--policy``)
-and the given (calibrated) step-time profile (``run_dir/sim``), and reports:
-evicted blocks on each side and the first evicted block that differs (the
-simulator's hashes mapped to vLLM's, :func:`replay.compare.hash_map`),
+and predictor (``--predictor-trace``) and the given (calibrated) step-time
+profile (``run_dir/sim``), and reports: evicted blocks on each side, the
+first evicted block that differs (the simulator's hashes mapped to vLLM's,
+:func:`replay.compare.hash_map`) and the share of distinct evicted blocks both evicted,
 prefix hit rate, preemptions, and the mean absolute percentage error of
 per-call latency (finish - arrival) and of per-session completion time. It
 writes ``run_dir/compare.json`` and ``run_dir/compare_sessions.png`` (simulated
@@ -49,8 +50,9 @@ def _mape(real: pd.Series, sim: pd.Series) -> float | None:
 
 
 def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 trace: str | Path | Trace | None = None) -> dict:
-    """See the module docstring; ``trace``: the trace (or its file) when the recorded path does not hold it."""
+                 trace: str | Path | Trace | None = None, predictor_trace: str | Path | None = None) -> dict:
+    """See the module docstring; ``trace``: the trace (or its file) when the recorded path does not hold it;
+    ``predictor_trace``: what the server's predictor was fitted on, when the run did not record it."""
     run = Path(run_dir)
     try:
         state = json.loads((run / "run.json").read_text())
@@ -68,7 +70,11 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
             raise CompareError(f"{run}: the run's trace {str(path)!r} is not a file here: give --trace")
         tr = load_trace(path)
     tr = scaled(tr, cfg["time_scale"])
-    sim_cfg = SimConfig(policy=cfg.get("policy", "vllm"), cpu_kv_blocks=0, profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
+    policy = cfg.get("policy", "vllm")
+    pred = predictor_trace if predictor_trace is not None else cfg.get("predictor_trace")
+    if pred is not None and not Path(pred).is_file():
+        raise CompareError(f"{run}: the predictor trace {str(pred)!r} is not a file here: give --predictor-trace")
+    sim_cfg = SimConfig(policy=policy, predictor_trace=None if pred is None else str(pred), cpu_kv_blocks=0, profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         arrivals=cfg["arrivals"], agents=cfg["agents"], max_sessions=cfg["max_sessions"])
     sim = simulate(tr, sim_cfg, run / "sim", eviction_log=True).summary
@@ -88,13 +94,17 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
     first = next((i for i in range(max(len(ev_real), len(ev_sim)))
                   if (ev_real[i] if i < len(ev_real) else None) != (ev_sim[i] if i < len(ev_sim) else None)), None)
     rel = lambda a, b: None if not a else (b - a) / a  # noqa: E731
+    either = set(ev_real) | set(ev_sim)
     out = {
-        "run": str(run), "profile": profile,
+        "run": str(run), "profile": profile, "policy": policy,
+        "predictor_trace": None if pred is None else str(pred),
         "evicted_blocks": {"real": real["evicted_blocks"], "sim": sim["evicted_blocks"],
                            "error": rel(real["evicted_blocks"], sim["evicted_blocks"])},
         "first_differing_eviction": None if first is None else {
             "index": first, "real": ev_real[first] if first < len(ev_real) else None,
             "sim": ev_sim[first] if first < len(ev_sim) else None},
+        # distinct blocks evicted by both, over those evicted by either (1: the same blocks, maybe in another order)
+        "evicted_in_common": len(set(ev_real) & set(ev_sim)) / len(either) if either else None,
         "preemptions": {"real": real["preemptions"], "sim": sim["preemptions"],
                         "error": rel(real["preemptions"], sim["preemptions"])},
         "prefix_hit_rate": {"real": real["prefix_hit_rate"], "sim": sim["prefix_hit_rate"]},

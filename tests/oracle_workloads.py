@@ -60,6 +60,13 @@ def tool_mix_sessions(n: int, turns: int, seed: int, *, system: int = 300, task=
     return out
 
 
+def tool_mix_history(turns: int = 6, n: int = 40) -> list[Session]:
+    """Other sessions of the :func:`tool_mix_sessions` workload (another seed): the history a
+    policy's predictor is fitted on, never the replayed sessions themselves (that is the trace's
+    future; and on a few sessions a category like ``submit`` has too few samples to be learnt)."""
+    return tool_mix_sessions(n, turns, seed=99)
+
+
 def miniswe_sample(n_sessions: int, scale: int, max_turns: int) -> Trace:
     """The first real mini-swe-agent sessions, token counts divided by ``scale``, cut to ``max_turns`` calls."""
     from traces.importers import miniswe
