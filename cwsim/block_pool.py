@@ -102,8 +102,9 @@ class BlockPool:
         self.score_fn = score_fn
         self.growable = growable
         self.on_evict = on_evict
-        #: ``on_release(blocks, refs_after, request)``: called with every release (before the freed blocks are scored)
-        self.on_release: Callable[[np.ndarray, np.ndarray, object], None] | None = None
+        #: ``on_release(blocks, refs_after, has_hash, request)``: called with every release (before the freed
+        #: blocks are scored); the arrays are per block of ``blocks``
+        self.on_release: Callable[[np.ndarray, np.ndarray, np.ndarray, object], None] | None = None
         self.ref = np.zeros(num_blocks, dtype=np.int32)
         self.has_hash = np.zeros(num_blocks, dtype=bool)
         self.hash_of = np.zeros(num_blocks, dtype=np.int64)
@@ -150,15 +151,19 @@ class BlockPool:
         if n == 0:
             return
         refs = self._deref(ordered)
+        hashed = self.has_hash[ordered]
         if self.on_release is not None:
-            self.on_release(ordered, refs, request)
+            self.on_release(ordered, refs, hashed, request)
         freed_mask = refs == 0
         n_freed = _cnz(freed_mask)
         if n_freed == 0:
             return
         all_freed = n_freed == n
-        freed = ordered.copy() if all_freed else ordered[freed_mask]  # a run's own array
-        hashed = self.has_hash[freed]
+        if all_freed:
+            freed = ordered.copy()  # a run's own array
+        else:
+            freed = ordered[freed_mask]
+            hashed = hashed[freed_mask]
         n_h = int(_cnz(hashed))
         if n_h < n_freed:
             self.queue.prepend_n(freed[~hashed])

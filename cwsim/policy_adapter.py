@@ -18,6 +18,7 @@ import numpy as np
 from cwsim.block_pool import FreedBlocks
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.policies.api import CpuTierAccess, Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
+from cwsim.predict import NO_TOOL
 from cwsim.policies.online import DEFAULT_SESSION_IDLE_S, BlockSharing, SessionActivity, SessionFacts
 from cwsim.request import Request
 
@@ -44,6 +45,14 @@ class SimRequestView(RequestView):
         if self._tools is None:
             self._tools = tuple([ToolCall(t.name, t.category) for t in r.session.calls[r.turn].tools])
         return self._tools
+
+    @property
+    def category(self) -> str:  # the same as RequestView's, without building the ToolCall views
+        r = self._r
+        if r.finish < 0:
+            return NO_TOOL
+        tools = r.session.calls[r.turn].tools
+        return tools[-1].category if tools else NO_TOOL
 
     @property
     def computed_tokens(self) -> int:
@@ -179,6 +188,9 @@ class SimEnvironment(SessionFacts, Environment):
         if self.passive:
             return
         self.sessions.finish(req.session.session_id, now)
+        # its blocks are released: the engine needs the view no more (a policy may keep it), and the
+        # request <-> view cycle would leave both to the cycle collector
+        req.view = None
 
     # ------------------------------------------- the loops' decisions
     def priority_key(self, req: Request):
@@ -197,12 +209,11 @@ class SimEnvironment(SessionFacts, Environment):
     def next_deadline(self) -> float:
         return self.policy.next_deadline() if self.ticks else math.inf
 
-    def _on_release(self, ordered: np.ndarray, refs_after: np.ndarray, request) -> None:
+    def _on_release(self, ordered: np.ndarray, refs_after: np.ndarray, hashed: np.ndarray, request) -> None:
         """Every release of blocks (before the freed ones are scored): the sharing facts."""
         pool = self.pool
         if len(pool.ref) > self.sharing.size:
             self.sharing.grow(len(pool.ref))
-        hashed = pool.has_hash[ordered]
         if request is None or request.view is None:
             shared = refs_after > 0
         else:

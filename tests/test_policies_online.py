@@ -233,9 +233,11 @@ def test_the_adapter_computes_release_shared_from_the_pools_releases():
     blocks = pool.get_new_blocks(3)  # 1, 2, 3; 3 stays without a hash
     pool.cache_full_blocks(blocks[:2], [11, 12])
     ra = arrive(env, 0, a, 0)
+    va = ra.view
     release(env, blocks, ra, 1.0)
     r, = pol.seen
-    assert (r.request is ra.view, r.reason, r.now, r.seq) == (True, ReleaseReason.FINISH, 1.0, r.seq)
+    assert (r.request is va, r.reason, r.now, r.seq) == (True, ReleaseReason.FINISH, 1.0, r.seq)
+    assert ra.view is None and va._r is ra  # the engine drops a finished request's view (no cycle); a policy may keep it
     assert (r.blocks.tolist(), r.keys.tolist(), r.positions.tolist()) == ([2, 1], [12, 11], [1, 0])
     assert shared_of(pol) == [("A", [2, 1], [False, False])]
     # B hits A's two blocks, then releases them

@@ -117,14 +117,16 @@ class BlockSharing:
         if not 0 <= session < 1 << 31:
             raise ValueError(f"session number out of range: {session}")
         rec = self._rec
-        r = rec[blocks]
-        me = session << 1
         cur = gens << 32
-        # valid (same cached life) and (another session released it last, or it was shared already)
-        shared = (r >> 32) == gens
-        shared &= (r & 0xFFFFFFFF) != me
+        cur |= session << 1  # this release's record, unshared
+        # x == 0: the same life and session, unshared; 0 < x < 2**32: the same life, and another
+        # session released it last or it was shared already; else another life or no record (-1)
+        x = rec[blocks]
+        x ^= cur
+        x = x.view(np.uint64)
+        x -= np.uint64(1)  # 0 wraps to the top
+        shared = x < np.uint64(0xFFFFFFFF)
         shared |= refs_after > 0
-        cur |= me
         cur |= shared
         if _cnz(hashed) == len(hashed):  # the common case: every block of the table has a hash
             rec[blocks] = cur
