@@ -18,8 +18,8 @@ import numpy as np
 from cwsim.block_pool import FreedBlocks
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.policies.api import CpuTierAccess, Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
-from cwsim.predict import NO_TOOL
 from cwsim.policies.online import DEFAULT_SESSION_IDLE_S, BlockSharing, SessionActivity, SessionFacts
+from cwsim.predict import NO_TOOL, call_category
 from cwsim.request import Request
 
 _REASONS = {r.value: r for r in ReleaseReason}
@@ -51,8 +51,7 @@ class SimRequestView(RequestView):
         r = self._r
         if r.finish < 0:
             return NO_TOOL
-        tools = r.session.calls[r.turn].tools
-        return tools[-1].category if tools else NO_TOOL
+        return call_category(r.session.calls[r.turn])
 
     @property
     def computed_tokens(self) -> int:

@@ -274,11 +274,11 @@ def compare_cmd(
         c = compare_live(run_dir, profile, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          trace=trace, predictor_trace=predictor_trace)
     pct = lambda x: "n/a" if x is None else f"{100 * x:+.1f}%"  # noqa: E731
-    mape = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    share = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     print(f"evicted blocks: real {c['evicted_blocks']['real']}, sim {c['evicted_blocks']['sim']} "
           f"({pct(c['evicted_blocks']['error'])}); first differing eviction: {c['first_differing_eviction']}; "
-          f"in common: {mape(c['evicted_in_common'])}")
+          f"in common: {share(c['evicted_in_common'])}")
     print(f"preemptions: real {c['preemptions']['real']}, sim {c['preemptions']['sim']}")
     print(f"prefix hit rate: real {c['prefix_hit_rate']['real']:.4f}, sim {c['prefix_hit_rate']['sim']:.4f}")
-    print(f"per-call latency MAPE {mape(c['call_latency_mape'])}, per-session time MAPE {mape(c['session_time_mape'])}")
+    print(f"per-call latency MAPE {share(c['call_latency_mape'])}, per-session time MAPE {share(c['session_time_mape'])}")
     console.print(f"written: {run_dir}/compare.json, {run_dir}/compare_sessions.png, {run_dir}/sim/")
