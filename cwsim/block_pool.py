@@ -49,12 +49,8 @@ NULL_BLOCK = 0
 _consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
 from cwsim.free_queue import SMALL as _SMALL, FreeBlockQueue
-# count_nonzero is a plain C call; ndarray.any()/.all()/.sum() cost ~2 us each on small arrays.
-# It returns a numpy integer: convert before keeping a count (counters stay Python ints).
-try:  # the C function itself, without np.count_nonzero's Python wrapper (axis/keepdims handling)
-    from numpy._core.multiarray import count_nonzero as _cnz
-except ImportError:  # pragma: no cover - other numpy layouts
-    _cnz = np.count_nonzero
+# a numpy integer: convert before keeping a count (counters stay Python ints)
+from cwsim.free_queue import count_nonzero as _cnz
 
 
 @dataclass(slots=True)
@@ -105,6 +101,9 @@ class BlockPool:
         #: ``on_release(blocks, refs_after, has_hash, request)``: called with every release (before the freed
         #: blocks are scored); the arrays are per block of ``blocks``
         self.on_release: Callable[[np.ndarray, np.ndarray, np.ndarray, object], None] | None = None
+        #: ``on_unhash(blocks)``: called with the ids (an array or a list) of each batch of blocks that lose
+        #: their hash (evicted, or freed uncached): their contents' cached lives end
+        self.on_unhash: Callable[[np.ndarray | list[int]], None] | None = None
         self.ref = np.zeros(num_blocks, dtype=np.int32)
         self.has_hash = np.zeros(num_blocks, dtype=bool)
         self.hash_of = np.zeros(num_blocks, dtype=np.int64)
@@ -296,6 +295,8 @@ class BlockPool:
                     self.num_evicted += len(hashed)
                     if self.on_evict is not None:
                         self.on_evict(hashes)
+                    if self.on_unhash is not None:
+                        self.on_unhash(hashed)
             return blocks
         self.ref[blocks] = 1
         hashed = self.has_hash[blocks]
@@ -339,6 +340,8 @@ class BlockPool:
         self.has_hash[blocks] = False
         self.canonical[blocks] = False
         self.gen[blocks] += 1
+        if self.on_unhash is not None:
+            self.on_unhash(blocks)
         return hashes
 
     def cache_full_blocks(self, blocks: np.ndarray, hashes: Sequence[int]) -> None:

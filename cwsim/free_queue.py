@@ -53,6 +53,9 @@ try:  # the C function itself, without np.count_nonzero's Python wrapper
     from numpy._core.multiarray import count_nonzero as _cnz
 except ImportError:  # pragma: no cover - other numpy layouts
     _cnz = np.count_nonzero
+#: ``np.count_nonzero`` without its Python wrapper (a plain C call; ``.any()`` / ``.sum()`` cost ~2 us
+#: each on small arrays); it returns a numpy integer
+count_nonzero = _cnz
 
 
 class _Run:
@@ -244,8 +247,16 @@ class FreeBlockQueue:
     def in_release(self, ids: np.ndarray, seq: int) -> np.ndarray:
         """Which of ``ids`` are still free in the run(s) keyed with release ``seq``."""
         rids = self.run_of[ids]
+        free = rids >= 0
+        n = _cnz(free)
+        if n == 0:  # none is free any more (a pin whose blocks were all reused)
+            return free
+        live = rids[free] if n < len(rids) else rids
+        r0 = live.item(0)
+        if live.item(-1) == r0 and (n <= 2 or not _cnz(live != r0)):  # the common case: all in one run
+            return free if self._runs[r0].key[2] == seq else np.zeros(len(ids), dtype=bool)
         out = np.zeros(len(ids), dtype=bool)
-        for rid in np.unique(rids[rids >= 0]).tolist():
+        for rid in np.unique(live).tolist():
             if self._runs[rid].key[2] == seq:
                 out |= rids == rid
         return out
@@ -258,8 +269,9 @@ class FreeBlockQueue:
         moving = ids[self.run_of[ids] >= 0]
         if len(moving) == 0:
             return moving
-        _, first = np.unique(moving, return_index=True)
-        if len(first) < len(moving):
+        srt = np.sort(moving)
+        if _cnz(srt[1:] == srt[:-1]):  # an id given twice: keep its first
+            _, first = np.unique(moving, return_index=True)
             moving = moving[np.sort(first)]
         self.remove(moving)
         self._push((1, float(score), int(seq)), moving.copy())

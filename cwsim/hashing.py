@@ -46,15 +46,15 @@ class SegmentInterner:
 class PrefixMemo:
     """Hashing state of the last sequence hashed, for incremental reuse."""
 
-    __slots__ = ("segs", "hashes", "states", "reused", "ids")
+    __slots__ = ("segs", "out", "states", "reused")
 
     def __init__(self) -> None:
         self.segs: tuple[tuple[int, int], ...] = ()
-        self.hashes: list[int] = []
-        self.ids: list[int] = []  # the hashes' BlockIds, when block_hashes is given them
-        # states[i] = (full-block hashes so far, partial-block pieces) before
+        #: the last call's result (hashes, or their ids when ``block_hashes`` is given ``ids``)
+        self.out: list[int] = []
+        # states[i] = (full blocks so far, partial-block pieces, the last full block's hash) before
         # segment i; states[len(segs)] is the state at the end.
-        self.states: list[tuple[int, tuple]] = [(0, ())]
+        self.states: list[tuple[int, tuple, int]] = [(0, (), ROOT_HASH)]
         #: how many leading hashes the last call carried over from the sequence before
         self.reused = 0
 
@@ -81,19 +81,28 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
     is reused, and the memo is updated to this sequence. With ``ids``, the
     hashes' dense ids (:class:`BlockIds`, the same for every call with this
     memo) are returned instead.
+
+    A sequence that extends the memo's last one (an agent's next prompt) gets
+    the last call's list itself, extended in place: no copy of the blocks
+    already hashed. So a list returned with a memo keeps its first ``len()``
+    items for good but may grow after them; a caller reads the part its own
+    sequence covers.
     """
     if memo is None:
         memo = PrefixMemo()
     if type(segs) is not tuple:
         segs = tuple(segs)
     start = common_prefix_len(memo.segs, segs)
-    n_hashes, partial = memo.states[start]
-    hashes = memo.hashes[:n_hashes]
-    states = memo.states[: start + 1]
-    parent = hashes[-1] if hashes else ROOT_HASH
+    states = memo.states
+    n_hashes, partial, parent = states[start]
+    out = memo.out
+    if n_hashes < len(out):
+        out = out[:n_hashes]  # a new list: the last one stays as it was returned
+    del states[start + 1 :]
     pieces = list(partial)
     filled = sum(e - s for _, s, e in pieces)
     bs = block_size
+    new: list[int] = []
     for sid, n in segs[start:]:
         pos = 0
         if filled:
@@ -102,23 +111,26 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
             filled += pos
             if filled == bs:
                 parent = hash((parent, tuple(pieces)))
-                hashes.append(parent)
+                new.append(parent)
                 pieces, filled = [], 0
         while n - pos >= bs:  # whole blocks inside this segment
             parent = hash((parent, ((sid, pos, pos + bs),)))
-            hashes.append(parent)
+            new.append(parent)
             pos += bs
         if pos < n:
             pieces.append((sid, pos, n))
             filled += n - pos
-        states.append((len(hashes), tuple(pieces)))
+        states.append((n_hashes + len(new), tuple(pieces), parent))
     memo.reused = n_hashes
     memo.segs = segs
-    memo.hashes = hashes
-    memo.states = states
     if ids is None:
-        return hashes
-    out = memo.ids[:n_hashes]
-    out += map(ids.__getitem__, hashes[n_hashes:])
-    memo.ids = out
+        out += new
+    else:
+        get = ids.get
+        for h in new:  # ids[h], without a __missing__ call per new hash
+            i = get(h)
+            if i is None:
+                i = ids[h] = len(ids)
+            out.append(i)
+    memo.out = out
     return out

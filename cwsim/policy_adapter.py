@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cwsim.block_pool import FreedBlocks
+from cwsim.free_queue import count_nonzero
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.policies.api import CpuTierAccess, Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
 from cwsim.policies.online import DEFAULT_SESSION_IDLE_S, BlockSharing, SessionActivity, SessionFacts
@@ -150,6 +151,7 @@ class SimEnvironment(SessionFacts, Environment):
             self._last = None
             pool.score_fn = self._score
             pool.on_release = self._on_release
+            pool.on_unhash = self.sharing.forget
         else:
             self.sharing = None
             pool.score_fn = None
@@ -216,8 +218,10 @@ class SimEnvironment(SessionFacts, Environment):
         if request is None or request.view is None:
             shared = refs_after > 0
         else:
-            shared = self.sharing.release(ordered, hashed, pool.gen[ordered], refs_after, request.view.session_number)
-        self._last = shared[(refs_after == 0) & hashed]
+            shared = self.sharing.release(ordered, hashed, refs_after, request.view.session_number)
+        if count_nonzero(refs_after) or count_nonzero(hashed) < len(hashed):  # else every block is freed, with a hash
+            shared = shared[(refs_after == 0) & hashed]
+        self._last = shared
 
     def _score(self, freed: FreedBlocks):
         req = freed.request

@@ -40,6 +40,13 @@ def call_category(call: Call) -> str:
 class _Dist:
     gaps: np.ndarray  # sorted gaps to the next call, of calls that had one
     n_calls: int  # calls of this category, last calls of sessions included
+    #: the mean gap (nan without gaps): the expected idle time at a response's end, asked at every release
+    mean: float = field(init=False)
+    #: quantiles asked for so far (``q`` -> value): a TTL policy asks at every release
+    quantiles: dict = field(init=False, default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.mean = float(self.gaps.mean()) if len(self.gaps) else math.nan
 
     @property
     def p_continue(self) -> float:
@@ -96,11 +103,16 @@ class ToolCallPredictor:
         ``inf`` when the session is predicted to end (no gap ever observed
         that long, or no next call). ``key`` seeds the injected error.
         """
-        g = self._dist(cat).gaps
-        rest = g[g > elapsed] if elapsed > 0 else g  # at 0, a gap of 0 is a call at once, not an end
-        if len(rest) == 0:
+        d = self._dist(cat)
+        if elapsed > 0:
+            rest = d.gaps[d.gaps > elapsed]
+            if len(rest) == 0:
+                return math.inf
+            idle = float(rest.mean() - elapsed)
+        elif len(d.gaps):  # at 0, a gap of 0 is a call at once, not an end
+            idle = d.mean - elapsed if elapsed else d.mean
+        else:
             return math.inf
-        idle = float(rest.mean() - elapsed)
         if self.error > 0 and key is not None:
             idle *= float(np.exp(np.random.default_rng((self.seed, key)).normal(0.0, self.error)))
         return idle
@@ -117,12 +129,14 @@ class ToolCallPredictor:
 
     def typical_idle(self) -> float:
         """The mean gap to a next call over all categories (0 when none was seen)."""
-        g = self.pooled.gaps
-        return float(g.mean()) if len(g) else 0.0
+        return self.pooled.mean if len(self.pooled.gaps) else 0.0
 
     def quantile(self, cat: str, q: float) -> float:
-        g = self._dist(cat).gaps
-        return float(np.quantile(g, q)) if len(g) else 0.0
+        d = self._dist(cat)
+        v = d.quantiles.get(q)
+        if v is None:
+            v = d.quantiles[q] = float(np.quantile(d.gaps, q)) if len(d.gaps) else 0.0
+        return v
 
     def confidence(self, cat: str) -> float:
         """How much to trust this category's idle prediction, in [0, 1].

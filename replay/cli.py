@@ -60,6 +60,9 @@ def oracle(
     engine: str = typer.Option("model", "--engine", help="model: the real engine computes every step; emulated: vLLM's engine core, scheduler and KV cache manager with emulated model outputs (fast; needed for --async-scheduling)."),
     async_scheduling: bool = typer.Option(False, "--async-scheduling/--no-async-scheduling", metavar="", help="vLLM's AsyncScheduler and batch queue (two batches in flight), as GPU engines run by default; needs --engine emulated."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the tiny random-weight Llama, built locally)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Run this project policy inside vLLM (the plugin; `cwsim policies` lists them; --compare simulates the same policy). Default: vLLM's own scheduler."),
+    setting: list[str] = typer.Option([], "--setting", help="A policy setting NAME=VALUE (e.g. aging_s=30); repeatable."),
+    policy_import: list[str] = typer.Option([], "--policy-import", help="A module to import first (it registers your own policy); repeatable."),
     compare_sim: bool = typer.Option(False, "--compare", help="Also run the trace in cwsim (unit-step profile) and print a per-call diff and the first divergence."),
     out: Path = typer.Option(..., "--out", help="Output folder: requests.csv, sessions.csv, evictions.csv, outputs.jsonl, summary.json (with --compare: oracle/, sim/, compare.json)."),
 ) -> None:
@@ -68,12 +71,16 @@ def oracle(
     from replay.oracle import OracleConfig, OracleError, run_oracle, step_trace
 
     with _bad_input(trace, OracleError):
+        from replay.vllm_plugin.config import import_policy_modules
+
+        import_policy_modules(policy_import)
         oc = OracleConfig(kv_blocks=kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, arrivals=arrivals, agents=agents,
                           max_sessions=max_sessions, steps_per_s=steps_per_s,
                           scheduler_reserve_full_isl=scheduler_reserve_full_isl, watermark=watermark,
                           long_prefill_token_threshold=long_prefill_token_threshold, engine=engine,
-                          async_scheduling=async_scheduling, model=str(model) if model is not None else None)
+                          async_scheduling=async_scheduling, model=str(model) if model is not None else None,
+                          policy=policy, policy_settings=parse_settings(setting))
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
                              f"({max_num_seqs}), as vLLM requires")

@@ -81,15 +81,9 @@ class ServerConfig:
     def plugin_config(self):
         """The plugin's ``--additional-config`` settings; ``ValueError`` naming the flag when the policy
         cannot run inside vLLM."""
-        import importlib
+        from replay.vllm_plugin.config import PluginConfig, engine_policy, import_policy_modules
 
-        from replay.vllm_plugin.config import PluginConfig, engine_policy
-
-        for module in self.policy_imports:
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise ValueError(f"--policy-import {module}: {e}") from None
+        import_policy_modules(self.policy_imports)
         spec = engine_policy(self.policy, [k for k, _ in self.policy_settings])
         trace = self.predictor_trace
         if spec.needs_predictor:

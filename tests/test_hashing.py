@@ -38,7 +38,7 @@ def test_incremental_hashing_equals_hashing_from_scratch(a, tail, keep, bs):
 
 def test_a_grown_prompt_reuses_every_block_of_the_previous_call():
     memo = PrefixMemo()
-    first = block_hashes([(1, 2000), (2, 90)], 16, memo)
+    first = list(block_hashes([(1, 2000), (2, 90)], 16, memo))
     second = block_hashes([(1, 2000), (2, 90), (3, 700)], 16, memo)
     assert second[: len(first)] == first and memo.reused == len(first)
 
@@ -77,3 +77,28 @@ def test_block_ids_are_dense_and_equal_exactly_when_hashes_are():
     assert sorted(seen.values()) == list(range(len(ids)))  # dense, from 0
     first_a = block_hashes(tuple((interner(s), n) for s, n in calls_a[0]), 8, PrefixMemo(), ids)
     assert first_a[:5] == list(range(5))  # the shared system prompt's blocks kept their first ids
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.lists(st.tuples(segments, st.integers(0, 8)), min_size=1, max_size=5), st.sampled_from([1, 4, 16]))
+def test_a_returned_list_keeps_its_items_whatever_the_memo_hashes_next(calls, bs):
+    """A list returned with a memo may grow in place (the next call extends it), never change."""
+    memo, ids = PrefixMemo(), BlockIds()
+    seen: list[tuple[list[int], list[int]]] = []
+    segs: list = []
+    for tail, keep in calls:
+        segs = segs[:keep] + tail
+        got = block_hashes(segs, bs, memo, ids)
+        assert got == block_hashes(segs, bs, PrefixMemo(), ids)
+        seen.append((got, list(got)))
+        for returned, snapshot in seen:
+            assert returned[: len(snapshot)] == snapshot
+
+
+def test_an_extended_prompt_extends_the_same_list():
+    memo = PrefixMemo()
+    first = block_hashes([(1, 64), (2, 10)], 16, memo)
+    second = block_hashes([(1, 64), (2, 10), (3, 40)], 16, memo)
+    assert second is first and len(second) == 7 and memo.reused == 4
+    third = block_hashes([(1, 64), (4, 40)], 16, memo)
+    assert third is not second and len(second) == 7 and third[:4] == second[:4] and memo.reused == 4

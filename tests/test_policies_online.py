@@ -151,11 +151,10 @@ def test_the_scheduler_tells_the_adapter_of_arrivals_and_finishes():
 
 
 # ---------------------------------------------------------------------- BlockSharing
-def rel(sharing, session, blocks, gens=None, refs_after=None, hashed=None):
+def rel(sharing, session, blocks, refs_after=None, hashed=None):
     blocks = np.array(blocks, dtype=np.int64)
     n = len(blocks)
     return sharing.release(blocks, np.ones(n, dtype=bool) if hashed is None else np.array(hashed),
-                           np.zeros(n, dtype=np.int64) if gens is None else np.array(gens, dtype=np.int64),
                            np.zeros(n, dtype=np.int64) if refs_after is None else np.array(refs_after),
                            session).tolist()
 
@@ -172,13 +171,14 @@ def test_a_block_hit_by_another_session_is_shared_at_either_sessions_release():
 
 def test_a_record_from_before_an_eviction_does_not_count():
     sh = BlockSharing(8)
-    assert rel(sh, 0, [4], gens=[0]) == [False]
-    # block 4 is evicted (its gen becomes 1) and filled with other content by session 1
-    assert rel(sh, 1, [4], gens=[1]) == [False]  # session 0's record is from the block's earlier life
-    assert rel(sh, 0, [4], gens=[1]) == [True]  # now session 1's record is current: 0 shares it
-    assert rel(sh, 0, [5], gens=[0]) == [False]
-    assert rel(sh, 1, [5], gens=[0]) == [True]
-    assert rel(sh, 1, [5], gens=[3]) == [False]  # a shared record of an earlier life does not count either
+    assert rel(sh, 0, [4]) == [False]
+    sh.forget(np.array([4]))  # block 4 is evicted, and filled with other content by session 1
+    assert rel(sh, 1, [4]) == [False]  # session 0's record was of the block's earlier life
+    assert rel(sh, 0, [4]) == [True]  # now session 1's record is current: 0 shares it
+    assert rel(sh, 0, [5, 6]) == [False, False]
+    assert rel(sh, 1, [5, 6]) == [True, True]
+    sh.forget([5])  # a list of ids, as the vLLM plugin gives them
+    assert rel(sh, 1, [5, 6]) == [False, True]  # a shared record of an earlier life does not count either
 
 
 def test_a_block_still_held_by_another_request_is_shared():

@@ -10,6 +10,7 @@ that happen to agree.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -38,6 +39,7 @@ class SessionActivity:
         self._last_finish: dict[str, float] = {}
         self._finishes: deque[tuple[float, str]] = deque()  # (finish time, session), in time order
         self._active: set[str] = set()
+        self._horizon = math.inf  # the oldest finish + idle_s: nothing expires up to then
 
     def arrive(self, session_id: str, now: float) -> tuple[int, float]:
         """A request of ``session_id`` arrives at ``now``: the session's ``(number, start)``."""
@@ -51,6 +53,8 @@ class SessionActivity:
         """A request of ``session_id`` finished at ``now``."""
         self._in_engine[session_id] -= 1
         self._last_finish[session_id] = now
+        if not self._finishes:
+            self._horizon = now + self.idle_s
         self._finishes.append((now, session_id))
 
     def _expire(self, now: float) -> None:
@@ -59,13 +63,16 @@ class SessionActivity:
             t, sid = fin.popleft()
             if self._in_engine[sid] == 0 and self._last_finish[sid] == t:
                 self._active.discard(sid)
+        self._horizon = fin[0][0] + idle if fin else math.inf
 
     def count(self, now: float) -> int:
-        self._expire(now)
+        if now > self._horizon:
+            self._expire(now)
         return len(self._active)
 
     def is_active(self, session_id: str, now: float) -> bool:
-        self._expire(now)
+        if now > self._horizon:
+            self._expire(now)
         return session_id in self._active
 
 
@@ -87,18 +94,19 @@ class SessionFacts:
 class BlockSharing:
     """Per block: has a request of another session held it since its content was cached?
 
-    Fed every release of a request's block table. A block's record (the last
-    session that released it, and whether it was shared) belongs to its
-    content's cached life, named by ``gen`` (an engine's count of the block's
-    evictions): a record from an earlier life does not count. A block released
-    while another reference to it remains (another request holds it) is shared.
+    Fed every release of a request's block table, and every block that loses
+    its hash (:meth:`forget`: evicted, or freed uncached once copied to a CPU
+    tier; the content's cached life ends, and its record with it).
+    A block's record is the last session that released it and whether it was
+    shared. A block released while another reference to it remains (another
+    request holds it) is shared.
 
-    A record is one integer, ``gen << 32 | session << 1 | shared``, so a release
+    A record is one integer, ``session << 1 | shared`` (-1: none), so a release
     reads and writes one array.
     """
 
     def __init__(self, num_blocks: int):
-        self._rec = np.full(num_blocks, -1, dtype=np.int64)  # -1: no record (gen -1)
+        self._rec = np.full(num_blocks, -1, dtype=np.int32)
 
     @property
     def size(self) -> int:
@@ -108,28 +116,30 @@ class BlockSharing:
     def grow(self, num_blocks: int) -> None:
         n = num_blocks - len(self._rec)
         if n > 0:
-            self._rec = np.concatenate([self._rec, np.full(n, -1, dtype=np.int64)])
+            self._rec = np.concatenate([self._rec, np.full(n, -1, dtype=np.int32)])
 
-    def release(self, blocks: np.ndarray, hashed: np.ndarray, gens: np.ndarray, refs_after: np.ndarray,
-                session: int) -> np.ndarray:
-        """Session number ``session`` releases ``blocks`` (distinct ids; ``hashed``, ``gens`` and
-        ``refs_after`` per block): whether each is shared. Records the hashed ones."""
-        if not 0 <= session < 1 << 31:
+    def forget(self, blocks) -> None:
+        """``blocks`` (ids) lose their hashes: their records go with their content."""
+        self._rec[blocks] = -1
+
+    def release(self, blocks: np.ndarray, hashed: np.ndarray, refs_after: np.ndarray, session: int) -> np.ndarray:
+        """Session number ``session`` releases ``blocks`` (distinct ids; ``hashed`` and ``refs_after``
+        per block): whether each is shared. Records the hashed ones."""
+        if not 0 <= session < 1 << 30:
             raise ValueError(f"session number out of range: {session}")
-        rec = self._rec
-        cur = gens << 32
-        cur |= session << 1  # this release's record, unshared
-        # x == 0: the same life and session, unshared; 0 < x < 2**32: the same life, and another
-        # session released it last or it was shared already; else another life or no record (-1)
-        x = rec[blocks]
+        cur = session << 1  # this release's record, unshared
+        # x == 0: this session released it last, unshared; 0 < x < 2**31: another session released it
+        # last, or it was shared already; -1 (no record) makes x >= 2**31
+        x = self._rec[blocks]
         x ^= cur
-        x = x.view(np.uint64)
-        x -= np.uint64(1)  # 0 wraps to the top
-        shared = x < np.uint64(0xFFFFFFFF)
+        x = x.view(np.uint32)
+        x -= np.uint32(1)  # 0 wraps to the top
+        shared = x < np.uint32(0x7FFFFFFF)
         shared |= refs_after > 0
-        cur |= shared
+        rec = shared.astype(np.int32)
+        rec |= cur
         if _cnz(hashed) == len(hashed):  # the common case: every block of the table has a hash
-            rec[blocks] = cur
+            self._rec[blocks] = rec
         else:
-            rec[blocks[hashed]] = cur[hashed]
+            self._rec[blocks[hashed]] = rec[hashed]
         return shared

@@ -35,10 +35,11 @@ class PolicyBlockQueue:
     def _popped(self, ids) -> list:
         blocks = self._blocks
         out = [blocks[i] for i in ids]
-        gen = self._env.gen
-        for b in out:
-            if b.block_hash is not None:  # about to be evicted: its content's cached life ends
-                gen[b.block_id] += 1
+        sharing = self._env.sharing
+        if sharing is not None:  # the cached ones are about to be evicted: their contents' cached lives end
+            evicted = [b.block_id for b in out if b.block_hash is not None]
+            if evicted:
+                sharing.forget(evicted)
         return out
 
     def popleft(self):

@@ -11,6 +11,17 @@ from cwsim.policies.online import DEFAULT_SESSION_IDLE_S
 CONFIG_KEY = "cachewise"
 
 
+def import_policy_modules(modules, flag: str = "--policy-import") -> None:
+    """Import each module (one of the user's registers its own policy), or ``ValueError`` naming ``flag``."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"{flag} {module}: {e}") from None
+
+
 def engine_policy(name: str, setting_names=()):
     """The registry's spec of a policy the plugin can run with these settings, or ``ValueError``
     (one line naming ``--policy``): an unknown policy, one that runs in the simulator only, a

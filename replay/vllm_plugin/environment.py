@@ -22,7 +22,7 @@ import numpy as np
 from cwsim.policies.api import Environment, Need, Policy, Release, ReleaseReason, RequestView, ToolCall
 from cwsim.policies.online import BlockSharing, SessionActivity, SessionFacts
 from replay.tokens import external_hash
-from replay.vllm_plugin.config import PluginConfig, engine_policy
+from replay.vllm_plugin.config import PluginConfig, engine_policy, import_policy_modules
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -71,13 +71,7 @@ def request_metadata(request) -> tuple[str, int, tuple[ToolCall, ...]]:
 
 def build_policy(config: PluginConfig) -> tuple[Policy, object]:
     """The policy and its predictor (or None), or ``ValueError`` saying why the plugin cannot run it."""
-    import importlib
-
-    for module in config.imports:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(f"--additional-config cachewise.imports: cannot import {module!r}: {e}") from e
+    import_policy_modules(config.imports, "--additional-config cachewise.imports:")
     spec = engine_policy(config.policy, config.settings)
     policy = spec.make(**config.settings)
     predictor = None
@@ -112,8 +106,6 @@ class VllmEnvironment(SessionFacts, Environment):
         self.sessions = SessionActivity(session_idle_s)
         self.views: dict[str, VllmRequestView] = {}
         self._requests = 0
-        #: per block id, its evictions so far (a cached life's name, as the simulator's pool.gen)
-        self.gen = np.zeros(pool.num_gpu_blocks, dtype=np.int64)
         self.scores = policy.overrides("score")
         self.sharing = BlockSharing(pool.num_gpu_blocks) if self.scores else None
         self._pending = None
@@ -188,7 +180,7 @@ class VllmEnvironment(SessionFacts, Environment):
         if view is None:
             shared = refs_after > 0
         else:
-            shared = self.sharing.release(ids, hashed, self.gen[ids], refs_after, view.session_number)
+            shared = self.sharing.release(ids, hashed, refs_after, view.session_number)
         freed = (refs_after == 0) & hashed
         positions = np.arange(len(ordered) - 1, -1, -1)
         self._pending = (view, reason, ids[freed], positions[freed], shared[freed])
