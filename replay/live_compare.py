@@ -26,6 +26,7 @@ from cwsim.config import SimConfig
 from cwsim.runner import simulate
 from replay.compare import hash_map
 from replay.live import load_outputs
+from replay.report import joined_tables, session_scatter
 from traces.files import atomic_write_text
 from traces.format import Session, Trace
 from traces.reader import load_trace
@@ -78,15 +79,7 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         arrivals=cfg["arrivals"], agents=cfg["agents"], max_sessions=cfg["max_sessions"])
     sim = simulate(tr, sim_cfg, run / "sim", eviction_log=True).summary
-    key = ["session_id", "turn"]
-    rq = pd.read_csv(run / "requests.csv", dtype={"session_id": str})
-    sq = pd.read_csv(run / "sim" / "requests.csv", dtype={"session_id": str})
-    calls = rq.merge(sq, on=key, suffixes=("_real", "_sim"))
-    lat_real = calls["finish_s_real"] - calls["arrival_s_real"]
-    lat_sim = calls["finish_s_sim"] - calls["arrival_s_sim"]
-    rs = pd.read_csv(run / "sessions.csv", dtype={"session_id": str})
-    ss = pd.read_csv(run / "sim" / "sessions.csv", dtype={"session_id": str})
-    sess = rs.merge(ss, on="session_id", suffixes=("_real", "_sim"))
+    calls, sess = joined_tables(run)
     hmap = hash_map(tr, real["block_size"], load_outputs(run), state["vocab_size"], cfg["max_sessions"])
     ev_real = [int(h) for h in pd.read_csv(run / "evictions.csv", dtype={"block_hash": "uint64"})["block_hash"]]
     ev_sim = [hmap.get(int(h)) for h in pd.read_csv(run / "sim" / "evictions.csv",
@@ -108,7 +101,7 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
         "preemptions": {"real": real["preemptions"], "sim": sim["preemptions"],
                         "error": rel(real["preemptions"], sim["preemptions"])},
         "prefix_hit_rate": {"real": real["prefix_hit_rate"], "sim": sim["prefix_hit_rate"]},
-        "call_latency_mape": _mape(lat_real, lat_sim),
+        "call_latency_mape": _mape(calls["latency_real"], calls["latency_sim"]),
         "session_time_mape": _mape(sess["duration_s_real"], sess["duration_s_sim"]),
         "calls_compared": len(calls), "sessions_compared": len(sess),
         "resumed": real.get("attempts", 1) > 1,
@@ -120,12 +113,7 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(sess["duration_s_real"], sess["duration_s_sim"], s=14)
-    top = float(max(sess["duration_s_real"].max(), sess["duration_s_sim"].max(), 1e-9)) * 1.05
-    ax.plot([0, top], [0, top], color="grey", lw=0.8)
-    ax.set_xlabel("real session time (s)")
-    ax.set_ylabel("simulated session time (s)")
-    ax.set_title(f"cwsim vs vLLM: session MAPE {100 * (out['session_time_mape'] or 0):.1f}%")
+    session_scatter(sess, out["session_time_mape"], ax)
     fig.tight_layout()
     fig.savefig(run / "compare_sessions.png", dpi=110)
     plt.close(fig)

@@ -21,11 +21,12 @@ from traces.reader import load_trace
 pytestmark = pytest.mark.vllm
 
 MODEL = "tiny"
-SYSTEM = "MARKER-SYS-6c1f you are a coding agent; " + " ".join(f"rule{i}" for i in range(40))
-TASK = "MARKER-TASK-2b7e fix the failing test in the repository"
-RESULT = "MARKER-RESULT-a09d " + " ".join(f"line{i}" for i in range(30))
-ARG = "MARKER-ARG-91d2"
-MARKERS = ["MARKER", "6c1f", "2b7e", "a09d", "91d2", "rule17", "line21", "grep -rn"]
+SYSTEM = "MARKER-SYS-q6zk you are a coding agent; " + " ".join(f"rule{i}" for i in range(40))
+TASK = "MARKER-TASK-w2vx fix the failing test in the repository"
+RESULT = "MARKER-RESULT-r0jy " + " ".join(f"line{i}" for i in range(30))
+ARG = "MARKER-ARG-p9nt"
+# the codes have letters beyond f: a segment id (hex digits) cannot hold one by chance
+MARKERS = ["MARKER", "q6zk", "w2vx", "r0jy", "p9nt", "rule17", "line21", "grep -rn"]
 # The random model fills free JSON with whitespace and endless strings: a strict schema with an enum,
 # sampled (temperature 1, fixed seed), makes the named tool call end after about 100 tokens.
 PARAMS = {"type": "object", "properties": {"command": {"type": "string", "enum": ["ls", "git status", "pytest -q"]}},
@@ -212,7 +213,7 @@ def recorded(vllm_url, tmp_path_factory):
                                         stream=True, stream_options={"include_usage": True},
                                         extra_body={"ignore_eos": True}))
         seen["c"] = (c0, c1)
-        crafted = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "MARKER-TASK-2b7e other"},
+        crafted = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "MARKER-TASK-w2vx other"},
                    {"role": "assistant", "content": None, "tool_calls": [{"id": "x1", "type": "function", "function": {
                        "name": "bash", "arguments": json.dumps({"command": f"grep -rn {ARG} src"})}}]},
                    {"role": "tool", "tool_call_id": "x1", "content": RESULT}]

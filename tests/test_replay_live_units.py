@@ -331,6 +331,7 @@ def test_cli_serve_bad_flag_exits_2_with_one_line(tmp_path):
 
 def test_compare_scales_gaps_and_refuses_a_partial_run(tmp_path):
     from replay.live_compare import CompareError, compare_live, scaled
+    from traces.reader import write_trace
 
     t = scaled(Trace(_sessions(2, starts=[10.0, 20.0]), source="t"), 0.5)
     assert [c.gap_s for c in t.sessions[0].calls] == [1.0, 1.0] and t.sessions[1].start_s == 10.0
@@ -343,3 +344,38 @@ def test_compare_scales_gaps_and_refuses_a_partial_run(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"partial": True, "stopped_by": "interrupt"}))
     with pytest.raises(CompareError, match="partial .*--resume"):
         compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
+    # a policy run whose predictor trace is gone from this machine (recorded in run.json, or given)
+    trace = tmp_path / "t.jsonl"
+    write_trace(trace, [c for s in _sessions(2) for c in s.calls])
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"time_scale": 1.0, "policy": "cachewise",
+                                                              "predictor_trace": str(tmp_path / "hist-gone")},
+                                                   "trace": str(trace)}))
+    (tmp_path / "summary.json").write_text(json.dumps({"partial": False}))
+    with pytest.raises(CompareError, match="predictor trace .*hist-gone.* is not a file here: give --predictor-trace"):
+        compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
+    with pytest.raises(CompareError, match="predictor trace .*other-gone.* is not a file here"):
+        compare_live(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256,
+                     predictor_trace=tmp_path / "other-gone")
+
+
+def test_a_folder_not_compared_yet_is_named_with_the_missing_file(tmp_path):
+    from replay.report import ComparisonError, load_comparison
+
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(ComparisonError, match=r"compare\.json: no such file \(run `cwreplay compare` on it first\)"):
+        load_comparison(tmp_path)
+
+
+def test_the_committed_replay_example_reads_back_whole():
+    """notebooks/data/replay-example: a real compared run (vLLM on CPU against cwsim), read by the notebook."""
+    from pathlib import Path
+
+    from replay.report import load_comparison, make_figures
+
+    c = load_comparison(Path(__file__).resolve().parents[1] / "notebooks" / "data" / "replay-example")
+    assert c.real["source"] == "vllm" and c.compare["calls_compared"] == len(c.calls) == c.real["requests"]
+    assert c.compare["evicted_blocks"]["real"] == (c.evictions["side"] == "real").sum() > 0
+    assert c.compare["evicted_blocks"]["sim"] == (c.evictions["side"] == "sim").sum()
+    head = c.headline()
+    assert head.loc["evicted blocks", "real (vLLM)"] == c.real["evicted_blocks"]
+    assert set(make_figures(c)) == {"sessions", "latency_cdf", "evictions", "cached_tokens", "session_bars"}
