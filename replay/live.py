@@ -200,14 +200,37 @@ def request_body(call, prompt: list[int], model: str, session_id: str, stream: b
 
 
 class _Client:
-    """The HTTP side: one streamed completion per call."""
+    """The HTTP side: one completion per call, each on an HTTP client of its own while it runs.
 
-    def __init__(self, client, url: str, model: str, t0: float, stream: bool):
+    A client holds one connection and is reused by the next call: httpx's pool checks every
+    connection it holds at each request (about 20 us each), so one pool of N connections
+    cost N times that per call; clients are made as calls overlap (as many as ever ran at once).
+    """
+
+    def __init__(self, url: str, model: str, t0: float, stream: bool, timeout):
+        import httpx
         import msgspec
 
-        self.client, self.url, self.model, self.t0, self.stream = client, url, model, t0, stream
+        self.url, self.model, self.t0, self.stream = url, model, t0, stream
         self._enc = msgspec.json.Encoder()
         self._dec = msgspec.json.Decoder()
+        self._kw = dict(base_url=url, timeout=timeout, verify=httpx.create_ssl_context(),
+                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        self._idle: list = []
+        self._all: list = []
+
+    def _client(self):
+        import httpx
+
+        if self._idle:
+            return self._idle.pop()
+        c = httpx.AsyncClient(**self._kw)
+        self._all.append(c)
+        return c
+
+    async def aclose(self) -> None:
+        for c in self._all:
+            await c.aclose()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -218,14 +241,17 @@ class _Client:
         where = f"session {session_id!r} turn {call.turn}"
         body = self._enc.encode(request_body(call, prompt, self.model, session_id, self.stream))
         sent = self.now()
+        client = self._client()
         try:
             if self.stream:
-                tokens, first, cached, queue_ms = await self._streamed(body, where)
+                tokens, first, cached, queue_ms = await self._streamed(client, body, where)
             else:
-                tokens, first, cached, queue_ms = await self._whole(body, where, sent)
+                tokens, first, cached, queue_ms = await self._whole(client, body, where, sent)
         except httpx.TransportError as e:
             raise ReplayError(f"server {self.url}: {type(e).__name__} during {where} "
                               f"({e or 'connection lost'}): is the server running?") from None
+        finally:
+            self._idle.append(client)
         if len(tokens) != call.output_tokens:
             raise ReplayError(f"server {self.url}: {where}: generated {len(tokens)} tokens, the trace says "
                               f"{call.output_tokens}")
@@ -236,9 +262,9 @@ class _Client:
     def _error(self, status: int, text: str, where: str) -> ReplayError:
         return ReplayError(f"server {self.url}: HTTP {status} for {where}: {text.replace(chr(10), ' ')[:300]}")
 
-    async def _whole(self, body: bytes, where: str, sent: float):
+    async def _whole(self, client, body: bytes, where: str, sent: float):
         """One JSON answer; the first token's time from the server's per-request metrics (queue + prefill)."""
-        r = await self.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        r = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         if r.status_code != 200:
             raise self._error(r.status_code, r.text, where)
         try:
@@ -252,10 +278,10 @@ class _Client:
         first = -1.0 if queue_ms is None or ttft_ms is None else sent + (queue_ms + ttft_ms) / 1000.0
         return tokens, first, (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0, queue_ms
 
-    async def _streamed(self, body: bytes, where: str):
+    async def _streamed(self, client, body: bytes, where: str):
         """A streamed answer; the first token timed here."""
         first, tokens, cached, queue_ms, finished = -1.0, [], 0, None, False
-        async with self.client.stream("POST", "/v1/completions", content=body,
+        async with client.stream("POST", "/v1/completions", content=body,
                                       headers={"content-type": "application/json"}) as r:
             if r.status_code != 200:
                 raise self._error(r.status_code, (await r.aread()).decode(errors="replace"), where)
@@ -409,7 +435,11 @@ class _Attempt:
                 self.t0 = time.monotonic()
                 if stream is not None:
                     pump = asyncio.create_task(self._pump(stream))
-                await self._loop(_Client(client, cfg.server, model, self.t0, cfg.stream), pump)
+                http = _Client(cfg.server, model, self.t0, cfg.stream, timeout)
+                try:
+                    await self._loop(http, pump)
+                finally:
+                    await http.aclose()
                 await asyncio.sleep(cfg.settle_s)
                 if pump is not None:
                     pump.cancel()
