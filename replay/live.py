@@ -16,7 +16,7 @@ starts one) the way ``cwsim run`` drives its engine, in wall-clock seconds:
 - every call asks for exactly its trace's output length (``max_tokens =
   min_tokens``, ``ignore_eos``, temperature 0) and carries ``session_id`` and
   ``vllm_xargs`` (turn, tool name and category of the response);
-- an async HTTP client (httpx) streams each answer (time to first token) with
+- an async HTTP client (aiohttp) streams each answer (time to first token) with
   at most ``max_in_flight`` requests open;
 - the KV events are read as they come (:class:`replay.kv_events.EventStream`:
   every sequence number checked, gaps filled from the replay endpoint or
@@ -186,7 +186,8 @@ class _Done:
     tokens: list[int]
 
 
-def request_body(call, prompt: list[int], model: str, session_id: str, stream: bool) -> dict:
+def request_body(call, prompt, model: str, session_id: str, stream: bool) -> dict:
+    """The ``/v1/completions`` body of ``call``; ``prompt`` its token ids (a list, or ``msgspec.Raw`` JSON)."""
     # the response's tool calls as flat lists of strings (what vLLM's vllm_xargs accepts), read by the policy plugin
     xargs = {"turn": call.turn, "tool_names": [t.name for t in call.tools],
              "tool_categories": [t.category for t in call.tools]}
@@ -200,58 +201,41 @@ def request_body(call, prompt: list[int], model: str, session_id: str, stream: b
 
 
 class _Client:
-    """The HTTP side: one completion per call, each on an HTTP client of its own while it runs.
+    """The HTTP side: one completion per call, on one aiohttp session (a connection per call in flight).
 
-    A client holds one connection and is reused by the next call: httpx's pool checks every
-    connection it holds at each request (about 20 us each), so one pool of N connections
-    cost N times that per call; clients are made as calls overlap (as many as ever ran at once).
+    aiohttp, not httpx: httpx's async client (anyio, h11, httpcore) cost 1.4-2.6 ms of the
+    client's CPU per call here, aiohttp under half of that (experiments/bench_replay_client.py).
     """
 
-    def __init__(self, url: str, model: str, t0: float, stream: bool, timeout):
-        import httpx
+    def __init__(self, session, url: str, model: str, t0: float, stream: bool):
         import msgspec
 
-        self.url, self.model, self.t0, self.stream = url, model, t0, stream
+        self.session, self.url, self.model, self.t0, self.stream = session, url, model, t0, stream
+        self._endpoint = url.rstrip("/") + "/v1/completions"
         self._enc = msgspec.json.Encoder()
         self._dec = msgspec.json.Decoder()
-        self._kw = dict(base_url=url, timeout=timeout, verify=httpx.create_ssl_context(),
-                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-        self._idle: list = []
-        self._all: list = []
+        from replay.completion_answer import DECODER
 
-    def _client(self):
-        import httpx
-
-        if self._idle:
-            return self._idle.pop()
-        c = httpx.AsyncClient(**self._kw)
-        self._all.append(c)
-        return c
-
-    async def aclose(self) -> None:
-        for c in self._all:
-            await c.aclose()
+        self._answer = DECODER
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    async def complete(self, si: int, call, prompt: list[int], session_id: str, due: float) -> _Done:
-        import httpx
-
+    async def complete(self, si: int, call, prompt, session_id: str, due: float) -> _Done:
         where = f"session {session_id!r} turn {call.turn}"
         body = self._enc.encode(request_body(call, prompt, self.model, session_id, self.stream))
         sent = self.now()
-        client = self._client()
         try:
-            if self.stream:
-                tokens, first, cached, queue_ms = await self._streamed(client, body, where)
-            else:
-                tokens, first, cached, queue_ms = await self._whole(client, body, where, sent)
-        except httpx.TransportError as e:
+            async with self.session.post(self._endpoint, data=body, headers=_JSON) as r:
+                if r.status != 200:
+                    raise self._error(r.status, (await r.read()).decode(errors="replace"), where)
+                if self.stream:
+                    tokens, first, cached, queue_ms = await self._streamed(r, where)
+                else:
+                    tokens, first, cached, queue_ms = self._whole(await r.read(), where, sent)
+        except _transport_errors() as e:
             raise ReplayError(f"server {self.url}: {type(e).__name__} during {where} "
                               f"({e or 'connection lost'}): is the server running?") from None
-        finally:
-            self._idle.append(client)
         if len(tokens) != call.output_tokens:
             raise ReplayError(f"server {self.url}: {where}: generated {len(tokens)} tokens, the trace says "
                               f"{call.output_tokens}")
@@ -262,50 +246,62 @@ class _Client:
     def _error(self, status: int, text: str, where: str) -> ReplayError:
         return ReplayError(f"server {self.url}: HTTP {status} for {where}: {text.replace(chr(10), ' ')[:300]}")
 
-    async def _whole(self, client, body: bytes, where: str, sent: float):
+    def _whole(self, raw: bytes, where: str, sent: float):
         """One JSON answer; the first token's time from the server's per-request metrics (queue + prefill)."""
-        r = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
-        if r.status_code != 200:
-            raise self._error(r.status_code, r.text, where)
         try:
-            d = self._dec.decode(r.content)
-            tokens = [int(t[9:]) for t in d["choices"][0]["logprobs"]["tokens"]]  # "token_id:N"
-        except (ValueError, KeyError, IndexError, TypeError):
+            d = self._answer.decode(raw)
+            lp = d.choices[0].logprobs
+            tokens = [int(t[9:]) for t in lp.tokens]  # "token_id:N"
+        except (ValueError, IndexError, AttributeError):
             raise ReplayError(f"server {self.url}: malformed answer to {where}") from None
-        usage = d.get("usage") or {}
-        m = d.get("metrics") or {}
-        queue_ms, ttft_ms = m.get("queue_time_ms"), m.get("time_to_first_token_ms")
+        m = d.metrics
+        queue_ms, ttft_ms = (None, None) if m is None else (m.queue_time_ms, m.time_to_first_token_ms)
         first = -1.0 if queue_ms is None or ttft_ms is None else sent + (queue_ms + ttft_ms) / 1000.0
-        return tokens, first, (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0, queue_ms
+        details = None if d.usage is None else d.usage.prompt_tokens_details
+        return tokens, first, (details or {}).get("cached_tokens") or 0, queue_ms
 
-    async def _streamed(self, client, body: bytes, where: str):
-        """A streamed answer; the first token timed here."""
+    async def _streamed(self, r, where: str):
+        """A streamed answer (server-sent events, ``data: ...`` blocks); the first token timed here."""
+        from replay.completion_answer import CHUNK_DECODER
+
         first, tokens, cached, queue_ms, finished = -1.0, [], 0, None, False
-        async with client.stream("POST", "/v1/completions", content=body,
-                                      headers={"content-type": "application/json"}) as r:
-            if r.status_code != 200:
-                raise self._error(r.status_code, (await r.aread()).decode(errors="replace"), where)
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
+        rest = b""
+        async for data in r.content.iter_any():
+            *events, rest = (rest + data).split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data: "):
                     continue
-                if line == "data: [DONE]":
+                if ev == b"data: [DONE]":
                     finished = True
                     break
-                chunk = self._dec.decode(line[6:])
-                choices = chunk.get("choices")
-                if choices:
-                    got = choices[0].get("token_ids")
+                try:
+                    chunk = CHUNK_DECODER.decode(ev[6:])
+                except ValueError:
+                    raise ReplayError(f"server {self.url}: malformed chunk in the answer to {where}") from None
+                if chunk.choices:
+                    got = chunk.choices[0].token_ids
                     if got:
                         if first < 0:
                             first = self.now()
                         tokens += got
-                usage = chunk.get("usage")
-                if usage:
-                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                    queue_ms = (chunk.get("metrics") or {}).get("queue_time_ms")
+                if chunk.usage is not None:
+                    cached = (chunk.usage.prompt_tokens_details or {}).get("cached_tokens") or 0
+                    queue_ms = None if chunk.metrics is None else chunk.metrics.queue_time_ms
+            if finished:
+                break
         if not finished:
             raise ReplayError(f"server {self.url}: the answer to {where} ended before [DONE]")
         return tokens, first, cached, queue_ms
+
+
+_JSON = {"content-type": "application/json"}
+
+
+def _transport_errors() -> tuple:
+    """What a lost, refused or silent connection raises (aiohttp's errors and its timeouts)."""
+    import aiohttp
+
+    return (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 # --------------------------------------------------------------------------- the run
@@ -356,29 +352,27 @@ def _r(x: float) -> float:
     return round(x, 6)
 
 
-async def _get(client, url: str, path: str):
-    """GET ``path``: the answer, or a one-line ``ReplayError`` naming the server."""
-    import httpx
-
+async def _get(session, url: str, path: str) -> bytes:
+    """GET ``path``: the answer's body, or a one-line ``ReplayError`` naming the server."""
     try:
-        r = await client.get(path)
-    except httpx.TransportError as e:
+        async with session.get(url.rstrip("/") + path) as r:
+            if r.status != 200:
+                raise ReplayError(f"server {url}: GET {path} answered HTTP {r.status}")
+            return await r.read()
+    except _transport_errors() as e:
         raise ReplayError(f"server {url} unreachable ({type(e).__name__} on GET {path}: {e or 'no answer'})") from None
-    if r.status_code != 200:
-        raise ReplayError(f"server {url}: GET {path} answered HTTP {r.status_code}")
-    return r
 
 
 async def _served_model(client, url: str) -> str:
     r = await _get(client, url, "/v1/models")
     try:
-        return r.json()["data"][0]["id"]
-    except (ValueError, KeyError, IndexError):
+        return json.loads(r)["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
         raise ReplayError(f"server {url}: GET /v1/models lists no model") from None
 
 
 async def _scrape(client, url: str) -> str:
-    return (await _get(client, url, "/metrics")).text
+    return (await _get(client, url, "/metrics")).decode(errors="replace")
 
 
 def _check_ipc(endpoint: str | None, flag: str) -> None:
@@ -414,12 +408,13 @@ class _Attempt:
             self._events(await stream.receive())
 
     async def run(self) -> dict:
-        import httpx
+        import aiohttp
 
         cfg = self.config
-        limits = httpx.Limits(max_connections=cfg.max_in_flight, max_keepalive_connections=cfg.max_in_flight)
-        timeout = httpx.Timeout(cfg.request_timeout_s, connect=5.0)
-        async with httpx.AsyncClient(base_url=cfg.server, limits=limits, timeout=timeout) as client:
+        # a connection per call in flight; a call may wait request_timeout_s for each read
+        connector = aiohttp.TCPConnector(limit=cfg.max_in_flight, limit_per_host=cfg.max_in_flight)
+        timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=cfg.request_timeout_s)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as client:
             model = await _served_model(client, cfg.server)
             before_text = await _scrape(client, cfg.server)
             stream = None
@@ -435,11 +430,7 @@ class _Attempt:
                 self.t0 = time.monotonic()
                 if stream is not None:
                     pump = asyncio.create_task(self._pump(stream))
-                http = _Client(cfg.server, model, self.t0, cfg.stream, timeout)
-                try:
-                    await self._loop(http, pump)
-                finally:
-                    await http.aclose()
+                await self._loop(_Client(client, cfg.server, model, self.t0, cfg.stream), pump)
                 await asyncio.sleep(cfg.settle_s)
                 if pump is not None:
                     pump.cancel()
@@ -460,6 +451,8 @@ class _Attempt:
                 "cache_config": cache_config(after_text), "wall_s": time.monotonic() - self.t0}
 
     async def _loop(self, http: _Client, pump) -> None:
+        import msgspec
+
         loop = ClosedLoop(self.sessions, self.config.arrivals, self.config.agents, self.config.time_scale)
         sem = asyncio.Semaphore(self.config.max_in_flight)
         pending: set[asyncio.Task] = set()
@@ -468,24 +461,30 @@ class _Attempt:
         start: dict[int, float] = {}
         acc: dict[int, list[int]] = {}
 
-        last: dict[int, tuple[tuple, list[int]]] = {}  # a session's previous prompt: its segments and ids
+        last: dict[int, tuple[tuple, bytes]] = {}  # a session's previous prompt: its segments and ids as JSON
+        enc = msgspec.json.Encoder()
 
-        def prompt_ids(si: int, call) -> list[int]:
-            """The prompt's token ids; the previous prompt's reused when it is a prefix (agent turns)."""
+        def prompt_json(si: int, call):
+            """The prompt's token ids as a JSON array; the previous prompt's reused when it is a prefix
+            (agent turns), so a call encodes only its new segments."""
             segs = tuple(call.prompt)
             prev = last.get(si)
             if prev is not None and segs[: len(prev[0])] == prev[0]:
-                ids = prev[1] + self.book.prompt(segs[len(prev[0]):])
+                inner = prev[1]
+                new = segs[len(prev[0]):]
+                if new:
+                    more = enc.encode(self.book.prompt(new))[1:-1]
+                    inner = inner + b"," + more if inner and more else inner or more
             else:
-                ids = self.book.prompt(segs)
-            last[si] = (segs, ids)
-            return ids
+                inner = enc.encode(self.book.prompt(segs))[1:-1]
+            last[si] = (segs, inner)
+            return msgspec.Raw(b"[" + inner + b"]")
 
         async def one(si: int, turn: int, due: float) -> _Done:
             s = self.sessions[si]
             call = s.calls[turn]
             async with sem:
-                return await http.complete(si, call, prompt_ids(si, call), s.session_id, due)
+                return await http.complete(si, call, prompt_json(si, call), s.session_id, due)
 
         try:
             while loop or pending:

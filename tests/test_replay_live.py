@@ -247,3 +247,26 @@ def test_a_dropped_event_batch_is_recovered_from_the_servers_replay_endpoint(ser
     assert s["event_gaps_recovered"] >= 1
     assert s["evicted_blocks"] == len(counter.removed) > 0
     assert s["event_batches"] == len(counter.seqs)
+
+
+def test_a_streamed_replay_times_the_first_token_and_counts_as_the_server_does(servers, tmp_path):
+    from replay.live import run_live
+
+    srv = servers.current
+    trace = Trace(agent_sessions(3, 3, 6, system=64), source="agent-like seed 6")
+    before = _metrics(srv.url)
+    res = run_live(trace, _config(srv, stream=True), tmp_path, vocab_size=srv.vocab_size)
+    after = _metrics(srv.url)
+    s = res.summary
+    assert not s["partial"] and s["requests"] == 9 and s["config"]["stream"] is True
+    reqs = _csv(tmp_path / "requests.csv")
+    assert s["cached_prompt_tokens"] == sum(int(r["cached_tokens"]) for r in reqs)
+    assert s["cached_prompt_tokens"] == after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert s["prompt_tokens"] == after["prompt_tokens"] - before["prompt_tokens"]
+    outputs = {(d["session_id"], d["turn"]): d["tokens"]
+               for d in map(json.loads, (tmp_path / "outputs.jsonl").read_text().splitlines())}
+    assert [len(outputs[(x.session_id, c.turn)]) for x in trace.sessions for c in x.calls] == \
+        [c.output_tokens for x in trace.sessions for c in x.calls]
+    for r in reqs:  # the first token timed by the client as its chunk arrived
+        sent, first, fin = (float(r[k]) for k in ("sent_s", "first_token_s", "finish_s"))
+        assert sent < first <= fin, r
