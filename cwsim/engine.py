@@ -22,7 +22,9 @@ not run steps that start at or after its ``next_deadline``, and a step that
 swaps blocks in (or waits for a prefetch copy) takes that load time longer.
 
 Sessions are closed-loop processes: a session submits call k+1 once call k
-has finished and its gap has elapsed. Events at one instant are ordered as
+has finished and its gap has elapsed (and, with a profile's
+``request_overhead_s``, the engine sees it that much later: an API server's
+own latency). Events at one instant are ordered as
 the oracle orders them (``replay.oracle``): a step's finished calls are
 handled first (the engine yields once so that their sessions submit what is
 due now), then every call due by then joins the waiting queue in the trace's
@@ -56,12 +58,15 @@ class Engine:
         self.jumps = 0
 
     # ------------------------------------------------------------- requests
-    def submit(self, sess: SessionState, turn: int) -> Request:
+    def submit(self, sess: SessionState, turn: int, sent: float | None = None) -> Request:
+        """Call ``turn`` of ``sess`` joins the waiting queue now; ``sent``: when its session sent it
+        (its arrival; default now)."""
         call = sess.calls[turn]
         if sess.memo is None:
             sess.memo = PrefixMemo()
         hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
-        req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes, self.env.now)
+        req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes,
+                      self.env.now if sent is None else sent)
         if sess.hint is not None and sess.memo.reused:
             blocks, gens = sess.hint
             k = min(sess.memo.reused, len(blocks))
@@ -187,12 +192,20 @@ class Engine:
 
 
 def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, workload: Workload, metrics):
-    """One agent session: call, wait for the answer, run the tools, call again."""
+    """One agent session: call, wait for the answer, run the tools, call again.
+
+    A call reaches the engine the profile's ``request_overhead_s`` after it is sent (its arrival)."""
     sess.start = env.now
     workload.active_sessions += 1
     last = len(sess.calls) - 1
+    overhead = engine.profile.request_overhead_s
     for turn, call in enumerate(sess.calls):
-        req = engine.submit(sess, turn)
+        if overhead:
+            sent = env.now
+            yield env.timeout(overhead)
+            req = engine.submit(sess, turn, sent)
+        else:
+            req = engine.submit(sess, turn)
         yield req.done
         if turn < last and call.gap_s > 0:
             yield env.timeout(call.gap_s)

@@ -61,6 +61,8 @@ _FLOAT_FIELDS = (
     "prefill_attn_pair_s",
     "decode_ctx_token_s",
 )
+#: optional float fields (absent in a file: 0)
+_OPTIONAL_FLOAT_FIELDS = ("request_overhead_s",)
 _INT_FIELDS = ("kv_bytes_per_token", "weights_bytes", "gpu_mem_bytes")
 _STR_FIELDS = ("name", "model", "gpu")
 _OPTIONAL_STR_FIELDS = ("source", "notes")
@@ -101,12 +103,16 @@ class StepTimeProfile:
     gpu_mem_bytes: int
     source: str = ""  # how the numbers were derived ("roofline: ...", "measured on ...")
     notes: str = ""
+    #: a request's latency outside the engine's steps (an API server's HTTP, input and output
+    #: processing): the engine sees a call this long after its session sends it. 0 (the
+    #: roofline profiles): the engine sees it at once. Measured by ``cwreplay calibrate --server``.
+    request_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in _STR_FIELDS + _OPTIONAL_STR_FIELDS:
             if not isinstance(getattr(self, f), str):
                 raise ValueError(f"profile field {f!r} must be a string, got {getattr(self, f)!r}")
-        for f in _FLOAT_FIELDS:
+        for f in _FLOAT_FIELDS + _OPTIONAL_FLOAT_FIELDS:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"profile field {f!r} must be a finite number >= 0, got {v!r}")
@@ -259,8 +265,10 @@ class StepTimeProfile:
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:
-        """All fields as a plain JSON-able dict (inverse of :meth:`from_json`)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """All fields as a plain JSON-able dict (inverse of :meth:`from_json`); an optional
+        ``request_overhead_s`` of 0 is left out (as in the files written before it existed)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.name in _OPTIONAL_FLOAT_FIELDS and getattr(self, f.name) == 0.0)}
 
     @classmethod
     def from_json(cls, d: dict, *, origin: str | None = None) -> "StepTimeProfile":
@@ -289,7 +297,9 @@ class StepTimeProfile:
                 if not isinstance(v, str):
                     raise ValueError(f"profile field {f!r} must be a string{where}, got {v!r}")
                 kwargs[f] = v
-        for f in _FLOAT_FIELDS:
+        for f in _FLOAT_FIELDS + _OPTIONAL_FLOAT_FIELDS:
+            if f not in d:
+                continue  # only an optional field can be missing here
             v = d[f]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"profile field {f!r} must be a finite number >= 0{where}, got {v!r}")

@@ -34,6 +34,9 @@ from pathlib import Path
 from cwsim.steptime import StepTimeProfile, prefill_attn_pairs
 
 TERMS = ["step_overhead_s", "prefill_token_s", "decode_seq_s", "prefill_attn_pair_s", "decode_ctx_token_s"]
+#: each term's count in a measured point: ``S`` engine steps (1 when absent), ``R`` requests (0 when absent)
+FEATURES = {"step_overhead_s": "S", "prefill_token_s": "P", "decode_seq_s": "D", "prefill_attn_pair_s": "A",
+            "decode_ctx_token_s": "C", "request_overhead_s": "R"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,14 +159,18 @@ def measure(config: CalibrationConfig, engine=None, on_point=None) -> list[dict]
     return points
 
 
-def fit(points: list[dict]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """(coefficients, their standard errors, the fit's MAPE per kind of step), none negative."""
+def fit(points: list[dict], terms: list[str] = TERMS) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """(coefficients of ``terms``, their standard errors, the fit's MAPE per kind of point), none negative.
+
+    A point's time ``t`` is the sum over ``terms`` of the coefficient times the point's count
+    (:data:`FEATURES`)."""
     import numpy as np
 
-    X = np.array([[1.0, p["P"], p["D"], p["A"], p["C"]] for p in points])
+    default = {"S": 1.0, "R": 0.0}
+    X = np.array([[float(p.get(FEATURES[t], default.get(FEATURES[t], 0.0))) for t in terms] for p in points])
     y = np.array([p["t"] for p in points])
     w = 1.0 / y
-    active = list(range(len(TERMS)))
+    active = list(range(len(terms)))
     while True:
         Xa = X[:, active] * w[:, None]
         coef, *_ = np.linalg.lstsq(Xa, y * w, rcond=None)
@@ -171,13 +178,13 @@ def fit(points: list[dict]) -> tuple[dict[str, float], dict[str, float], dict[st
         if not neg:
             break
         active.remove(min(neg, key=lambda a: coef[active.index(a)]))
-    full = np.zeros(len(TERMS))
+    full = np.zeros(len(terms))
     full[active] = coef
     resid = (X @ full - y) * w
     dof = max(1, len(y) - len(active))
     sigma2 = float(resid @ resid) / dof
     cov = sigma2 * np.linalg.pinv(Xa.T @ Xa)
-    stderr = np.zeros(len(TERMS))
+    stderr = np.zeros(len(terms))
     stderr[active] = np.sqrt(np.maximum(np.diag(cov), 0.0))
     pred = X @ full
     mape = {}
@@ -185,7 +192,7 @@ def fit(points: list[dict]) -> tuple[dict[str, float], dict[str, float], dict[st
         idx = [i for i, p in enumerate(points) if p["kind"] == kind]
         mape[kind] = float(np.mean(np.abs(pred[idx] - y[idx]) / y[idx]))
     mape["all"] = float(np.mean(np.abs(pred - y) / y))
-    return dict(zip(TERMS, map(float, full))), dict(zip(TERMS, map(float, stderr))), mape
+    return dict(zip(terms, map(float, full))), dict(zip(terms, map(float, stderr))), mape
 
 
 def _model_facts(model_dir: Path, block_size: int) -> tuple[str, int, int]:

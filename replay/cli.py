@@ -234,32 +234,51 @@ def run_cmd(
 @app.command()
 def calibrate(
     out: Path = typer.Option(..., "--out", help="Profile file to write (JSON; cwsim run --profile FILE loads it)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the tiny random-weight Llama, built locally)."),
+    server: Optional[str] = typer.Option(None, "--server", help="Time whole requests on this running server (cwreplay serve; nothing else may use it meanwhile) instead of the in-process engine's steps: the profile then has request_overhead_s, the latency a replay's call pays outside the engine."),
+    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="With --server: the server's --max-num-batched-tokens (a prefill point must fit one step)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the tiny random-weight Llama, built locally; with --server: the folder the server names)."),
     name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: measured-<model folder>)."),
-    repeats: int = typer.Option(3, "--repeats", help="Timings per design point (the median is kept)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timings per design point, the median kept (default 3; with --server 7)."),
     quick: bool = typer.Option(False, "--quick", help="A small design (fewer, shorter batches): a rough profile in a fraction of the time."),
 ) -> None:
-    """Fit the step-time profile from timed steps of vLLM's in-process engine over a designed set of batches."""
+    """Fit the step-time profile from timed engine steps over a designed set of batches (in process, or through a server's API)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from replay.calibrate import TERMS, CalibrationConfig, calibrate as run_calibration
+    from replay.live import ReplayError
     from replay.oracle import OracleError
     from traces.files import OutputPathError
 
+    show = lambda p: console.print(  # noqa: E731
+        f"  {p['kind']} point " + " ".join(f"{k}={p[k]}" for k in ("q", "c", "b", "L") if k in p)
+        + f": {1000 * p['t']:.2f} ms")
     try:
-        cfg = CalibrationConfig(repeats=repeats, model=str(model) if model is not None else None)
-        if quick:
-            cfg = CalibrationConfig(prefill_q=(32, 256, 1024), prefill_c=(0, 512), decode_b=(1, 8), decode_l=(64, 512),
-                                    decode_steps=4, repeats=repeats, kv_blocks=512, model=cfg.model)
-        profile = run_calibration(cfg, out, name=name,
-                                  on_point=lambda p: console.print(f"  {p['kind']} point: {1000 * p['t']:.2f} ms"))
+        if server is not None:
+            from replay.calibrate_server import SERVER_TERMS, ServerCalibrationConfig, calibrate_server
+
+            terms = SERVER_TERMS
+            kw = {} if repeats is None else {"repeats": repeats}
+            if quick:  # about 15 s
+                kw.update(prefill_q=tuple(q for q in (16, 128, 480) if q <= max_num_batched_tokens) or (16,),
+                          prefill_c=(0, 512), decode_b=(1, 8), decode_l=(64, 448), repeats=repeats or 3)
+            cfg = ServerCalibrationConfig(server, max_num_batched_tokens=max_num_batched_tokens,
+                                          model=str(model) if model is not None else None, **kw)
+            profile = calibrate_server(cfg, out, name=name, on_point=show)
+        else:
+            terms = TERMS
+            cfg = CalibrationConfig(repeats=repeats or 3, model=str(model) if model is not None else None)
+            if quick:
+                cfg = CalibrationConfig(prefill_q=(32, 256, 1024), prefill_c=(0, 512), decode_b=(1, 8),
+                                        decode_l=(64, 512), decode_steps=4, repeats=repeats or 3, kv_blocks=512,
+                                        model=cfg.model)
+            profile = run_calibration(cfg, out, name=name, on_point=show)
     except OutputPathError as e:
         console.print(f"error: --out {e}")
         raise typer.Exit(code=2)
-    except (ValueError, OracleError) as e:
+    except (ValueError, OracleError, ReplayError) as e:
         console.print(f"error: {e}")
         raise typer.Exit(code=2)
     fit = json.loads(out.read_text())["_fit"]
-    for k in TERMS:
+    for k in terms:
         print(f"{k:22s} {getattr(profile, k):.4g}  (+- {fit['stderr'][k]:.2g})")
     print("MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fit["mape"].items()))
     console.print(f"profile written to {out} ({profile.source})")
@@ -287,5 +306,6 @@ def compare_cmd(
           f"in common: {share(c['evicted_in_common'])}")
     print(f"preemptions: real {c['preemptions']['real']}, sim {c['preemptions']['sim']}")
     print(f"prefix hit rate: real {c['prefix_hit_rate']['real']:.4f}, sim {c['prefix_hit_rate']['sim']:.4f}")
-    print(f"per-call latency MAPE {share(c['call_latency_mape'])}, per-session time MAPE {share(c['session_time_mape'])}")
+    print(f"per-call latency MAPE {share(c['call_latency_mape'])}, per-session time MAPE {share(c['session_time_mape'])} "
+          f"({share(c['session_busy_time_mape'])} less the trace's gaps)")
     console.print(f"written: {run_dir}/compare.json, {run_dir}/compare_sessions.png, {run_dir}/sim/")

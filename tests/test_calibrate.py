@@ -51,6 +51,46 @@ def test_fit_with_noise_reports_errors_and_keeps_terms_non_negative():
     assert all(e >= 0 for e in err.values()) and err["step_overhead_s"] > 0
 
 
+def test_fit_with_a_request_term_separates_it_from_the_step_overhead():
+    """Server points: a whole request (one prefill step, R = 1) and decode steps (R = 0); the
+    request's own latency is identified only because the decode points pin the step overhead."""
+    from replay.calibrate_server import SERVER_TERMS
+
+    pts = _points(TRUTH)
+    for p in pts:
+        if p["kind"] == "prefill":
+            p["R"] = 1
+            p["t"] += 0.006
+    coef, err, mape = fit(pts, SERVER_TERMS)
+    assert coef["request_overhead_s"] == pytest.approx(0.006, rel=1e-6)
+    for k in TERMS:
+        assert coef[k] == pytest.approx(getattr(TRUTH, k), rel=1e-6), k
+    assert mape["all"] < 1e-9
+    # the five-term fit cannot tell the two apart: it takes the decode and prefill overheads as one
+    five, _, five_mape = fit(pts)
+    assert set(five) == set(TERMS) and five_mape["prefill"] > 0.01
+
+
+def test_the_servers_block_size_and_pool_come_from_its_metrics():
+    from replay.calibrate_server import cache_config
+    from replay.live import ReplayError
+
+    text = ('# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{block_size="32",cache_dtype="auto",'
+            'num_gpu_blocks="1024",num_gpu_blocks_override="1024"} 1.0\nvllm:num_requests_running 0\n')
+    assert cache_config(text, "http://h:1") == (32, 1024)
+    with pytest.raises(ReplayError, match="http://h:1.*vllm:cache_config_info"):
+        cache_config("vllm:num_requests_running 0\n", "http://h:1")
+
+
+def test_a_server_design_must_fit_the_step_budget():
+    from replay.calibrate_server import ServerCalibrationConfig
+
+    with pytest.raises(ValueError, match="480 tokens does not fit one step of --max-num-batched-tokens 256"):
+        ServerCalibrationConfig("http://h:1", max_num_batched_tokens=256)
+    with pytest.raises(ValueError, match="n1 < n2"):
+        ServerCalibrationConfig("http://h:1", decode_n=(8, 8))
+
+
 def test_prefix_lengths_must_be_whole_blocks():
     with pytest.raises(ValueError, match="multiple of --block-size 32"):
         CalibrationConfig(prefill_c=(0, 100))

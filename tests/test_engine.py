@@ -185,3 +185,32 @@ def test_exact_timeline_with_an_arrival_during_decode(tmp_path, round_profile):
         "B": (pytest.approx(0.05), pytest.approx(0.0751), pytest.approx(0.0879)),
     }
     assert res.summary["steps"] == 5 and res.summary["decode_jumps"] == 1
+
+
+def test_a_profiles_request_overhead_delays_each_call_into_the_engine(tmp_path):
+    """With ``request_overhead_s`` 0.005 the session of the first test runs 5 ms later per call.
+
+    call 0 is sent at 0 and reaches the engine at 0.005: first token 0.047, finish 0.0775;
+    call 1 is sent at 1.0775 (the 1.0 s tool call), reaches the engine at 1.0825: first token
+    1.1085, finish 1.1253. Each call's arrival is when it was sent: its latency holds the overhead.
+    """
+    import json
+
+    from tests.conftest import ROUND_PROFILE
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**ROUND_PROFILE.to_json(), "request_overhead_s": 0.005}))
+    calls = (
+        Call("s", 0, (("sys", 32),), 3, "a0", (ToolCall("bash", "test", 1.0),)),
+        Call("s", 1, (("sys", 32), ("a0", 3), ("t0", 13)), 2, "a1"),
+    )
+    res = simulate(Trace([Session("s", calls)], source="hand"), SimConfig(kv_blocks=100, profile=str(path)),
+                   tmp_path / "run")
+    rows = read_rows(tmp_path / "run" / "requests.csv")
+    assert [(float(r["arrival_s"]), float(r["first_scheduled_s"]), float(r["first_token_s"]), float(r["finish_s"]))
+            for r in rows] == [
+        (0.0, pytest.approx(0.005), pytest.approx(0.047), pytest.approx(0.0775)),
+        (pytest.approx(1.0775), pytest.approx(1.0825), pytest.approx(1.1085), pytest.approx(1.1253)),
+    ]
+    assert res.summary["total_session_time_s"] == pytest.approx(1.1253)
+    assert res.summary["steps"] == 5

@@ -223,13 +223,25 @@ def test_load_profile_missing_field_names_field_and_file(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("prefill_token_s", "fast"), ("step_overhead_s", -1.0),
                                          ("kv_bytes_per_token", 0), ("weights_bytes", 1.5),
-                                         ("name", 3), ("decode_seq_s", None)])
+                                         ("name", 3), ("decode_seq_s", None), ("request_overhead_s", -0.001),
+                                         ("request_overhead_s", "5ms")])
 def test_load_profile_bad_field(tmp_path, field, value):
     f = tmp_path / "bad.json"
     f.write_text(json.dumps({**make().to_json(), field: value}))
     with pytest.raises(ValueError) as ei:
         load_profile(str(f))
     assert field in str(ei.value) and "bad.json" in str(ei.value)
+
+
+def test_request_overhead_is_optional_and_written_only_when_set(tmp_path):
+    """Files written before ``request_overhead_s`` existed load with 0; 0 is not written back."""
+    d = make().to_json()
+    assert "request_overhead_s" not in d and make().request_overhead_s == 0.0
+    f = tmp_path / "server.json"
+    f.write_text(json.dumps({**d, "request_overhead_s": 0.0055}))
+    p = load_profile(str(f))
+    assert p.request_overhead_s == 0.0055 and p.to_json()["request_overhead_s"] == 0.0055
+    assert StepTimeProfile.from_json(p.to_json()) == p
 
 
 def test_load_profile_unknown_field_and_bad_json(tmp_path):

@@ -1,0 +1,237 @@
+"""A step-time profile measured through a live vLLM server's API: the times a replay waits for, fitted.
+
+``calibrate_server(ServerCalibrationConfig(url), out_file)`` sends a designed
+set of requests to a running server (``cwreplay serve``; nothing else may use
+it meanwhile) and times each one from the client, as ``cwreplay run`` times
+its calls (a whole answer, not streamed):
+
+- **prefill**: one request of ``q`` new tokens on top of ``c`` prefix-cached
+  tokens (a request of the same first ``c`` tokens ran first, untimed), one
+  output token: one engine step of ``P = q``, ``A = q*c + q*(q+1)/2``, plus
+  the request's own latency outside the engine (``R = 1``);
+- **decode**: ``b`` requests at once whose prompts of ``L`` tokens are cached
+  (each ran alone first, untimed, so the ``b`` join one small prefill step),
+  generating ``n1`` tokens each, then again ``n2``: the batch's time (first
+  sent to last answered) grows by ``n2 - n1`` decode steps of ``D = b``,
+  ``C = b * (L + (n1 + n2 - 1) / 2)`` on average; the difference, per step,
+  is the point (the request overhead and the prefill step cancel).
+
+The six terms (the five of ``docs/step-time-model.md`` and
+``request_overhead_s``) are fitted together by :func:`replay.calibrate.fit`.
+Why not the in-process engine (``replay.calibrate``): behind vLLM's API
+server the engine core runs in a process of its own, with its own threads,
+and a request pays the server's HTTP and input/output processing; on the
+2-core CPU machine here its decode steps took 2.1 ms against 4.0 ms in
+process, and its requests ~7 ms on top. The block size and pool come from
+the server's ``/metrics`` (``vllm:cache_config_info``), the model's shape
+from its folder (``/v1/models`` ``root``, or ``model``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from replay.calibrate import FEATURES, TERMS, _device, _model_facts, fit
+from replay.live import ReplayError, _get, _served_model, _transport_errors
+from replay.tokens import segment_tokens
+
+SERVER_TERMS = TERMS + ["request_overhead_s"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCalibrationConfig:
+    url: str
+    prefill_q: tuple[int, ...] = (16, 64, 128, 256, 480)
+    prefill_c: tuple[int, ...] = (0, 256, 1024)
+    decode_b: tuple[int, ...] = (1, 4, 8)
+    decode_l: tuple[int, ...] = (64, 448)
+    decode_n: tuple[int, int] = (8, 72)  #: output tokens of the short and the long run of a decode point
+    repeats: int = 7
+    #: the server's --max-num-batched-tokens: a prefill point must fit one step
+    max_num_batched_tokens: int = 2048
+    model: str | None = None  #: the served model's folder, when /v1/models does not name one here
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+        n1, n2 = self.decode_n
+        if not 1 <= n1 < n2:
+            raise ValueError(f"decode output lengths must be 1 <= n1 < n2, got {self.decode_n}")
+        if max(self.prefill_q) > self.max_num_batched_tokens:
+            raise ValueError(f"a prefill point of {max(self.prefill_q)} tokens does not fit one step of "
+                             f"--max-num-batched-tokens {self.max_num_batched_tokens}")
+
+
+def cache_config(metrics_text: str, url: str) -> tuple[int, int]:
+    """(block size, pool blocks) from the server's ``vllm:cache_config_info`` gauge."""
+    line = next((ln for ln in metrics_text.splitlines() if ln.startswith("vllm:cache_config_info{")), None)
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', line or ""))
+    try:
+        return int(labels["block_size"]), int(labels["num_gpu_blocks"])
+    except (KeyError, ValueError):
+        raise ReplayError(f"server {url}: GET /metrics has no vllm:cache_config_info with block_size and "
+                          "num_gpu_blocks (is it a vLLM server?)") from None
+
+
+class _Prober:
+    """Times one completion at a time from the client, on one aiohttp session."""
+
+    def __init__(self, session, url: str, model: str, vocab: int):
+        self.session, self.url, self.model, self.vocab = session, url, model, vocab
+        self._n = 0
+
+    def fresh(self, length: int) -> list[int]:
+        """Tokens no earlier request had: no prefix hit."""
+        self._n += 1
+        return segment_tokens(f"calibrate-server-{self._n}", length, self.vocab)
+
+    async def complete(self, prompt: list[int], n: int) -> tuple[float, int]:
+        """(seconds from send to answer, the prompt's cached tokens)."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": n, "min_tokens": n, "ignore_eos": True,
+                "temperature": 0.0}
+        t = time.perf_counter()
+        try:
+            async with self.session.post(self.url.rstrip("/") + "/v1/completions", json=body) as r:
+                raw = await r.read()
+                if r.status != 200:
+                    raise ReplayError(f"server {self.url}: HTTP {r.status} for a calibration request: "
+                                      f"{raw.decode(errors='replace')[:300]}")
+        except _transport_errors() as e:
+            raise ReplayError(f"server {self.url}: {type(e).__name__} during calibration "
+                              f"({e or 'connection lost'}): is the server running?") from None
+        dt = time.perf_counter() - t
+        try:
+            d = json.loads(raw)
+            got = d["usage"]["completion_tokens"]
+            cached = (d["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        except (ValueError, KeyError, TypeError):
+            raise ReplayError(f"server {self.url}: malformed answer to a calibration request") from None
+        if got != n:
+            raise ReplayError(f"server {self.url}: a calibration request generated {got} tokens, not {n}")
+        return dt, int(cached)
+
+
+async def _measure(config: ServerCalibrationConfig, block_size: int, on_point=None) -> tuple[list[dict], str]:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=config.timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=max(config.decode_b))) as session:
+        from replay.tiny_model import TINY_VOCAB_SIZE
+
+        model_id = await _served_model(session, config.url)
+        try:
+            root = json.loads(await _get(session, config.url, "/v1/models"))["data"][0].get("root")
+        except (ValueError, KeyError, IndexError, TypeError):
+            root = None
+        model_dir = config.model or root
+        vocab = TINY_VOCAB_SIZE
+        if model_dir and (Path(model_dir) / "config.json").is_file():
+            vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", TINY_VOCAB_SIZE)
+        p = _Prober(session, config.url, model_id, vocab)
+        for _ in range(3):  # the first requests pay one-off costs
+            await p.complete(p.fresh(256), 4)
+        points = []
+        for q in config.prefill_q:
+            for c in config.prefill_c:
+                times = []
+                for _ in range(config.repeats):
+                    prefix = p.fresh(c)
+                    if c:
+                        await p.complete(prefix, 1)
+                    t, cached = await p.complete(prefix + p.fresh(q), 1)
+                    if cached != c:
+                        raise ReplayError(f"server {config.url}: calibration prefill q={q} c={c}: the server "
+                                          f"cached {cached} tokens, not {c} (is its pool big enough, and is "
+                                          f"nothing else using it?)")
+                    times.append(t)
+                points.append({"kind": "prefill", "q": q, "c": c, "R": 1, "S": 1, "P": q,
+                               "A": q * c + q * (q + 1) / 2.0, "D": 0, "C": 0, "t": statistics.median(times)})
+                if on_point is not None:
+                    on_point(points[-1])
+        n1, n2 = config.decode_n
+        for b in config.decode_b:
+            for L in config.decode_l:
+                diffs = []
+                for _ in range(config.repeats):
+                    batch = {}
+                    for n in (n1, n2):
+                        prompts = [p.fresh(L) for _ in range(b)]
+                        for pr in prompts:  # cached first: the b join one small prefill step
+                            await p.complete(pr, 1)
+                        t = time.perf_counter()
+                        await asyncio.gather(*(p.complete(pr, n) for pr in prompts))
+                        batch[n] = time.perf_counter() - t
+                    diffs.append((batch[n2] - batch[n1]) / (n2 - n1))
+                t = statistics.median(diffs)
+                if t <= 0:
+                    raise ReplayError(f"server {config.url}: calibration decode b={b} L={L}: {n2} tokens took no "
+                                      f"longer than {n1} (a noisy machine? try more --repeats)")
+                points.append({"kind": "decode", "b": b, "L": L, "R": 0, "S": 1, "P": 0, "A": 0.0, "D": b,
+                               "C": b * (L + (n1 + n2 - 1) / 2.0), "t": t})
+                if on_point is not None:
+                    on_point(points[-1])
+        return points, model_dir
+
+
+async def _server_facts(url: str) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        return (await _get(session, url, "/metrics")).decode(errors="replace")
+
+
+def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLike, *, name: str | None = None,
+                     on_point=None):
+    """Measure, fit and write the profile to ``out_file`` (atomically); return it.
+
+    ``ReplayError`` (one line, naming the server) when the server cannot be reached or answers
+    wrongly; ``ValueError`` for a bad design or when the model's folder is unknown here."""
+    from cwsim.steptime import StepTimeProfile
+    from traces.files import atomic_write_text, ensure_parent
+
+    out = ensure_parent(out_file)
+    wall0 = time.perf_counter()
+    block_size, kv_blocks = cache_config(asyncio.run(_server_facts(config.url)), config.url)
+    for c in config.prefill_c:
+        if c % block_size:
+            raise ValueError(f"every prefix length must be a multiple of the server's block size {block_size} "
+                             f"(only whole blocks are cached), got {c}")
+    usable = kv_blocks - 1  # vLLM's null block
+    need = max([-(-(q + c) // block_size) for q in config.prefill_q for c in config.prefill_c]
+               + [b * -(-(L + config.decode_n[1]) // block_size) for b in config.decode_b for L in config.decode_l])
+    if need > usable:
+        raise ValueError(f"the design needs {need} blocks at once, the server's pool has {usable}: a calibration "
+                         f"server wants a big pool (cwreplay serve --kv-blocks), or a smaller design")
+    points, model_dir = asyncio.run(_measure(config, block_size, on_point))
+    if not model_dir or not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"the served model's folder {model_dir!r} is not readable here: give --model DIR")
+    coef, err, mape = fit(points, SERVER_TERMS)
+    model, kv_bytes, weights = _model_facts(Path(model_dir), block_size)
+    import vllm
+
+    device = _device()
+    profile = StepTimeProfile(
+        name=name or f"measured-server-{Path(model_dir).name}", model=model, gpu=device, **coef,
+        kv_bytes_per_token=kv_bytes, weights_bytes=weights,
+        gpu_mem_bytes=weights + kv_blocks * block_size * kv_bytes,
+        source=(f"measured on {device} through vLLM {vllm.__version__}'s OpenAI server at {config.url}: "
+                f"{len(points)} design points ({config.repeats} repeats each) of whole requests timed by the "
+                f"client, fitted by replay.calibrate_server (least squares on relative error); "
+                f"MAPE {100 * mape['all']:.1f}%"),
+        notes="terms " + ", ".join(f"{k} = {coef[k]:.4g} +- {err[k]:.2g}" for k in SERVER_TERMS),
+    )
+    d = profile.to_json()
+    d["_fit"] = {"stderr": err, "mape": mape, "points": points,
+                 "config": {**asdict(config), "block_size": block_size, "kv_blocks": kv_blocks},
+                 "features": {t: FEATURES[t] for t in SERVER_TERMS}, "wall_s": time.perf_counter() - wall0}
+    atomic_write_text(out, json.dumps(d, indent=1) + "\n")
+    return profile
