@@ -310,6 +310,28 @@ def import_(
                   + (f" from {total:,} bytes" if total else ""), markup=False)
 
 
+@command()
+def shrink(
+    trace: Optional[Path] = _trace_option("Trace to shrink (default: the bundled trace)."),
+    output: Path = _out_option(..., "Output trace (.jsonl or .jsonl.gz); its folder is made if needed."),
+    token_scale: int = typer.Option(1, "--token-scale", min=1, help="Divide every segment's token count by this (at least 1 token each)."),
+    max_turns: Optional[int] = typer.Option(None, "--max-turns", min=1, help="Keep each session's first N calls."),
+    max_sessions: Optional[int] = typer.Option(None, "--max-sessions", min=1, help="Keep the first N sessions."),
+    max_gap_s: Optional[float] = typer.Option(None, "--max-gap-s", min=0.0, help="Cut longer gaps to this (s)."),
+) -> None:
+    """A smaller trace of the same shape: fewer sessions, turns and tokens (a CPU-size replay, `cwreplay run`)."""
+    from traces.reader import write_trace
+    from traces.transform import shrink as shrink_trace
+
+    _check_out_file(output)
+    with _guarded("--out"):
+        small = shrink_trace(_load(trace), token_scale=token_scale, max_turns=max_turns, max_sessions=max_sessions,
+                             max_gap_s=max_gap_s)
+        n = write_trace(output, small.calls(), small.header or None)
+    console.print(f"wrote {n} calls ({len(small.sessions)} sessions; {small.header.get('shrunk', small.source)}) "
+                  f"to {output}", markup=False)
+
+
 def _why_nothing(fmt: str, src: list[Path], report) -> str:
     from traces.importers import IMPORTERS
 

@@ -82,18 +82,21 @@ def main(argv=None) -> int:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="cwlm-"))  # servers' folders: a short path (unix socket paths are short)
     trace = shrink(load_trace(TRACE), token_scale=args.token_scale, max_turns=args.turns, max_sessions=args.sessions,
                    max_gap_s=20.0)
     write_trace(out / "trace.jsonl", trace.calls(), trace.header)
     print(f"trace: {trace.source}: {len(trace.sessions)} sessions, {trace.num_calls} calls", flush=True)
-    model = str(build_tiny_model(out / "tiny-llama"))
+    model = str(build_tiny_model(scratch / "tiny-llama"))
     sched = dict(max_num_seqs=8, max_num_batched_tokens=512)
     timings = {}
     profile = args.profile
     if profile is None:
         profile = out / "server-profile.json"
         t = time.monotonic()
-        with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), out / "srv-calibrate") as srv:
+        with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
             calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
                              profile, name="tiny-llama-vllm-cpu-server",
                              on_point=lambda p: print(f"  calibration {p['kind']} point: {1000 * p['t']:.2f} ms",
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
             t = time.monotonic()
             print(f"{name}: starting a server of {blocks} blocks ...", flush=True)
             with start_server(ServerConfig(model=model, kv_blocks=blocks, block_size=32, **sched),
-                              out / f"srv-{blocks}-{r}") as srv:
+                              scratch / f"{blocks}-{r}") as srv:
                 cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
                                  time_scale=args.time_scale, agents=args.agents)
                 live = run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
         for row in rs:
             print("  ".join(f"{_fmt(row[c], c in pct):>14}" for c in cols))
     _plot(out, rows, baseline_rows)
+    shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nwritten: {out}/report.json, {out}/report.png")
     return 0
 

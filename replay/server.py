@@ -197,9 +197,10 @@ def start_server(config: ServerConfig, run_dir: str | os.PathLike, *, timeout_s:
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     events, events_replay = f"ipc://{run / 'kv-events.ipc'}", f"ipc://{run / 'kv-replay.ipc'}"
-    if len(str(run / "kv-replay.ipc")) > _MAX_IPC_PATH:
-        raise ServerError(f"--dir {run}: path too long for the KV event sockets (ipc:// paths must stay under "
-                          f"{_MAX_IPC_PATH} characters); use a shorter folder")
+    # the longest socket path: vLLM's own, a uuid in TMPDIR (the run's tmp/)
+    if max(len(str(run / "kv-replay.ipc")), len(str(run / "tmp" / ("0" * 36)))) > _MAX_IPC_PATH:
+        raise ServerError(f"--dir {run}: path too long for the KV event sockets and vLLM's own in its "
+                          f"tmp/ (ipc:// paths must stay under {_MAX_IPC_PATH} characters); use a shorter folder")
     for name in ("kv-events.ipc", "kv-replay.ipc", "server.json"):
         (run / name).unlink(missing_ok=True)
     if config.model is None:

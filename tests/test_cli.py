@@ -101,12 +101,30 @@ def test_synth_closeness_with_the_working_set(tmp_path):
     assert "closeness (cwsim.analysis.analyze)" in res.output and "kv_working_set.peak_blocks" in res.output
 
 
+def test_shrink_writes_a_smaller_trace_that_runs(tmp_path):
+    from traces.reader import load_trace
+
+    small = tmp_path / "small.jsonl.gz"
+    res = runner.invoke(app, ["shrink", "--token-scale", "20", "--max-turns", "5", "--max-sessions", "3",
+                              "--max-gap-s", "10", "-o", str(small)])
+    assert res.exit_code == 0, res.output
+    assert "wrote 15 calls (3 sessions; tokens / 20, first 3 sessions, first 5 turns, gaps <= 10 s)" in \
+        " ".join(res.output.split())
+    tr = load_trace(small)
+    assert tr.num_calls == 15 and max(c.next_gap_s for c in tr.calls()) <= 10
+    assert tr.header["shrunk"] == "tokens / 20, first 3 sessions, first 5 turns, gaps <= 10 s"
+    res = runner.invoke(app, ["run", "--trace", str(small), "--kv-blocks", "200"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["shrink", "--token-scale", "0", "-o", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 2 and "--token-scale" in res.output
+
+
 def test_version_and_help_read_cleanly():
     from importlib.metadata import version
 
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"cwsim {version('cachewise')}"
-    for cmd in ([], ["run"], ["import"], ["analyze"], ["synth"], ["policies"], ["profiles"]):
+    for cmd in ([], ["run"], ["import"], ["shrink"], ["analyze"], ["synth"], ["policies"], ["profiles"]):
         res = runner.invoke(app, [*cmd, "--help"], terminal_width=200)
         assert res.exit_code == 0 and "<bool>" not in res.output, cmd
     res = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"})

@@ -327,6 +327,11 @@ def test_cli_serve_bad_flag_exits_2_with_one_line(tmp_path):
     assert res.exit_code == 2 and "--max-num-batched-tokens (8) must be >= --max-num-seqs" in res.output
     res = CliRunner().invoke(app, ["serve", "--kv-blocks", "8", "--dir", str(tmp_path / ("x" * 120))])
     assert res.exit_code == 2 and "path too long for the KV event sockets" in res.output
+    # short enough for kv-replay.ipc, too long for vLLM's own sockets (a uuid in the folder's tmp/)
+    folder = tmp_path / ("y" * max(1, 100 - len(str(tmp_path / "kv-replay.ipc")) - 2))
+    assert len(str(folder / "kv-replay.ipc")) <= 100 < len(str(folder / "tmp" / ("0" * 36)))
+    res = CliRunner().invoke(app, ["serve", "--kv-blocks", "8", "--dir", str(folder)])
+    assert res.exit_code == 2 and "path too long for the KV event sockets" in res.output
 
 
 def test_compare_scales_gaps_and_refuses_a_partial_run(tmp_path):
