@@ -119,7 +119,7 @@ class _Prober:
         return dt, int(cached)
 
 
-async def _measure(config: ServerCalibrationConfig, block_size: int, on_point=None) -> tuple[list[dict], str]:
+async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list[dict], str]:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=config.timeout_s)
@@ -211,7 +211,7 @@ def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLik
     if need > usable:
         raise ValueError(f"the design needs {need} blocks at once, the server's pool has {usable}: a calibration "
                          f"server wants a big pool (cwreplay serve --kv-blocks), or a smaller design")
-    points, model_dir = asyncio.run(_measure(config, block_size, on_point))
+    points, model_dir = asyncio.run(_measure(config, on_point))
     if not model_dir or not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"the served model's folder {model_dir!r} is not readable here: give --model DIR")
     coef, err, mape = fit(points, SERVER_TERMS)
