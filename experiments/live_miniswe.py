@@ -89,44 +89,47 @@ def main(argv=None) -> int:
                    max_gap_s=20.0)
     write_trace(out / "trace.jsonl", trace.calls(), trace.header)
     print(f"trace: {trace.source}: {len(trace.sessions)} sessions, {trace.num_calls} calls", flush=True)
-    model = str(build_tiny_model(scratch / "tiny-llama"))
-    sched = dict(max_num_seqs=8, max_num_batched_tokens=512)
-    timings = {}
-    profile = args.profile
-    if profile is None:
-        profile = out / "server-profile.json"
-        t = time.monotonic()
-        with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
-            calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
-                             profile, name="tiny-llama-vllm-cpu-server",
-                             on_point=lambda p: print(f"  calibration {p['kind']} point: {1000 * p['t']:.2f} ms",
-                                                      flush=True))
-        timings["calibration_s"] = time.monotonic() - t
-    fit = json.loads(Path(profile).read_text())
-    print(f"profile {profile}: " + ", ".join(f"{k} {fit[k]:.4g}" for k in (
-        "request_overhead_s", "step_overhead_s", "prefill_token_s", "decode_seq_s", "prefill_attn_pair_s",
-        "decode_ctx_token_s")), flush=True)
-    rows, baseline_rows = [], []
-    for blocks in args.kv_blocks:
-        for r in range(args.repeats):
-            name = f"live-{blocks}-{r}"
-            run = out / name
+    try:
+        model = str(build_tiny_model(scratch / "tiny-llama"))
+        sched = dict(max_num_seqs=8, max_num_batched_tokens=512)
+        timings = {}
+        profile = args.profile
+        if profile is None:
+            profile = out / "server-profile.json"
             t = time.monotonic()
-            print(f"{name}: starting a server of {blocks} blocks ...", flush=True)
-            with start_server(ServerConfig(model=model, kv_blocks=blocks, block_size=32, **sched),
-                              scratch / f"{blocks}-{r}") as srv:
-                cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
-                                 time_scale=args.time_scale, agents=args.agents)
-                live = run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
-            timings[name + "_s"] = time.monotonic() - t
-            print(f"{name}: {live['requests']} calls, {live['evicted_blocks']} evicted, "
-                  f"{live['preemptions']} preemptions", flush=True)
-            if args.baseline_profile:
-                c = compare_live(run, args.baseline_profile, trace=trace, **sched)
-                baseline_rows.append(_row(name, c))
-                shutil.copy(run / "compare.json", run / "compare-baseline.json")
-            c = compare_live(run, str(profile), trace=trace, **sched)
-            rows.append(_row(name, c))
+            with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
+                calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
+                                 profile, name="tiny-llama-vllm-cpu-server",
+                                 on_point=lambda p: print(f"  calibration {p['kind']} point: {1000 * p['t']:.2f} ms",
+                                                          flush=True))
+            timings["calibration_s"] = time.monotonic() - t
+        fit = json.loads(Path(profile).read_text())
+        print(f"profile {profile}: " + ", ".join(f"{k} {fit[k]:.4g}" for k in (
+            "request_overhead_s", "step_overhead_s", "prefill_token_s", "decode_seq_s", "prefill_attn_pair_s",
+            "decode_ctx_token_s")), flush=True)
+        rows, baseline_rows = [], []
+        for blocks in args.kv_blocks:
+            for r in range(args.repeats):
+                name = f"live-{blocks}-{r}"
+                run = out / name
+                t = time.monotonic()
+                print(f"{name}: starting a server of {blocks} blocks ...", flush=True)
+                with start_server(ServerConfig(model=model, kv_blocks=blocks, block_size=32, **sched),
+                                  scratch / f"{blocks}-{r}") as srv:
+                    cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
+                                     time_scale=args.time_scale, agents=args.agents)
+                    live = run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
+                timings[name + "_s"] = time.monotonic() - t
+                print(f"{name}: {live['requests']} calls, {live['evicted_blocks']} evicted, "
+                      f"{live['preemptions']} preemptions", flush=True)
+                if args.baseline_profile:
+                    c = compare_live(run, args.baseline_profile, trace=trace, **sched)
+                    baseline_rows.append(_row(name, c))
+                    shutil.copy(run / "compare.json", run / "compare-baseline.json")
+                c = compare_live(run, str(profile), trace=trace, **sched)
+                rows.append(_row(name, c))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the servers' folders and the tiny model
     report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
               "agents": args.agents, "time_scale": args.time_scale, "kv_blocks": args.kv_blocks, **sched,
               "profile": str(profile), "baseline_profile": args.baseline_profile, "targets": TARGETS,
@@ -143,7 +146,6 @@ def main(argv=None) -> int:
         for row in rs:
             print("  ".join(f"{_fmt(row[c], c in pct):>14}" for c in cols))
     _plot(out, rows, baseline_rows)
-    shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nwritten: {out}/report.json, {out}/report.png")
     return 0
 

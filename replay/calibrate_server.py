@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from replay.calibrate import FEATURES, TERMS, _device, _model_facts, fit
-from replay.live import ReplayError, _get, _served_model, _transport_errors
+from replay.live import ReplayError, _get, _transport_errors
 from replay.tokens import segment_tokens
 
 SERVER_TERMS = TERMS + ["request_overhead_s"]
@@ -127,12 +127,12 @@ async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list
                                      connector=aiohttp.TCPConnector(limit=max(config.decode_b))) as session:
         from replay.tiny_model import TINY_VOCAB_SIZE
 
-        model_id = await _served_model(session, config.url)
         try:
-            root = json.loads(await _get(session, config.url, "/v1/models"))["data"][0].get("root")
+            served = json.loads(await _get(session, config.url, "/v1/models"))["data"][0]
+            model_id = served["id"]
         except (ValueError, KeyError, IndexError, TypeError):
-            root = None
-        model_dir = config.model or root
+            raise ReplayError(f"server {config.url}: GET /v1/models lists no model") from None
+        model_dir = config.model or served.get("root")
         vocab = TINY_VOCAB_SIZE
         if model_dir and (Path(model_dir) / "config.json").is_file():
             vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", TINY_VOCAB_SIZE)

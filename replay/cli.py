@@ -257,7 +257,7 @@ def calibrate(
 
             terms = SERVER_TERMS
             kw = {} if repeats is None else {"repeats": repeats}
-            if quick:  # about 15 s
+            if quick:  # about 10 s
                 kw.update(prefill_q=tuple(q for q in (16, 128, 480) if q <= max_num_batched_tokens) or (16,),
                           prefill_c=(0, 512), decode_b=(1, 8), decode_l=(64, 448), repeats=repeats or 3)
             cfg = ServerCalibrationConfig(server, max_num_batched_tokens=max_num_batched_tokens,

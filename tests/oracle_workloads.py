@@ -68,34 +68,18 @@ def tool_mix_history(turns: int = 6, n: int = 40) -> list[Session]:
 
 
 def miniswe_sample(n_sessions: int, scale: int, max_turns: int) -> Trace:
-    """The first real mini-swe-agent sessions, token counts divided by ``scale``, cut to ``max_turns`` calls."""
+    """The first real mini-swe-agent sessions (the importer's output of the shared raw trajectories), token
+    counts divided by ``scale``, cut to ``max_turns`` calls, gaps to 20 s (``traces.transform.shrink``)."""
     from traces.importers import miniswe
+    from traces.transform import shrink
 
     calls, _ = miniswe.convert(miniswe.find([SHARED_TRACES / "mini-swe-agent-deepseek"])[:n_sessions])
     by_session: dict[str, list[Call]] = {}
     for c in calls:
         by_session.setdefault(c.session_id, []).append(c)
-    sessions = []
-    for sid in list(by_session)[:n_sessions]:
-        cs = sorted(by_session[sid], key=lambda c: c.turn)[:max_turns]
-        scaled = []
-        for c in cs:
-            prompt = tuple((seg, max(1, n // scale)) for seg, n in c.prompt)
-            scaled.append(Call(c.session_id, c.turn, prompt, max(1, c.output_tokens // scale), c.output_segment,
-                               c.tools, gap_s=min(c.next_gap_s, 20.0)))
-        sessions.append(Session(sid, tuple(scaled)))
-    return Trace(sessions, source="mini-swe-agent-deepseek (scaled)")
-
-
-def _scaled_outputs(trace: Trace) -> Trace:
-    """A scaled trace's prompts name outputs by their full length: cut them to the scaled output length."""
-    sessions = []
-    for s in trace.sessions:
-        outs = {c.output_segment: c.output_tokens for c in s.calls if c.output_segment}
-        calls = [Call(c.session_id, c.turn, tuple((seg, min(n, outs.get(seg, n))) for seg, n in c.prompt),
-                      c.output_tokens, c.output_segment, c.tools, c.gap_s) for c in s.calls]
-        sessions.append(Session(s.session_id, tuple(calls)))
-    return Trace(sessions, source=trace.source)
+    sessions = [Session(sid, tuple(sorted(cs, key=lambda c: c.turn))) for sid, cs in by_session.items()]
+    small = shrink(Trace(sessions), token_scale=scale, max_turns=max_turns, max_sessions=n_sessions, max_gap_s=20.0)
+    return Trace(small.sessions, source="mini-swe-agent-deepseek (scaled)")
 
 
 def OC(**kw) -> OracleConfig:
@@ -137,7 +121,7 @@ def workloads() -> dict[str, tuple]:
 
 
 def miniswe_workload() -> tuple:
-    return (lambda: _scaled_outputs(miniswe_sample(6, scale=20, max_turns=12)),
+    return (lambda: miniswe_sample(6, scale=20, max_turns=12),
             OC(kv_blocks=64, block_size=32, agents=6, max_num_batched_tokens=512))
 
 
