@@ -16,6 +16,14 @@ its calls (a whole answer, not streamed):
   ``C = b * (L + (n1 + n2 - 1) / 2)`` on average; the difference, per step,
   is the point (the request overhead and the prefill step cancel).
 
+Between the design points it also times **check calls** of shapes the design
+does not hold (``check``: ``q`` new tokens on ``c`` cached, ``n`` outputs: a
+replay's call), one of each after every point, so that they share the
+machine's load with the points; the fitted profile's prediction for each
+(the request overhead, one prefill step, ``n - 1`` decode steps of one
+sequence) is written beside its median in ``_fit["check"]``: the profile's
+error on calls it was not fitted to.
+
 The six terms (the five of ``docs/step-time-model.md`` and
 ``request_overhead_s``) are fitted together by :func:`replay.calibrate.fit`.
 Why not the in-process engine (``replay.calibrate``): behind vLLM's API
@@ -35,7 +43,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from replay.calibrate import FEATURES, TERMS, _device, _model_facts, fit
@@ -43,6 +51,8 @@ from replay.live import ReplayError, _get, _transport_errors
 from replay.tokens import segment_tokens
 
 SERVER_TERMS = TERMS + ["request_overhead_s"]
+#: held-out calls (new tokens, cached tokens, output tokens) a calibration times by default
+DEFAULT_CHECK = ((48, 128, 12), (200, 256, 24))
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,8 @@ class ServerCalibrationConfig:
     decode_b: tuple[int, ...] = (1, 4, 8)
     decode_l: tuple[int, ...] = (64, 448)
     decode_n: tuple[int, int] = (8, 72)  #: output tokens of the short and the long run of a decode point
+    #: held-out calls (new tokens, cached tokens, output tokens), timed between the points, not fitted
+    check: tuple[tuple[int, int, int], ...] = DEFAULT_CHECK
     repeats: int = 7
     #: the server's --max-num-batched-tokens: a prefill point must fit one step
     max_num_batched_tokens: int = 2048
@@ -65,9 +77,21 @@ class ServerCalibrationConfig:
         n1, n2 = self.decode_n
         if not 1 <= n1 < n2:
             raise ValueError(f"decode output lengths must be 1 <= n1 < n2, got {self.decode_n}")
-        if max(self.prefill_q) > self.max_num_batched_tokens:
-            raise ValueError(f"a prefill point of {max(self.prefill_q)} tokens does not fit one step of "
+        big = max([*self.prefill_q, *(q for q, _, _ in self.check)])
+        if big > self.max_num_batched_tokens:
+            raise ValueError(f"a prefill of {big} new tokens (a point or a check call) does not fit one step of "
                              f"--max-num-batched-tokens {self.max_num_batched_tokens}")
+        if any(q < 1 or c < 0 or n < 1 for q, c, n in self.check):
+            raise ValueError(f"a check call needs >= 1 new token and >= 1 output token, got {self.check}")
+
+
+def predicted_call_s(profile, q: int, c: int, n: int) -> float:
+    """What ``profile`` says one request of ``q`` new tokens on ``c`` cached, ``n`` outputs, takes alone:
+    its latency outside the engine, one prefill step (its first token), then ``n - 1`` decode steps."""
+    from cwsim.steptime import prefill_attn_pairs
+
+    return (profile.request_overhead_s + profile.step_time(q, prefill_attn_pairs(q, c), 0, 0)
+            + sum(profile.step_time(0, 0, 1, q + c + k) for k in range(1, n)))
 
 
 def cache_config(metrics_text: str, url: str) -> tuple[int, int]:
@@ -119,7 +143,7 @@ class _Prober:
         return dt, int(cached)
 
 
-async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list[dict], str]:
+async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list[dict], dict, str]:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=config.timeout_s)
@@ -140,6 +164,18 @@ async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list
         for _ in range(3):  # the first requests pay one-off costs
             await p.complete(p.fresh(256), 4)
         points = []
+        checks = {shape: [] for shape in config.check}
+
+        async def point_done() -> None:
+            for (q, c, n), times in checks.items():
+                prefix = p.fresh(c)
+                if c:
+                    await p.complete(prefix, 1)
+                t, cached = await p.complete(prefix + p.fresh(q), n)
+                _expect_cached(config.url, f"check call q={q} c={c}", cached, c)
+                times.append(t)
+            if on_point is not None:
+                on_point(points[-1])
         for q in config.prefill_q:
             for c in config.prefill_c:
                 times = []
@@ -148,15 +184,11 @@ async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list
                     if c:
                         await p.complete(prefix, 1)
                     t, cached = await p.complete(prefix + p.fresh(q), 1)
-                    if cached != c:
-                        raise ReplayError(f"server {config.url}: calibration prefill q={q} c={c}: the server "
-                                          f"cached {cached} tokens, not {c} (is its pool big enough, and is "
-                                          f"nothing else using it?)")
+                    _expect_cached(config.url, f"prefill q={q} c={c}", cached, c)
                     times.append(t)
                 points.append({"kind": "prefill", "q": q, "c": c, "R": 1, "S": 1, "P": q,
                                "A": q * c + q * (q + 1) / 2.0, "D": 0, "C": 0, "t": statistics.median(times)})
-                if on_point is not None:
-                    on_point(points[-1])
+                await point_done()
         n1, n2 = config.decode_n
         for b in config.decode_b:
             for L in config.decode_l:
@@ -177,9 +209,14 @@ async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list
                                       f"longer than {n1} (a noisy machine? try more --repeats)")
                 points.append({"kind": "decode", "b": b, "L": L, "R": 0, "S": 1, "P": 0, "A": 0.0, "D": b,
                                "C": b * (L + (n1 + n2 - 1) / 2.0), "t": t})
-                if on_point is not None:
-                    on_point(points[-1])
-        return points, model_dir
+                await point_done()
+        return points, {shape: statistics.median(ts) for shape, ts in checks.items()}, model_dir
+
+
+def _expect_cached(url: str, what: str, cached: int, c: int) -> None:
+    if cached != c:
+        raise ReplayError(f"server {url}: calibration {what}: the server cached {cached} tokens, not {c} (is its "
+                          "pool big enough, and is nothing else using it?)")
 
 
 async def _server_facts(url: str) -> str:
@@ -201,17 +238,18 @@ def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLik
     out = ensure_parent(out_file)
     wall0 = time.perf_counter()
     block_size, kv_blocks = cache_config(asyncio.run(_server_facts(config.url)), config.url)
-    for c in config.prefill_c:
+    for c in [*config.prefill_c, *(c for _, c, _ in config.check)]:
         if c % block_size:
             raise ValueError(f"every prefix length must be a multiple of the server's block size {block_size} "
                              f"(only whole blocks are cached), got {c}")
     usable = kv_blocks - 1  # vLLM's null block
     need = max([-(-(q + c) // block_size) for q in config.prefill_q for c in config.prefill_c]
-               + [b * -(-(L + config.decode_n[1]) // block_size) for b in config.decode_b for L in config.decode_l])
+               + [b * -(-(L + config.decode_n[1]) // block_size) for b in config.decode_b for L in config.decode_l]
+               + [-(-(q + c + n) // block_size) for q, c, n in config.check])
     if need > usable:
         raise ValueError(f"the design needs {need} blocks at once, the server's pool has {usable}: a calibration "
                          f"server wants a big pool (cwreplay serve --kv-blocks), or a smaller design")
-    points, model_dir = asyncio.run(_measure(config, on_point))
+    points, checked, model_dir = asyncio.run(_measure(config, on_point))
     if not model_dir or not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"the served model's folder {model_dir!r} is not readable here: give --model DIR")
     coef, err, mape = fit(points, SERVER_TERMS)
@@ -229,8 +267,15 @@ def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLik
                 f"MAPE {100 * mape['all']:.1f}%"),
         notes="terms " + ", ".join(f"{k} = {coef[k]:.4g} +- {err[k]:.2g}" for k in SERVER_TERMS),
     )
+    check = [{"q": q, "c": c, "n": n, "t": t, "predicted": predicted_call_s(profile, q, c, n)}
+             for (q, c, n), t in checked.items()]
+    for ch in check:
+        ch["error"] = ch["predicted"] / ch["t"] - 1.0
+    if check:
+        profile = replace(profile, source=profile.source + "; held-out calls " + ", ".join(
+            f"{ch['q']} new on {ch['c']} cached x {ch['n']} out {100 * ch['error']:+.0f}%" for ch in check))
     d = profile.to_json()
-    d["_fit"] = {"stderr": err, "mape": mape, "points": points,
+    d["_fit"] = {"stderr": err, "mape": mape, "points": points, "check": check,
                  "config": {**asdict(config), "block_size": block_size, "kv_blocks": kv_blocks},
                  "features": {t: FEATURES[t] for t in SERVER_TERMS}, "wall_s": time.perf_counter() - wall0}
     atomic_write_text(out, json.dumps(d, indent=1) + "\n")

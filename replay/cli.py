@@ -253,13 +253,14 @@ def calibrate(
         + f": {1000 * p['t']:.2f} ms")
     try:
         if server is not None:
-            from replay.calibrate_server import SERVER_TERMS, ServerCalibrationConfig, calibrate_server
+            from replay.calibrate_server import DEFAULT_CHECK, SERVER_TERMS, ServerCalibrationConfig, calibrate_server
 
             terms = SERVER_TERMS
             kw = {} if repeats is None else {"repeats": repeats}
             if quick:  # about 10 s
                 kw.update(prefill_q=tuple(q for q in (16, 128, 480) if q <= max_num_batched_tokens) or (16,),
                           prefill_c=(0, 512), decode_b=(1, 8), decode_l=(64, 448), repeats=repeats or 3)
+            kw["check"] = tuple(ch for ch in DEFAULT_CHECK if ch[0] <= max_num_batched_tokens)
             cfg = ServerCalibrationConfig(server, max_num_batched_tokens=max_num_batched_tokens,
                                           model=str(model) if model is not None else None, **kw)
             profile = calibrate_server(cfg, out, name=name, on_point=show)
@@ -281,6 +282,9 @@ def calibrate(
     for k in terms:
         print(f"{k:22s} {getattr(profile, k):.4g}  (+- {fit['stderr'][k]:.2g})")
     print("MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fit["mape"].items()))
+    for ch in fit.get("check", []):
+        print(f"held-out call {ch['q']} new on {ch['c']} cached, {ch['n']} out: measured {1000 * ch['t']:.1f} ms, "
+              f"predicted {1000 * ch['predicted']:.1f} ms ({100 * ch['error']:+.1f}%)")
     console.print(f"profile written to {out} ({profile.source})")
 
 

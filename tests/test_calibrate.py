@@ -85,8 +85,12 @@ def test_the_servers_block_size_and_pool_come_from_its_metrics():
 def test_a_server_design_must_fit_the_step_budget():
     from replay.calibrate_server import ServerCalibrationConfig
 
-    with pytest.raises(ValueError, match="480 tokens does not fit one step of --max-num-batched-tokens 256"):
+    with pytest.raises(ValueError, match="480 new tokens .* does not fit one step of --max-num-batched-tokens 256"):
         ServerCalibrationConfig("http://h:1", max_num_batched_tokens=256)
+    with pytest.raises(ValueError, match="200 new tokens .* does not fit one step of --max-num-batched-tokens 128"):
+        ServerCalibrationConfig("http://h:1", prefill_q=(16, 128), max_num_batched_tokens=128)
+    with pytest.raises(ValueError, match="check call needs >= 1 new token and >= 1 output"):
+        ServerCalibrationConfig("http://h:1", check=((48, 128, 0),))
     with pytest.raises(ValueError, match="n1 < n2"):
         ServerCalibrationConfig("http://h:1", decode_n=(8, 8))
 

@@ -275,38 +275,29 @@ def test_a_streamed_replay_times_the_first_token_and_counts_as_the_server_does(s
 def test_a_profile_calibrated_through_the_servers_api_predicts_a_call_it_did_not_see(servers, tmp_path):
     """`cwreplay calibrate --server` (a design the test's small pool holds) on the live server: a
     profile with the request's own latency, fitted to its points, that times a call of a shape outside the design
-    (48 new tokens on 128 cached, 12 outputs) within 50% of what the server takes (CI runs it beside other tests)."""
-    import asyncio
-
-    from cwsim.steptime import load_profile, prefill_attn_pairs
-    from replay.calibrate_server import ServerCalibrationConfig, _Prober, calibrate_server
+    (48 new tokens on 128 cached, 12 outputs; timed between the points, so under the same load: CI runs this beside
+    other tests) within 50%, and writes that check beside its prediction."""
+    from cwsim.steptime import load_profile
+    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server, predicted_call_s
 
     srv = servers.current
     cfg = ServerCalibrationConfig(srv.url, prefill_q=(16, 128, 480), prefill_c=(0, 512), decode_b=(1, 8),
-                                  decode_l=(64, 128), decode_n=(4, 24), repeats=3, max_num_batched_tokens=512)
+                                  decode_l=(64, 128), decode_n=(4, 24), repeats=3, max_num_batched_tokens=512,
+                                  check=((48, 128, 12),))
     calibrate_server(cfg, tmp_path / "server.json")
     prof = load_profile(tmp_path / "server.json")
     fit = json.loads((tmp_path / "server.json").read_text())["_fit"]
-    assert prof.source.startswith("measured on ") and srv.url in prof.source
+    assert prof.source.startswith("measured on ") and srv.url in prof.source and "held-out calls 48 new" in prof.source
     # (under a loaded machine the split between the two fixed costs moves; their sum does not vanish)
     assert prof.request_overhead_s > 0 and prof.prefill_token_s > 0 and prof.decode_seq_s + prof.step_overhead_s > 0
     assert fit["config"]["block_size"] == 32 and fit["config"]["kv_blocks"] == 48
     assert [p["kind"] for p in fit["points"]] == ["prefill"] * 6 + ["decode"] * 4
     assert fit["mape"]["all"] < 0.25
-
-    async def one_call():
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            p = _Prober(session, srv.url, "cachewise-replay", srv.vocab_size)
-            p._n = 10_000  # prompts the calibration did not send
-            prefix = p.fresh(128)
-            await p.complete(prefix, 1)
-            times = [(await p.complete(prefix + p.fresh(48), 12)) for _ in range(3)]
-            return sorted(t for t, _ in times)[1]
-
-    real = asyncio.run(one_call())
-    # one prefill step of 48 on 128 cached, then 11 decode steps of one sequence at contexts 177..187
-    predicted = (prof.request_overhead_s + prof.step_time(48, prefill_attn_pairs(48, 128), 0, 0)
-                 + sum(prof.step_time(0, 0, 1, 176 + k) for k in range(1, 12)))
-    assert predicted == pytest.approx(real, rel=0.5), (predicted, real)
+    [check] = fit["check"]
+    assert (check["q"], check["c"], check["n"]) == (48, 128, 12) and check["t"] > 0
+    # the prediction: one prefill step of 48 on 128 cached, then 11 decode steps of one sequence at 177..187
+    assert check["predicted"] == pytest.approx(predicted_call_s(prof, 48, 128, 12), rel=1e-12)
+    assert check["predicted"] == pytest.approx(
+        prof.request_overhead_s + prof.step_time(48, 48 * 128 + 48 * 49 / 2, 0, 0)
+        + sum(prof.step_time(0, 0, 1, 176 + k) for k in range(1, 12)), rel=1e-12)
+    assert check["predicted"] == pytest.approx(check["t"], rel=0.5), check
