@@ -3,7 +3,9 @@
 ``calibrate_server(ServerCalibrationConfig(url), out_file)`` sends a designed
 set of requests to a running server (``cwreplay serve``; nothing else may use
 it meanwhile) and times each one from the client, as ``cwreplay run`` times
-its calls (a whole answer, not streamed):
+its calls (a whole answer, not streamed, and the body a replay sends:
+``replay.live.completion_body``, generated ids as logprob tokens, which
+costs the server work per token):
 
 - **prefill**: one request of ``q`` new tokens on top of ``c`` prefix-cached
   tokens (a request of the same first ``c`` tokens ran first, untimed), one
@@ -40,14 +42,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from replay.calibrate import FEATURES, TERMS, _device, _model_facts, fit
-from replay.live import ReplayError, _get, _transport_errors
+from replay.live import ReplayError, _get, _transport_errors, completion_body
+from replay.server_metrics import cache_config as server_cache_config
 from replay.tokens import segment_tokens
 
 SERVER_TERMS = TERMS + ["request_overhead_s"]
@@ -95,18 +97,16 @@ def predicted_call_s(profile, q: int, c: int, n: int) -> float:
 
 
 def cache_config(metrics_text: str, url: str) -> tuple[int, int]:
-    """(block size, pool blocks) from the server's ``vllm:cache_config_info`` gauge."""
-    line = next((ln for ln in metrics_text.splitlines() if ln.startswith("vllm:cache_config_info{")), None)
-    labels = dict(re.findall(r'(\w+)="([^"]*)"', line or ""))
-    try:
-        return int(labels["block_size"]), int(labels["num_gpu_blocks"])
-    except (KeyError, ValueError):
+    """(block size, pool blocks) from the server's ``vllm:cache_config_info`` gauge, or a ``ReplayError``."""
+    cc = server_cache_config(metrics_text)
+    if set(cc) != {"block_size", "num_gpu_blocks"}:
         raise ReplayError(f"server {url}: GET /metrics has no vllm:cache_config_info with block_size and "
-                          "num_gpu_blocks (is it a vLLM server?)") from None
+                          "num_gpu_blocks (is it a vLLM server?)")
+    return cc["block_size"], cc["num_gpu_blocks"]
 
 
 class _Prober:
-    """Times one completion at a time from the client, on one aiohttp session."""
+    """Times one completion at a time from the client, on one aiohttp session, with a replay's request body."""
 
     def __init__(self, session, url: str, model: str, vocab: int):
         self.session, self.url, self.model, self.vocab = session, url, model, vocab
@@ -119,8 +119,8 @@ class _Prober:
 
     async def complete(self, prompt: list[int], n: int) -> tuple[float, int]:
         """(seconds from send to answer, the prompt's cached tokens)."""
-        body = {"model": self.model, "prompt": prompt, "max_tokens": n, "min_tokens": n, "ignore_eos": True,
-                "temperature": 0.0}
+        # the body a replay sends (a non-streamed call: generated ids as logprob tokens, the plugin's hints)
+        body = completion_body(prompt, self.model, n, "calibrate-server", 0, [], [], stream=False)
         t = time.perf_counter()
         try:
             async with self.session.post(self.url.rstrip("/") + "/v1/completions", json=body) as r:

@@ -91,6 +91,9 @@ class LiveConfig:
     #: the trace the server's predictor was fitted on (``cwreplay serve --predictor-trace``): recorded,
     #: and what the comparison fits the simulated policy's predictor on
     predictor_trace: str | None = None
+    #: warm the server before the clock starts (``replay.warmup``: the first calls' shapes, then the prefix
+    #: cache emptied through vLLM's dev-mode ``/reset_prefix_cache``); off: the first wave pays its one-off costs
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -188,10 +191,17 @@ class _Done:
 
 def request_body(call, prompt, model: str, session_id: str, stream: bool) -> dict:
     """The ``/v1/completions`` body of ``call``; ``prompt`` its token ids (a list, or ``msgspec.Raw`` JSON)."""
+    return completion_body(prompt, model, call.output_tokens, session_id, call.turn, [t.name for t in call.tools],
+                           [t.category for t in call.tools], stream)
+
+
+def completion_body(prompt, model: str, output_tokens: int, session_id: str, turn: int, tool_names: list[str],
+                    tool_categories: list[str], stream: bool) -> dict:
+    """A replay's ``/v1/completions`` body: exactly ``output_tokens`` generated greedily, the session's hints for
+    the policy plugin, and the generated ids in the answer (``cwreplay calibrate --server`` times the same)."""
     # the response's tool calls as flat lists of strings (what vLLM's vllm_xargs accepts), read by the policy plugin
-    xargs = {"turn": call.turn, "tool_names": [t.name for t in call.tools],
-             "tool_categories": [t.category for t in call.tools]}
-    body = {"model": model, "prompt": prompt, "max_tokens": call.output_tokens, "min_tokens": call.output_tokens,
+    xargs = {"turn": turn, "tool_names": tool_names, "tool_categories": tool_categories}
+    body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "min_tokens": output_tokens,
             "ignore_eos": True, "temperature": 0.0, "session_id": session_id, "vllm_xargs": xargs}
     if stream:  # generated ids in each chunk (the prompt's ids once, in the first)
         body.update(stream=True, stream_options={"include_usage": True}, return_token_ids=True)
@@ -391,6 +401,7 @@ class _Attempt:
         self.counts = {"evicted_blocks": 0, "stored_blocks": 0, "event_batches": 0, "cleared": 0,
                        "gaps_recovered": 0, "batches_recovered": 0}
         self.sessions_done = 0
+        self.vocab_size = vocab_size
         self.writer: _Writer | None = None
         self.t0 = 0.0
 
@@ -416,6 +427,7 @@ class _Attempt:
         timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=cfg.request_timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as client:
             model = await _served_model(client, cfg.server)
+            warm = await self._warm_up(client, model) if cfg.warmup else None
             before_text = await _scrape(client, cfg.server)
             stream = None
             if cfg.events is not None:
@@ -448,7 +460,16 @@ class _Attempt:
                     stream.close()
         return {"server": cfg.server, "events": cfg.events, **self.counts,
                 "metrics": delta(parse_metrics(before_text), parse_metrics(after_text)),
-                "cache_config": cache_config(after_text), "wall_s": time.monotonic() - self.t0}
+                "cache_config": cache_config(after_text), "wall_s": time.monotonic() - self.t0, "warmup": warm}
+
+    async def _warm_up(self, client, model: str) -> dict:
+        from replay.calibrate_server import cache_config as pool_shape
+        from replay.warmup import warm_up, warmup_waves
+
+        cfg = self.config
+        block_size, blocks = pool_shape(await _scrape(client, cfg.server), cfg.server)  # the waves fit the pool
+        waves = warmup_waves(self.sessions, cfg.agents, block_size, blocks)
+        return await warm_up(client, cfg.server, model, waves, self.vocab_size, cfg.stream)
 
     async def _loop(self, http: _Client, pump) -> None:
         import msgspec
@@ -571,6 +592,7 @@ def summarize(out: Path, state: dict, *, partial: bool = False, **extra) -> dict
         "attempts": len(attempts),
         "config": state.get("config"),
         "wall_s": sum(a.get("wall_s", 0.0) for a in attempts),
+        "warmup_s": sum((a.get("warmup") or {}).get("wall_s", 0.0) for a in attempts),
     }
 
 

@@ -214,7 +214,9 @@ def start_server(config: ServerConfig, run_dir: str | os.PathLike, *, timeout_s:
     port = config.port or free_port()
     (run / "tmp").mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(run / "tmp"), VLLM_CACHE_ROOT=str(run / "vllm-cache"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               # dev mode: POST /reset_prefix_cache, which cwreplay run's warm-up empties the cache with
+               VLLM_SERVER_DEV_MODE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the oracle's in-process switch: not for a server
     log_path = run / "server.log"
     cmd = server_command(config, model, port, events, events_replay)

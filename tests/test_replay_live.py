@@ -79,7 +79,7 @@ class _Counter:
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(endpoint)
-        self.seqs, self.removed, self._stop = [], [], False
+        self.seqs, self.removed, self.cleared, self._stop = [], [], 0, False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         time.sleep(0.3)
@@ -94,6 +94,8 @@ class _Counter:
                 for ev in msgspec.msgpack.decode(payload)[1]:
                     if ev["type"] == "BlockRemoved":
                         self.removed += ev["block_hashes"]
+                    elif ev["type"] == "AllBlocksCleared":
+                        self.cleared += 1
 
     def stop(self):
         time.sleep(0.5)
@@ -145,8 +147,14 @@ def test_replay_under_pressure_counts_every_eviction_and_matches_metrics(servers
     # prefix hits: the per-request cached tokens add up to vLLM's own counter
     reqs = _csv(tmp_path / "requests.csv")
     assert s["cached_prompt_tokens"] == sum(int(r["cached_tokens"]) for r in reqs) > 0
-    assert s["cached_prompt_tokens"] == after["prefix_cache_hits"] - before["prefix_cache_hits"]
-    assert s["prompt_tokens"] == after["prompt_tokens"] - before["prompt_tokens"]
+    # ... and what the server counted, less the warm-up before the clock (which the run's own scrape leaves out)
+    warm = json.loads((tmp_path / "run.json").read_text())["attempts"][0]["warmup"]
+    assert warm["requests"] == 4 + 3 + 1 and warm["prompt_tokens"] > 0 and warm["cached_tokens"] > 0
+    assert s["warmup_s"] == warm["wall_s"] > 0
+    assert s["cached_prompt_tokens"] + warm["cached_tokens"] == after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert s["cached_prompt_tokens"] == s["server_metrics"]["prefix_cache_hits"]
+    assert s["prompt_tokens"] + warm["prompt_tokens"] == after["prompt_tokens"] - before["prompt_tokens"]
+    assert s["prompt_tokens"] == s["server_metrics"]["prompt_tokens"]
     assert s["preemptions"] == after["preemptions"] - before["preemptions"]
     assert s["kv_blocks"] == 48 and s["block_size"] == 32
     # the server's per-request times came back: queue (first scheduled) and first token, in order
@@ -175,6 +183,43 @@ def test_replay_under_pressure_counts_every_eviction_and_matches_metrics(servers
     assert c["evicted_blocks"]["real"] == s["evicted_blocks"] and c["evicted_blocks"]["sim"] > 0
     assert c["calls_compared"] == 30 and c["sessions_compared"] == 6 and c["session_time_mape"] is not None
     assert (tmp_path / "compare.json").exists() and (tmp_path / "compare_sessions.png").stat().st_size > 0
+
+
+def test_the_warm_up_leaves_the_prefix_cache_as_a_fresh_servers(servers):
+    """`replay.warmup.warm_up` on the live server: the waves hit the cache as planned (the grown prompts reuse the
+    first ones' whole blocks), nothing is evicted (on an empty cache), and after it no prompt of the warm-up hits any more: the server
+    published AllBlocksCleared, before the warm-up's last request returned."""
+    import asyncio
+
+    import aiohttp
+
+    from replay.calibrate_server import _Prober
+    from replay.tokens import segment_tokens
+    from replay.warmup import warm_up
+
+    srv = servers.current
+    waves = [[(114, 45), (108, 53)], [(202, 31), (309, 43)]]
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            warm = await warm_up(session, srv.url, "cachewise-replay", waves, srv.vocab_size, stream=False)
+            counter.stop()
+            again = [await _Prober(session, srv.url, "cachewise-replay", srv.vocab_size).complete(
+                segment_tokens(f"cwreplay-warmup-{k}", p, srv.vocab_size), 1) for k, (p, _) in enumerate(waves[0])]
+            return warm, [cached for _, cached in again]
+
+    import httpx
+
+    assert httpx.post(f"{srv.url}/reset_prefix_cache").json() == {"success": True}  # the earlier tests' blocks
+    # (an engine step publishes the reset's event: one of a single token, before the test listens)
+    httpx.post(f"{srv.url}/v1/completions", json={"model": "cachewise-replay", "prompt": [7], "max_tokens": 1})
+    counter = _Counter(srv.events)
+    warm, cached_after = asyncio.run(main())
+    assert warm["requests"] == 5 and warm["prompt_tokens"] == 114 + 108 + 202 + 309 + 1
+    assert warm["cached_tokens"] == 96 + 96  # the first prompts' 3 whole blocks each, under the grown ones
+    assert counter.cleared == 1 and counter.removed == []
+    # the first wave's prompts again (3 whole blocks each were cached): no hit now, every hash was dropped
+    assert cached_after == [0, 0]
 
 
 def test_a_killed_server_keeps_finished_sessions_and_resume_finishes(servers, tmp_path):
@@ -239,7 +284,8 @@ def test_a_dropped_event_batch_is_recovered_from_the_servers_replay_endpoint(ser
     monkeypatch.setattr(EventStream, "handle", lossy)
     counter = _Counter(srv.events)
     try:
-        res = run_live(_trace(seed=5), _config(srv), tmp_path, vocab_size=srv.vocab_size)
+        # (no warm-up: the test's subscriber counts every batch the run does)
+        res = run_live(_trace(seed=5), _config(srv, warmup=False), tmp_path, vocab_size=srv.vocab_size)
     finally:
         counter.stop()
     s = res.summary
@@ -261,8 +307,11 @@ def test_a_streamed_replay_times_the_first_token_and_counts_as_the_server_does(s
     assert not s["partial"] and s["requests"] == 9 and s["config"]["stream"] is True
     reqs = _csv(tmp_path / "requests.csv")
     assert s["cached_prompt_tokens"] == sum(int(r["cached_tokens"]) for r in reqs)
-    assert s["cached_prompt_tokens"] == after["prefix_cache_hits"] - before["prefix_cache_hits"]
-    assert s["prompt_tokens"] == after["prompt_tokens"] - before["prompt_tokens"]
+    # the server's counters: the run's and its warm-up's (streamed too: its usage read from the last event)
+    warm = json.loads((tmp_path / "run.json").read_text())["attempts"][0]["warmup"]
+    assert warm["cached_tokens"] > 0
+    assert s["cached_prompt_tokens"] + warm["cached_tokens"] == after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert s["prompt_tokens"] + warm["prompt_tokens"] == after["prompt_tokens"] - before["prompt_tokens"]
     outputs = {(d["session_id"], d["turn"]): d["tokens"]
                for d in map(json.loads, (tmp_path / "outputs.jsonl").read_text().splitlines())}
     assert [len(outputs[(x.session_id, c.turn)]) for x in trace.sessions for c in x.calls] == \
