@@ -12,7 +12,7 @@ tiny random-weight model), policy ``vllm``:
    calibrate --server``) -> ``OUT/server-profile.json``;
 3. for each pool size of ``--kv-blocks`` (``--repeats`` times, each on a fresh
    server): the trace replayed (``--agents`` concurrent sessions, gaps times
-   ``--time-scale``) -> ``OUT/live-<blocks>-<r>/``, then the same run in cwsim
+   ``--time-scale``, the server warmed first: ``replay.warmup``) -> ``OUT/live-<blocks>-<r>/``, then the same run in cwsim
    with the measured profile (``replay.live_compare``; its ``compare.json``)
    and, for contrast, with ``--baseline-profile`` (``compare-baseline.json``);
 4. a table against the targets (evicted blocks and preemptions within 2%,
