@@ -55,6 +55,12 @@ def _fmt(v, pct=False) -> str:
     return f"{100 * v:+.1f}%" if pct else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
+def _shown(path) -> str:
+    """A path as the report names it: from the repository's root when it lies inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -85,7 +91,9 @@ def main(argv=None) -> int:
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix="cwlm-"))  # servers' folders: a short path (unix socket paths are short)
-    trace = shrink(load_trace(TRACE), token_scale=args.token_scale, max_turns=args.turns, max_sessions=args.sessions,
+    bundled = load_trace(TRACE)
+    bundled.source = str(TRACE.relative_to(ROOT))  # the report names the repository's file, not this machine's path
+    trace = shrink(bundled, token_scale=args.token_scale, max_turns=args.turns, max_sessions=args.sessions,
                    max_gap_s=20.0)
     write_trace(out / "trace.jsonl", trace.calls(), trace.header)
     print(f"trace: {trace.source}: {len(trace.sessions)} sessions, {trace.num_calls} calls", flush=True)
@@ -132,7 +140,7 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)  # the servers' folders and the tiny model
     report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
               "agents": args.agents, "time_scale": args.time_scale, "kv_blocks": args.kv_blocks, **sched,
-              "profile": str(profile), "baseline_profile": args.baseline_profile, "targets": TARGETS,
+              "profile": _shown(profile), "baseline_profile": args.baseline_profile and _shown(args.baseline_profile), "targets": TARGETS,
               "rows": rows, "baseline_rows": baseline_rows, "wall_s": timings}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     cols = ["run", "evicted_real", "evicted_sim", "evicted_error", "preemptions_real", "preemptions_sim",

@@ -427,13 +427,12 @@ class _Attempt:
         timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=cfg.request_timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as client:
             model = await _served_model(client, cfg.server)
-            warm = await self._warm_up(client, model) if cfg.warmup else None
-            before_text = await _scrape(client, cfg.server)
-            stream = None
-            if cfg.events is not None:
+            if cfg.events is not None:  # before the warm-up: a wrong flag is named before any work
                 _check_ipc(cfg.events, "--events")
                 _check_ipc(cfg.events_replay, "--events-replay")
-                stream = EventStream(cfg.events, cfg.events_replay)
+            warm = await self._warm_up(client, model) if cfg.warmup else None
+            before_text = await _scrape(client, cfg.server)
+            stream = EventStream(cfg.events, cfg.events_replay) if cfg.events is not None else None
             pump = None
             self.writer = _Writer(self.out, len(self.state["attempts"]))
             try:

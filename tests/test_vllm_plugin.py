@@ -225,3 +225,41 @@ def test_cli_oracle_runs_a_policy_inside_vllm(tiny_model, tmp_path):
     c = json.loads((out / "compare.json").read_text())
     assert c["exact"] and c["oracle_summary"]["config"]["policy"] == "cachewise-sched"
     assert c["oracle_summary"]["config"]["policy_settings"] == [["aging_s", 5]]
+
+
+def test_a_prefix_cache_reset_puts_the_policy_back_on_a_fresh_pool(tiny_model):
+    """vLLM's reset (what ``cwreplay run``'s warm-up sends) leaves its free queue as it was; inside the plugin
+    the policy's queue would keep the old blocks' order and scores: after a reset the free blocks are in a fresh
+    pool's order (by id, the null block out), none holds a hash, and the policy runs in a new environment that
+    has seen no session."""
+    from replay.oracle import OracleConfig, VllmEngine
+    from replay.tokens import TokenBook
+    from replay.vllm_plugin.block_queue import PolicyBlockQueue
+
+    eng = VllmEngine(OracleConfig(kv_blocks=20, block_size=32, max_num_seqs=4, model=tiny_model, policy="lfu"),
+                     max_model_len=600)
+    try:
+        sched = eng.scheduler
+        pool = sched.kv_cache_manager.block_pool
+        order = lambda: [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]  # noqa: E731
+        assert order() == list(range(1, 20))
+        book = TokenBook(eng.vocab_size)
+        eng.add("a", book.prompt([("sys", 70), ("u", 60)]), 8, session_id="s1")
+        eng.add("b", book.prompt([("sys", 70), ("v", 90)]), 8, session_id="s2")
+        while eng.has_unfinished():
+            eng.step(0.0)
+        old_env, old_policy = sched.cw, sched.cw.policy
+        assert order() != list(range(1, 20)) and sorted(order()) == list(range(1, 20))
+        assert any(b.block_hash is not None for b in pool.blocks) and old_env.sessions._number
+        assert sched.reset_prefix_cache()
+        assert order() == list(range(1, 20))
+        assert all(b.block_hash is None for b in pool.blocks)
+        assert isinstance(pool.free_block_queue, PolicyBlockQueue) and pool.free_block_queue is not old_env.queue
+        assert sched.cw is not old_env and sched.cw.policy is old_policy and not sched.cw.sessions._number
+        # and it serves again: the same prompt now hits nothing
+        eng.add("c", book.prompt([("sys", 70), ("u", 60)]), 4, session_id="s1")
+        while eng.has_unfinished():
+            eng.step(0.0)
+        assert sched.cw.sessions._number == {"s1": 0}
+    finally:
+        eng.close()

@@ -16,6 +16,8 @@ nothing else:
 - the pool's free queue is replaced (``replay.vllm_plugin.block_queue``), and
   every release of a request's blocks is announced to it first
   (``_free_request_blocks``), with its reason (finish or preempt);
+- ``reset_prefix_cache`` (vLLM's, then the policy started again from its
+  config on the free blocks in a fresh pool's order: as on a fresh server);
 - ``tick`` before every step; the clock (``clock``, default ``time.time``, the
   clock of vLLM's ``arrival_time``) may be replaced by whoever drives the
   engine (the oracle counts steps).
@@ -141,6 +143,7 @@ class _PolicyMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         config = PluginConfig.from_additional_config(self.vllm_config.additional_config)
+        self._cw_config = config
         policy, predictor = build_policy(config)
         self.clock = time.time
         self._cw_preempting = False
@@ -159,9 +162,38 @@ class _PolicyMixin:
         if self.requests:
             raise RuntimeError("install a policy before the first request")
         idle = self.cw.sessions.idle_s if session_idle_s is None else session_idle_s
+        self._cw_config = None  # (a reset binds this policy object to a fresh environment again)
         self.cw = VllmEnvironment(self, policy, predictor, idle)
         self.waiting = PolicyWaitingQueue(self.cw) if not self.cw.static else FCFSRequestQueue()
         self.policy = SchedulingPolicy.PRIORITY if self.cw.custom_victim else SchedulingPolicy.FCFS
+
+    def reset_prefix_cache(self, *args, **kwargs) -> bool:
+        """vLLM's reset (``POST /reset_prefix_cache``, which ``cwreplay run``'s warm-up sends), then the policy
+        started again as on a fresh server: vLLM drops every hash but leaves the free queue as it was, which for
+        vLLM's own queue changes nothing that matters (no block holds anything), while the policy's queue would
+        keep the old blocks' scores and its sessions the requests it saw. So the free blocks are put back in a
+        fresh pool's order (by id), and a new policy, predictor and environment are built from the config."""
+        ok = super().reset_prefix_cache(*args, **kwargs)
+        if ok:
+            if self.requests:  # waiting requests hold no block, but a policy's state is theirs too
+                logger.warning("cachewise policy plugin: prefix cache reset with %d request(s) in the scheduler: "
+                               "the policy keeps its state", len(self.requests))
+            else:
+                self._cw_restart()
+        return ok
+
+    def _cw_restart(self) -> None:
+        from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+        pool = self.kv_cache_manager.block_pool
+        free = sorted(pool.free_block_queue.get_all_free_blocks(), key=lambda b: b.block_id)
+        pool.free_block_queue = FreeKVCacheBlockQueue(free)
+        config = self._cw_config
+        policy, predictor = build_policy(config) if config is not None else (self.cw.policy, self.cw.predictor)
+        self.install(policy, predictor, self.cw.sessions.idle_s)
+        self._cw_config = config
+        logger.info("cachewise policy plugin: prefix cache reset; %s started again on %d free blocks",
+                    policy.name, len(free))
 
     def schedule(self, *args, **kwargs):
         self.cw.tick()
