@@ -105,7 +105,7 @@ async def warm_up(session, url: str, model: str, waves: list[list[tuple[int, int
             batch.append(complete(prompts[k][:p], n))
         await asyncio.gather(*batch)
         sent += len(batch)
-    for attempt in range(50):  # the last answers' blocks are freed a step after they are sent
+    for _ in range(50):  # the last answers' blocks are freed a step after they are sent
         status, raw = await post("/reset_prefix_cache", None)
         if status in (404, 405):
             raise ReplayError(f"server {url}: POST /reset_prefix_cache: HTTP {status}: the warm-up empties the "
@@ -114,8 +114,12 @@ async def warm_up(session, url: str, model: str, waves: list[list[tuple[int, int
         if status != 200:
             raise ReplayError(f"server {url}: POST /reset_prefix_cache: HTTP {status}: "
                               f"{raw.decode(errors='replace')[:300]}")
-        if b"true" in raw:
-            break
+        try:
+            if json.loads(raw).get("success") is True:
+                break
+        except (ValueError, AttributeError):
+            raise ReplayError(f"server {url}: POST /reset_prefix_cache: an answer that is not "
+                              f'{{"success": ...}}: {raw.decode(errors="replace")[:200]}') from None
         await asyncio.sleep(0.1)
     else:
         raise ReplayError(f"server {url}: POST /reset_prefix_cache kept answering success=false for 5 s "
