@@ -100,9 +100,9 @@ async def warm_up(session, url: str, model: str, waves: list[list[tuple[int, int
         for k, (p, n) in enumerate(wave):
             if w == 0:
                 prompts.append(segment_tokens(f"cwreplay-warmup-{k}", p, vocab))
-            elif p > len(prompts[k]):  # the next turn: the first prompt, grown
+            else:  # the next turn: the first prompt, grown (warmup_waves never shrinks it)
                 prompts[k] = prompts[k] + segment_tokens(f"cwreplay-warmup-{k}-{w}", p - len(prompts[k]), vocab)
-            batch.append(complete(prompts[k][:p], n))
+            batch.append(complete(prompts[k], n))
         await asyncio.gather(*batch)
         sent += len(batch)
     for _ in range(50):  # the last answers' blocks are freed a step after they are sent

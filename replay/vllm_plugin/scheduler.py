@@ -157,12 +157,15 @@ class _PolicyMixin:
         logger.info("cachewise policy plugin: %s (%s) installed in vLLM's %s", policy.name, type(policy).__name__,
                     type(self).__mro__[2].__name__)
 
-    def install(self, policy, predictor=None, session_idle_s: float | None = None) -> None:
-        """Put another policy in place (before the first request): for tests and in-process engines."""
+    def install(self, policy, predictor=None, session_idle_s: float | None = None, *,
+                config: PluginConfig | None = None) -> None:
+        """Put another policy in place (before the first request): for tests and in-process engines.
+        ``config``: what a prefix-cache reset builds the policy again from (None: it binds the same objects
+        to a fresh environment)."""
         if self.requests:
             raise RuntimeError("install a policy before the first request")
         idle = self.cw.sessions.idle_s if session_idle_s is None else session_idle_s
-        self._cw_config = None  # (a reset binds this policy object to a fresh environment again)
+        self._cw_config = config
         self.cw = VllmEnvironment(self, policy, predictor, idle)
         self.waiting = PolicyWaitingQueue(self.cw) if not self.cw.static else FCFSRequestQueue()
         self.policy = SchedulingPolicy.PRIORITY if self.cw.custom_victim else SchedulingPolicy.FCFS
@@ -190,8 +193,7 @@ class _PolicyMixin:
         pool.free_block_queue = FreeKVCacheBlockQueue(free)
         config = self._cw_config
         policy, predictor = build_policy(config) if config is not None else (self.cw.policy, self.cw.predictor)
-        self.install(policy, predictor, self.cw.sessions.idle_s)
-        self._cw_config = config
+        self.install(policy, predictor, self.cw.sessions.idle_s, config=config)
         logger.info("cachewise policy plugin: prefix cache reset; %s started again on %d free blocks",
                     policy.name, len(free))
 
