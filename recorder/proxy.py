@@ -1,4 +1,4 @@
-"""The recording reverse proxy: an ASGI app (Starlette) that forwards to the upstream with aiohttp.
+"""The recording reverse proxy: a plain ASGI app (served by uvicorn) that forwards to the upstream with aiohttp.
 
 Every request goes to ``upstream + path`` unchanged (hop-by-hop headers
 aside, and ``Accept-Encoding: identity`` so that the answer can be read as it
@@ -16,35 +16,34 @@ error body in the API's format; an upstream that breaks off a stream breaks
 off the answer to the client too (the connection is closed without the
 final chunk). All are recorded (:meth:`Recording.fail`).
 
-The upstream client is aiohttp's, not httpx's: on the project's machine one request
-through ``httpx.AsyncClient`` costs about 1.3 ms against 0.3 ms through
-``aiohttp.ClientSession`` (``experiments/bench_record.py`` measures the whole proxy),
-and the proxy's budget is under 1 ms per call.
+Cost per call (the budget is under 1 ms; ``experiments/bench_record.py`` measures
+the whole proxy): the upstream client is aiohttp's, not httpx's (on the project's
+machine one request through ``httpx.AsyncClient`` costs about 1.3 ms against 0.3 ms
+through ``aiohttp.ClientSession``); the app is plain ASGI (Starlette's request,
+response and routing objects cost about 0.1 ms a call); the recording's work runs
+a few milliseconds after the events it records (:class:`_Jobs`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import zlib
-from urllib.parse import urlsplit
+from collections import deque
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import aiohttp
-from starlette.applications import Starlette
-from starlette.background import BackgroundTask
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from yarl import URL
 
-from recorder.recording import Recording
+from recorder.recording import CallStart, Recording
 from recorder.responses import StreamReader, read_body
 
 __all__ = ["api_of", "make_app"]
 
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
-_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+_HOP_OUT = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
 
 def api_of(method: str, path: str) -> str | None:
@@ -61,56 +60,51 @@ def api_of(method: str, path: str) -> str | None:
     return None
 
 
-class _Broken(Exception):
-    """The upstream broke off a streamed answer."""
+class _Jobs:
+    """The recording's work on the calls (reading a request, finishing a call, noting a failure),
+    queued as the events happen and run in that order ``delay_s`` later, off the calls' paths.
 
+    On a machine with few cores, the process that a forwarded request or an answer wakes (the
+    upstream, the agent) is often put on the proxy's core and waits for the proxy to yield it: work
+    done right after a send delays the very call it records (``experiments/bench_record.py``
+    measured 0.2-0.3 ms a call; after a 1 ms delay still as much, as the loop's timer can fire at
+    once after a long wait: 5 ms is past it). Run in order, the jobs leave the recording as if each
+    had run at once; :meth:`run_all` runs what is queued before anything that needs the recording
+    up to date (a call whose hints go upstream with it, the close). A job that raises is logged
+    and skipped.
+    """
 
-class _PassThrough(StreamingResponse):
-    """A streamed answer that, when the upstream breaks off, breaks off too (no final chunk).
-    ``after`` is run once the answer is complete (the recording's work, off the client's path)."""
+    def __init__(self, log: Callable[[str], None], delay_s: float = 0.005):
+        self._queue: deque[Callable[[], None]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._log = log
+        self.delay_s = delay_s
 
-    after: Callable[[], None] | None = None
-
-    async def stream_response(self, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        try:
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except _Broken:
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if self.after is not None:
-            self.after()
-
-
-class _Deferred:
-    """The recording's work on finished calls, run after their answers are sent (off the client's
-    path), and in any case before the next call is matched to a session or the recording closes."""
-
-    def __init__(self):
-        self._jobs: dict[object, Callable[[], None]] = {}
-
-    def add(self, f: Callable[[], None]) -> Callable[[], None]:
-        key = object()
-        self._jobs[key] = f
-
-        def run() -> None:
-            job = self._jobs.pop(key, None)
-            if job is not None:
-                job()
-        return run
+    def add(self, job: Callable[[], None]) -> None:
+        self._queue.append(job)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay_s, self.run_all)
 
     def run_all(self) -> None:
-        for key in list(self._jobs):
-            job = self._jobs.pop(key, None)
-            if job is not None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue:
+            job = self._queue.popleft()
+            try:
                 job()
+            except Exception as e:  # a bug in the recording must not stop the others (or the agent)
+                self._log(f"recording error, a call is missing from the trace ({type(e).__name__}: {e})")
 
 
-def _background(f: Callable[[], None]) -> BackgroundTask:
-    async def run() -> None:  # on the event loop (a sync BackgroundTask would go to a thread)
-        f()
-    return BackgroundTask(run)
+class _Call:
+    """A recorded call on its way: its :class:`CallStart` once its request is read (None: not a JSON object)."""
+
+    __slots__ = ("api", "start")
+
+    def __init__(self, api: str):
+        self.api = api
+        self.start: CallStart | None = None
 
 
 def _decoder(encoding: str) -> Callable[[bytes], bytes] | None:
@@ -122,133 +116,189 @@ def _decoder(encoding: str) -> Callable[[bytes], bytes] | None:
 
 
 def _raw_headers(headers, length: int | None) -> list[tuple[bytes, bytes]]:
-    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
-           if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length")]
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k.lower() not in _HOP_OUT]
     if length is not None:
         out.append((b"content-length", str(length).encode()))
     return out
 
 
-def _error(api: str | None, status: int, message: str) -> Response:
+async def _answer(send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error(send, api: str | None, status: int, message: str) -> None:
     """An error answer in the API's own format (the upstream gave none)."""
     if api == "messages":
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
     else:
         body = {"error": {"message": message, "type": "upstream_error", "code": status}}
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
+    data = json.dumps(body).encode()
+    await _answer(send, status, [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+                  data)
+
+
+async def _disconnect(receive) -> None:
+    """Returns once the client has gone (the request's body is read by then)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def make_app(upstream: str, recording: Recording | None, hints: bool = False, timeout_s: float = 600.0,
-             log: Callable[[str], None] = lambda line: None) -> Starlette:
-    """The proxy app. ``recording`` is closed when the app shuts down; ``log`` gets one line per failure."""
+             log: Callable[[str], None] = lambda line: None):
+    """The proxy, an ASGI app. ``recording`` is closed when the app shuts down (ASGI lifespan);
+    ``log`` gets one line per failure."""
     base = upstream.rstrip("/")
     u = urlsplit(base)
     shown = f"{u.scheme}://{u.hostname}" + (f":{u.port}" if u.port else "") + u.path
     state: dict = {}
-    deferred = _Deferred()
+    jobs = _Jobs(log)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        state["client"] = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=timeout_s),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
-            trust_env=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
+    async def lifespan(receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                state["client"] = aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=timeout_s),
+                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
+                    trust_env=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await state["client"].close()
+                finally:
+                    if recording is not None:
+                        jobs.run_all()
+                        recording.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def read(call: _Call, body: bytes, header: str | None, t_in: float) -> dict | None:
+        """Read the call's request (:meth:`Recording.begin`) if it is a JSON object; returns the object."""
         try:
-            yield
-        finally:
-            await state["client"].close()
-            if recording is not None:
-                deferred.run_all()
-                recording.close()
+            data = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        call.start = recording.begin(call.api, data, header, t_in)
+        return data
 
-    def failed(start, status: int, kind: str, out=None, message: str = "") -> None:
-        if start is not None:
-            recording.fail(start, status, kind, out)
-        log(f"{kind}: {message or status}" + (f" (session {start.session_id})" if start is not None else ""))
+    def failed(call: _Call | None, status: int, kind: str, out=None, message: str = "") -> None:
+        """Queue the failure's note in the trace and its log line."""
+        t = recording.clock() if call is not None else 0.0
 
-    async def proxy(request: Request) -> Response:
-        body = await request.body()
-        api = api_of(request.method, request.url.path) if recording is not None else None
-        headers = [(k, v) for k, v in request.headers.items() if k not in _HOP]
+        def job() -> None:
+            start = call.start if call is not None else None
+            if start is not None:
+                recording.fail(start, status, kind, out, t)
+            log(f"{kind}: {message or status}" + (f" (session {start.session_id})" if start is not None else ""))
+        jobs.add(job)
+
+    async def proxy(scope, receive, send) -> None:
+        parts = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away before its request was whole
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        method = scope["method"]
+        api = api_of(method, scope["path"]) if recording is not None else None
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        headers = [(k, v) for k, v in headers if k not in _HOP]
         headers.append(("accept-encoding", "identity"))
-        start = None
+        call = None
         if api is not None:
-            try:
-                data = json.loads(body)
-            except ValueError:
-                data = None
-            if isinstance(data, dict):
-                deferred.run_all()
-                start = recording.begin(api, data, request.headers.get("x-session-id"))
-                if hints:
+            named = next((v for k, v in headers if k == "x-session-id"), None)
+            call, t_in = _Call(api), recording.clock()
+            if not hints:
+                jobs.add(lambda: read(call, body, named, t_in))
+            else:  # the hints go upstream with the call: it is read now, the recording brought up to date first
+                jobs.run_all()
+                data = read(call, body, named, t_in)
+                if call.start is not None:
                     xargs = data.get("vllm_xargs")
-                    data["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}), **start.hints()}
+                    data["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}), **call.start.hints()}
                     body = json.dumps(data, ensure_ascii=False).encode()
                     headers = [(k, v) for k, v in headers if k != "x-session-id"]
-                    headers.append(("x-session-id", start.session_id))
-        url = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    headers.append(("x-session-id", call.start.session_id))
+        query = scope.get("query_string") or b""
+        url = URL(base + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+                  + (f"?{query.decode('latin-1')}" if query else ""), encoded=True)  # as sent, not requoted
         client: aiohttp.ClientSession = state["client"]
         try:
-            resp = await client.request(request.method, url, headers=headers, data=body, allow_redirects=False)
+            resp = await client.request(method, url, headers=headers, data=body, allow_redirects=False)
         except TimeoutError:
-            failed(start, 504, "timeout", message=f"upstream {shown} timed out")
-            return _error(api, 504, f"upstream {shown} timed out (cwsim record)")
+            failed(call, 504, "timeout", message=f"upstream {shown} timed out")
+            return await _error(send, api, 504, f"upstream {shown} timed out (cwsim record)")
         except aiohttp.ClientError as e:
-            failed(start, 502, "unreachable", message=f"upstream {shown} unreachable ({type(e).__name__})")
-            return _error(api, 502, f"upstream {shown} unreachable: {type(e).__name__} (cwsim record)")
+            failed(call, 502, "unreachable", message=f"upstream {shown} unreachable ({type(e).__name__})")
+            return await _error(send, api, 502, f"upstream {shown} unreachable: {type(e).__name__} (cwsim record)")
         decode = _decoder(resp.headers.get("content-encoding", "").lower())
         if resp.headers.get("content-type", "").startswith("text/event-stream"):
-            response = _PassThrough(b"")
-            response.body_iterator = _stream(resp, start, decode, failed, response)
-            response.status_code = resp.status
-            response.raw_headers = _raw_headers(resp.headers, None)
-            return response
+            await send({"type": "http.response.start", "status": resp.status, "headers": _raw_headers(resp.headers, None)})
+            relay = asyncio.ensure_future(_relay(send, resp, call, decode))
+            gone = asyncio.ensure_future(_disconnect(receive))
+            await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
+            for task in (gone, relay):
+                task.cancel()  # the client went away: the relay stops (and records that)
+            await asyncio.gather(relay, gone, return_exceptions=True)
+            return
         try:
             content = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            failed(start, 502, "broken", message=f"upstream {shown} broke off its answer ({type(e).__name__})")
-            return _error(api, 502, f"upstream {shown} broke off its answer (cwsim record)")
+            failed(call, 502, "broken", message=f"upstream {shown} broke off its answer ({type(e).__name__})")
+            return await _error(send, api, 502, f"upstream {shown} broke off its answer (cwsim record)")
         finally:
             resp.release()
-        background = None
-        if start is not None:
+        if call is not None:
             if resp.status < 400:
                 t_done = recording.clock()
-                background = _background(deferred.add(
-                    lambda: recording.finish(start, read_body(api, decode(content) if decode else content), t_done)))
+                jobs.add(lambda: call.start and recording.finish(
+                    call.start, read_body(api, decode(content) if decode else content), t_done))
             else:
-                failed(start, resp.status, "upstream_error", message=f"upstream answered {resp.status}")
-        response = Response(content, status_code=resp.status, background=background)
-        response.raw_headers = _raw_headers(resp.headers, len(content))
-        return response
+                failed(call, resp.status, "upstream_error", message=f"upstream answered {resp.status}")
+        await _answer(send, resp.status, _raw_headers(resp.headers, len(content)), content)
 
-    async def _stream(resp: aiohttp.ClientResponse, start, decode, failed_cb, response: _PassThrough):
-        reader = StreamReader(start.api) if start is not None else None
+    async def _relay(send, resp: aiohttp.ClientResponse, call: _Call | None, decode) -> None:
+        """A streamed answer, chunk by chunk as the chunks arrive; when the upstream breaks off, the answer
+        breaks off too (no final chunk: the connection is closed)."""
+        reader = StreamReader(call.api) if call is not None else None
         try:
             async for chunk in resp.content.iter_any():
-                yield chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if reader is not None:
                     reader.feed(decode(chunk) if decode else chunk)
         except (aiohttp.ClientError, TimeoutError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "broken"
-            failed_cb(start, resp.status, kind, reader.out if reader else None,
-                      f"upstream {shown} broke off a stream ({type(e).__name__})")
-            raise _Broken() from None
-        except BaseException:  # the client went away: the generator is cancelled or closed
-            failed_cb(start, resp.status, "client_closed", reader.out if reader else None,
-                      "the client closed a stream")
+            failed(call, resp.status, kind, reader.out if reader else None,
+                   f"upstream {shown} broke off a stream ({type(e).__name__})")
+            return
+        except asyncio.CancelledError:  # the client went away
+            failed(call, resp.status, "client_closed", reader.out if reader else None, "the client closed a stream")
             raise
         finally:
             resp.release()
-        if start is None:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if call is None:
             return
         out = reader.finish()
         if resp.status >= 400 or out.error:
-            failed_cb(start, resp.status, "stream_error" if out.error else "upstream_error", out,
-                      f"upstream answered {resp.status}" + (f" with a stream error {out.error}" if out.error else ""))
+            failed(call, resp.status, "stream_error" if out.error else "upstream_error", out,
+                   f"upstream answered {resp.status}" + (f" with a stream error {out.error}" if out.error else ""))
         else:
             t_done = recording.clock()
-            response.after = deferred.add(lambda: recording.finish(start, out, t_done))
+            jobs.add(lambda: call.start and recording.finish(call.start, out, t_done))
 
-    routes = [Route("/{path:path}", proxy, methods=_METHODS)]
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await proxy(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # not an API the proxy speaks
+
+    return app

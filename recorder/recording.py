@@ -128,9 +128,10 @@ class Recording:
 
     # ------------------------------------------------------------------ arrival
 
-    def begin(self, api: str, body: dict, session_header: str | None = None) -> CallStart:
-        """A request of ``api`` (``chat``, ``completions``, ``messages``) arrived with JSON ``body``."""
-        t = self.clock()
+    def begin(self, api: str, body: dict, session_header: str | None = None, t_received: float | None = None) -> CallStart:
+        """A request of ``api`` (``chat``, ``completions``, ``messages``) arrived with JSON ``body``
+        (at ``t_received`` on :attr:`clock`; default now)."""
+        t = self.clock() if t_received is None else t_received
         units = prompt_units(api, body)
         ids = chain(units, self.salt)
         named = session_header or (body.get("session_id") if isinstance(body.get("session_id"), str) else None)

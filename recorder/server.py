@@ -123,7 +123,7 @@ def _bind(listen: str) -> socket.socket:
 
 def _server(app, graceful_s: float) -> uvicorn.Server:
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=graceful_s,
-                            access_log=False, server_header=False, date_header=False)
+                            access_log=False, server_header=False, date_header=False, proxy_headers=False)
     return uvicorn.Server(config)
 
 

@@ -515,6 +515,9 @@ class _Attempt:
                 nxt = loop.next_time()
                 wait = None if nxt is None else max(0.0, nxt - http.now())
                 watch = pending | ({pump} if pump is not None else set())
+                if not watch:  # every active session is in a tool gap, and no event stream to watch
+                    await asyncio.sleep(wait or 0.0)
+                    continue
                 done, _ = await asyncio.wait(watch, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if pump is not None and pump in done:
                     pump.result()  # the event stream failed: raises its KvEventError

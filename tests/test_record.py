@@ -285,6 +285,7 @@ class Upstream:
 
     def __init__(self):
         self.got = []
+        self.paths = []  # raw path and query of the other requests
         self.mode = "ok"
 
         async def chat_(request: Request):
@@ -305,6 +306,7 @@ class Upstream:
                             headers={"x-up": "1", "set-cookie": "a=1"})
 
         async def models(request):
+            self.paths.append(request.scope["raw_path"] + b"?" + request.scope["query_string"])
             return JSONResponse({"data": [{"id": "m"}]})
 
         app = Starlette(routes=[Route("/v1/chat/completions", chat_, methods=["POST"]),
@@ -354,11 +356,13 @@ def test_raw_bytes_and_headers_pass_unchanged(upstream, tmp_path):
             streamed = b"".join(r.iter_raw())
             stream_headers = r.headers
         models = httpx.get(px.url + "/v1/models")
+        httpx.get(px.url + "/v1/models?after=a%2Fb&x=%20")
     assert via.status_code == 200 and via.content == direct.content
     assert via.headers["x-up"] == "1" and via.headers["set-cookie"] == "a=1"
     assert streamed == b"".join(sse_chunk(i) for i in range(4)) + b"data: [DONE]\n\n"
     assert stream_headers["content-type"].startswith("text/event-stream")
     assert models.json() == {"data": [{"id": "m"}]}  # passed through, not recorded
+    assert upstream.paths == [b"/v1/models?", b"/v1/models?after=a%2Fb&x=%20"]  # path and query as sent
     tr = load_trace(out)
     assert tr.num_calls == 2 and tr.header["format"] == "cwtrace"
     assert b"MARKER" not in out.read_bytes() and b"fixed answer" not in out.read_bytes()
@@ -410,7 +414,7 @@ def test_upstream_errors_pass_through_and_are_recorded(upstream, tmp_path):
                     pass
         upstream.mode = "ok"
         httpx.post(px.url + "/v1/chat/completions", json=cont)
-        log = list(px.log)
+    log = list(px.log)  # complete once the proxy has closed (the recording's work runs just after each call)
     assert err.status_code == 503 and err.json() == {"error": {"message": "overloaded"}} and err.headers["x-up"] == "1"
     tr = load_trace(out)
     (s,) = tr.sessions
@@ -420,6 +424,46 @@ def test_upstream_errors_pass_through_and_are_recorded(upstream, tmp_path):
     assert [f["status"] for f in failed] == [503, 200] and failed[1]["kind"] == "broken"
     assert failed[1]["output_events"] == 4
     assert any("upstream_error" in x for x in log) and any("broken" in x for x in log)
+
+
+def test_a_recording_error_on_one_call_loses_only_that_call(upstream, tmp_path, monkeypatch):
+    """The recording's work runs after the calls, in order; one that raises is logged and skipped,
+    and neither the agent nor the other calls notice."""
+    from recorder.recording import Recording
+
+    real = Recording.finish
+    seen = []
+
+    def finish(self, start, out, t_done=None):
+        seen.append(start.turn)
+        if len(seen) == 2:
+            raise KeyError("boom")
+        return real(self, start, out, t_done)
+    monkeypatch.setattr(Recording, "finish", finish)
+    out = tmp_path / "t.jsonl"
+    with RecordingProxy(upstream.url, out) as px:
+        answers = [httpx.post(px.url + "/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": f"task {k}"}]}) for k in range(3)]
+    assert [r.status_code for r in answers] == [200] * 3 and all(r.json() == Upstream.CHAT for r in answers)
+    assert len(px.log) == 1 and px.log[0].startswith("recording error, a call is missing from the trace (KeyError")
+    assert load_trace(out).num_calls == 2 and px.recording.calls == 2
+
+
+def test_a_client_that_closes_a_stream_is_recorded_and_the_stream_stops(upstream, tmp_path):
+    out = tmp_path / "t.jsonl"
+    body = {"model": "m", "messages": _messages()}
+    with RecordingProxy(upstream.url, out) as px:
+        ok = httpx.post(px.url + "/v1/chat/completions", json=body).json()
+        cont = {"model": "m", "stream": True, "messages": body["messages"] + [
+            ok["choices"][0]["message"], {"role": "tool", "content": "x"}]}
+        with httpx.stream("POST", px.url + "/v1/chat/completions", json=cont) as r:
+            first = next(r.iter_raw())  # then the agent is stopped: the connection closes mid-stream
+        time.sleep(0.1)  # the upstream would have sent its 4 chunks by now
+    assert first == sse_chunk(0)
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    (note,) = line["meta"]["failed_after"]
+    assert note["kind"] == "client_closed" and note["status"] == 200 and 1 <= note.get("output_events", 0) < 4
+    assert px.log == [f"client_closed: the client closed a stream (session {line['session_id']})"]
 
 
 def test_unreachable_upstream_gets_502_in_the_apis_format(tmp_path):
@@ -432,7 +476,7 @@ def test_unreachable_upstream_gets_502_in_the_apis_format(tmp_path):
         r = httpx.post(px.url + "/v1/messages", json={"model": "m", "max_tokens": 5,
                                                       "messages": [{"role": "user", "content": "hi"}]})
         r2 = httpx.post(px.url + "/v1/chat/completions", json={"model": "m", "messages": _messages()})
-        assert px.recording.failed == 2 and px.recording.unattached_failures == 2
+    assert px.recording.failed == 2 and px.recording.unattached_failures == 2
     assert r.status_code == 502 and r.json()["type"] == "error" and "unreachable" in r.json()["error"]["message"]
     assert r2.status_code == 502 and "unreachable" in r2.json()["error"]["message"]
 
