@@ -1,4 +1,4 @@
-"""The recording reverse proxy: a plain ASGI app (served by uvicorn) that forwards to the upstream with aiohttp.
+"""The recording reverse proxy: a plain ASGI app (served by uvicorn) that forwards to the upstream.
 
 Every request goes to ``upstream + path`` unchanged (hop-by-hop headers
 aside, and ``Accept-Encoding: identity`` so that the answer can be read as it
@@ -17,11 +17,11 @@ off the answer to the client too (the connection is closed without the
 final chunk). All are recorded (:meth:`Recording.fail`).
 
 Cost per call (the budget is under 1 ms; ``experiments/bench_record.py`` measures
-the whole proxy): the upstream client is aiohttp's, not httpx's (on the project's
-machine one request through ``httpx.AsyncClient`` costs about 1.3 ms against 0.3 ms
-through ``aiohttp.ClientSession``); the app is plain ASGI (Starlette's request,
-response and routing objects cost about 0.1 ms a call); the recording's work runs
-a few milliseconds after the events it records (:class:`_Jobs`).
+the whole proxy): the upstream client is :mod:`recorder.upstream` (httptools parsing,
+kept-alive connections: about half of aiohttp's cost, a third of httpx's); the app is
+plain ASGI (Starlette's request, response and routing objects cost about 0.1 ms a
+call); the recording's work runs a few milliseconds after the events it records
+(:class:`_Jobs`).
 """
 
 from __future__ import annotations
@@ -33,17 +33,15 @@ from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import aiohttp
-from yarl import URL
-
 from recorder.recording import CallStart, Recording
 from recorder.responses import StreamReader, read_body
+from recorder.upstream import Answer, Broken, Unreachable, Upstream
 
 __all__ = ["api_of", "make_app"]
 
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-        "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
-_HOP_OUT = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+        "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "expect"}
+_HOP_OUT = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
 
 
 def api_of(method: str, path: str) -> str | None:
@@ -115,8 +113,8 @@ def _decoder(encoding: str) -> Callable[[bytes], bytes] | None:
     return None
 
 
-def _raw_headers(headers, length: int | None) -> list[tuple[bytes, bytes]]:
-    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items() if k.lower() not in _HOP_OUT]
+def _raw_headers(headers: list[tuple[bytes, bytes]], length: int | None) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers if k.lower() not in _HOP_OUT]
     if length is not None:
         out.append((b"content-length", str(length).encode()))
     return out
@@ -158,14 +156,11 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                state["client"] = aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=timeout_s),
-                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
-                    trust_env=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
+                state["client"] = Upstream(base, connect_timeout_s=10.0, read_timeout_s=timeout_s)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
-                    await state["client"].close()
+                    state["client"].close()
                 finally:
                     if recording is not None:
                         jobs.run_all()
@@ -226,19 +221,18 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
                     headers = [(k, v) for k, v in headers if k != "x-session-id"]
                     headers.append(("x-session-id", call.start.session_id))
         query = scope.get("query_string") or b""
-        url = URL(base + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-                  + (f"?{query.decode('latin-1')}" if query else ""), encoded=True)  # as sent, not requoted
-        client: aiohttp.ClientSession = state["client"]
+        target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1") + \
+            (f"?{query.decode('latin-1')}" if query else "")  # as sent, not requoted
         try:
-            resp = await client.request(method, url, headers=headers, data=body, allow_redirects=False)
+            resp = await state["client"].request(method, target, headers, body)
         except TimeoutError:
             failed(call, 504, "timeout", message=f"upstream {shown} timed out")
             return await _error(send, api, 504, f"upstream {shown} timed out (cwsim record)")
-        except aiohttp.ClientError as e:
-            failed(call, 502, "unreachable", message=f"upstream {shown} unreachable ({type(e).__name__})")
-            return await _error(send, api, 502, f"upstream {shown} unreachable: {type(e).__name__} (cwsim record)")
-        decode = _decoder(resp.headers.get("content-encoding", "").lower())
-        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        except (Unreachable, Broken) as e:
+            failed(call, 502, "unreachable", message=f"upstream {shown} unreachable ({e})")
+            return await _error(send, api, 502, f"upstream {shown} unreachable: {e} (cwsim record)")
+        decode = _decoder(resp.header("content-encoding").lower())
+        if resp.header("content-type").startswith("text/event-stream"):
             await send({"type": "http.response.start", "status": resp.status, "headers": _raw_headers(resp.headers, None)})
             relay = asyncio.ensure_future(_relay(send, resp, call, decode))
             gone = asyncio.ensure_future(_disconnect(receive))
@@ -249,11 +243,9 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
             return
         try:
             content = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (Broken, TimeoutError) as e:
             failed(call, 502, "broken", message=f"upstream {shown} broke off its answer ({type(e).__name__})")
             return await _error(send, api, 502, f"upstream {shown} broke off its answer (cwsim record)")
-        finally:
-            resp.release()
         if call is not None:
             if resp.status < 400:
                 t_done = recording.clock()
@@ -263,25 +255,24 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
                 failed(call, resp.status, "upstream_error", message=f"upstream answered {resp.status}")
         await _answer(send, resp.status, _raw_headers(resp.headers, len(content)), content)
 
-    async def _relay(send, resp: aiohttp.ClientResponse, call: _Call | None, decode) -> None:
+    async def _relay(send, resp: Answer, call: _Call | None, decode) -> None:
         """A streamed answer, chunk by chunk as the chunks arrive; when the upstream breaks off, the answer
         breaks off too (no final chunk: the connection is closed)."""
         reader = StreamReader(call.api) if call is not None else None
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if reader is not None:
                     reader.feed(decode(chunk) if decode else chunk)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (Broken, TimeoutError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "broken"
             failed(call, resp.status, kind, reader.out if reader else None,
                    f"upstream {shown} broke off a stream ({type(e).__name__})")
             return
-        except asyncio.CancelledError:  # the client went away
+        except asyncio.CancelledError:  # the client went away: so does the upstream's connection
+            resp.close()
             failed(call, resp.status, "client_closed", reader.out if reader else None, "the client closed a stream")
             raise
-        finally:
-            resp.release()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         if call is None:
             return
