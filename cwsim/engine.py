@@ -24,7 +24,8 @@ swaps blocks in (or waits for a prefetch copy) takes that load time longer.
 Sessions are closed-loop processes: a session submits call k+1 once call k
 has finished and its gap has elapsed (and, with a profile's
 ``request_overhead_s``, the engine sees it that much later: an API server's
-own latency). Events at one instant are ordered as
+own latency; with its ``frontend_step_share`` too, that work and part of
+every step share one core: ``cwsim.frontend``). Events at one instant are ordered as
 the oracle orders them (``replay.oracle``): a step's finished calls are
 handled first (the engine yields once so that their sessions submit what is
 due now), then every call due by then joins the waiting queue in the trace's
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import simpy
 
+from cwsim.frontend import SharedCore
 from cwsim.hashing import BlockIds, PrefixMemo, block_hashes
 from cwsim.request import Request
 from cwsim.scheduler import Scheduler
@@ -56,6 +58,11 @@ class Engine:
         self.block_ids = BlockIds()  # requests carry dense block ids as their hashes
         self.steps = 0
         self.jumps = 0
+        # the server's frontend core, shared by the requests' processing and part of every step (cwsim.frontend)
+        self.frontend = SharedCore(env) if profile.frontend_step_share else None
+        if self.frontend is not None and scheduler.async_scheduling:
+            raise ValueError("a profile's frontend_step_share is modelled for the synchronous engine only "
+                             "(not with async scheduling)")
 
     # ------------------------------------------------------------- requests
     def submit(self, sess: SessionState, turn: int, sent: float | None = None) -> Request:
@@ -104,7 +111,7 @@ class Engine:
                     self._idle = None
                 continue  # everything running was preempted: admit next iteration
             if (self.decode_jumps and plan.decode_only and plan.lazy + len(plan.scheduled) == len(sched.running)
-                    and sched.admission_blocked()):
+                    and sched.admission_blocked() and (self.frontend is None or not self.frontend.busy)):
                 n = self._plan_jump(plan)
                 if n > 1:
                     dt = prof.decode_run_time(n, plan.decode_seqs, plan.decode_ctx)
@@ -118,7 +125,12 @@ class Engine:
             if plan.swap_in_s or plan.load_wait_s:
                 dt += plan.transfer_s  # synchronous loads from the CPU tier
             self.steps += 1
-            yield env.timeout(dt)
+            if self.frontend is None:
+                yield env.timeout(dt)
+            else:  # the step's first part on the shared core, then the rest
+                share = prof.frontend_step_share
+                yield self.frontend.run(dt * share)
+                yield env.timeout(dt * (1.0 - share))
             self.ctx.now = env.now
             if sched.update(plan, env.now):
                 # the finished calls' sessions submit what is due now (a next call after no gap, a next
@@ -194,15 +206,17 @@ class Engine:
 def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, workload: Workload, metrics):
     """One agent session: call, wait for the answer, run the tools, call again.
 
-    A call reaches the engine the profile's ``request_overhead_s`` after it is sent (its arrival)."""
+    A call reaches the engine the profile's ``request_overhead_s`` after it is sent (its arrival), or,
+    with a shared frontend core (``cwsim.frontend``), once that core has done that much work on it."""
     sess.start = env.now
     workload.active_sessions += 1
     last = len(sess.calls) - 1
     overhead = engine.profile.request_overhead_s
+    frontend = engine.frontend
     for turn, call in enumerate(sess.calls):
         if overhead:
             sent = env.now
-            yield env.timeout(overhead)
+            yield env.timeout(overhead) if frontend is None else frontend.run(overhead)
             req = engine.submit(sess, turn, sent)
         else:
             req = engine.submit(sess, turn)

@@ -62,7 +62,7 @@ _FLOAT_FIELDS = (
     "decode_ctx_token_s",
 )
 #: optional float fields (absent in a file: 0)
-_OPTIONAL_FLOAT_FIELDS = ("request_overhead_s",)
+_OPTIONAL_FLOAT_FIELDS = ("request_overhead_s", "frontend_step_share")
 _INT_FIELDS = ("kv_bytes_per_token", "weights_bytes", "gpu_mem_bytes")
 _STR_FIELDS = ("name", "model", "gpu")
 _OPTIONAL_STR_FIELDS = ("source", "notes")
@@ -107,6 +107,10 @@ class StepTimeProfile:
     #: processing): the engine sees a call this long after its session sends it. 0 (the
     #: roofline profiles): the engine sees it at once. Measured by ``cwreplay calibrate --server``.
     request_overhead_s: float = 0.0
+    #: the share of every step's time that runs on the core where the frontend does the requests'
+    #: ``request_overhead_s`` of work, shared with it (``cwsim.frontend``): a few-core CPU server.
+    #: 0 (every bundled profile): no shared core, the overhead is a plain delay.
+    frontend_step_share: float = 0.0
 
     def __post_init__(self) -> None:
         for f in _STR_FIELDS + _OPTIONAL_STR_FIELDS:
@@ -122,6 +126,8 @@ class StepTimeProfile:
                 raise ValueError(f"profile field {f!r} must be an integer >= 0, got {v!r}")
         if self.kv_bytes_per_token <= 0:
             raise ValueError(f"profile field 'kv_bytes_per_token' must be > 0, got {self.kv_bytes_per_token!r}")
+        if self.frontend_step_share > 1:
+            raise ValueError(f"profile field 'frontend_step_share' must be in [0, 1], got {self.frontend_step_share!r}")
 
     # ------------------------------------------------------------------ time
     def step_time(
@@ -266,7 +272,8 @@ class StepTimeProfile:
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict:
         """All fields as a plain JSON-able dict (inverse of :meth:`from_json`); an optional
-        ``request_overhead_s`` of 0 is left out (as in the files written before it existed)."""
+        ``request_overhead_s`` or ``frontend_step_share`` of 0 is left out (as in the files written
+        before they existed)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if not (f.name in _OPTIONAL_FLOAT_FIELDS and getattr(self, f.name) == 0.0)}
 

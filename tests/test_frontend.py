@@ -1,0 +1,75 @@
+"""The shared frontend core (cwsim.frontend): processor sharing, and the engine's steps sharing it."""
+
+import csv
+import json
+
+import pytest
+import simpy
+
+from cwsim.config import SimConfig
+from cwsim.frontend import SharedCore
+from cwsim.runner import simulate
+from cwsim.steptime import StepTimeProfile
+from traces.format import Call, Session, Trace
+
+
+def test_work_on_the_core_is_processor_shared():
+    env = simpy.Environment()
+    core = SharedCore(env)
+    done = []
+
+    def job(name, at, work):
+        yield env.timeout(at)
+        yield core.run(work)
+        done.append((name, env.now))
+
+    env.process(job("a", 0.0, 3.0))
+    env.process(job("b", 1.0, 1.0))  # a has 2 left: both at half speed until b is done
+    env.process(job("c", 10.0, 0.0))
+    env.run()
+    assert done == [("b", 3.0), ("a", 4.0), ("c", 10.0)]
+    assert core.busy_s == 4.0 and not core.busy
+
+
+def _profile(tmp_path, share: float) -> str:
+    """Every step takes 1 s; every request brings 1 s of frontend work."""
+    p = dict(name="unit", model="m", gpu="g", step_overhead_s=1.0, prefill_token_s=0.0, decode_seq_s=0.0,
+             prefill_attn_pair_s=0.0, decode_ctx_token_s=0.0, kv_bytes_per_token=1, weights_bytes=0,
+             gpu_mem_bytes=0, request_overhead_s=1.0, frontend_step_share=share)
+    path = tmp_path / f"p{share}.json"
+    path.write_text(json.dumps(StepTimeProfile.from_json(p).to_json()))
+    return str(path)
+
+
+def _ends(tmp_path, share: float, starts) -> list[float]:
+    sessions = [Session(f"s{i}", (Call(f"s{i}", 0, ((f"s{i}:p", 32),), 2, None, (), timestamp_s=t),))
+                for i, t in enumerate(starts)]
+    cfg = SimConfig(profile=_profile(tmp_path, share), kv_blocks=64, block_size=16, arrivals="trace")
+    out = tmp_path / f"out{share}"
+    simulate(Trace(sessions, {"source": "unit"}), cfg, out_dir=out)
+    return [float(r["end_s"]) for r in csv.DictReader(open(out / "sessions.csv"))]
+
+
+def test_steps_share_the_core_with_the_requests_work(tmp_path):
+    # additive (share 0): a is seen at 1, steps 1-2 and 2-3; b (sent 1.2, seen 2.2) joins at 3: steps 3-4, 4-5
+    assert _ends(tmp_path, 0.0, [0.0, 1.2]) == [3.0, 5.0]
+    # shared: a's first step's half on the core (1.0-1.5) meets b's work at 1.2 and both go at half speed:
+    # a's half is done at 1.8 (its step at 2.3); b's work, 0.7 left, runs alone until a's second step's
+    # half starts at 2.3 (0.2 left), then shares again: b's work is done at 2.7, a's half at 3.0, its step
+    # at 3.5; b, seen at 2.7, runs 3.5-4.5 and 4.5-5.5
+    assert _ends(tmp_path, 0.5, [0.0, 1.2]) == [3.5, 5.5]
+
+
+def test_a_lone_session_is_not_slowed(tmp_path):
+    """With nothing to share with (the request's work is done before its steps), the times are the additive
+    model's."""
+    assert _ends(tmp_path, 0.5, [0.0]) == _ends(tmp_path, 0.0, [0.0]) == [3.0]
+
+
+def test_the_share_is_a_fraction():
+    base = dict(name="unit", model="m", gpu="g", step_overhead_s=1.0, prefill_token_s=0.0, decode_seq_s=0.0,
+                prefill_attn_pair_s=0.0, decode_ctx_token_s=0.0, kv_bytes_per_token=1, weights_bytes=0,
+                gpu_mem_bytes=0)
+    with pytest.raises(ValueError, match="frontend_step_share"):
+        StepTimeProfile.from_json({**base, "frontend_step_share": 1.5})
+    assert "frontend_step_share" not in StepTimeProfile.from_json(base).to_json()  # 0: left out, as before
