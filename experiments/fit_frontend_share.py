@@ -17,10 +17,7 @@ step, loaded 13.26 / 11.77 and 12.88 / 12.68 ms: means 7.70 and 12.65 ms, a rati
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,63 +25,25 @@ sys.path.insert(0, str(ROOT))
 
 PROFILE = ROOT / "experiments/results/live-miniswe-2026-12-03-warmed/server-profile.json"
 MEASURED_RATIO = 12.65 / 7.70
-BATCH_START_S = 2.0  # the side client's first (uncached) call is long done by then
-
-
-def workload(n_out: int, loaded: bool):
-    from traces.format import Call, Session, Trace
-
-    sessions = [Session(f"q{i}", (Call(f"q{i}", 0, ((f"q{i}:p", 64),), n_out, None, (), timestamp_s=BATCH_START_S),))
-                for i in range(8)]
-    if loaded:  # one call after another, each the same 2,000 tokens (cached after the first), 1 token out
-        side = tuple(Call("side", t, (("long", 2000),), 1, None, (), gap_s=0.0, timestamp_s=0.0 if t == 0 else None)
-                     for t in range(400))
-        sessions.append(Session("side", side))
-    return Trace(sessions, {"format": "cwtrace", "source": "fit_frontend_share"})
-
-
-def batch_time(profile_path: Path, share: float, n_out: int, loaded: bool) -> float:
-    """Simulated time from the batch's start to its last answer."""
-    import json
-
-    from cwsim.config import SimConfig
-    from cwsim.runner import simulate
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prof = json.loads(profile_path.read_text())
-        prof["frontend_step_share"] = share
-        p = Path(tmp) / "profile.json"
-        p.write_text(json.dumps(prof))
-        cfg = SimConfig(profile=str(p), kv_blocks=4096, block_size=32, max_num_seqs=16, max_num_batched_tokens=2048,
-                        arrivals="trace")
-        simulate(workload(n_out, loaded), cfg, out_dir=Path(tmp) / "out")
-        ends = [float(r["end_s"]) for r in csv.DictReader(open(Path(tmp) / "out" / "sessions.csv"))
-                if r["session_id"].startswith("q")]
-    return max(ends) - BATCH_START_S
-
-
-def step_ms(profile_path: Path, share: float, loaded: bool) -> float:
-    """A decode step of the 8 sequences: (time for 72 tokens - time for 8) / 64, as the probe reckons."""
-    return (batch_time(profile_path, share, 72, loaded) - batch_time(profile_path, share, 8, loaded)) / 64 * 1e3
 
 
 def main() -> None:
+    import json
+
+    from replay.frontend_share import fit_share
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", type=Path, default=PROFILE, help="a profile calibrated through the server")
     ap.add_argument("--measured-ratio", type=float, default=MEASURED_RATIO, help="the probe's loaded / quiet step")
     args = ap.parse_args()
-    rows = []
-    for share in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
-        quiet, loaded = step_ms(args.profile, share, False), step_ms(args.profile, share, True)
-        rows.append((share, quiet, loaded, loaded / quiet))
-        print(f"frontend_step_share {share:.1f}: step quiet {quiet:6.2f} ms, loaded {loaded:6.2f} ms, ratio {loaded / quiet:.3f}")
-    fit = None
-    for (s0, _, _, r0), (s1, _, _, r1) in zip(rows, rows[1:]):
-        if (r0 - args.measured_ratio) * (r1 - args.measured_ratio) <= 0 and r1 != r0:
-            fit = s0 + (args.measured_ratio - r0) * (s1 - s0) / (r1 - r0)
-            break
-    print(f"measured ratio {args.measured_ratio:.3f} -> frontend_step_share "
-          + (f"{fit:.2f}" if fit is not None else "not reached on the grid"))
+    profile = {k: v for k, v in json.loads(args.profile.read_text()).items() if not k.startswith("_")}
+    # the probe's server: a batch of 8, 2,000-token side prompts, block 32, 512-token steps
+    share, rows = fit_share(profile, args.measured_ratio, batch=8, side_prompt=2000, block_size=32,
+                            max_num_batched_tokens=512)
+    for r in rows:
+        print(f"frontend_step_share {r['share']:.1f}: step quiet {r['quiet_ms']:6.2f} ms, loaded {r['loaded_ms']:6.2f} ms, "
+              f"ratio {r['ratio']:.3f}")
+    print(f"measured ratio {args.measured_ratio:.3f} -> frontend_step_share {share:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,60 +26,29 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-async def probe(url: str, vocab: int, model_id: str = "cachewise-replay", repeats: int = 5) -> list[dict]:
+async def probe(url: str, vocab: int, model_id: str = "cachewise-replay", repeats: int = 5) -> dict:
     import aiohttp
 
     from replay.calibrate_server import _Prober
+    from replay.frontend_share import probe_contention
 
-    rows = []
     async with aiohttp.ClientSession() as session:
         p = _Prober(session, url, model_id, vocab)
         for _ in range(3):  # one-off costs first
             await p.complete(p.fresh(256), 4)
-        long = p.fresh(2000)
-        await p.complete(long, 1)  # cached from now on
-
-        async def batch(b: int, n: int) -> float:
-            prompts = [p.fresh(64) for _ in range(b)]
-            for pr in prompts:
-                await p.complete(pr, 1)
-            t = time.perf_counter()
-            await asyncio.gather(*(p.complete(pr, n) for pr in prompts))
-            return time.perf_counter() - t
-
-        for mode in ("quiet", "loaded", "quiet", "loaded"):
-            side: list[float] = []
-
-            async def loader(stop: asyncio.Event) -> None:
-                while not stop.is_set():
-                    side.append((await p.complete(long, 1))[0])
-
-            per = []
-            for _ in range(repeats):
-                stop = asyncio.Event()
-                task = asyncio.create_task(loader(stop)) if mode == "loaded" else None
-                short, longer = await batch(8, 8), await batch(8, 72)
-                if task is not None:
-                    stop.set()
-                    await task
-                per.append((longer - short) / 64)
-            rows.append({"mode": mode, "decode_step_ms": 1000 * statistics.median(per), "side_requests": len(side),
-                         "side_request_ms": 1000 * statistics.median(side) if side else None})
-            r = rows[-1]
-            print(f"{mode:7s} decode step of 8: {r['decode_step_ms']:.2f} ms"
-                  + (f"  ({r['side_requests']} side requests, {r['side_request_ms']:.1f} ms each)" if side else ""),
-                  flush=True)
-    return rows
+        r = await probe_contention(p, batch=8, side_prompt=2000, repeats=repeats, rounds=2)
+    print("decode step of 8: quiet " + " / ".join(f"{t:.2f}" for t in r["quiet_ms"]) + " ms, loaded "
+          + " / ".join(f"{t:.2f}" for t in r["loaded_ms"]) + f" ms ({r['side_requests']} side requests, "
+          f"{r['side_request_ms']:.1f} ms each): ratio {r['ratio']:.2f}", flush=True)
+    return r
 
 
 def main() -> int:

@@ -28,6 +28,10 @@ error on calls it was not fitted to.
 
 The six terms (the five of ``docs/step-time-model.md`` and
 ``request_overhead_s``) are fitted together by :func:`replay.calibrate.fit`.
+Then (``frontend``, on by default) the **frontend probe**
+(``replay.frontend_share``): a decode batch timed quiet and while a side
+client sends fully cached prompts, and the profile's ``frontend_step_share``
+fitted by simulating the same probe with the fitted terms.
 Why not the in-process engine (``replay.calibrate``): behind vLLM's API
 server the engine core runs in a process of its own, with its own threads,
 and a request pays the server's HTTP and input/output processing; on the
@@ -48,6 +52,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from replay.calibrate import FEATURES, TERMS, _device, _model_facts, fit
+from replay.frontend_share import BATCH_PROMPT, DECODE_N, fit_share, probe_contention
 from replay.live import ReplayError, _get, _transport_errors, completion_body
 from replay.server_metrics import cache_config as server_cache_config
 from replay.tokens import segment_tokens
@@ -72,6 +77,15 @@ class ServerCalibrationConfig:
     max_num_batched_tokens: int = 2048
     model: str | None = None  #: the served model's folder, when /v1/models does not name one here
     timeout_s: float = 120.0
+    #: also measure how much the frontend's work slows the steps, and fit ``frontend_step_share``
+    #: (``replay.frontend_share``): a side client's fully cached prompts of ``frontend_prompt`` tokens
+    frontend: bool = True
+    frontend_prompt: int = 2000
+
+    @property
+    def frontend_batch(self) -> int:
+        """The probe's decode batch: one sequence fewer than the design's biggest (the side client's)."""
+        return max(1, max(self.decode_b) - 1)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -85,6 +99,8 @@ class ServerCalibrationConfig:
                              f"--max-num-batched-tokens {self.max_num_batched_tokens}")
         if any(q < 1 or c < 0 or n < 1 for q, c, n in self.check):
             raise ValueError(f"a check call needs >= 1 new token and >= 1 output token, got {self.check}")
+        if self.frontend_prompt < 1:
+            raise ValueError(f"the frontend probe's prompt needs >= 1 token, got {self.frontend_prompt}")
 
 
 def predicted_call_s(profile, q: int, c: int, n: int) -> float:
@@ -143,7 +159,7 @@ class _Prober:
         return dt, int(cached)
 
 
-async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list[dict], dict, str]:
+async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list[dict], dict, str, dict | None]:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=config.timeout_s)
@@ -210,7 +226,12 @@ async def _measure(config: ServerCalibrationConfig, on_point=None) -> tuple[list
                 points.append({"kind": "decode", "b": b, "L": L, "R": 0, "S": 1, "P": 0, "A": 0.0, "D": b,
                                "C": b * (L + (n1 + n2 - 1) / 2.0), "t": t})
                 await point_done()
-        return points, {shape: statistics.median(ts) for shape, ts in checks.items()}, model_dir
+        probe = None
+        if config.frontend:
+            probe = await probe_contention(p, config.frontend_batch, config.frontend_prompt, config.repeats)
+            if on_point is not None:
+                on_point({"kind": "frontend", "t": probe["loaded_ms"][-1] / 1e3})
+        return points, {shape: statistics.median(ts) for shape, ts in checks.items()}, model_dir, probe
 
 
 def _expect_cached(url: str, what: str, cached: int, c: int) -> None:
@@ -245,11 +266,14 @@ def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLik
     usable = kv_blocks - 1  # vLLM's null block
     need = max([-(-(q + c) // block_size) for q in config.prefill_q for c in config.prefill_c]
                + [b * -(-(L + config.decode_n[1]) // block_size) for b in config.decode_b for L in config.decode_l]
-               + [-(-(q + c + n) // block_size) for q, c, n in config.check])
+               + [-(-(q + c + n) // block_size) for q, c, n in config.check]
+               + ([-(-config.frontend_prompt // block_size)
+                   + config.frontend_batch * -(-(BATCH_PROMPT + DECODE_N[1]) // block_size)]
+                  if config.frontend else []))
     if need > usable:
         raise ValueError(f"the design needs {need} blocks at once, the server's pool has {usable}: a calibration "
                          f"server wants a big pool (cwreplay serve --kv-blocks), or a smaller design")
-    points, checked, model_dir = asyncio.run(_measure(config, on_point))
+    points, checked, model_dir, probe = asyncio.run(_measure(config, on_point))
     if not model_dir or not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"the served model's folder {model_dir!r} is not readable here: give --model DIR")
     coef, err, mape = fit(points, SERVER_TERMS)
@@ -274,8 +298,17 @@ def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLik
     if check:
         profile = replace(profile, source=profile.source + "; held-out calls " + ", ".join(
             f"{ch['q']} new on {ch['c']} cached x {ch['n']} out {100 * ch['error']:+.0f}%" for ch in check))
+    frontend = None
+    if probe is not None:
+        share, grid = fit_share(profile.to_json(), probe["ratio"], batch=config.frontend_batch,
+                                side_prompt=config.frontend_prompt, block_size=block_size,
+                                max_num_batched_tokens=config.max_num_batched_tokens)
+        profile = replace(profile, frontend_step_share=share, notes=profile.notes + (
+            f"; frontend_step_share = {share:.3g}: decode steps {probe['ratio']:.2f}x as long while fully cached "
+            f"{config.frontend_prompt}-token prompts arrived (replay.frontend_share)"))
+        frontend = {**probe, "share": share, "grid": grid}
     d = profile.to_json()
-    d["_fit"] = {"stderr": err, "mape": mape, "points": points, "check": check,
+    d["_fit"] = {"stderr": err, "mape": mape, "points": points, "check": check, "frontend": frontend,
                  "config": {**asdict(config), "block_size": block_size, "kv_blocks": kv_blocks},
                  "features": {t: FEATURES[t] for t in SERVER_TERMS}, "wall_s": time.perf_counter() - wall0}
     atomic_write_text(out, json.dumps(d, indent=1) + "\n")

@@ -241,6 +241,8 @@ def calibrate(
     name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: measured-<model folder>)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timings per design point, the median kept (default 3; with --server 7)."),
     quick: bool = typer.Option(False, "--quick", help="A small design (fewer, shorter batches): a rough profile in a fraction of the time."),
+    frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="With --server: also time decode steps while cached prompts arrive and fit the profile's frontend_step_share (the share of a step that competes with the frontend's work for a core; about 0.9 on a 2-core CPU machine)."),
+    frontend_prompt: int = typer.Option(2000, "--frontend-prompt", help="With --server --frontend: the side client's cached prompt, in tokens (it and a decode batch must fit the pool)."),
 ) -> None:
     """Fit the step-time profile from timed engine steps over a designed set of batches (in process, or through a server's API)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -262,7 +264,8 @@ def calibrate(
                 kw.update(prefill_q=tuple(q for q in (16, 128, 480) if q <= max_num_batched_tokens) or (16,),
                           prefill_c=(0, 512), decode_b=(1, 8), decode_l=(64, 448), repeats=repeats or 3)
             kw["check"] = tuple(ch for ch in DEFAULT_CHECK if ch[0] <= max_num_batched_tokens)
-            cfg = ServerCalibrationConfig(server, max_num_batched_tokens=max_num_batched_tokens,
+            cfg = ServerCalibrationConfig(server, max_num_batched_tokens=max_num_batched_tokens, frontend=frontend,
+                                          frontend_prompt=frontend_prompt,
                                           model=str(model) if model is not None else None, **kw)
             profile = calibrate_server(cfg, out, name=name, on_point=show)
         else:
@@ -283,6 +286,11 @@ def calibrate(
     for k in terms:
         print(f"{k:22s} {getattr(profile, k):.4g}  (+- {fit['stderr'][k]:.2g})")
     print("MAPE: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fit["mape"].items()))
+    if fit.get("frontend"):
+        fe = fit["frontend"]
+        print(f"frontend_step_share    {fe['share']:.3g}  (decode step of {fe['batch']}: quiet "
+              + " / ".join(f"{t:.2f}" for t in fe["quiet_ms"]) + " ms, loaded " + " / ".join(f"{t:.2f}" for t in fe["loaded_ms"])
+              + f" ms; ratio {fe['ratio']:.2f})")
     for ch in fit.get("check", []):
         print(f"held-out call {ch['q']} new on {ch['c']} cached, {ch['n']} out: measured {1000 * ch['t']:.1f} ms, "
               f"predicted {1000 * ch['predicted']:.1f} ms ({100 * ch['error']:+.1f}%)")

@@ -73,3 +73,21 @@ def test_the_share_is_a_fraction():
     with pytest.raises(ValueError, match="frontend_step_share"):
         StepTimeProfile.from_json({**base, "frontend_step_share": 1.5})
     assert "frontend_step_share" not in StepTimeProfile.from_json(base).to_json()  # 0: left out, as before
+
+
+def test_the_share_is_fitted_to_the_probes_ratio():
+    """replay.frontend_share simulates the probe (a decode batch, quiet and while cached prompts arrive) for
+    shares 0-1: the 2-core machine's measured ratio gives its share; no slow-down gives 0, an extreme one 1."""
+    from pathlib import Path
+
+    from replay.frontend_share import fit_share
+
+    path = Path(__file__).resolve().parents[1] / "experiments/results/live-miniswe-2026-12-03-warmed/server-profile.json"
+    profile = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    shape = dict(batch=8, side_prompt=2000, block_size=32, max_num_batched_tokens=512)
+    share, grid = fit_share(profile, 12.65 / 7.70, **shape)
+    assert share == pytest.approx(0.89, abs=0.01)
+    ratios = [g["ratio"] for g in grid]
+    assert ratios == sorted(ratios) and ratios[0] > 1.0  # even at 0 the side calls' own steps slow the batch
+    assert all(g["quiet_ms"] == pytest.approx(grid[0]["quiet_ms"], rel=1e-4) for g in grid)  # nothing to share with
+    assert fit_share(profile, 1.0, **shape)[0] == 0.0 and fit_share(profile, 5.0, **shape)[0] == 1.0

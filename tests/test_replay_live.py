@@ -332,7 +332,7 @@ def test_a_profile_calibrated_through_the_servers_api_predicts_a_call_it_did_not
     srv = servers.current
     cfg = ServerCalibrationConfig(srv.url, prefill_q=(16, 128, 480), prefill_c=(0, 512), decode_b=(1, 8),
                                   decode_l=(64, 128), decode_n=(4, 24), repeats=3, max_num_batched_tokens=512,
-                                  check=((48, 128, 12),))
+                                  check=((48, 128, 12),), frontend_prompt=320)
     calibrate_server(cfg, tmp_path / "server.json")
     prof = load_profile(tmp_path / "server.json")
     fit = json.loads((tmp_path / "server.json").read_text())["_fit"]
@@ -350,3 +350,9 @@ def test_a_profile_calibrated_through_the_servers_api_predicts_a_call_it_did_not
         prof.request_overhead_s + prof.step_time(48, 48 * 128 + 48 * 49 / 2, 0, 0)
         + sum(prof.step_time(0, 0, 1, 176 + k) for k in range(1, 12)), rel=1e-12)
     assert check["predicted"] == pytest.approx(check["t"], rel=0.5), check
+    # the frontend probe: a decode batch of 7 quiet and loaded, twice each; the share fitted on its simulation
+    fe = fit["frontend"]
+    assert (fe["batch"], fe["side_prompt"], len(fe["quiet_ms"]), len(fe["loaded_ms"])) == (7, 320, 2, 2)
+    assert fe["side_requests"] > 0 and all(t > 0 for t in fe["quiet_ms"] + fe["loaded_ms"])
+    assert 0.0 <= fe["share"] <= 1.0 and prof.frontend_step_share == fe["share"]
+    assert [g["share"] for g in fe["grid"]] == [k / 10 for k in range(11)]
