@@ -9,7 +9,8 @@ tiny random-weight model), policy ``vllm``:
    ``--sessions`` sessions and ``--turns`` turns, gaps <= 20 s) -> ``OUT/trace.jsonl``;
 2. a calibration server of a big pool, the same block size and scheduler
    limits, timed through its API (``replay.calibrate_server``, ``cwreplay
-   calibrate --server``) -> ``OUT/server-profile.json``;
+   calibrate --server``, its frontend probe included: the profile's
+   ``frontend_step_share``) -> ``OUT/server-profile.json``;
 3. for each pool size of ``--kv-blocks`` (``--repeats`` times, each on a fresh
    server): the trace replayed (``--agents`` concurrent sessions, gaps times
    ``--time-scale``, the server warmed first: ``replay.warmup``) -> ``OUT/live-<blocks>-<r>/``, then the same run in cwsim
@@ -112,9 +113,9 @@ def main(argv=None) -> int:
                                                           flush=True))
             timings["calibration_s"] = time.monotonic() - t
         fit = json.loads(Path(profile).read_text())
-        print(f"profile {profile}: " + ", ".join(f"{k} {fit[k]:.4g}" for k in (
+        print(f"profile {profile}: " + ", ".join(f"{k} {fit.get(k, 0.0):.4g}" for k in (
             "request_overhead_s", "step_overhead_s", "prefill_token_s", "decode_seq_s", "prefill_attn_pair_s",
-            "decode_ctx_token_s")), flush=True)
+            "decode_ctx_token_s", "frontend_step_share")), flush=True)
         rows, baseline_rows = [], []
         for blocks in args.kv_blocks:
             for r in range(args.repeats):
