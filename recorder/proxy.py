@@ -259,9 +259,12 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
         """A streamed answer, chunk by chunk as the chunks arrive; when the upstream breaks off, the answer
         breaks off too (no final chunk: the connection is closed)."""
         reader = StreamReader(call.api) if call is not None else None
+        sending = None  # a chunk on its way to the client, not yet read
         try:
             async for chunk in resp.chunks():
+                sending = chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sending = None
                 if reader is not None:
                     reader.feed(decode(chunk) if decode else chunk)
         except (Broken, TimeoutError) as e:
@@ -271,11 +274,20 @@ def make_app(upstream: str, recording: Recording | None, hints: bool = False, ti
             return
         except asyncio.CancelledError:  # the client went away: so does the upstream's connection
             resp.close()
-            failed(call, resp.status, "client_closed", reader.out if reader else None, "the client closed a stream")
+            if reader is not None and sending is not None:  # it may have got it (and closed after it)
+                reader.feed(decode(sending) if decode else sending)
+            if reader is not None and reader.ended:  # after the answer's last event: a whole answer
+                finished(call, resp, reader)
+            else:
+                failed(call, resp.status, "client_closed", reader.out if reader else None,
+                       "the client closed a stream")
             raise
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if call is None:
-            return
+        if call is not None:
+            finished(call, resp, reader)
+
+    def finished(call: _Call, resp: Answer, reader: StreamReader) -> None:
+        """A streamed answer went to the client whole: queue its line (or its failure, for an error stream)."""
         out = reader.finish()
         if resp.status >= 400 or out.error:
             failed(call, resp.status, "stream_error" if out.error else "upstream_error", out,

@@ -117,6 +117,9 @@ class StreamReader:
         self._data: list[bytes] = []
         self._tool_parts: dict[int, list] = {}  # index -> [name, [argument pieces]]
         self._text_parts: dict[int, list[str]] = {}
+        #: the answer's last event has passed (OpenAI ``[DONE]``, Anthropic ``message_stop``): a client
+        #: may close the connection now without waiting for the stream's end
+        self.ended = False
 
     def feed(self, chunk: bytes) -> None:
         buf = self._buf + chunk
@@ -148,6 +151,7 @@ class StreamReader:
 
     def _event(self, payload: bytes) -> None:
         if payload == b"[DONE]":
+            self.ended = True
             return
         try:
             data = json.loads(payload)
@@ -200,6 +204,8 @@ class StreamReader:
 
     def _anthropic(self, data: dict) -> None:
         kind = data.get("type")
+        if kind == "message_stop":
+            self.ended = True
         if kind == "content_block_delta":
             delta = data.get("delta") or {}
             i = data.get("index", 0)

@@ -301,6 +301,8 @@ class Upstream:
                     if self.mode == "break":
                         raise RuntimeError("upstream dies mid-stream")
                     yield b"data: [DONE]\n\n"
+                    if self.mode == "linger":  # the stream ends a while after its last event
+                        await _sleep(0.5)
                 return StreamingResponse(gen(), media_type="text/event-stream", headers={"x-up": "1"})
             return Response(json.dumps(self.CHAT).encode(), media_type="application/json",
                             headers={"x-up": "1", "set-cookie": "a=1"})
@@ -464,6 +466,24 @@ def test_a_client_that_closes_a_stream_is_recorded_and_the_stream_stops(upstream
     (note,) = line["meta"]["failed_after"]
     assert note["kind"] == "client_closed" and note["status"] == 200 and 1 <= note.get("output_events", 0) < 4
     assert px.log == [f"client_closed: the client closed a stream (session {line['session_id']})"]
+
+
+def test_a_client_that_closes_after_the_last_event_got_a_whole_answer(upstream, tmp_path):
+    """SDKs stop reading at ``[DONE]`` and may close the connection before the stream's end: that call is
+    recorded as answered, not as closed by the client."""
+    out = tmp_path / "t.jsonl"
+    upstream.mode = "linger"
+    with RecordingProxy(upstream.url, out) as px:
+        with httpx.stream("POST", px.url + "/v1/chat/completions",
+                          json={"model": "m", "messages": _messages(), "stream": True}) as r:
+            got = b""
+            for chunk in r.iter_raw():
+                got += chunk
+                if b"[DONE]" in got:
+                    break  # and close, while the upstream's stream is still open
+    assert got.endswith(b"data: [DONE]\n\n") and px.log == []
+    (call,) = load_trace(out).calls()
+    assert call.output_tokens == 4  # the four streamed events
 
 
 def test_unreachable_upstream_gets_502_in_the_apis_format(tmp_path):
