@@ -3,6 +3,7 @@ sends, keep-alive, a pooled connection the server closed, answers chunked, until
 HTTP, HEAD, timeouts, an unreachable port and TLS."""
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -205,3 +206,23 @@ def test_https_upstream(tmp_path, monkeypatch):
     body, requests = run(main())
     assert body == b"{}" and requests[0][1].startswith(b"POST /v1/messages HTTP/1.1\r\nhost: localhost:")
     assert os.environ["SSL_CERT_FILE"] == str(cert)
+
+
+def test_bytes_on_an_idle_connection_drop_it(caplog):
+    """The connection is closed quietly (no protocol error for asyncio to log) and not reused."""
+    async def chatty(server, k, reader, writer):
+        while await server.next_request(k, reader) is not None:
+            writer.write(OK + OK)  # one answer more than was asked for
+            await writer.drain()
+
+    async def main():
+        async with Server(chatty) as srv:
+            up = Upstream(f"http://127.0.0.1:{srv.port}")
+            first = await (await up.request("GET", "/", [], b"")).read()
+            await asyncio.sleep(0.1)  # the extra answer arrives on the idle connection
+            second = await (await up.request("GET", "/", [], b"")).read()
+            up.close()
+            return first, second, srv.connections
+    with caplog.at_level(logging.ERROR):
+        assert run(main()) == (b"{}", b"{}", 2)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
