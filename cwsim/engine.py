@@ -59,7 +59,8 @@ class Engine:
         self.steps = 0
         self.jumps = 0
         # the server's frontend core, shared by the requests' processing and part of every step (cwsim.frontend)
-        self.frontend = SharedCore(env) if profile.frontend_step_share else None
+        # (nothing to share with unless requests bring work to it)
+        self.frontend = SharedCore(env) if profile.frontend_step_share and profile.request_overhead_s else None
         if self.frontend is not None and scheduler.async_scheduling:
             raise ValueError("a profile's frontend_step_share is modelled for the synchronous engine only "
                              "(not with async scheduling)")

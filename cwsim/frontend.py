@@ -12,7 +12,8 @@ core (the engine sees the request when it is done), and the first ``frontend_ste
 step's time is work on that core too (the engine core's scheduling and input and output processing;
 the rest, the forward pass, runs elsewhere). The core is processor-shared: with ``n`` pieces of work
 on it, each progresses at ``1 / n`` of its speed alone. With ``frontend_step_share`` 0 (every
-bundled profile) there is no shared core: a request's overhead is a plain delay, as before.
+bundled profile), or without a ``request_overhead_s`` to share it with, there is no shared core:
+a request's overhead is a plain delay and a step one timeout, as before.
 
 Invariant: ``_jobs`` maps each piece of work on the core to its remaining work (seconds alone),
 as of ``_t``; the earliest to finish (ties: the first added) has a timer that ends it, and any
@@ -32,7 +33,6 @@ class SharedCore:
         self._jobs: dict[simpy.Event, float] = {}  # insertion order: the tie-break
         self._t = env.now
         self._gen = 0
-        self.busy_s = 0.0  # time with work on the core
 
     @property
     def busy(self) -> bool:
@@ -56,7 +56,6 @@ class SharedCore:
             step = (now - self._t) / len(self._jobs)
             for job in self._jobs:
                 self._jobs[job] -= step
-            self.busy_s += now - self._t
         self._t = now
 
     def _arm(self) -> None:

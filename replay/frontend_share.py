@@ -11,7 +11,7 @@ loaded / quiet ratio matches the measured one (0 when the server shows no more s
 side requests' own one-token steps explain, 1 at most).
 
 Measured on the 2-core CPU machine (``experiments/probe_frontend_contention.py``, a batch of 8,
-2,000-token side prompts): steps 1.4-2.2x as long loaded, a share of 0.89 for the mean ratio 1.64.
+2,000-token side prompts): steps 1.4-2.2x as long loaded, a share of 0.88 for the mean ratio 1.64.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ __all__ = ["fit_share", "probe_contention", "probe_workload", "simulated_steps"]
 #: the batch's prompts and output lengths (short, long run) of a probe
 BATCH_PROMPT = 64
 DECODE_N = (8, 72)
-#: the simulated batch starts this late: the side client's first (uncached) call is long done by then
-_BATCH_START_S = 2.0
 _GRID = tuple(k / 10 for k in range(11))
 
 
@@ -72,16 +70,16 @@ async def probe_contention(prober, batch: int, side_prompt: int, repeats: int, r
     return out
 
 
-def probe_workload(n_out: int, loaded: bool, batch: int, side_prompt: int):
-    """The probe as a trace: ``batch`` one-call sessions starting together; loaded, a side session
-    sending the same ``side_prompt`` tokens again and again (one output token, no gap) from time 0."""
+def probe_workload(n_out: int, loaded: bool, batch: int, side_prompt: int, start_s: float, side_calls: int):
+    """The probe as a trace: ``batch`` one-call sessions starting together at ``start_s``; loaded, a side
+    session sending the same ``side_prompt`` tokens ``side_calls`` times (one output token, no gap) from 0."""
     from traces.format import Call, Session, Trace
 
     sessions = [Session(f"q{i}", (Call(f"q{i}", 0, ((f"q{i}:p", BATCH_PROMPT),), n_out, None, (),
-                                       timestamp_s=_BATCH_START_S),)) for i in range(batch)]
+                                       timestamp_s=start_s),)) for i in range(batch)]
     if loaded:
         side = tuple(Call("side", t, (("side:p", side_prompt),), 1, None, (), gap_s=0.0,
-                          timestamp_s=0.0 if t == 0 else None) for t in range(400))
+                          timestamp_s=0.0 if t == 0 else None) for t in range(side_calls))
         sessions.append(Session("side", side))
     return Trace(sessions, {"source": "replay.frontend_share probe"})
 
@@ -89,11 +87,18 @@ def probe_workload(n_out: int, loaded: bool, batch: int, side_prompt: int):
 def simulated_steps(profile: dict, share: float, *, batch: int, side_prompt: int, block_size: int,
                     max_num_batched_tokens: int) -> tuple[float, float]:
     """cwsim's (quiet, loaded) decode-step times in ms for the probe, under ``profile`` (a profile's
-    JSON) with ``frontend_step_share = share``."""
+    JSON) with ``frontend_step_share = share``. The batch starts well after the side client's first
+    (uncached) call, and the side client goes on until after the batch's last answer."""
     from cwsim.config import SimConfig
     from cwsim.runner import simulate
+    from cwsim.steptime import StepTimeProfile, prefill_attn_pairs
 
     n1, n2 = DECODE_N
+    prof = StepTimeProfile.from_json(profile)
+    chunks = -(-side_prompt // max_num_batched_tokens)
+    first_side_s = (prof.request_overhead_s + chunks * prof.step_overhead_s
+                    + prof.step_time(side_prompt, prefill_attn_pairs(side_prompt, 0), 0, 0))
+    start_s = 4 * first_side_s + 0.1
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "profile.json"
         path.write_text(json.dumps({**profile, "frontend_step_share": share}))
@@ -104,10 +109,15 @@ def simulated_steps(profile: dict, share: float, *, batch: int, side_prompt: int
         for loaded in (False, True):
             t = {}
             for n in (n1, n2):
-                out = Path(tmp) / f"{loaded}-{n}"
-                simulate(probe_workload(n, loaded, batch, side_prompt), cfg, out_dir=out)
-                t[n] = max(float(r["end_s"]) for r in csv.DictReader(open(out / "sessions.csv"))
-                           if r["session_id"].startswith("q")) - _BATCH_START_S
+                side_calls = 200
+                while True:
+                    out = Path(tmp) / f"{loaded}-{n}"
+                    simulate(probe_workload(n, loaded, batch, side_prompt, start_s, side_calls), cfg, out_dir=out)
+                    ends = {r["session_id"]: float(r["end_s"]) for r in csv.DictReader(open(out / "sessions.csv"))}
+                    t[n] = max(v for k, v in ends.items() if k.startswith("q")) - start_s
+                    if not loaded or ends["side"] > t[n] + start_s:
+                        break
+                    side_calls *= 4  # the side client stopped before the batch's end: again, longer
             steps.append(1e3 * (t[n2] - t[n1]) / (n2 - n1))
     return steps[0], steps[1]
 
