@@ -27,6 +27,7 @@ from cwsim.scheduler import SimulationError
 from cwsim.steptime import list_profiles, load_profile
 from traces.files import OutputPathError, check_file, check_folder
 from traces.reader import TraceFormatError, load_trace
+from traces.stream import index_trace, num_calls
 
 
 class _NoBoolHelp:
@@ -148,6 +149,17 @@ def _load(path: Path | None) -> "Trace":  # noqa: F821
         return load_trace(path, progress=lambda done, size: bar.update(task, completed=done, total=size))
 
 
+def _index(path: Path | None):
+    """Read a trace for a run with a progress bar: indexed (``traces.stream``, the run streams its
+    sessions) when its sessions' lines lie together, else loaded whole."""
+    path = path if path is not None else DEFAULT_TRACE
+    with Progress(TextColumn("[bold]reading[/]"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("read", total=None)
+        progress = lambda done, size: bar.update(task, completed=done, total=size)  # noqa: E731
+        return index_trace(path, progress=progress) or load_trace(path, progress=progress)
+
+
 def _num(v, spec: str, suffix: str = "") -> str:
     """``format(v, spec) + suffix``, or ``n/a`` where the figure is undefined (``None``)."""
     return "n/a" if v is None else f"{v:{spec}}{suffix}"
@@ -199,8 +211,8 @@ def run(
         _check_policy_flags(config)
         if out is not None:
             check_folder(out)
-        tr = _load(trace)
-        n_calls = sum(len(s.calls) for s in tr.sessions[: max_sessions or None])
+        tr = _index(trace)
+        n_calls = num_calls(tr, max_sessions)
         with _bar("simulating", "calls") as bar:
             task = bar.add_task("sim", total=n_calls)
             result = simulate(tr, config, out, on_progress=lambda n: bar.advance(task, n))

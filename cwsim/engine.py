@@ -56,6 +56,9 @@ class Engine:
         self._idle: simpy.Event | None = None
         self._next_rid = 0
         self.block_ids = BlockIds()  # requests carry dense block ids as their hashes
+        #: drop a session's own block hashes from ``block_ids`` when it ends (no sequence holds them again; off
+        #: when the run needs every id's hash afterwards, as its eviction log does)
+        self.forget_private = True
         self.steps = 0
         self.jumps = 0
         # the server's frontend core, shared by the requests' processing and part of every step (cwsim.frontend)
@@ -72,7 +75,11 @@ class Engine:
         call = sess.calls[turn]
         if sess.memo is None:
             sess.memo = PrefixMemo()
-        hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
+        if self.forget_private:
+            hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids, sess.private_hashes,
+                                  call.private_from // self.block_size)
+        else:
+            hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
         req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes,
                       self.env.now if sent is None else sent)
         if sess.hint is not None and sess.memo.reused:
@@ -227,6 +234,10 @@ def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, 
     sess.end = env.now
     sess.memo = None
     workload.active_sessions -= 1
+    if engine.forget_private:
+        engine.block_ids.forget(sess.private_hashes)
+        sess.private_hashes = []
+    workload.release(sess)
     metrics.on_session_end(sess)
 
 
@@ -234,20 +245,20 @@ def start_sessions(env: simpy.Environment, engine: Engine, workload: Workload, a
     """Start every session according to ``arrivals``."""
     starts = arrivals.start_times(workload, seed)
     if starts is not None:
-        for sess, t in zip(workload.sessions, starts):
-            env.process(_delayed(env, t, engine, sess, workload, metrics))
+        for i, t in enumerate(starts):
+            env.process(_delayed(env, t, engine, i, workload, metrics))
         return
-    queue = iter(workload.sessions)
+    queue = workload.states()
 
     def agent():
         for sess in queue:
             yield from session_process(env, engine, sess, workload, metrics)
 
-    for _ in range(min(arrivals.agents, len(workload.sessions))):
+    for _ in range(min(arrivals.agents, workload.num_sessions)):
         env.process(agent())
 
 
-def _delayed(env, t, engine, sess, workload, metrics):
+def _delayed(env, t, engine, i, workload, metrics):
     if t > 0:
         yield env.timeout(t)
-    yield from session_process(env, engine, sess, workload, metrics)
+    yield from session_process(env, engine, workload.session(i), workload, metrics)

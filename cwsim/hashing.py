@@ -28,19 +28,29 @@ Segments = Sequence[tuple[int, int]]
 
 
 class SegmentInterner:
-    """Maps segment ids (strings) to small ints in order of first appearance."""
+    """Maps segment ids (strings) to small ints in order of first appearance (1, 2, ...).
 
-    __slots__ = ("ids",)
+    ``forget(segment_ids)`` drops ids that will never be seen again (a finished session's own
+    segments); the ints of the others, and of those still to come, stay what they would be."""
+
+    __slots__ = ("ids", "n")
 
     def __init__(self) -> None:
         self.ids: dict[str, int] = {}
+        self.n = 0  # ints handed out
 
     def __call__(self, segment_id: str) -> int:
         ids = self.ids
         sid = ids.get(segment_id)
         if sid is None:
-            sid = ids[segment_id] = len(ids) + 1
+            sid = self.n = self.n + 1
+            ids[segment_id] = sid
         return sid
+
+    def forget(self, segment_ids) -> None:
+        pop = self.ids.pop
+        for s in segment_ids:
+            pop(s, None)
 
 
 class PrefixMemo:
@@ -65,16 +75,31 @@ class BlockIds(dict):
     Given to :func:`block_hashes`, they replace the CPython hash values in
     what it returns: equal exactly when the hashes are, and small consecutive
     ints keep the cache's tables compact (the engine uses them).
+
+    ``forget(hashes)`` drops hashes that no sequence will hold again (a finished
+    session's own blocks): the table holds what may still be asked for, not every
+    hash ever seen; ids keep counting up, so no id is handed out twice.
     """
 
-    __slots__ = ()
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0  # ids handed out
 
     def __missing__(self, h: int) -> int:
-        n = self[h] = len(self)
+        n = self[h] = self.n
+        self.n = n + 1
         return n
 
+    def forget(self, hashes) -> None:
+        pop = self.pop
+        for h in hashes:
+            pop(h, None)
 
-def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None, ids: BlockIds | None = None) -> list[int]:
+
+def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None, ids: BlockIds | None = None,
+                 created: list[int] | None = None, private_block: int = 0) -> list[int]:
     """Hashes of every full block of the token sequence ``segs``.
 
     With a ``memo``, work already done for a sequence sharing a segment prefix
@@ -87,6 +112,10 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
     already hashed. So a list returned with a memo keeps its first ``len()``
     items for good but may grow after them; a caller reads the part its own
     sequence covers.
+
+    ``created`` (with ``ids``): the hashes that get a new id here at block index
+    ``private_block`` or later are appended to it (a session's own blocks, which
+    :meth:`BlockIds.forget` can drop when it ends).
     """
     if memo is None:
         memo = PrefixMemo()
@@ -130,7 +159,10 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
         for h in new:  # ids[h], without a __missing__ call per new hash
             i = get(h)
             if i is None:
-                i = ids[h] = len(ids)
+                i = ids[h] = ids.n
+                ids.n = i + 1
+                if created is not None and len(out) >= private_block:
+                    created.append(h)
             out.append(i)
     memo.out = out
     return out

@@ -20,11 +20,12 @@ from a seeded generator keyed on the request, so runs stay deterministic.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from traces.format import Call, Trace
+from traces.format import Call, Session, Trace
 
 NO_TOOL = "none"
 #: predicted wait given to a session that is predicted to end (s)
@@ -63,10 +64,12 @@ class ToolCallPredictor:
 
     # ------------------------------------------------------------- fitting
     @classmethod
-    def fit(cls, trace: Trace, *, min_samples: int = 20, error: float = 0.0, seed: int = 0) -> "ToolCallPredictor":
+    def fit(cls, trace: Trace | Iterable[Session], *, min_samples: int = 20, error: float = 0.0,
+            seed: int = 0) -> "ToolCallPredictor":
+        """Learn from a trace, or from its sessions (any iterable: one pass)."""
         gaps: dict[str, list[float]] = {}
         counts: dict[str, int] = {}
-        for sess in trace.sessions:
+        for sess in (trace.sessions if isinstance(trace, Trace) else trace):
             last = len(sess.calls) - 1
             for k, call in enumerate(sess.calls):
                 cat = call_category(call)

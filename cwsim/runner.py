@@ -28,6 +28,7 @@ from cwsim.workload import Arrivals, Workload
 from traces.format import Trace
 from traces.files import atomic_write_text, ensure_folder
 from traces.reader import load_trace
+from traces.stream import TraceIndex, index_trace, iter_sessions
 
 #: the repository (the installed packages' parent folder)
 REPO = Path(__file__).resolve().parent.parent
@@ -86,10 +87,10 @@ def check_fits(workload: Workload, kv_blocks: int, block_size: int) -> None:
     step (the last token generated is not fed back), in blocks of ``block_size``; block 0 is the
     null block. The scheduler would find out only when it got there.
     """
-    sess, turn, tokens = workload.largest_call()
+    sid, turn, tokens = workload.largest_call()
     need = -(-tokens // block_size)
     if need > kv_blocks - 1:
-        raise SimulationError(f"request of session {sess.session_id!r} turn {turn} needs {need} blocks ({tokens} tokens "
+        raise SimulationError(f"request of session {sid!r} turn {turn} needs {need} blocks ({tokens} tokens "
                               f"of prompt + output) but the pool has {kv_blocks - 1} usable blocks: "
                               "raise --kv-blocks / --kv-gib")
 
@@ -102,9 +103,15 @@ def prepare_results_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), out_dir: str | Path | None = None,
-             on_progress=None, eviction_log: bool = False) -> SimResult:
+def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = SimConfig(),
+             out_dir: str | Path | None = None, on_progress=None, eviction_log: bool = False,
+             on_load=None) -> SimResult:
     """Run one simulation; write ``summary.json``, ``requests.csv`` and ``sessions.csv`` to ``out_dir`` if given.
+
+    ``trace``: a file (default: the bundled trace), a ``Trace`` or a ``traces.stream.TraceIndex``.
+    A file is indexed and its sessions streamed (memory follows the sessions in flight; see
+    ``traces.stream``), or loaded whole when its sessions' lines interleave; ``on_load(bytes_read,
+    file_size)`` follows that reading.
 
     ``on_progress(n_calls)`` is called as each session ends. Everything that can be checked is
     checked before the first step (``ConfigError``, ``TraceFormatError``, ``FileNotFoundError``).
@@ -120,21 +127,29 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     wall0 = time.perf_counter()
     if trace is None:
         trace = DEFAULT_TRACE
-    if not isinstance(trace, Trace):
-        trace = load_trace(trace)
+    if isinstance(trace, (Trace, TraceIndex)):
+        source = trace
+    else:  # a file: streamed (two reads) when its sessions' lines lie together, else loaded whole
+        source = index_trace(trace, progress=on_load) or load_trace(trace, progress=on_load)
     spec = get_policy(config.policy)
     profile = load_profile(config.profile)
     arrivals = Arrivals(config.arrivals, config.agents, config.rate)
-    workload = Workload.from_trace(trace)
-    if config.max_sessions is not None:
-        workload.sessions = workload.sessions[: config.max_sessions]
+    if isinstance(source, TraceIndex):
+        workload = Workload.from_index(source, config.max_sessions)
+    else:
+        workload = Workload.from_trace(source, config.max_sessions)
     kv_blocks = resolve_kv_blocks(config, profile)
     arrivals.check(workload)
     if not spec.unbounded:
         check_fits(workload, kv_blocks, config.block_size)
     predictor = None
     if spec.needs_predictor:
-        train = trace if config.predictor_trace is None else load_trace(config.predictor_trace)
+        if config.predictor_trace is not None:
+            train = load_trace(config.predictor_trace)
+        elif isinstance(source, TraceIndex):
+            train = iter_sessions(source)  # (one more read of the file)
+        else:
+            train = source
         predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
     cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
     out = prepare_results_dir(out_dir) if out_dir is not None else None
@@ -163,13 +178,14 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     ctx.attach(scheduler)
     env = simpy.Environment()
     engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps)
+    engine.forget_private = not eviction_log  # (its log maps every evicted id back to its hash)
     start_sessions(env, engine, workload, arrivals, config.seed, metrics)
     env.process(engine.run())
 
     def summary(**stopped) -> dict:
         return {
             "policy": config.policy,
-            "trace": trace.source,
+            "trace": source.source,
             "partial": bool(stopped),
             **stopped,
             **metrics.summary(),
@@ -187,12 +203,12 @@ def simulate(trace: Trace | str | Path | None, config: SimConfig = SimConfig(), 
     def stop(why: str) -> None:
         metrics.close()
         if out is not None:
-            write_summary(out, summary(stopped_by=why, sessions_in_trace=len(workload.sessions)))
+            write_summary(out, summary(stopped_by=why, sessions_in_trace=workload.num_sessions))
 
     try:
         env.run()
-        if metrics.sessions_done != len(workload.sessions):
-            raise SimulationError(f"only {metrics.sessions_done} of {len(workload.sessions)} sessions finished")
+        if metrics.sessions_done != workload.num_sessions:
+            raise SimulationError(f"only {metrics.sessions_done} of {workload.num_sessions} sessions finished")
     except SimulationError as e:
         stop(f"error: {e}")
         raise

@@ -16,11 +16,16 @@ import numpy as np
 
 from cwsim.config import ConfigError
 from cwsim.hashing import PrefixMemo, SegmentInterner
-from cwsim.sequences import shared_tokens
+from cwsim.sequences import common_prefix_len, shared_tokens
 from traces.format import Trace
+from traces.stream import segment_ids, session_info
 
 
 _second = itemgetter(1)
+
+
+#: a call's ``private_from`` when no block of it is its session's own (nothing to forget)
+NOTHING_PRIVATE = 1 << 62
 
 
 @dataclass(slots=True)
@@ -32,6 +37,9 @@ class SimCall:
     # tokens of this call's sequence (prompt + output) that the next call's prompt starts with
     next_shared_tokens: int
     tools: tuple = ()
+    # the first token of the sequence that lies in a segment no other session holds: the blocks from
+    # there on are the session's own (no other session can ever ask for them)
+    private_from: int = NOTHING_PRIVATE
 
 
 @dataclass(slots=True, eq=False)
@@ -45,70 +53,156 @@ class SessionState:
     hint: tuple | None = None  # (blocks, gens) of the last finished call's cached blocks
     start: float = -1.0
     end: float = -1.0
-    requests: list = field(default_factory=list)
+    #: hashes of the session's own blocks (given ids while it ran), and its own segment ids: forgotten when it ends
+    private_hashes: list = field(default_factory=list)
+    private_segments: tuple = ()
 
 
-@dataclass(slots=True)
 class Workload:
-    sessions: list[SessionState]
-    active_sessions: int = 0
+    """The sessions of a run, each made ready (a :class:`SessionState`) when the run reaches it.
+
+    Built from a whole ``Trace`` (:meth:`from_trace`: every session ready at once, in
+    ``sessions``) or from a ``traces.stream.TraceIndex`` (:meth:`from_index`: sessions read from
+    the file in order as the run asks for them, so memory follows the sessions in flight, not
+    the trace). Both give the same states: segment ids are interned in trace order either way.
+    ``session(i)`` hands out session ``i`` once (reading ahead keeps the skipped ones until asked
+    for); ``release(sess)`` forgets a finished session's own segment ids.
+    """
+
+    __slots__ = ("infos", "sessions", "active_sessions", "_next", "_source", "_ready", "_intern", "_shared",
+                 "_shared_prefix")
+
+    def __init__(self, infos: list, source, shared, sessions: list[SessionState] | None = None):
+        self.infos = infos  # traces.stream.SessionInfo of each session, in order
+        self.sessions = sessions
+        self.active_sessions = 0
+        self._source = source  # traces.format.Session objects, in order
+        self._next = 0
+        self._ready: dict[int, SessionState] = {}
+        self._intern = SegmentInterner()
+        self._shared = shared  # segment id -> whether another session may hold it
+        self._shared_prefix = shared_prefix_tokens([i.first_prompt for i in infos])
+
+    @classmethod
+    def from_trace(cls, trace: Trace, limit: int | None = None) -> "Workload":
+        sessions = trace.sessions[:limit] if limit is not None else trace.sessions
+        counts: dict[str, int] = {}
+        for sess in sessions:
+            for seg in segment_ids(sess):
+                counts[seg] = counts.get(seg, 0) + 1
+        shared = {seg for seg, n in counts.items() if n > 1}
+        wl = cls([session_info(s) for s in sessions], iter(sessions), shared.__contains__)
+        wl.sessions = [wl._make() for _ in sessions]
+        return wl
+
+    @classmethod
+    def from_index(cls, index, limit: int | None = None) -> "Workload":
+        from traces.stream import iter_sessions
+
+        infos = index.sessions[:limit] if limit is not None else index.sessions
+        return cls(infos, iter_sessions(index, len(infos)), index.shared)
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self.infos)
 
     @property
     def num_calls(self) -> int:
-        return sum(len(s.calls) for s in self.sessions)
+        return sum(i.calls for i in self.infos)
 
-    def largest_call(self) -> tuple[SessionState, int, int]:
-        """``(session, turn, tokens)`` of the call holding the most KV at its last step:
+    def largest_call(self) -> tuple[str, int, int]:
+        """``(session_id, turn, tokens)`` of the call holding the most KV at its last step:
         ``tokens = prompt + output - 1`` (the last token generated is not fed back)."""
-        best = (self.sessions[0], 0, -1)
-        for s in self.sessions:
-            for turn, c in enumerate(s.calls):
-                if c.prompt_len + c.output_len - 1 > best[2]:
-                    best = (s, turn, c.prompt_len + c.output_len - 1)
-        return best
+        best = max(self.infos, key=lambda i: i.largest_tokens)  # (the first of equals)
+        return best.session_id, best.largest_turn, best.largest_tokens
 
-    @classmethod
-    def from_trace(cls, trace: Trace) -> "Workload":
-        intern = SegmentInterner()
-        pairs: dict[tuple[str, int], tuple[int, int]] = {}
-        sessions: list[SessionState] = []
-        for si, sess in enumerate(trace.sessions):
-            calls: list[SimCall] = []
-            for c in sess.calls:
-                prompt = list(map(pairs.get, c.prompt))  # the same (segment, n) -> the same int pair
-                if None in prompt:
-                    for i, p in enumerate(prompt):
-                        if p is None:
-                            seg = c.prompt[i]
-                            prompt[i] = pairs[seg] = (intern(seg[0]), seg[1])
-                out_id = c.output_segment if c.output_segment is not None else f"\0out:{si}:{c.turn}"
-                segs = (*prompt, (intern(out_id), c.output_tokens))
-                prompt_len = sum(map(_second, prompt))
-                calls.append(SimCall(segs, prompt_len, c.output_tokens, c.next_gap_s, 0, c.tools))
-            for a, b in zip(calls, calls[1:]):
-                n = len(a.segs)  # most prompts start with the whole previous call: one C-level compare
-                if len(b.segs) > n and b.segs[:n] == a.segs:
-                    a.next_shared_tokens = a.prompt_len + a.output_len
-                else:
-                    a.next_shared_tokens = shared_tokens(a.segs, b.segs[:-1])
-            sessions.append(SessionState(si, sess.session_id, calls, sess.start_s))
-        _mark_shared_prefixes(sessions)
-        return cls(sessions)
+    def session(self, i: int) -> SessionState:
+        if self.sessions is not None:
+            return self.sessions[i]
+        ready = self._ready
+        while self._next <= i:
+            state = self._make()
+            ready[state.index] = state
+        return ready.pop(i)
+
+    def states(self):
+        """Every session, in order."""
+        for i in range(len(self.infos)):
+            yield self.session(i)
+
+    def release(self, sess: SessionState) -> None:
+        self._intern.forget(sess.private_segments)
+        sess.private_segments = ()
+
+    def _make(self) -> SessionState:
+        si = self._next
+        sess = next(self._source)
+        self._next += 1
+        intern, shared = self._intern, self._shared
+        pairs: dict[tuple[str, int], tuple[int, int]] = {}  # the same (segment, n) -> the same int pair
+        own: list[str] = []
+        calls: list[SimCall] = []
+        for c in sess.calls:
+            prompt = list(map(pairs.get, c.prompt))
+            if None in prompt:
+                for i, p in enumerate(prompt):
+                    if p is None:
+                        seg = c.prompt[i]
+                        if seg[0] not in intern.ids and not shared(seg[0]):
+                            own.append(seg[0])
+                        prompt[i] = pairs[seg] = (intern(seg[0]), seg[1])
+            out_id = c.output_segment if c.output_segment is not None else f"\0out:{si}:{c.turn}"
+            if out_id not in intern.ids and (c.output_segment is None or not shared(out_id)):
+                own.append(out_id)
+            segs = (*prompt, (intern(out_id), c.output_tokens))
+            prompt_len = sum(map(_second, prompt))
+            calls.append(SimCall(segs, prompt_len, c.output_tokens, c.next_gap_s, 0, c.tools))
+        _mark_private(calls, set(map(intern.ids.__getitem__, own)))
+        for a, b in zip(calls, calls[1:]):
+            n = len(a.segs)  # most prompts start with the whole previous call: one C-level compare
+            if len(b.segs) > n and b.segs[:n] == a.segs:
+                a.next_shared_tokens = a.prompt_len + a.output_len
+            else:
+                a.next_shared_tokens = shared_tokens(a.segs, b.segs[:-1])
+        state = SessionState(si, sess.session_id, calls, sess.start_s, self._shared_prefix[si])
+        state.private_segments = tuple(own)
+        return state
 
 
-def _mark_shared_prefixes(sessions: list[SessionState], depth: int = 8) -> None:
-    """How much of each session's first prompt another session's first prompt shares."""
+def _mark_private(calls: list[SimCall], own: set[int]) -> None:
+    """Each call's ``private_from``: the first token in one of the session's own segments (``own``)."""
+    if not own:
+        return
+    prev: tuple = ()
+    j_prev = 0  # index in prev of its first own segment (len(prev) if none)
+    for c in calls:
+        segs = c.segs
+        k = common_prefix_len(prev, segs)
+        if j_prev < k:
+            j = j_prev
+        else:
+            j = next((i for i in range(k, len(segs)) if segs[i][0] in own), len(segs))
+        if j < len(segs):
+            c.private_from = sum(map(_second, segs[:j]))
+        prev, j_prev = segs, j
+
+
+def shared_prefix_tokens(first_prompts: list[tuple], depth: int = 8) -> list[int]:
+    """For each session's first prompt (its first ``depth`` segments or more), the tokens of it
+    that another session's first prompt starts with too."""
     counts: dict[tuple, int] = {}
     keys: list[list[tuple]] = []
-    for s in sessions:
-        prompt = s.calls[0].segs[:-1][:depth]
+    for prompt in first_prompts:
+        prompt = prompt[:depth]
         ks = [prompt[: i + 1] for i in range(len(prompt))]
         keys.append(ks)
         for k in ks:
             counts[k] = counts.get(k, 0) + 1
-    for s, ks in zip(sessions, keys):
+    out = []
+    for ks in keys:
         shared = [k for k in ks if counts[k] > 1]
-        s.shared_prefix_tokens = sum(n for _, n in shared[-1]) if shared else 0
+        out.append(sum(n for _, n in shared[-1]) if shared else 0)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,17 +233,17 @@ class Arrivals:
 
     def start_times(self, workload: Workload, seed: int) -> list[float] | None:
         """Start time of each session, or None for closed-loop ``concurrent`` starts."""
-        n = len(workload.sessions)
+        n = workload.num_sessions
         if self.mode == "poisson":
             gaps = np.random.default_rng(seed).exponential(1.0 / self.rate, size=n)
             return np.concatenate([[0.0], np.cumsum(gaps[:-1])]).tolist()
         if self.mode == "trace":
-            missing = [s.session_id for s in workload.sessions if s.recorded_start_s is None]
+            missing = [s.session_id for s in workload.infos if s.start_s is None]
             if missing:
                 raise ConfigError(
                     "arrivals", f"trace needs recorded timestamps, but {len(missing)} session(s) have none "
                     f"(first: {missing[0]!r}); use --arrivals concurrent or poisson"
                 )
-            t0 = min(s.recorded_start_s for s in workload.sessions)
-            return [s.recorded_start_s - t0 for s in workload.sessions]
+            t0 = min(s.start_s for s in workload.infos)
+            return [s.start_s - t0 for s in workload.infos]
         return None

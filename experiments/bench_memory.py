@@ -5,10 +5,14 @@ every peak is that phase's alone:
 
 1. ``synth``: fit the bundled trace, sample N sessions (``traces.synth.iter_sessions``,
    seed 1) and write them with ``write_trace`` (compact lines, gzip): wall time, file size,
+   peak RSS (skipped when ``--work`` already holds that file: ``reused``);
+2. ``load``: ``load_trace`` of that file (the whole trace in memory): wall time, peak RSS, calls
+   (``--no-load`` skips it);
+3. ``index``: ``traces.stream.index_trace`` (the validating pass a run makes first): wall time,
    peak RSS;
-2. ``load``: ``load_trace`` of that file: wall time, peak RSS, calls;
-3. ``run`` (with ``--run``): ``cwsim.runner.simulate`` under ``vllm``, 16 agents, the
-   default pool: wall time, peak RSS.
+4. ``run`` (with ``--run``): ``cwsim.runner.simulate`` of the file under ``vllm``, 16 agents,
+   the default pool, which streams the sessions (index, then one session at a time): wall
+   time, peak RSS, and calls per second.
 
 Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child process.
 Prints one table row per phase and size; ``--csv FILE`` also writes them. The files go to
@@ -16,6 +20,7 @@ Prints one table row per phase and size; ``--csv FILE`` also writes them. The fi
 
     .venv/bin/python experiments/bench_memory.py                          # 1k, 10k: synth + load
     .venv/bin/python experiments/bench_memory.py --sessions 1000 --run    # with a simulation
+    .venv/bin/python experiments/bench_memory.py --sessions 1000,10000,100000 --run --no-load --work runs/mem
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ if phase == "synth":
 elif phase == "load":
     from traces.reader import load_trace
     out["calls"] = load_trace(path).num_calls
+elif phase == "index":
+    from traces.stream import index_trace
+    out["calls"] = index_trace(path).num_calls
 else:
     from cwsim.config import SimConfig
     from cwsim.runner import simulate
@@ -57,6 +65,9 @@ FIELDS = ["sessions", "phase", "calls", "wall_s", "peak_rss_mib", "file_mib"]
 
 
 def measure(phase: str, n: int, path: Path) -> dict:
+    if phase == "synth" and path.exists():
+        return {"sessions": n, "phase": "reused", "calls": None, "wall_s": None, "peak_rss_mib": None,
+                "file_mib": path.stat().st_size / 2**20}
     res = subprocess.run([sys.executable, "-c", CHILD, phase, str(n), str(path)], capture_output=True, text=True)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["?"])[-1]
@@ -71,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", default="1000,10000", help="comma-separated trace sizes (default 1000,10000)")
     ap.add_argument("--run", action="store_true", help="also simulate each trace (vllm, 16 agents)")
+    ap.add_argument("--no-load", action="store_true", help="skip the whole-trace load (it needs ~0.15 MiB a session)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the traces (default: a temporary one)")
     ap.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV")
     args = ap.parse_args(argv)
@@ -82,14 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'sessions':>9} {'phase':>6} {'calls':>10} {'wall s':>9} {'peak RSS MiB':>13} {'file MiB':>9}", flush=True)
         for n in sizes:
             path = work / f"synth-{n}.jsonl.gz"
-            for phase in ["synth", "load"] + (["run"] if args.run else []):
+            for phase in ["synth"] + ([] if args.no_load else ["load"]) + ["index"] + (["run"] if args.run else []):
                 row = measure(phase, n, path)
                 rows.append(row)
                 if row.get("error"):
                     print(f"{n:>9} {phase:>6}  failed: {row['error']}", flush=True)
                     break
+                if row["phase"] == "reused":
+                    print(f"{n:>9} {'reused':>6} {'':>10} {'':>9} {'':>13} {row['file_mib']:>9.1f}", flush=True)
+                    continue
+                rate = f"  {row['calls'] / row['wall_s']:,.0f} calls/s" if phase == "run" else ""
                 print(f"{n:>9} {phase:>6} {row['calls']:>10,} {row['wall_s']:>9.1f} {row['peak_rss_mib']:>13,.0f} "
-                      f"{row['file_mib']:>9.1f}", flush=True)
+                      f"{row['file_mib']:>9.1f}{rate}", flush=True)
     if args.csv is not None:
         with args.csv.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS + ["error"], extrasaction="ignore")

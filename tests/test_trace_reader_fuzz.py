@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from traces.format import Trace
 from traces.reader import TraceFormatError, load_trace
+from traces.stream import index_trace, iter_sessions
 
 json_scalars = st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | \
     st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8)
@@ -43,7 +44,17 @@ def _read(data: bytes, name: str, skip_bad: bool) -> None:
             trace = load_trace(path, skip_bad=skip_bad)
         except TraceFormatError as e:
             assert str(e).startswith(f"{path}:") and "\n" not in str(e)
+            if not skip_bad:  # the streaming reader's first pass rejects the file with the same error
+                try:
+                    index = index_trace(path)
+                except TraceFormatError as e2:
+                    assert str(e2) == str(e)
+                else:  # (or gives up first: interleaved sessions, read whole by load_trace)
+                    assert index is None
             return
+        if not skip_bad:
+            index = index_trace(path)
+            assert index is None or list(iter_sessions(index)) == trace.sessions
         assert isinstance(trace, Trace) and trace.num_calls >= 1
         for s in trace.sessions:
             assert [c.turn for c in s.calls] == list(range(len(s.calls)))

@@ -351,124 +351,141 @@ def load_trace(path, *, skip_bad: bool = False, progress=None) -> Trace:
             gc.enable()
 
 
+class _Lines:
+    """The call lines of one trace file, each validated: iterating yields ``(lineno, call, extends)``
+    (``extends``: None for a full-form line; else the call's prompt holds only its appended
+    segments). A bad line goes to ``reject`` (which raises, or records and goes on); the header,
+    if any, lands in ``header``; ``n_lines`` counts the call lines (bad ones too), and
+    ``rejected_lines_of[session_id]`` the bad lines that named a session. File-level problems
+    raise ``TraceFormatError`` naming the file."""
+
+    def __init__(self, path, reject, progress=None):
+        self.path = Path(path)
+        self.src = str(path)
+        self.reject = reject
+        self.progress = progress
+        self.header: dict = {}
+        self.n_lines = 0
+        self.rejected_lines_of: dict[str, list[int]] = {}
+
+    def __iter__(self):
+        p, src, reject, progress = self.path, self.src, self.reject, self.progress
+        first = True
+        try:
+            with open(p, "rb") as disk, (gzip.GzipFile(fileobj=disk, mode="rb") if _is_gz(p) else disk) as f:
+                size = os.fstat(disk.fileno()).st_size
+                for lineno, raw in enumerate(f, 1):
+                    if progress is not None and not lineno % PROGRESS_LINES:
+                        progress(disk.tell(), size)
+                    if not raw.strip():
+                        continue
+                    try:
+                        d = json.loads(raw)
+                    except (ValueError, RecursionError) as e:
+                        first = False
+                        self.n_lines += 1
+                        reject(TraceFormatError(src, lineno, "json", f"not valid JSON ({e})"))
+                        continue
+                    if first:
+                        first = False
+                        if type(d) is dict and "format" in d:
+                            try:
+                                _check_header(d)
+                            except _Bad as b:
+                                raise TraceFormatError(src, lineno, b.field, b.problem) from None
+                            self.header = d
+                            continue
+                    self.n_lines += 1
+                    try:
+                        call, extends = _parse_line(d)
+                    except _Bad as b:
+                        if type(d) is dict:
+                            sid = d.get("session_id")
+                            if type(sid) is str and sid:
+                                self.rejected_lines_of.setdefault(sid, []).append(lineno)
+                        reject(TraceFormatError(src, lineno, b.field, b.problem))
+                        continue
+                    yield lineno, call, extends
+        except (gzip.BadGzipFile, EOFError, UnicodeDecodeError, zlib.error) as e:
+            raise TraceFormatError(src, 0, "gzip" if _is_gz(p) else "file", f"unreadable ({e})") from None
+        except IsADirectoryError:
+            raise TraceFormatError(src, 0, "file", "is a folder, not a trace file (.jsonl or .jsonl.gz)") from None
+        except NotADirectoryError:
+            raise TraceFormatError(src, 0, "file", "a parent of this path is a file, not a folder") from None
+        except PermissionError as e:
+            raise TraceFormatError(src, 0, "file", f"cannot be read ({e.strerror})") from None
+
+
+def _duplicate(src: str, turns: dict, lineno: int, call: Call) -> TraceFormatError | None:
+    """The error of a line repeating a turn its session already has (None if it is new)."""
+    prev = turns.get(call.turn)
+    if prev is None:
+        return None
+    return TraceFormatError(src, lineno, "turn", f"duplicate turn {call.turn} of session {call.session_id!r} "
+                                                 f"(first at line {prev[0]})")
+
+
+def _assemble(src: str, sid: str, turns: dict[int, tuple[int, Call, int | None]], rejected_lines: list[int] | None
+              ) -> tuple[Call, ...]:
+    """One session's calls in turn order, compact lines resolved; ``TraceFormatError`` when its
+    turns are not exactly 0..n-1 or a compact line does not fit the call before it."""
+    ordered = sorted(turns)
+    missing = next((i for i, t in enumerate(ordered) if t != i), None)
+    if missing is not None:
+        note = ""
+        if rejected_lines:
+            note = "; rejected line(s) of this session: " + ", ".join(map(str, rejected_lines))
+        raise TraceFormatError(src, turns[ordered[missing]][0], "turn", f"turn {missing} of session {sid!r} is "
+                                                                        f"missing (session has turns {_ranges(ordered)}){note}")
+    calls: list[Call] = []
+    for t in ordered:
+        lineno, call, extends = turns[t]
+        if extends is not None:
+            try:
+                call = _resolve(call, extends, calls[-1])
+            except _Bad as b:
+                raise TraceFormatError(src, lineno, b.field, b.problem) from None
+        calls.append(call)
+    return tuple(calls)
+
+
 def _load(path, skip_bad: bool, progress=None) -> Trace:
-    p = Path(path)
     src = str(path)
     rejected: list[TraceFormatError] = []
-    header: dict = {}
-    # session_id -> {turn: (line, Call, extends)}, in order of first appearance (extends: None
-    # for a full-form line; else the call's prompt holds only its appended segments)
-    sessions: dict[str, dict[int, tuple[int, Call, int | None]]] = {}
-    bad_sessions: dict[str, TraceFormatError] = {}
-    rejected_lines_of: dict[str, list[int]] = {}
-    n_lines = 0
-    first = True
 
     def reject(err: TraceFormatError) -> None:
         if not skip_bad:
             raise err
         rejected.append(err)
 
-    try:
-        with open(p, "rb") as disk, (gzip.GzipFile(fileobj=disk, mode="rb") if _is_gz(p) else disk) as f:
-            size = os.fstat(disk.fileno()).st_size
-            for lineno, raw in enumerate(f, 1):
-                if progress is not None and not lineno % PROGRESS_LINES:
-                    progress(disk.tell(), size)
-                if not raw.strip():
-                    continue
-                try:
-                    d = json.loads(raw)
-                except (ValueError, RecursionError) as e:
-                    first = False
-                    n_lines += 1
-                    reject(TraceFormatError(src, lineno, "json", f"not valid JSON ({e})"))
-                    continue
-                if first:
-                    first = False
-                    if type(d) is dict and "format" in d:
-                        try:
-                            _check_header(d)
-                        except _Bad as b:
-                            raise TraceFormatError(src, lineno, b.field, b.problem) from None
-                        header = d
-                        continue
-                n_lines += 1
-                try:
-                    call, extends = _parse_line(d)
-                except _Bad as b:
-                    if type(d) is dict:
-                        sid = d.get("session_id")
-                        if type(sid) is str and sid:
-                            rejected_lines_of.setdefault(sid, []).append(lineno)
-                    reject(TraceFormatError(src, lineno, b.field, b.problem))
-                    continue
-                turns = sessions.get(call.session_id)
-                if turns is None:
-                    turns = sessions[call.session_id] = {}
-                prev = turns.get(call.turn)
-                if prev is not None:
-                    err = TraceFormatError(
-                        src,
-                        lineno,
-                        "turn",
-                        f"duplicate turn {call.turn} of session {call.session_id!r} "
-                        f"(first at line {prev[0]})",
-                    )
-                    if not skip_bad:
-                        raise err
-                    bad_sessions.setdefault(call.session_id, err)
-                    continue
-                turns[call.turn] = (lineno, call, extends)
-    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError, zlib.error) as e:
-        raise TraceFormatError(src, 0, "gzip" if _is_gz(p) else "file", f"unreadable ({e})") from None
-    except IsADirectoryError:
-        raise TraceFormatError(src, 0, "file", "is a folder, not a trace file (.jsonl or .jsonl.gz)") from None
-    except NotADirectoryError:
-        raise TraceFormatError(src, 0, "file", "a parent of this path is a file, not a folder") from None
-    except PermissionError as e:
-        raise TraceFormatError(src, 0, "file", f"cannot be read ({e.strerror})") from None
-
-    if n_lines == 0:
+    lines = _Lines(path, reject, progress)
+    # session_id -> {turn: (line, Call, extends)}, in order of first appearance
+    sessions: dict[str, dict[int, tuple[int, Call, int | None]]] = {}
+    bad_sessions: dict[str, TraceFormatError] = {}
+    for lineno, call, extends in lines:
+        turns = sessions.get(call.session_id)
+        if turns is None:
+            turns = sessions[call.session_id] = {}
+        err = _duplicate(src, turns, lineno, call)
+        if err is not None:
+            if not skip_bad:
+                raise err
+            bad_sessions.setdefault(call.session_id, err)
+            continue
+        turns[call.turn] = (lineno, call, extends)
+    if lines.n_lines == 0:
         raise TraceFormatError(src, 0, "trace", "no calls")
 
-    # Turn contiguity: turns 0..n-1 exactly (duplicates were caught above).
     gap_errors: list[TraceFormatError] = []
     out: list[Session] = []
     for sid, turns in sessions.items():
         if sid in bad_sessions:
             continue
-        ordered = sorted(turns)
-        missing = next((i for i, t in enumerate(ordered) if t != i), None)
-        if missing is not None:
-            line_after = turns[ordered[missing]][0]
-            note = ""
-            if sid in rejected_lines_of:
-                note = "; rejected line(s) of this session: " + ", ".join(map(str, rejected_lines_of[sid]))
-            gap_errors.append(
-                TraceFormatError(
-                    src,
-                    line_after,
-                    "turn",
-                    f"turn {missing} of session {sid!r} is missing "
-                    f"(session has turns {_ranges(ordered)}){note}",
-                )
-            )
-            bad_sessions[sid] = gap_errors[-1]
-            continue
-        calls: list[Call] = []
-        for t in ordered:
-            lineno, call, extends = turns[t]
-            if extends is not None:
-                try:
-                    call = _resolve(call, extends, calls[-1])
-                except _Bad as b:
-                    gap_errors.append(TraceFormatError(src, lineno, b.field, b.problem))
-                    bad_sessions[sid] = gap_errors[-1]
-                    break
-            calls.append(call)
-        else:
-            out.append(Session(sid, tuple(calls)))
+        try:
+            out.append(Session(sid, _assemble(src, sid, turns, lines.rejected_lines_of.get(sid))))
+        except TraceFormatError as e:
+            gap_errors.append(e)
+            bad_sessions[sid] = e
 
     if gap_errors and not skip_bad:
         raise min(gap_errors, key=lambda e: e.line)
@@ -481,7 +498,7 @@ def _load(path, skip_bad: bool, progress=None) -> Trace:
         if not out:
             first_err = f"; first: {rejected[0]}" if rejected else ""
             raise TraceFormatError(src, 0, "trace", f"no valid calls ({len(rejected)} rejected{first_err})")
-    return Trace(sessions=out, header=header, source=src, rejected=rejected)
+    return Trace(sessions=out, header=lines.header, source=src, rejected=rejected)
 
 
 def _ranges(turns: list[int]) -> str:
