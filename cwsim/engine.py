@@ -37,7 +37,7 @@ from __future__ import annotations
 import simpy
 
 from cwsim.frontend import SharedCore
-from cwsim.hashing import BlockIds, PrefixMemo, block_hashes
+from cwsim.hashing import BlockIds, PrefixMemo, block_hashes, own_block_ids
 from cwsim.request import Request
 from cwsim.scheduler import Scheduler
 from cwsim.steptime import StepTimeProfile
@@ -75,7 +75,9 @@ class Engine:
         call = sess.calls[turn]
         if sess.memo is None:
             sess.memo = PrefixMemo()
-        if self.forget_private:
+        if self.forget_private and len(sess.calls) == 1:  # its own blocks: nobody will ask for them, no hashing
+            hashes = own_block_ids(call.segs, self.block_size, call.private_from, self.block_ids)
+        elif self.forget_private:
             hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids, sess.private_hashes,
                                   call.private_from // self.block_size)
         else:

@@ -166,3 +166,29 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
             out.append(i)
     memo.out = out
     return out
+
+
+def own_block_ids(segs: Segments, block_size: int, private_from: int, ids: BlockIds) -> list[int]:
+    """What ``block_hashes(segs, block_size, PrefixMemo(), ids)`` returns, for a sequence whose
+    blocks from token ``private_from`` on no other sequence will ever hold (a session's only
+    call, past what other sessions share): those blocks get the next ids without being hashed
+    (hashing would give each a new id, in the same order), and are never put in ``ids``."""
+    n_blocks = sum(n for _, n in segs) // block_size
+    cut = min(private_from // block_size, n_blocks)
+    out = block_hashes(_first_tokens(segs, cut * block_size), block_size, None, ids) if cut else []
+    start = ids.n
+    ids.n = start + n_blocks - cut
+    out.extend(range(start, ids.n))
+    return out
+
+
+def _first_tokens(segs: Segments, n: int) -> tuple[tuple[int, int], ...]:
+    """The segments of the first ``n`` tokens (the last one cut short)."""
+    out = []
+    for sid, k in segs:
+        if k >= n:
+            out.append((sid, n))
+            break
+        out.append((sid, k))
+        n -= k
+    return tuple(out)

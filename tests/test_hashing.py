@@ -6,7 +6,7 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cwsim.hashing import BlockIds, PrefixMemo, SegmentInterner, block_hashes
+from cwsim.hashing import BlockIds, PrefixMemo, SegmentInterner, _first_tokens, block_hashes, own_block_ids
 
 segments = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 40)), min_size=1, max_size=8)
 
@@ -127,3 +127,17 @@ def test_block_hashes_lists_the_hashes_it_numbers_first_from_the_private_block_o
     assert second[:4] == first and second[4:] == [4, 5] and [ids[h] for h in created] == [2, 3, 4, 5]
     ids.forget(created)
     assert sorted(ids.values()) == [0, 1]
+
+
+@settings(max_examples=200, derandomize=True)
+@given(segments, st.integers(0, 200), st.sampled_from([1, 4, 16]))
+def test_own_blocks_get_the_ids_hashing_would_give_without_hashing(segs, private_from, bs):
+    """A sequence nobody else holds past token ``private_from`` (another sequence numbered the
+    prefix before it): the ids hashing gives, and only that prefix's blocks are in the table."""
+    head = _first_tokens(segs, private_from)
+    hashed, own = BlockIds(), BlockIds()
+    for ids in (hashed, own):
+        block_hashes(head, bs, None, ids)
+    assert own_block_ids(segs, bs, private_from, own) == block_hashes(segs, bs, PrefixMemo(), hashed)
+    assert own.n == hashed.n and len(own) == len(block_hashes(head, bs))
+    assert _first_tokens([(1, 5), (2, 7)], 9) == ((1, 5), (2, 4)) and _first_tokens([(1, 5)], 9) == ((1, 5),)

@@ -186,3 +186,18 @@ def test_each_call_knows_where_its_sessions_own_blocks_start(tmp_path):
         for s in states:
             wl.release(s)
         assert sorted(wl._intern.ids) == ["shared-file", "sys"]
+
+
+def test_single_call_sessions_number_their_own_blocks_without_hashing_and_the_numbers_stay(tmp_path):
+    """Sessions of one call (a Mooncake-like import): past the prefix they share (a system prompt,
+    one of five documents), their blocks get ids without being hashed; the summary is the one of
+    the run that hashes every block (the eviction log keeps every hash) and of the whole trace."""
+    calls = [Call(f"r{i}", 0, (("sys", 500), (f"doc{i % 5}", 64 * (i % 5) + 40), (f"q{i}", 300 + i)), 50)
+             for i in range(80)]
+    p = tmp_path / "single.jsonl"
+    write_trace(p, calls)
+    cfg = SimConfig(policy="vllm", kv_blocks=300, arrivals="poisson", rate=2.0)
+    fast = simulate(p, cfg)
+    assert fast.summary["evicted_blocks"] > 0 and fast.summary["cached_prompt_tokens"] > 80 * 496 * 0.5
+    assert _numbers(fast) == _numbers(simulate(p, cfg, eviction_log=True))
+    assert _numbers(fast) == _numbers(simulate(load_trace(p), cfg))

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from operator import itemgetter
+
+_second = itemgetter(1)
 
 FORMAT_NAME = "cwtrace"
 FORMAT_VERSION = 2  # 2: adds the compact call form (docs/trace-format.md); version 1 files stay valid
@@ -54,7 +57,7 @@ class Call:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(n for _, n in self.prompt)
+        return sum(map(_second, self.prompt))
 
     @property
     def next_gap_s(self) -> float:

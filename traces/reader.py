@@ -23,6 +23,7 @@ import os
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
+from operator import itemgetter
 from pathlib import Path
 
 from traces.files import ensure_parent
@@ -75,6 +76,7 @@ class _Bad(Exception):
 
 
 _MISSING = object()
+_second = itemgetter(1)
 
 
 def _show(v) -> str:
@@ -275,7 +277,7 @@ def _resolve(call: Call, extends: int, prev: Call) -> Call:
         raise _Bad("extends", f"{extends} segments, but the previous call (turn {prev.turn}) has {len(base)} "
                               "(prompt + output segment)")
     prompt = base[:extends] + call.prompt if extends < len(base) else base + call.prompt
-    if (total := sum(n for _, n in prompt)) > MAX_CALL_TOKENS:
+    if (total := sum(map(_second, prompt))) > MAX_CALL_TOKENS:
         raise _too_many("append", "a prompt", total)
     return Call(call.session_id, call.turn, prompt, call.output_tokens, call.output_segment, call.tools,
                 call.gap_s, call.timestamp_s, call.latency_s)
