@@ -27,7 +27,7 @@ from cwsim.steptime import load_profile
 from cwsim.workload import Arrivals, Workload
 from traces.format import Trace
 from traces.files import atomic_write_text, ensure_folder
-from traces.reader import load_trace
+from traces.reader import TraceFormatError, load_trace
 from traces.stream import TraceIndex, index_trace, iter_sessions
 
 #: the repository (the installed packages' parent folder)
@@ -210,6 +210,9 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
         if metrics.sessions_done != workload.num_sessions:
             raise SimulationError(f"only {metrics.sessions_done} of {workload.num_sessions} sessions finished")
     except SimulationError as e:
+        stop(f"error: {e}")
+        raise
+    except (TraceFormatError, OSError) as e:  # a streamed trace file that changed or went away mid-run
         stop(f"error: {e}")
         raise
     except KeyboardInterrupt:

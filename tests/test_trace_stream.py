@@ -201,3 +201,19 @@ def test_single_call_sessions_number_their_own_blocks_without_hashing_and_the_nu
     assert fast.summary["evicted_blocks"] > 0 and fast.summary["cached_prompt_tokens"] > 80 * 496 * 0.5
     assert _numbers(fast) == _numbers(simulate(p, cfg, eviction_log=True))
     assert _numbers(fast) == _numbers(simulate(load_trace(p), cfg))
+
+
+def test_a_streamed_file_that_changes_mid_run_stops_the_run_with_a_partial_summary(tmp_path):
+    """The run reads sessions as it reaches them: if the file is cut short meanwhile, the error names
+    the file, and the results folder holds a summary marked partial with the calls finished so far."""
+    p = tmp_path / "t.jsonl"
+    calls = [Call(f"s{i}", t, (("sys", 40), (f"u{i}", 10 + t)), 5, None, (), 1.0) for i in range(6) for t in range(3)]
+    write_trace(p, calls)
+    ix = index_trace(p)
+    write_trace(p, calls[:9])  # sessions 3..5 gone
+    out = tmp_path / "run"
+    with pytest.raises(TraceFormatError, match=r"t\.jsonl:\d+: file: changed since it was indexed"):
+        simulate(ix, SimConfig(policy="vllm", kv_blocks=64, agents=1), out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partial"] is True and "changed since it was indexed" in summary["stopped_by"]
+    assert summary["requests"] == 9 and len((out / "requests.csv").read_text().splitlines()) == 1 + 9

@@ -60,10 +60,11 @@ class TraceFormatError(ValueError):
         self.line = line
         self.field = field
         self.problem = problem
-        super().__init__(f"{self.path}:{line}: {field}: {problem}")
+        # (the constructor's arguments, so that a copy made from them is equal: pickle, SimPy's re-raise)
+        super().__init__(self.path, line, field, problem)
 
-    def __reduce__(self):
-        return (type(self), (self.path, self.line, self.field, self.problem))
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field}: {self.problem}"
 
 
 class _Bad(Exception):

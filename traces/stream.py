@@ -211,6 +211,8 @@ def iter_sessions(index: TraceIndex, limit: int | None = None) -> Iterator[Sessi
                 raise changed(lineno)
             current, turns = sid, {}
         turns[call.turn] = (lineno, call, extends)
-    if current is None or k != n - 1:
+    if current is not None:
+        yield assemble(current, turns, lineno)
+        k += 1
+    if k != n:
         raise changed(lineno)
-    yield assemble(current, turns, lineno)
