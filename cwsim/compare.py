@@ -35,8 +35,15 @@ Outputs (in ``--out``, default ``runs/compare``)
     evictions and >= 3.5x lower total session time than vllm, and evictions
     within 25% of belady.
 
+How the runs run
+    Each run is a point of a sweep (``cwsim.sweep.run_points``, folders in ``OUT/sweep/``, with
+    the sweep's ``results.parquet``): in a process pool of ``--workers`` processes (default:
+    every core), or as Ray tasks with ``--ray-address`` (``local``, ``auto`` or a cluster's
+    address). A run's numbers do not depend on where it ran.
+
 How to run (``experiments/compare_policies.py`` is this module's command line)
     .venv/bin/python experiments/compare_policies.py              # the headline comparison (10-20 min)
+    .venv/bin/python experiments/compare_policies.py --workers 1  # in this process, one run at a time
     .venv/bin/python experiments/compare_policies.py --quick      # smoke run, well under a minute
     .venv/bin/python experiments/compare_policies.py --resume     # continue an interrupted run
     .venv/bin/python experiments/compare_policies.py --trace ../shared/data/traces/X.jsonl.gz --trace ...
@@ -53,6 +60,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,13 +71,15 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from cwsim.analysis import analyze
 from cwsim.config import SimConfig
 from cwsim.runner import REPO
 from cwsim.policies.registry import POLICIES
-from cwsim.runner import DEFAULT_TRACE, simulate
+from cwsim.runner import DEFAULT_TRACE
+from cwsim.sweep import SweepPoint, point_id, run_points
 from traces.format import Trace
 from traces.reader import load_trace
 
@@ -247,48 +257,71 @@ def worst_pressure(df: pd.DataFrame, trace: str) -> float | None:
 
 
 # ------------------------------------------------------------------ run
+#: the sweep's folder in ``out``: one folder per run (``points/<id>/``) and ``results.parquet``
+SWEEP_DIR = "sweep"
+
+
 def run(traces: list[str | Path], policies: list[str], pressures: list[float], *, agents: int = 16,
         max_sessions: int | None = None, predictor_errors: list[float] = (0.0,), out: str | Path = "runs/compare",
-        resume: bool = False, console: Console | None = None, plain: bool = False) -> pd.DataFrame:
+        resume: bool = False, console: Console | None = None, plain: bool = False, workers: int | None = None,
+        ray_address: str | None = None) -> pd.DataFrame:
     """Run the grid and the ablation, appending to ``out/results.csv``; return this run's rows (resumed ones too).
 
-    ``plain``: a line per run and no progress bar or colours (notebooks, logs)."""
+    The runs are points of a sweep (``cwsim.sweep.run_points``, in ``out/sweep/``): ``workers``
+    processes (default: every core; 1: in this process), or Ray tasks with ``ray_address``
+    (``local``, ``auto`` or a cluster's address), each run exactly as ``simulate`` alone would.
+    Without ``resume`` the earlier rows and sweep folders are cleared first. ``plain``: a line per
+    run and no progress bar or colours (notebooks, logs)."""
     console = console or (_plain_console() if plain else Console())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; available: {', '.join(POLICIES)}")
+    if not resume and (out / SWEEP_DIR).is_dir():
+        shutil.rmtree(out / SWEEP_DIR)
     ablation_errors = [e for e in predictor_errors if e != 0]
     results = ResultsFile(out / "results.csv", resume)
     wanted: set[tuple] = set()
     failures: list[str] = []
 
-    def one(progress, task, sess_task, trace, name, pressure, kv_blocks, policy, err):
-        key = (name, fmt_pressure(pressure), policy, float(err))
-        wanted.add(key)
-        if key in results.done:
-            progress.advance(task)
+    def run_all(progress, task, trace_path, trace, name, runs) -> None:
+        """``runs``: (pressure, kv_blocks, policy, err) of one trace, run as one batch of sweep points."""
+        points, meta = [], {}
+        for pressure, kv_blocks, policy, err in runs:
+            key = (name, fmt_pressure(pressure), policy, float(err))
+            wanted.add(key)
+            if key in results.done:
+                progress.advance(task)
+                continue
+            values = {"trace": str(trace_path), "policy": policy, "kv_blocks": kv_blocks, "agents": agents,
+                      "max_sessions": max_sessions, "predictor_error": float(err)}
+            config = SimConfig(policy=policy, kv_blocks=kv_blocks, agents=agents, max_sessions=max_sessions,
+                               predictor_error=err)
+            p = SweepPoint(point_id(values), values, config, Path(trace_path))
+            points.append(p)
+            meta[p.id] = (pressure, kv_blocks, policy, err)
+        if not points:
             return
-        label = f"{name} x{fmt_pressure(pressure)} {policy}" + (f" err={err:g}" if err else "")
-        progress.update(task, description=label)
-        progress.reset(sess_task, total=min(len(trace.sessions), max_sessions or len(trace.sessions)))
-        config = SimConfig(policy=policy, kv_blocks=kv_blocks, agents=agents, max_sessions=max_sessions,
-                           predictor_error=err)
-        try:
-            res = simulate(trace, config, on_progress=lambda n: progress.advance(sess_task))
-        except Exception as e:  # noqa: BLE001 -- one broken policy must not lose the others' rows
-            failures.append(f"{label}: {type(e).__name__}: {e}")
-            progress.console.print(f"[red]FAILED {label}: {type(e).__name__}: {e}[/red]")
-        else:
-            row = row_from(name, pressure, policy, err, res.summary, kv_blocks)
-            results.add(row)
-            progress.console.print(
-                f"{label:<40} kv={kv_blocks:>7,}  evicted={row['evicted_blocks']:>9,}  "
-                f"harmful={row['harmful_evictions']:>8,}  hit={row['prefix_hit_rate']:.3f}  "
-                f"total={row['total_session_time_s']:>9,.0f}s  p99={row['p99_session_time_s']:>7,.0f}s  "
-                f"({row['wall_s']:.1f}s wall)")
-        progress.advance(task)
+
+        def finished(done: int, total: int, row: dict) -> None:
+            pressure, kv_blocks, policy, err = meta[row["point_id"]]
+            label = f"{name} x{fmt_pressure(pressure)} {policy}" + (f" err={err:g}" if err else "")
+            if row["status"] != "ok":
+                failures.append(f"{label}: {row['error']}")
+                progress.console.print(f"[red]FAILED {label}: {escape(str(row['error']))}[/red]")
+            else:
+                summary = json.loads((out / SWEEP_DIR / "points" / row["point_id"] / "summary.json").read_text())
+                r = row_from(name, pressure, policy, err, summary, kv_blocks)
+                results.add(r)
+                progress.console.print(
+                    f"{label:<40} kv={kv_blocks:>7,}  evicted={r['evicted_blocks']:>9,}  "
+                    f"harmful={r['harmful_evictions']:>8,}  hit={r['prefix_hit_rate']:.3f}  "
+                    f"total={r['total_session_time_s']:>9,.0f}s  p99={r['p99_session_time_s']:>7,.0f}s  "
+                    f"({r['wall_s']:.1f}s wall)")
+            progress.advance(task)
+
+        run_points(points, out / SWEEP_DIR, workers, ray_address, finished, traces={str(trace_path): trace})
 
     n_runs = len(traces) * (len(pressures) * len(policies) + len(ablation_errors))
     try:
@@ -297,31 +330,28 @@ def run(traces: list[str | Path], policies: list[str], pressures: list[float], *
             TimeRemainingColumn(), console=console)
         with bar as progress:
             task = progress.add_task("runs", total=n_runs)
-            sess_task = progress.add_task("  sessions", total=1)
             for path in traces:
                 name = trace_name(path)
+                progress.update(task, description=name)
                 trace = load_trace(path)
                 peak = peak_working_set(truncate(trace, max_sessions), name, agents, max_sessions, out,
                                         progress.console)
-                for pressure in pressures:
-                    kv = kv_blocks_for(peak, pressure)
-                    for policy in policies:
-                        one(progress, task, sess_task, trace, name, pressure, kv, policy, 0.0)
+                run_all(progress, task, path, trace, name,
+                        [(p, kv_blocks_for(peak, p), policy, 0.0) for p in pressures for policy in policies])
                 if ablation_errors:
                     p_star = worst_pressure(load_results(out), name)
                     if p_star is None:  # no vllm in the grid: use the highest pressure
                         p_star = max(pressures)
                     kv = kv_blocks_for(peak, p_star)
-                    if ("cachewise" not in policies):
-                        # the ablation's error-0 baseline
+                    errs = list(ablation_errors)
+                    if "cachewise" not in policies:  # the ablation's error-0 baseline
                         progress.update(task, total=progress.tasks[task].total + 1)
-                        one(progress, task, sess_task, trace, name, p_star, kv, "cachewise", 0.0)
-                    for err in ablation_errors:
-                        one(progress, task, sess_task, trace, name, p_star, kv, "cachewise", err)
+                        errs.insert(0, 0.0)
+                    run_all(progress, task, path, trace, name, [(p_star, kv, "cachewise", e) for e in errs])
     finally:
         results.close()
     if failures:
-        console.print(f"[red]{len(failures)} run(s) failed:[/red]\n" + "\n".join(failures))
+        console.print(f"[red]{len(failures)} run(s) failed:[/red]\n" + "\n".join(map(escape, failures)))
     df = load_results(out)
     keep = df.apply(lambda r: row_key(r) in wanted, axis=1) if len(df) else pd.Series(dtype=bool)
     df = df.loc[keep].reset_index(drop=True)
@@ -530,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     ap.add_argument("--resume", action="store_true", help="keep results.csv and skip the rows already in it")
     ap.add_argument("--plain", action="store_true", help="plain output: no progress bar, no colours (notebooks, logs)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes running the simulations (default: every core; 1: in this process)")
+    ap.add_argument("--ray-address", default=None,
+                    help="run them as Ray tasks instead: local (a Ray started here), auto, or a cluster's address")
     ap.add_argument("--quick", action="store_true",
                     help="smoke preset: 8 sessions, 8 agents, pressures 1,2, vllm/cachewise/belady/infinite, "
                          "no ablation (explicit flags still win)")
@@ -555,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"max sessions {args.max_sessions}; predictor errors {', '.join(f'{e:g}' for e in errors)}")
     t0 = time.perf_counter()
     df = run(traces, policies, pressures, agents=args.agents, max_sessions=args.max_sessions,
-             predictor_errors=errors, out=args.out, resume=args.resume, console=console, plain=args.plain)
+             predictor_errors=errors, out=args.out, resume=args.resume, console=console, plain=args.plain,
+             workers=args.workers, ray_address=args.ray_address)
     console.print(f"{len(df)} rows in {time.perf_counter() - t0:.0f} s")
     if df.empty:
         console.print("[red]no results[/red]")

@@ -47,8 +47,8 @@ from traces.files import atomic_write_text, ensure_folder
 from traces.format import Trace
 from traces.reader import load_trace
 
-__all__ = ["SweepError", "SweepInterrupted", "SweepPoint", "expand_grid", "load_spec", "point_id", "run_sweep",
-           "RESULTS_FILE"]
+__all__ = ["SweepError", "SweepInterrupted", "SweepPoint", "expand_grid", "load_spec", "point_id", "run_points",
+           "run_sweep", "RESULTS_FILE"]
 
 RESULTS_FILE = "results.parquet"
 #: the keys a spec may hold
@@ -262,7 +262,15 @@ def run_sweep(spec_or_path: dict | str | Path, out_dir: str | Path, workers: int
     """
     source = Path(spec_or_path) if isinstance(spec_or_path, (str, Path)) else None
     spec = load_spec(source) if source is not None else spec_or_path
-    points = resolve_points(spec, source)
+    return run_points(resolve_points(spec, source), out_dir, workers, ray_address, on_progress)
+
+
+def run_points(points: list[SweepPoint], out_dir: str | Path, workers: int | None = None,
+               ray_address: str | None = None, on_progress: Callable[[int, int, dict], None] | None = None,
+               traces: dict[str, Trace] | None = None) -> pd.DataFrame:
+    """:func:`run_sweep` of points made elsewhere (any list, not only a grid's product: ``cwsim.compare``
+    derives each point's pool from its trace). ``traces``: those already loaded (by path), to not
+    load them again."""
     if workers is not None and workers < 1:
         raise SweepError(f"--workers must be >= 1, got {workers}")
     if workers is not None and ray_address not in (None, "local"):
@@ -286,7 +294,8 @@ def run_sweep(spec_or_path: dict | str | Path, out_dir: str | Path, workers: int
     if on_progress is not None:
         for done, row in enumerate(table.rows.values(), start=1):
             on_progress(done, len(points), row)
-    traces = {str(t): load_trace(t) for t in dict.fromkeys(p.trace for p in todo)}
+    known = traces or {}
+    traces = {str(t): known.get(str(t)) or load_trace(t) for t in dict.fromkeys(p.trace for p in todo)}
 
     def finished(p: SweepPoint, result: dict) -> None:
         row = table.add(p, result)

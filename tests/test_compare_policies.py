@@ -78,3 +78,19 @@ def test_resume_adds_nothing(quick_run):
     before = (out / "results.csv").read_text()
     assert cp.main(["--quick", "--out", str(out), "--resume"]) == 0
     assert (out / "results.csv").read_text() == before
+
+
+def test_the_runs_are_sweep_points_and_give_the_same_rows_in_one_process(quick_run, tmp_path):
+    """The quick run went through a process pool (every core): one sweep point folder per run and the
+    sweep's table; the same runs in this process (--workers 1) give the same rows, wall time aside."""
+    cp, out = quick_run
+    import pandas as pd
+
+    table = pd.read_parquet(out / "sweep" / "results.parquet")
+    assert len(table) == 8 and set(table["status"]) == {"ok"}
+    assert all((out / "sweep" / "points" / pid / "summary.json").is_file() for pid in table["point_id"])
+    assert cp.main(["--quick", "--out", str(tmp_path), "--workers", "1", "--policies", "vllm,belady"]) == 0
+    strip = lambda rows: {(r["pressure"], r["policy"]): {k: v for k, v in r.items() if k != "wall_s"}  # noqa: E731
+                          for r in rows}
+    one = strip(read_rows(tmp_path / "results.csv"))
+    assert len(one) == 4 and all(strip(read_rows(out / "results.csv"))[k] == v for k, v in one.items())
