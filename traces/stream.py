@@ -114,9 +114,11 @@ def num_calls(trace, limit: int | None = None) -> int:
 
 def shared_fingerprints(per_session: array) -> frozenset[int]:
     """Fingerprints that occur in two or more sessions, from each session's distinct ones (concatenated)."""
-    a = np.frombuffer(per_session, dtype=np.int64) if len(per_session) else np.empty(0, dtype=np.int64)
-    values, counts = np.unique(a, return_counts=True)
-    return frozenset(values[counts > 1].tolist())
+    if not len(per_session):
+        return frozenset()
+    a = np.frombuffer(per_session, dtype=np.int64)  # a view of the array's own buffer, sorted in place
+    a.sort()
+    return frozenset(a[1:][a[1:] == a[:-1]].tolist())
 
 
 def index_trace(path, *, progress=None) -> TraceIndex | None:
