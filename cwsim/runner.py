@@ -233,7 +233,7 @@ def write_summary(out: Path, summary: dict) -> None:
 
 
 def _write_evictions(path: Path, evictions, block_ids) -> None:
-    content = [0] * len(block_ids)  # dense id -> content hash
+    content = [0] * block_ids.n  # dense id -> content hash (the run forgot none: forget_private is off)
     for h, i in block_ids.items():
         content[i] = h
     with open(path, "w", newline="") as f:

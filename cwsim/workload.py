@@ -18,7 +18,7 @@ from cwsim.config import ConfigError
 from cwsim.hashing import PrefixMemo, SegmentInterner
 from cwsim.sequences import common_prefix_len, shared_tokens
 from traces.format import Trace
-from traces.stream import segment_ids, session_info
+from traces.stream import iter_sessions, segment_ids, session_info
 
 
 _second = itemgetter(1)
@@ -97,8 +97,6 @@ class Workload:
 
     @classmethod
     def from_index(cls, index, limit: int | None = None) -> "Workload":
-        from traces.stream import iter_sessions
-
         infos = index.sessions[:limit] if limit is not None else index.sessions
         return cls(infos, iter_sessions(index, len(infos)), index.shared)
 
