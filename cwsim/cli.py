@@ -140,23 +140,26 @@ def _bar(label: str, unit: str | None = None) -> Progress:
     return Progress(*cols, TimeElapsedColumn(), console=console, transient=True)
 
 
+@contextmanager
+def _reading(label: str):
+    """A progress bar over a trace file's bytes while it is read: yields the readers' ``progress``."""
+    with Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, size: bar.update(task, completed=done, total=size)
+
+
 def _load(path: Path | None) -> "Trace":  # noqa: F821
     """Load a trace with a progress bar (bytes of the file) while it loads."""
-    path = path if path is not None else DEFAULT_TRACE
-    with Progress(TextColumn("[bold]loading[/]"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("load", total=None)
-        return load_trace(path, progress=lambda done, size: bar.update(task, completed=done, total=size))
+    with _reading("loading") as progress:
+        return load_trace(path if path is not None else DEFAULT_TRACE, progress=progress)
 
 
 def _index(path: Path | None):
     """Read a trace for a run with a progress bar: indexed (``traces.stream``, the run streams its
     sessions) when its sessions' lines lie together, else loaded whole."""
     path = path if path is not None else DEFAULT_TRACE
-    with Progress(TextColumn("[bold]reading[/]"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("read", total=None)
-        progress = lambda done, size: bar.update(task, completed=done, total=size)  # noqa: E731
+    with _reading("reading") as progress:
         return index_trace(path, progress=progress) or load_trace(path, progress=progress)
 
 

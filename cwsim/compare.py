@@ -388,9 +388,6 @@ class _NoProgress:
     def advance(self, task: int, n: float = 1) -> None:
         pass
 
-    def reset(self, task: int, **_) -> None:
-        pass
-
 
 # ------------------------------------------------------------------ analysis
 def _ratio(a: float, b: float) -> float:

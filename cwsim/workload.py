@@ -18,7 +18,7 @@ from cwsim.config import ConfigError
 from cwsim.hashing import PrefixMemo, SegmentInterner
 from cwsim.sequences import common_prefix_len, shared_tokens
 from traces.format import Trace
-from traces.stream import iter_sessions, segment_ids, session_info
+from traces.stream import FIRST_PROMPT_SEGMENTS, iter_sessions, segment_ids, session_info
 
 
 _second = itemgetter(1)
@@ -185,7 +185,7 @@ def _mark_private(calls: list[SimCall], own: set[int]) -> None:
         prev, j_prev = segs, j
 
 
-def shared_prefix_tokens(first_prompts: list[tuple], depth: int = 8) -> list[int]:
+def shared_prefix_tokens(first_prompts: list[tuple], depth: int = FIRST_PROMPT_SEGMENTS) -> list[int]:
     """For each session's first prompt (its first ``depth`` segments or more), the tokens of it
     that another session's first prompt starts with too."""
     counts: dict[tuple, int] = {}
