@@ -104,6 +104,10 @@ class BlockPool:
         #: ``on_unhash(blocks)``: called with the ids (an array or a list) of each batch of blocks that lose
         #: their hash (evicted, or freed uncached): their contents' cached lives end
         self.on_unhash: Callable[[np.ndarray | list[int]], None] | None = None
+        #: a ``cwsim.eviction_bound.ReferenceStream`` that records the references to cached contents
+        #: (``touch``: a hit or a copy's hold; ``insert``: a block given its hash; ``release``: a
+        #: reference to a hashed block dropped), or None
+        self.references = None
         self.ref = np.zeros(num_blocks, dtype=np.int32)
         self.has_hash = np.zeros(num_blocks, dtype=bool)
         self.hash_of = np.zeros(num_blocks, dtype=np.int64)
@@ -151,6 +155,8 @@ class BlockPool:
             return
         refs = self._deref(ordered)
         hashed = self.has_hash[ordered]
+        if self.references is not None:
+            self.references.release(self.hash_of[ordered[hashed]])
         if self.on_release is not None:
             self.on_release(ordered, refs, hashed, request)
         freed_mask = refs == 0
@@ -254,6 +260,8 @@ class BlockPool:
             self._leave_queue(blocks if n_free == len(blocks) else blocks[free])
         r += 1
         self.ref[blocks] = r
+        if self.references is not None:
+            self.references.touch(self.hash_of[blocks[self.has_hash[blocks]]])
 
     def get_new_blocks(self, n: int) -> np.ndarray:
         """Pop ``n`` blocks from the front of the free queue, evicting cached ones."""
@@ -354,6 +362,8 @@ class BlockPool:
         if n == 0:
             return
         cached, canonical = self.cached, self.canonical
+        if self.references is not None:
+            self.references.insert(hashes, cached)
         if n <= _SMALL:  # the same in scalar steps
             has_hash, hash_of = self.has_hash, self.hash_of
             bl = blocks.tolist()
@@ -420,6 +430,8 @@ class BlockPool:
         blocks = np.asarray(blocks, dtype=np.int64)
         if len(blocks) == 0:
             return 0
+        if self.references is not None:
+            self.references.release(self.hash_of[blocks[self.has_hash[blocks]]])
         freed = blocks[self._deref(blocks) == 0]
         if len(freed) == 0:
             return 0

@@ -192,11 +192,13 @@ def run(
     max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Simulate only the first N sessions of the trace."),
     predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the tool-call predictor learns from (default: the simulated trace); only for policies with a predictor."),
     predictor_error: float = typer.Option(_D.predictor_error, "--predictor-error", help="Injected prediction error: idle predictions times exp(N(0, this))."),
+    gap_scale: float = typer.Option(_D.gap_scale, "--gap-scale", help="Every gap between an answer and the session's next call (tool and client time) times this: tools 10x or 100x slower (the predictor learns the scaled gaps too)."),
     aging_s: float = typer.Option(_D.aging_s, "--aging-s", help="Prefix-aware scheduling: a request waiting longer than this goes first."),
     cpu_kv_blocks: Optional[int] = typer.Option(None, "--cpu-kv-blocks", help="CPU KV tier size in blocks (0: no tier), for a policy that offloads (tokencake). Default: the policy's (tokencake: the GPU pool size)."),
     cpu_kv_gib: Optional[float] = typer.Option(None, "--cpu-kv-gib", help="CPU KV tier size in GiB (converted with the profile's bytes per token; exclusive with --cpu-kv-blocks)."),
     pcie_gbps: float = typer.Option(_D.pcie_gbps, "--pcie-gbps", help="Effective PCIe bandwidth per direction to the CPU tier, GB/s."),
     offload_threshold_s: float = typer.Option(_D.offload_threshold_s, "--offload-threshold-s", help="Tokencake: offload during tool calls predicted to last longer than this (s)."),
+    eviction_bound: bool = typer.Option(_D.eviction_bound, "--eviction-bound/--no-eviction-bound", metavar="", help="Also compute the fewest evictions any eviction order could have under this run's schedule (Belady's MIN on the blocks it referenced; docs/policies.md). Adds about 1 s per million block references."),
     out: Optional[Path] = _out_option(None, "Folder for summary.json, requests.csv, sessions.csv (CSVs written as the run goes, "
                                             "summary.json last; an earlier run's are removed first)."),
 ) -> None:
@@ -209,8 +211,9 @@ def run(
                            gpu_memory_utilization=gpu_memory_utilization, arrivals=arrivals, agents=agents, rate=rate,
                            seed=seed, max_sessions=max_sessions,
                            predictor_trace=str(predictor_trace) if predictor_trace is not None else None,
-                           predictor_error=predictor_error, aging_s=aging_s, cpu_kv_blocks=cpu_kv_blocks,
-                           cpu_kv_gib=cpu_kv_gib, pcie_gbps=pcie_gbps, offload_threshold_s=offload_threshold_s)
+                           predictor_error=predictor_error, gap_scale=gap_scale, aging_s=aging_s, cpu_kv_blocks=cpu_kv_blocks,
+                           cpu_kv_gib=cpu_kv_gib, pcie_gbps=pcie_gbps, offload_threshold_s=offload_threshold_s,
+                           eviction_bound=eviction_bound)
         _check_policy_flags(config)
         if out is not None:
             check_folder(out)
@@ -250,6 +253,8 @@ def _print_summary(s: dict) -> None:
         ("profile", s["profile"]),
         ("evicted", f"{s['evicted_blocks']:,} blocks"),
         ("harmful evictions", f"{s['harmful_evictions']:,} blocks"),
+        *([("eviction bound, this schedule", f"{s['bound_evicted_blocks']:,} blocks ("
+            + "evicted = " + _num(s["evictions_vs_bound"], ".2f", "x this)"))] if "bound_evicted_blocks" in s else []),
         ("prefix hit rate" + (" (GPU; swap-ins excluded)" if tier else ""),
          f"{s['prefix_hit_rate']:.1%} of prompt tokens"),
         ("recomputed prompt tokens", f"{s['recomputed_prompt_tokens']:,} tokens"),

@@ -22,18 +22,27 @@ Outputs (in ``--out``, default ``runs/compare``)
     ``results.csv``: one row per run, appended as each run finishes
     (``--resume`` skips rows already there; without it the file starts over).
     PNGs: ``evicted_blocks``, ``harmful_evictions``, ``prefix_hit_rate``,
-    ``total_session_time``, ``p99_session_time`` against pressure (one line
-    per policy) and ``predictor_error`` (the ablation, when there is one).
+    ``total_session_time``, ``p99_session_time``, ``evictions_vs_bound``
+    against pressure (one line per policy) and ``predictor_error`` (the ablation, when there is one).
     ``ratios.csv`` (also printed): at the pressure where vllm has the most
     harmful evictions per call, each policy's ratio to vllm
     (``x_fewer_evictions`` = vllm / policy evicted blocks,
     ``x_fewer_harmful`` likewise for harmful evictions, ``x_faster`` = vllm /
     policy total session time) and its gap to the references
     (``evictions_vs_belady`` = policy / belady evicted blocks,
-    ``time_vs_infinite`` = policy / infinite total session time). A last
-    line checks ``cachewise`` against the paper's claims: >= 2.6x fewer
-    evictions and >= 3.5x lower total session time than vllm, and evictions
-    within 25% of belady.
+    ``time_vs_infinite`` = policy / infinite total session time,
+    ``evictions_vs_bound`` = policy evicted blocks / the fewest any eviction
+    order could have had under that run's own schedule). A last line checks
+    ``cachewise`` against the paper's claims: >= 2.6x fewer evictions and
+    >= 3.5x lower total session time than vllm, evictions within 25% of
+    belady, and (issue 15) within 1.15x of its schedule's bound.
+
+    The eviction bound (``cwsim.eviction_bound``; ``--no-bound`` skips it):
+    every bounded run records its block references and releases, and Belady's
+    MIN with pins on that stream gives ``bound_evicted_blocks`` (<= the run's
+    ``evicted_blocks`` for every policy) and ``bound_remisses`` (beside the
+    run's ``stream_remisses``), in ``results.csv`` and the figure
+    ``evictions_vs_bound.png``; empty for ``infinite``.
 
 How the runs run
     Each run is a point of a sweep (``cwsim.sweep.run_points``, folders in ``OUT/sweep/``, with
@@ -83,12 +92,15 @@ from cwsim.sweep import SweepPoint, point_id, run_points
 from traces.format import Trace
 from traces.reader import load_trace
 
-__all__ = ["COLUMNS", "find_results", "load_results", "main", "make_figures", "paper_check", "ratios", "run",
+__all__ = ["BOUND_COLUMNS", "COLUMNS", "find_results", "load_results", "main", "make_figures", "paper_check", "ratios", "run",
            "write_outputs"]
 
 COLUMNS = ["trace", "pressure", "kv_blocks", "policy", "predictor_error", "sessions", "requests", "evicted_blocks",
            "harmful_evictions", "harmful_per_call", "prefix_hit_rate", "recomputed_prompt_tokens", "preemptions",
-           "total_session_time_s", "mean_session_time_s", "p99_session_time_s", "makespan_s", "wall_s"]
+           "total_session_time_s", "mean_session_time_s", "p99_session_time_s", "makespan_s", "wall_s",
+           "bound_evicted_blocks", "evictions_vs_bound", "stream_remisses", "bound_remisses"]
+#: the eviction bound's columns (``cwsim.eviction_bound``), empty for a run without one
+BOUND_COLUMNS = COLUMNS[-4:]
 
 DEFAULTS = {"pressures": "1,1.5,2,3,4", "policies": None, "agents": 16, "max_sessions": None,
             "predictor_errors": "0,0.5,1.0"}
@@ -99,6 +111,8 @@ QUICK = {"pressures": "1,2", "policies": "vllm,cachewise,belady,infinite", "agen
 CLAIM_FEWER_EVICTIONS = 2.6
 CLAIM_FASTER = 3.5
 CLAIM_BELADY_GAP = 1.25
+#: issue 15's target: evictions within this factor of the bound under the policy's own schedule
+CLAIM_BOUND_GAP = 1.15
 
 #: (file column, figure title, y label)
 FIGURES = [
@@ -107,10 +121,13 @@ FIGURES = [
     ("prefix_hit_rate", "Prefix cache hit rate (cached / prompt tokens)", "hit rate"),
     ("total_session_time_s", "Total session time (sum over sessions)", "seconds"),
     ("p99_session_time_s", "p99 session time", "seconds"),
+    ("evictions_vs_bound", "Evicted blocks / the fewest any eviction order could have\n"
+                           "under the same schedule (Belady's MIN on the run's references)", "evicted / bound"),
 ]
 FIGURE_FILES = {"evicted_blocks": "evicted_blocks.png", "harmful_evictions": "harmful_evictions.png",
                 "prefix_hit_rate": "prefix_hit_rate.png", "total_session_time_s": "total_session_time.png",
-                "p99_session_time_s": "p99_session_time.png", "predictor_error": "predictor_error.png"}
+                "p99_session_time_s": "p99_session_time.png", "predictor_error": "predictor_error.png",
+                "evictions_vs_bound": "evictions_vs_bound.png"}
 
 
 #: one colour and marker per policy in the figures (more policies than the default colour cycle)
@@ -135,6 +152,13 @@ def parse_floats(text: str) -> list[float]:
     return sorted(dict.fromkeys(vals))
 
 
+def apply_preset(args, preset: dict) -> None:
+    """Fill the command-line arguments left unset (None) from a preset (``--quick`` or the defaults)."""
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def kv_blocks_for(peak_blocks: int, pressure: float) -> int:
     """Pool size that makes the peak working set ``pressure`` times the pool (plus the null block)."""
     return max(2, math.ceil(peak_blocks / pressure) + 1)
@@ -148,18 +172,23 @@ def truncate(trace: Trace, max_sessions: int | None) -> Trace:
 
 
 def peak_working_set(trace: Trace, name: str, agents: int, max_sessions: int | None, out: Path,
-                     console: Console) -> int:
-    """``analyze``'s peak KV working set in blocks, cached in ``out/working_set.json``."""
+                     console: Console, block_size: int = 16, regime: str = "") -> int:
+    """``analyze``'s peak KV working set in blocks of ``block_size``, cached in ``out/working_set.json``
+    (``regime``: what else sets the trace's timing, e.g. ``gap_scale=10``, part of the cache key)."""
     cache_path = out / "working_set.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     key = f"{name}|agents={agents}|max_sessions={max_sessions}"
+    if block_size != 16:
+        key += f"|block_size={block_size}"
+    if regime:
+        key += f"|{regime}"
     if key not in cache:
         t0 = time.perf_counter()
-        ws = analyze(trace, agents=agents, working_set=True)["kv_working_set"]
+        ws = analyze(trace, agents=agents, block_size=block_size, working_set=True)["kv_working_set"]
         cache[key] = int(ws["peak_blocks"])
         cache_path.write_text(json.dumps(cache, indent=2) + "\n")
         console.print(f"[dim]{name}: peak KV working set {cache[key]:,} blocks "
-                      f"({agents} agents, {time.perf_counter() - t0:.1f} s)[/dim]")
+                      f"({agents} agents{', ' + regime if regime else ''}, {time.perf_counter() - t0:.1f} s)[/dim]")
     return cache[key]
 
 
@@ -184,6 +213,8 @@ def row_from(name: str, pressure: float, policy: str, err: float, summary: dict,
         "p99_session_time_s": round(summary["p99_session_time_s"], 4),
         "makespan_s": round(summary["makespan_s"], 4),
         "wall_s": round(summary["wall_s"], 3),
+        **{k: (round(summary[k], 4) if k == "evictions_vs_bound" and summary[k] is not None else summary[k])
+           if k in summary else None for k in BOUND_COLUMNS},
     }
 
 
@@ -200,7 +231,11 @@ class ResultsFile:
         self.done: set[tuple] = set()
         if resume and path.exists() and path.stat().st_size:
             with path.open(newline="") as f:
-                self.done = {row_key(r) for r in csv.DictReader(f)}
+                reader = csv.DictReader(f)
+                if reader.fieldnames != COLUMNS:
+                    raise ValueError(f"{path}: written with other columns (an older version); "
+                                     "rerun without --resume, or into another --out")
+                self.done = {row_key(r) for r in reader}
         elif path.exists():
             path.unlink()
         new = not path.exists()
@@ -237,6 +272,9 @@ def load_results(path: str | Path) -> pd.DataFrame:
     if path.is_dir():
         path = path / "results.csv"
     df = pd.read_csv(path, dtype={"trace": str, "policy": str})
+    for col in BOUND_COLUMNS:  # results written before the bound existed
+        if col not in df:
+            df[col] = math.nan
     df["pressure"] = df["pressure"].astype(float)
     df["predictor_error"] = df["predictor_error"].astype(float)
     return df
@@ -264,12 +302,13 @@ SWEEP_DIR = "sweep"
 def run(traces: list[str | Path], policies: list[str], pressures: list[float], *, agents: int = 16,
         max_sessions: int | None = None, predictor_errors: list[float] = (0.0,), out: str | Path = "runs/compare",
         resume: bool = False, console: Console | None = None, plain: bool = False, workers: int | None = None,
-        ray_address: str | None = None) -> pd.DataFrame:
+        ray_address: str | None = None, bound: bool = True) -> pd.DataFrame:
     """Run the grid and the ablation, appending to ``out/results.csv``; return this run's rows (resumed ones too).
 
     The runs are points of a sweep (``cwsim.sweep.run_points``, in ``out/sweep/``): ``workers``
     processes (default: every core; 1: in this process), or Ray tasks with ``ray_address``
     (``local``, ``auto`` or a cluster's address), each run exactly as ``simulate`` alone would.
+    ``bound``: each run also gives its eviction bound (``SimConfig.eviction_bound``).
     Without ``resume`` the earlier rows and sweep folders are cleared first. ``plain``: a line per
     run and no progress bar or colours (notebooks, logs)."""
     console = console or (_plain_console() if plain else Console())
@@ -296,8 +335,10 @@ def run(traces: list[str | Path], policies: list[str], pressures: list[float], *
                 continue
             values = {"trace": str(trace_path), "policy": policy, "kv_blocks": kv_blocks, "agents": agents,
                       "max_sessions": max_sessions, "predictor_error": float(err)}
+            if bound:
+                values["eviction_bound"] = True
             config = SimConfig(policy=policy, kv_blocks=kv_blocks, agents=agents, max_sessions=max_sessions,
-                               predictor_error=err)
+                               predictor_error=err, eviction_bound=bound)
             p = SweepPoint(point_id(values), values, config, Path(trace_path))
             points.append(p)
             meta[p.id] = (pressure, kv_blocks, policy, err)
@@ -318,7 +359,8 @@ def run(traces: list[str | Path], policies: list[str], pressures: list[float], *
                     f"{label:<40} kv={kv_blocks:>7,}  evicted={r['evicted_blocks']:>9,}  "
                     f"harmful={r['harmful_evictions']:>8,}  hit={r['prefix_hit_rate']:.3f}  "
                     f"total={r['total_session_time_s']:>9,.0f}s  p99={r['p99_session_time_s']:>7,.0f}s  "
-                    f"({r['wall_s']:.1f}s wall)")
+                    + (f"evicted/bound={r['evictions_vs_bound']:.2f}x  " if r["evictions_vs_bound"] is not None else "")
+                    + f"({r['wall_s']:.1f}s wall)")
             progress.advance(task)
 
         run_points(points, out / SWEEP_DIR, workers, ray_address, finished, traces={str(trace_path): trace})
@@ -425,6 +467,9 @@ def ratios(df: pd.DataFrame) -> pd.DataFrame:
                                         if belady is not None else math.nan),
                 "time_vs_infinite": (_ratio(r["total_session_time_s"], infinite["total_session_time_s"])
                                      if infinite is not None else math.nan),
+                "bound_evicted_blocks": r["bound_evicted_blocks"],
+                "evictions_vs_bound": (_ratio(r["evicted_blocks"], r["bound_evicted_blocks"])
+                                       if not pd.isna(r["bound_evicted_blocks"]) else math.nan),
             })
     return pd.DataFrame(rows)
 
@@ -452,6 +497,9 @@ def paper_check(rt: pd.DataFrame) -> list[str]:
                          f"{verdict(r['evictions_vs_belady'] <= CLAIM_BELADY_GAP)} ({r['evictions_vs_belady']:.2f}x belady)")
         else:
             parts.append("evictions within 25% of belady: no belady run")
+        if not math.isnan(r["evictions_vs_bound"]):
+            parts.append(f"evictions within {CLAIM_BOUND_GAP:.2f}x of the bound under its own schedule: "
+                         f"{verdict(r['evictions_vs_bound'] <= CLAIM_BOUND_GAP)} ({r['evictions_vs_bound']:.2f}x)")
         lines.append(f"cachewise vs paper ({name}, pressure {fmt_pressure(r['pressure'])}, "
                      f"{int(r['kv_blocks']):,} blocks): " + "; ".join(parts))
     return lines
@@ -463,14 +511,14 @@ def ratios_table(rt: pd.DataFrame) -> Table:
 
     table = Table(title="Policies at the pressure where vllm has the most harmful evictions per call")
     for head in ["trace", "pressure", "policy", "evicted", "harmful", "total time s", "fewer evictions",
-                 "fewer harmful", "faster", "evict/belady", "time/infinite"]:
+                 "fewer harmful", "faster", "evict/belady", "evict/bound", "time/infinite"]:
         table.add_column(head, justify="left" if head in ("trace", "policy") else "right")
     for _, r in rt.iterrows():
         pol = r["policy"] + (f" (err {r['predictor_error']:g})" if r["predictor_error"] else "")
         table.add_row(r["trace"], fmt_pressure(r["pressure"]), pol, f"{r['evicted_blocks']:,}",
                       f"{r['harmful_evictions']:,}", f"{r['total_session_time_s']:,.0f}", x(r["x_fewer_evictions"]),
                       x(r["x_fewer_harmful"]), x(r["x_faster"]), x(r["evictions_vs_belady"]),
-                      x(r["time_vs_infinite"]))
+                      x(r["evictions_vs_bound"]), x(r["time_vs_infinite"]))
     return table
 
 
@@ -482,6 +530,8 @@ def make_figures(df: pd.DataFrame) -> dict[str, Figure]:
         sorted(set(g["policy"]) - set(POLICIES))
     figs: dict[str, Figure] = {}
     for col, title, ylabel in FIGURES:
+        if g[col].isna().all():  # (results without the eviction bound)
+            continue
         fig = Figure(figsize=(6.4 * len(traces), 4.4), layout="constrained")
         axes = fig.subplots(1, len(traces), squeeze=False)[0]
         for ax, name in zip(axes, traces):
@@ -561,15 +611,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="processes running the simulations (default: every core; 1: in this process)")
     ap.add_argument("--ray-address", default=None,
                     help="run them as Ray tasks instead: local (a Ray started here), auto, or a cluster's address")
+    ap.add_argument("--no-bound", dest="bound", action="store_false",
+                    help="skip each run's eviction bound under its own schedule (about 1 s per million block "
+                         "references a run)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke preset: 8 sessions, 8 agents, pressures 1,2, vllm/cachewise/belady/infinite, "
                          "no ablation (explicit flags still win)")
     args = ap.parse_args(argv)
-
-    preset = QUICK if args.quick else DEFAULTS
-    for k, v in preset.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_preset(args, QUICK if args.quick else DEFAULTS)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else list(POLICIES)
     pressures = parse_floats(args.pressures)
     if not pressures or pressures[0] <= 0:
@@ -587,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     df = run(traces, policies, pressures, agents=args.agents, max_sessions=args.max_sessions,
              predictor_errors=errors, out=args.out, resume=args.resume, console=console, plain=args.plain,
-             workers=args.workers, ray_address=args.ray_address)
+             workers=args.workers, ray_address=args.ray_address, bound=args.bound)
     console.print(f"{len(df)} rows in {time.perf_counter() - t0:.0f} s")
     if df.empty:
         console.print("[red]no results[/red]")

@@ -65,6 +65,9 @@ class SimConfig:
     predictor_error: float = 0.0
     #: prefix-aware scheduling: a request waiting longer than this goes first
     aging_s: float = 30.0
+    #: every gap between a call's answer and the session's next call (tools, client) times this: a
+    #: workload regime (tools 10x / 100x slower), seen by the run and the tool-call predictor alike
+    gap_scale: float = 1.0
     #: stop after this many sessions (the first ones in trace order); None: all
     max_sessions: int | None = None
     #: CPU KV tier size in blocks (cwsim.cpu_tier); 0: no tier; None: from cpu_kv_gib, else the
@@ -75,6 +78,9 @@ class SimConfig:
     pcie_gbps: float = 25.0
     #: tokencake: offload a session's blocks during a tool call predicted to last longer than this
     offload_threshold_s: float = 2.0
+    #: also compute the offline eviction bound under this run's own schedule (Belady's MIN on the
+    #: blocks it referenced, ``cwsim.eviction_bound``): ``bound_*`` / ``stream_*`` in the summary
+    eviction_bound: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +98,7 @@ class SimConfig:
             (self.max_sessions is None or self.max_sessions >= 1, "max_sessions", f"must be >= 1, got {self.max_sessions}"),
             (self.predictor_error >= 0, "predictor_error", f"must be >= 0, got {self.predictor_error}"),
             (self.aging_s >= 0, "aging_s", f"must be >= 0, got {self.aging_s}"),
+            (self.gap_scale >= 0, "gap_scale", f"must be >= 0, got {self.gap_scale}"),
             (self.cpu_kv_blocks is None or self.cpu_kv_blocks >= 0, "cpu_kv_blocks", f"must be >= 0, got {self.cpu_kv_blocks}"),
             (self.cpu_kv_gib is None or self.cpu_kv_gib >= 0, "cpu_kv_gib", f"must be >= 0, got {self.cpu_kv_gib}"),
             (not (self.cpu_kv_blocks is not None and self.cpu_kv_gib is not None), "cpu_kv_gib",

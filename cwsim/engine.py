@@ -16,6 +16,11 @@ a request loses to eviction is a block more it needs), whatever order a
 dynamic policy (longest prefix match) gives the queue as blocks are evicted.
 See ``Scheduler.admission_blocked``.
 
+A policy that holds waiting calls back (``Policy.admit``) stops admission at the held one;
+when it holds every waiting call and nothing runs, the engine waits for the next submission
+or the policy's ``next_deadline``, when its answer may change. A decode jump over a held
+call is exact, since the contract lets the answer change only at those events.
+
 With a CPU tier (``cwsim.cpu_tier``), its transfers' events are applied by
 its ``tick`` before each step (before the eviction policy's), a jump does
 not run steps that start at or after its ``next_deadline``, and a step that
@@ -34,12 +39,14 @@ session order (``Scheduler.add``), then the next step is scheduled.
 
 from __future__ import annotations
 
+import math
+
 import simpy
 
 from cwsim.frontend import SharedCore
 from cwsim.hashing import BlockIds, PrefixMemo, block_hashes, own_block_ids
 from cwsim.request import Request
-from cwsim.scheduler import Scheduler
+from cwsim.scheduler import Scheduler, SimulationError
 from cwsim.steptime import StepTimeProfile
 from cwsim.workload import Arrivals, SessionState, Workload
 
@@ -64,6 +71,9 @@ class Engine:
         # the server's frontend core, shared by the requests' processing and part of every step (cwsim.frontend)
         # (nothing to share with unless requests bring work to it)
         self.frontend = SharedCore(env) if profile.frontend_step_share and profile.request_overhead_s else None
+        if scheduler.async_scheduling and getattr(ctx, "gates", False):
+            raise ValueError(f"policy {ctx.policy.name!r} holds calls back (Policy.admit), which is modelled for "
+                             "the synchronous engine only (not with --async-scheduling)")
         if self.frontend is not None and scheduler.async_scheduling:
             raise ValueError("a profile's frontend_step_share is modelled for the synchronous engine only "
                              "(not with async scheduling)")
@@ -112,6 +122,17 @@ class Engine:
                 tier.tick(now)  # background transfers that ended or start by now
             self.ctx.tick(now)  # the policy's time hook (a pin that expires) before scheduling
             plan = sched.schedule(now)
+            if plan.empty and plan.held and not sched.running:
+                # the policy holds every waiting call back and nothing runs: wait for a submission or
+                # for the policy's next deadline, when its answer may change
+                deadline = self.ctx.next_deadline()
+                if deadline <= now:
+                    raise SimulationError(f"policy {self.ctx.policy.name!r} holds its waiting calls back with "
+                                          f"nothing running past its own deadline ({deadline} <= {now})")
+                self._idle = env.event()
+                yield self._idle if math.isinf(deadline) else env.any_of([self._idle, env.timeout(deadline - now)])
+                self._idle = None
+                continue
             if plan.empty:
                 tier = self.ctx.tier
                 if tier is not None and not plan.preempted and not sched.running and sched.waiting:

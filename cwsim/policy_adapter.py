@@ -144,8 +144,11 @@ class SimEnvironment(SessionFacts, Environment):
         self.max_queue = policy.max_queue
         self._victim = policy.overrides("preemption_victim")
         self.ticks = policy.overrides("tick")
+        #: the policy may hold a waiting request back (``Policy.admit``)
+        self.gates = policy.overrides("admit")
         #: the policy decides nothing of its own (vLLM's): no views, no session facts to keep
-        self.passive = self.static and not self._victim and not self.ticks and not policy.overrides("score")
+        self.passive = (self.static and not self._victim and not self.ticks and not self.gates
+                        and not policy.overrides("score"))
         if policy.overrides("score"):
             self.sharing = BlockSharing(pool.num_blocks)
             self._last = None
@@ -196,6 +199,9 @@ class SimEnvironment(SessionFacts, Environment):
     # ------------------------------------------- the loops' decisions
     def priority_key(self, req: Request):
         return self.policy.priority(req.view)
+
+    def admit(self, req: Request) -> bool:
+        return self.policy.admit(req.view)
 
     def preemption_victim(self, running: list[Request]) -> Request:
         if not self._victim:

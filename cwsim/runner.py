@@ -17,6 +17,7 @@ from cwsim.block_pool import BlockPool
 from cwsim.config import ConfigError, SimConfig
 from cwsim.cpu_tier import CpuTier
 from cwsim.engine import Engine, start_sessions
+from cwsim.eviction_bound import ReferenceStream, bound_summary
 from cwsim.kv_cache_manager import KVCacheManager
 from cwsim.metrics import Metrics
 from cwsim.policies import get_policy
@@ -28,6 +29,7 @@ from cwsim.workload import Arrivals, Workload
 from traces.format import Trace
 from traces.files import atomic_write_text, ensure_folder
 from traces.reader import TraceFormatError, load_trace
+from traces.transform import scale_gaps
 from traces.stream import TraceIndex, index_trace, iter_sessions
 
 #: the repository (the installed packages' parent folder)
@@ -135,10 +137,13 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
     profile = load_profile(config.profile)
     arrivals = Arrivals(config.arrivals, config.agents, config.rate)
     if isinstance(source, TraceIndex):
-        workload = Workload.from_index(source, config.max_sessions)
+        workload = Workload.from_index(source, config.max_sessions, config.gap_scale)
     else:
-        workload = Workload.from_trace(source, config.max_sessions)
+        workload = Workload.from_trace(source, config.max_sessions, config.gap_scale)
     kv_blocks = resolve_kv_blocks(config, profile)
+    if config.async_scheduling and spec.cls.overrides("admit"):
+        raise ConfigError("async_scheduling", f"is not modelled with policy {spec.name!r}, which holds calls back "
+                          "(Policy.admit): run it with the plain scheduler")
     arrivals.check(workload)
     if not spec.unbounded:
         check_fits(workload, kv_blocks, config.block_size)
@@ -150,6 +155,8 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
             train = iter_sessions(source)  # (one more read of the file)
         else:
             train = source
+        if config.gap_scale != 1:  # the regime the predictor learns is the one it runs in
+            train = scale_gaps(train.sessions if isinstance(train, Trace) else train, config.gap_scale)
         predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
     cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
     out = prepare_results_dir(out_dir) if out_dir is not None else None
@@ -162,6 +169,8 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
             _metrics(ids)
             evictions.append((engine.steps, env.now, list(ids)))
     pool = BlockPool(kv_blocks, growable=spec.unbounded, on_evict=on_evict)
+    if config.eviction_bound and not spec.unbounded:  # (an unbounded pool never evicts: no bound to give)
+        pool.references = ReferenceStream()
     metrics.pool = pool
     kv = KVCacheManager(pool, config.block_size)
     tier = None
@@ -221,6 +230,9 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
     finally:
         metrics.close()
     result = summary()
+    if pool.references is not None:
+        result.update(bound_summary(pool.references, kv_blocks, result["evicted_blocks"]))
+        result["wall_s"] = time.perf_counter() - wall0
     if out is not None:
         if eviction_log:
             _write_evictions(out / "evictions.csv", evictions, engine.block_ids)

@@ -68,6 +68,8 @@ class StepPlan:
     #: CPU tier loads this step waits for: synchronous swap-ins (summed) and prefetch copies (the latest end)
     swap_in_s: float = 0.0
     load_wait_s: float = 0.0
+    #: admission stopped at a request the policy holds back (``Policy.admit``)
+    held: bool = False
 
     @property
     def transfer_s(self) -> float:
@@ -349,7 +351,8 @@ class Scheduler:
                 decode_ctx += computed
         plan.prefill_tokens, plan.attn_pairs = prefill_tokens, attn_pairs
         plan.decode_seqs, plan.decode_ctx = decode_seqs, decode_ctx
-        if not scheduled and not running and self.waiting and not plan.preempted and not self.inflight and not (
+        if not scheduled and not running and self.waiting and not plan.preempted and not self.inflight \
+                and not plan.held and not (  # held: the engine waits for a submission or the policy's deadline
                 self.cpu_tier is not None and self.cpu_tier.holds_blocks()):  # else: wait for the copies
             req = self.waiting[0]
             need = -(-req.num_tokens // kv.block_size)
@@ -472,7 +475,10 @@ class Scheduler:
         if budget <= 0:
             return True
         thr = self.long_prefill_token_threshold
+        gates = self.policy.gates
         for req in self.waiting:
+            if gates and not self.policy.admit(req):  # held back, and so until an event or a deadline
+                continue
             hits = kv.longest_prefix(req)
             hit_tokens = len(hits) * bs
             chunk = min(req.num_tokens - hit_tokens, budget)
@@ -494,8 +500,12 @@ class Scheduler:
             order = sorted(waiting, key=policy.priority_key)  # stable: ties keep queue order
         admitted: list[Request] = []
         skipped = False
+        gates = policy.gates
         for req in order:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if gates and not policy.admit(req):  # the policy holds it back: admission stops, as for blocks
+                plan.held = True
                 break
             if req.stale:  # async: its stale output is still in flight (vLLM skips it this step; with two
                 # steps in flight it has always arrived by the next schedule, so this does not arise)

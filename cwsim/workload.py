@@ -18,6 +18,7 @@ from cwsim.config import ConfigError
 from cwsim.hashing import PrefixMemo, SegmentInterner
 from cwsim.sequences import common_prefix_len, shared_tokens
 from traces.format import Trace
+from traces.transform import scale_gaps
 from traces.stream import FIRST_PROMPT_SEGMENTS, iter_sessions, segment_ids, session_info
 
 
@@ -84,8 +85,11 @@ class Workload:
         self._shared_prefix = shared_prefix_tokens([i.first_prompt for i in infos])
 
     @classmethod
-    def from_trace(cls, trace: Trace, limit: int | None = None) -> "Workload":
+    def from_trace(cls, trace: Trace, limit: int | None = None, gap_scale: float = 1.0) -> "Workload":
+        """``gap_scale``: every gap times this (``traces.transform.scale_gaps``)."""
         sessions = trace.sessions[:limit] if limit is not None else trace.sessions
+        if gap_scale != 1:
+            sessions = list(scale_gaps(sessions, gap_scale))
         counts: dict[str, int] = {}
         for sess in sessions:
             for seg in segment_ids(sess):
@@ -96,9 +100,12 @@ class Workload:
         return wl
 
     @classmethod
-    def from_index(cls, index, limit: int | None = None) -> "Workload":
+    def from_index(cls, index, limit: int | None = None, gap_scale: float = 1.0) -> "Workload":
         infos = index.sessions[:limit] if limit is not None else index.sessions
-        return cls(infos, iter_sessions(index, len(infos)), index.shared)
+        sessions = iter_sessions(index, len(infos))
+        if gap_scale != 1:
+            sessions = scale_gaps(sessions, gap_scale)
+        return cls(infos, sessions, index.shared)
 
     @property
     def num_sessions(self) -> int:

@@ -206,7 +206,7 @@ def test_trace_arrivals_without_timestamps_write_nothing(tmp_path):
      "--cpu-kv-blocks: policy 'vllm' never offloads, so a CPU tier stays empty (policies that offload: tokencake)"),
     (["--policy", "sglang", "--predictor-trace", "x.jsonl"],
      "--predictor-trace: policy 'sglang' uses no tool-call predictor (policies that do: cachewise, cachewise-evict, "
-     "continuum, pbkv, tokencake)"),
+     "continuum, pbkv, tokencake, working-set, working-set-evict)"),
     (["--policy", "cachewise", "--predictor-trace", "absent.jsonl"], "--predictor-trace: absent.jsonl: no such file"),
 ])
 def test_run_flag_errors_name_the_flag(tmp_path, small_trace, args, message):

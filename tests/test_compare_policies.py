@@ -94,3 +94,40 @@ def test_the_runs_are_sweep_points_and_give_the_same_rows_in_one_process(quick_r
                           for r in rows}
     one = strip(read_rows(tmp_path / "results.csv"))
     assert len(one) == 4 and all(strip(read_rows(out / "results.csv"))[k] == v for k, v in one.items())
+
+
+def test_each_run_reports_its_gap_to_the_eviction_bound_of_its_own_schedule(quick_run):
+    cp, out = quick_run
+    rows = {(float(r["pressure"]), r["policy"]): r for r in read_rows(out / "results.csv")}
+    for (p, pol), r in rows.items():
+        if pol == "infinite":  # never evicts: no bound
+            assert r["bound_evicted_blocks"] == "" and r["evictions_vs_bound"] == ""
+            continue
+        assert 0 <= int(r["bound_evicted_blocks"]) <= int(r["evicted_blocks"])
+        assert 0 <= int(r["bound_remisses"]) <= int(r["stream_remisses"])
+    r = rows[2.0, "vllm"]
+    assert float(r["evictions_vs_bound"]) == pytest.approx(int(r["evicted_blocks"]) / int(r["bound_evicted_blocks"]),
+                                                           abs=1e-4)
+    ratios = {x["policy"]: x for x in read_rows(out / "ratios.csv")}
+    assert float(ratios["belady"]["evictions_vs_bound"]) >= 1.0
+    assert ratios["infinite"]["evictions_vs_bound"] == ""
+    png = out / "evictions_vs_bound.png"
+    assert png.exists() and png.stat().st_size > 1000
+    line = " ".join(cp.paper_check(cp.ratios(cp.load_results(out))))
+    assert "of the bound under its own schedule" in line
+
+
+def test_results_written_before_the_bound_still_load_but_do_not_resume(quick_run, tmp_path):
+    cp, out = quick_run
+    rows = read_rows(out / "results.csv")
+    old = [c for c in cp.COLUMNS if c not in cp.BOUND_COLUMNS]
+    with (tmp_path / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    df = cp.load_results(tmp_path)
+    assert df["bound_evicted_blocks"].isna().all() and len(df) == len(rows)
+    figs = cp.make_figures(df)
+    assert "evictions_vs_bound" not in figs and "evicted_blocks" in figs
+    with pytest.raises(ValueError, match="other columns"):
+        cp.main(["--quick", "--out", str(tmp_path), "--resume", "--workers", "1"])

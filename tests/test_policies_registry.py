@@ -29,7 +29,8 @@ DECISIONS = ("priority", "preemption_victim", "score", "tick", "next_deadline")
 # ----------------------------------------------------------------------- registry
 def test_every_spec_builds_its_class_and_names_only_constructor_settings():
     assert list(POLICIES) == ["vllm", "sglang", "belady", "infinite", "lfu", "cachewise", "cachewise-sched",
-                              "cachewise-evict", "continuum", "pbkv", "tokencake"]
+                              "cachewise-evict", "continuum", "pbkv", "tokencake", "working-set",
+                              "working-set-evict"]
     for name, spec in POLICIES.items():
         assert spec.name == name and get_policy(name) is spec
         pol = spec.make()
@@ -41,7 +42,11 @@ def test_every_spec_builds_its_class_and_names_only_constructor_settings():
     assert [n for n, s in POLICIES.items() if s.unbounded] == ["infinite"]
     assert [n for n, s in POLICIES.items() if s.offloads] == ["tokencake"]
     assert [n for n, s in POLICIES.items() if s.needs_predictor] == ["cachewise", "cachewise-evict", "continuum",
-                                                                      "pbkv", "tokencake"]
+                                                                      "pbkv", "tokencake", "working-set",
+                                                                      "working-set-evict"]
+    assert [n for n, s in POLICIES.items() if s.cls.overrides("admit")] == ["working-set", "working-set-evict"]
+    assert [n for n, s in POLICIES.items() if not s.runs_in_vllm] == ["belady", "infinite", "working-set",
+                                                                      "working-set-evict"]
     assert [n for n, s in POLICIES.items() if Need.FUTURE in s.needs] == ["belady"]
 
 
@@ -179,7 +184,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 def test_policy_modules_import_only_the_contract_and_the_predictor():
     modules = sorted(p.name for p in POLICY_DIR.glob("*.py") if p.name not in ("registry.py", "__init__.py"))
-    assert modules == ["api.py", "cachewise.py", "continuum.py", "eviction.py", "online.py", "pbkv.py",
+    assert modules == ["admission.py", "api.py", "cachewise.py", "continuum.py", "eviction.py", "online.py", "pbkv.py",
                        "scheduling.py", "tokencake.py"]
     bad = []
     for name in modules:

@@ -13,10 +13,16 @@ small size too. An answer's segment is cut to its call's scaled
 count an answer a few tokens differently than the call that produced it;
 the replay sends what the server generated, so the two must agree). Gaps
 over ``max_gap_s`` are cut to it; recorded start times are kept.
+
+``scale_gaps(sessions, factor)`` is a workload regime rather than a size: every
+gap between a call's answer and the session's next call (tool time and client
+time) multiplied by ``factor`` (``cwsim run --gap-scale``: agents whose tools
+run 10x or 100x longer, e.g. test suites, builds, a human in the loop).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from traces.format import Call, Session, Trace
@@ -58,3 +64,11 @@ def shrink(trace: Trace, *, token_scale: int = 1, max_turns: int | None = None, 
             if key in header:
                 header[key] = value
     return Trace(sessions, header, f"{trace.source} ({how})" if trace.source else how)
+
+
+def scale_gaps(sessions: Iterable[Session], factor: float) -> Iterator[Session]:
+    """Each session with every call's gap (``Call.next_gap_s``) times ``factor`` (>= 0), lazily."""
+    if not factor >= 0:
+        raise ValueError(f"gap scale must be >= 0, got {factor!r}")
+    for s in sessions:
+        yield Session(s.session_id, tuple(replace(c, gap_s=c.next_gap_s * factor) for c in s.calls))

@@ -249,6 +249,15 @@ class Policy:
         """Sort key of a waiting request (lowest admitted first): a number or a tuple."""
         return 0
 
+    def admit(self, req: RequestView) -> bool:
+        """Whether the waiting request ``req``, next in the policy's order, may be admitted now.
+        False stops this step's admissions there, as a request that cannot get its blocks does.
+        It must change no state (an engine may ask again), and its answer may change only at an
+        engine event (an arrival, a finish, a preemption, a release) or at :meth:`next_deadline`.
+        Base: True (vLLM admits whatever fits). Simulator only for now: the vLLM plugin refuses
+        a policy that overrides it."""
+        return True
+
     def preemption_victim(self, running: Sequence[RequestView]) -> RequestView:
         """vLLM FCFS: the request admitted last is preempted first."""
         return running[-1]

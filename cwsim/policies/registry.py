@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cwsim.policies.api import Need, Policy
 from cwsim.policies.cachewise import CacheWise, PrefixAwareScheduling, ReuseAwareEviction
+from cwsim.policies.admission import WorkingSetAdmission
 from cwsim.policies.continuum import Continuum
 from cwsim.policies.eviction import LFU, Belady
 from cwsim.policies.pbkv import PBKV
@@ -46,8 +47,9 @@ class PolicySpec:
 
     @property
     def runs_in_vllm(self) -> bool:
-        """Whether the vLLM plugin can run it (not with an unbounded pool, nor with the trace's future)."""
-        return not self.unbounded and Need.FUTURE not in self.cls.needs
+        """Whether the vLLM plugin can run it (not with an unbounded pool, nor with the trace's future,
+        nor an admission gate: the plugin does not implement ``Policy.admit`` yet)."""
+        return not self.unbounded and Need.FUTURE not in self.cls.needs and not self.cls.overrides("admit")
 
     def make(self, **settings) -> Policy:
         """A new policy object, given the settings among ``settings`` that it takes (``params``)."""
@@ -68,6 +70,13 @@ class _Infinite(Policy):
 
 class _CacheWiseEvict(ReuseAwareEviction):
     name = "cachewise-evict"
+
+
+class _WorkingSetCacheWise(WorkingSetAdmission, ReuseAwareEviction):
+    """Working-set admission with CacheWise's reuse-aware eviction (``score``: the bookkeeping of
+    one, the scores of the other)."""
+
+    name = "working-set-evict"
 
 
 POLICIES: dict[str, PolicySpec] = {
@@ -94,6 +103,11 @@ POLICIES: dict[str, PolicySpec] = {
                    "(CPU tier, default = GPU pool size); critical sessions first and evicted last",
                    Tokencake, ("offload_threshold_s", "reserve_share", "prefetch_margin_s"), default_cpu_tier=1.0,
                    offloads=True),
+        PolicySpec("working-set", "session-aware admission: a new session's call waits while the resident "
+                   "sessions' contexts fill the pool (no thrashing), LRU eviction", WorkingSetAdmission,
+                   ("headroom", "min_idle_s", "idle_factor")),
+        PolicySpec("working-set-evict", "working-set admission + CacheWise's reuse-aware eviction",
+                   _WorkingSetCacheWise, ("headroom", "min_idle_s", "idle_factor")),
     ]
 }
 
