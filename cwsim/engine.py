@@ -71,9 +71,6 @@ class Engine:
         # the server's frontend core, shared by the requests' processing and part of every step (cwsim.frontend)
         # (nothing to share with unless requests bring work to it)
         self.frontend = SharedCore(env) if profile.frontend_step_share and profile.request_overhead_s else None
-        if scheduler.async_scheduling and getattr(ctx, "gates", False):
-            raise ValueError(f"policy {ctx.policy.name!r} holds calls back (Policy.admit), which is modelled for "
-                             "the synchronous engine only (not with --async-scheduling)")
         if self.frontend is not None and scheduler.async_scheduling:
             raise ValueError("a profile's frontend_step_share is modelled for the synchronous engine only "
                              "(not with async scheduling)")
@@ -122,25 +119,19 @@ class Engine:
                 tier.tick(now)  # background transfers that ended or start by now
             self.ctx.tick(now)  # the policy's time hook (a pin that expires) before scheduling
             plan = sched.schedule(now)
-            if plan.empty and plan.held and not sched.running:
-                # the policy holds every waiting call back and nothing runs: wait for a submission or
-                # for the policy's next deadline, when its answer may change
-                deadline = self.ctx.next_deadline()
-                if deadline <= now:
-                    raise SimulationError(f"policy {self.ctx.policy.name!r} holds its waiting calls back with "
-                                          f"nothing running past its own deadline ({deadline} <= {now})")
-                self._idle = env.event()
-                yield self._idle if math.isinf(deadline) else env.any_of([self._idle, env.timeout(deadline - now)])
-                self._idle = None
-                continue
             if plan.empty:
-                tier = self.ctx.tier
-                if tier is not None and not plan.preempted and not sched.running and sched.waiting:
-                    # nothing fits while CPU-tier copies hold blocks: wait for the next transfer event (or a submission)
-                    self._idle = env.event()
-                    yield env.any_of([self._idle, env.timeout(tier.next_deadline() - now)])
-                    self._idle = None
-                continue  # everything running was preempted: admit next iteration
+                if plan.held and not sched.running:
+                    # the policy holds every waiting call back and nothing runs: until a submission or the
+                    # policy's next deadline, when its answer may change
+                    deadline = self.ctx.next_deadline()
+                    if deadline <= now:
+                        raise SimulationError(f"policy {self.ctx.policy.name!r} holds its waiting calls back with "
+                                              f"nothing running past its own deadline ({deadline} <= {now})")
+                    yield from self._wait(deadline - now)
+                elif (tier := self.ctx.tier) is not None and not plan.preempted and not sched.running and sched.waiting:
+                    # nothing fits while CPU-tier copies hold blocks: until the next transfer event (or a submission)
+                    yield from self._wait(tier.next_deadline() - now)
+                continue  # (everything running was preempted: admit next iteration)
             if (self.decode_jumps and plan.decode_only and plan.lazy + len(plan.scheduled) == len(sched.running)
                     and sched.admission_blocked() and (self.frontend is None or not self.frontend.busy)):
                 n = self._plan_jump(plan)
@@ -167,6 +158,12 @@ class Engine:
                 # the finished calls' sessions submit what is due now (a next call after no gap, a next
                 # session) before the next step is scheduled, as the oracle orders events at one instant
                 yield env.timeout(0)
+
+    def _wait(self, delay: float):
+        """Until the next submission, or ``delay`` seconds (``inf``: no limit)."""
+        self._idle = self.env.event()
+        yield self._idle if math.isinf(delay) else self.env.any_of([self._idle, self.env.timeout(delay)])
+        self._idle = None
 
     def _run_async(self):
         """vLLM's engine core with async scheduling: two steps in flight.

@@ -79,12 +79,9 @@ class ReferenceStream:
     def __len__(self) -> int:
         return len(self._events)
 
-    def touch(self, hashes) -> None:
+    def touch(self, hashes: np.ndarray) -> None:
         """Resident contents referenced (a prefix hit, a copy's hold)."""
-        if isinstance(hashes, np.ndarray):  # (a whole prompt's hits: at C speed)
-            self._events.frombytes((hashes.astype(np.int64, copy=False) << 1).tobytes())
-        else:
-            self._events.extend([h << 1 for h in hashes])
+        self._events.frombytes((hashes.astype(np.int64, copy=False) << 1).tobytes())
 
     def insert(self, hashes, cached) -> None:
         """Contents given to blocks, before they enter ``cached`` (the pool's hash -> block map)."""

@@ -100,10 +100,9 @@ def run(trace_path: str | Path, policies: list[str], gap_scales: list[float], ag
     trace = load_trace(trace_path)
     name = trace_name(trace_path)
     points, meta = [], {}
+    first = truncate(trace, max_sessions)
     for gap in gap_scales:
-        regime_trace = truncate(trace, max_sessions)
-        if gap != 1:
-            regime_trace = Trace(list(scale_gaps(regime_trace.sessions, gap)), source=trace.source)
+        regime_trace = first if gap == 1 else Trace(list(scale_gaps(first.sessions, gap)), source=trace.source)
         for n_agents in agents:
             for bs in block_sizes:
                 peak = peak_working_set(regime_trace, name, n_agents, max_sessions, out, console, block_size=bs,

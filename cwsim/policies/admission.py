@@ -42,33 +42,26 @@ class WorkingSetAdmission(Policy):
         self.headroom = headroom
         self.idle_factor = idle_factor
         self.min_idle_s = min_idle_s
-        #: session -> (blocks of its latest finished context, time it stops being resident)
+        #: resident sessions between calls: session -> (blocks of its latest finished context, time it stops
+        #: being resident); ``tick`` drops the expired ones before every step, so all of these are resident
         self._idle: dict[str, tuple[int, float]] = {}
+        self._next_expiry = math.inf  # the earliest of those times
 
-    # ------------------------------------------------------------------ facts
-    def _resident(self, now: float) -> dict[str, int]:
-        """Resident session -> its context's blocks (running requests first)."""
-        sizes = {s: n for s, (n, until) in self._idle.items() if until > now}
-        for r in self.env.running:
-            sizes[r.session_id] = max(r.num_blocks, 1)
-        return sizes
+    # -------------------------------------------------------------- decisions
+    def priority(self, req: RequestView):
+        return (0 if req.session_id in self._idle else 1, req.number)
 
-    def _fits(self, req: RequestView) -> bool:
-        if not self.env.running:  # an idle engine admits (a held call would wait on nothing)
+    def admit(self, req: RequestView) -> bool:
+        running = self.env.running
+        if not running:  # an idle engine admits (a held call would wait on nothing)
             return True
-        sizes = self._resident(self.env.now)
+        sizes = {s: n for s, (n, _) in self._idle.items()}
+        for r in running:
+            sizes[r.session_id] = max(r.num_blocks, 1)
         if req.session_id in sizes:
             return True
         need = -(-req.prompt_tokens // self.env.block_size)
         return sum(sizes.values()) + need <= (1.0 - self.headroom) * self.env.usable_blocks
-
-    # -------------------------------------------------------------- decisions
-    def priority(self, req: RequestView):
-        resident = req.session_id in self._idle and self._idle[req.session_id][1] > self.env.now
-        return (0 if resident else 1, req.number)
-
-    def admit(self, req: RequestView) -> bool:
-        return self._fits(req)
 
     def score(self, release: Release) -> float:
         req = release.request
@@ -80,13 +73,16 @@ class WorkingSetAdmission(Policy):
             else:
                 idle = pred.expected_idle(cat, 0.0)
                 hold = max(self.min_idle_s, self.idle_factor * idle) if math.isfinite(idle) else self.min_idle_s
-                self._idle[req.session_id] = (req.num_blocks, release.now + hold)
+                until = release.now + hold
+                self._idle[req.session_id] = (req.num_blocks, until)
+                self._next_expiry = min(self._next_expiry, until)
         return super().score(release)  # the eviction order of the class combined with this one (Policy: LRU)
 
     def tick(self, now: float) -> None:
-        for s in [s for s, (_, until) in self._idle.items() if until <= now]:
-            del self._idle[s]
+        if now < self._next_expiry:  # (most steps: nothing expires)
+            return
+        self._idle = {s: v for s, v in self._idle.items() if v[1] > now}
+        self._next_expiry = min((until for _, until in self._idle.values()), default=math.inf)
 
     def next_deadline(self) -> float:
-        now = self.env.now
-        return min((until for _, until in self._idle.values() if until > now), default=math.inf)
+        return self._next_expiry
