@@ -155,6 +155,14 @@ def _load(path: Path | None) -> "Trace":  # noqa: F821
         return load_trace(path if path is not None else DEFAULT_TRACE, progress=progress)
 
 
+def _load_table(path: Path | None) -> "TraceTable":  # noqa: F821
+    """Read a trace into compact columns (``traces.columnar``) with a progress bar over the file's bytes."""
+    from traces.columnar import load_table
+
+    with _reading("reading") as progress:
+        return load_table(path if path is not None else DEFAULT_TRACE, progress=progress)
+
+
 def _index(path: Path | None):
     """Read a trace for a run with a progress bar: indexed (``traces.stream``, the run streams its
     sessions) when its sessions' lines lie together, else loaded whole."""
@@ -385,7 +393,7 @@ def analyze(
     trace = trace if trace is not None else trace_arg
     with _guarded("--out"):
         check_folder(out)
-        tr = _load(trace)
+        tr = _load_table(trace)
         with console.status("analysing (includes one infinite-cache simulation for timing)"):
             result = run_analysis(tr, block_size=block_size, pool_blocks=kv_blocks, agents=agents, profile=profile)
             paths = write_analysis(result, tr, out)
@@ -431,7 +439,7 @@ def synth(
         except OutputPathError as e:
             fail(f"--model-out: {e}")
     with _guarded("--out"):
-        real = _load(like)
+        real = _load_table(like)
         model = fit(real)
         model.source = str(like)
         if model_out is not None:

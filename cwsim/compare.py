@@ -90,7 +90,7 @@ from cwsim.policies.registry import POLICIES
 from cwsim.runner import DEFAULT_TRACE
 from cwsim.sweep import SweepPoint, point_id, run_points
 from traces.format import Trace
-from traces.reader import load_trace
+from traces.columnar import TraceTable, load_table
 
 __all__ = ["BOUND_COLUMNS", "COLUMNS", "find_results", "load_results", "main", "make_figures", "paper_check", "ratios", "run",
            "write_outputs"]
@@ -164,10 +164,12 @@ def kv_blocks_for(peak_blocks: int, pressure: float) -> int:
     return max(2, math.ceil(peak_blocks / pressure) + 1)
 
 
-def truncate(trace: Trace, max_sessions: int | None) -> Trace:
-    """The first ``max_sessions`` sessions, as ``simulate`` takes them."""
+def truncate(trace: Trace | TraceTable, max_sessions: int | None) -> Trace | TraceTable:
+    """The first ``max_sessions`` sessions, as ``simulate`` takes them (a table stays a table)."""
     if max_sessions is None or max_sessions >= len(trace.sessions):
         return trace
+    if isinstance(trace, TraceTable):
+        return TraceTable.from_sessions(trace.iter_sessions(max_sessions), header=trace.header, source=trace.source)
     return Trace(sessions=trace.sessions[:max_sessions], header=dict(trace.header), source=trace.source)
 
 
@@ -377,7 +379,7 @@ def run(traces: list[str | Path], policies: list[str], pressures: list[float], *
             for path in traces:
                 name = trace_name(path)
                 progress.update(task, description=name)
-                trace = load_trace(path)
+                trace = load_table(path)
                 peak = peak_working_set(truncate(trace, max_sessions), name, agents, max_sessions, out,
                                         progress.console)
                 run_all(progress, task, path, trace, name,

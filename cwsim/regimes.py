@@ -56,7 +56,7 @@ from cwsim.policies.registry import POLICIES
 from cwsim.runner import DEFAULT_TRACE
 from cwsim.sweep import SweepPoint, point_id, run_points
 from traces.format import Trace
-from traces.reader import load_trace
+from traces.columnar import TraceTable, load_table
 from traces.transform import scale_gaps
 
 __all__ = ["AXES", "COLUMNS", "load_results", "main", "make_figures", "ratios", "run"]
@@ -97,12 +97,13 @@ def run(trace_path: str | Path, policies: list[str], gap_scales: list[float], ag
         [("--block-sizes", v) for v in block_sizes if v < 1] + [("--pressures", v) for v in pressures if not v > 0]
     if bad:
         raise ValueError(f"{bad[0][0]}: {bad[0][1]} is out of range")
-    trace = load_trace(trace_path)
+    trace = load_table(trace_path)
     name = trace_name(trace_path)
     points, meta = [], {}
     first = truncate(trace, max_sessions)
     for gap in gap_scales:
-        regime_trace = first if gap == 1 else Trace(list(scale_gaps(first.sessions, gap)), source=trace.source)
+        regime_trace = first if gap == 1 else TraceTable.from_sessions(scale_gaps(first.sessions, gap),
+                                                                       source=trace.source)
         for n_agents in agents:
             for bs in block_sizes:
                 peak = peak_working_set(regime_trace, name, n_agents, max_sessions, out, console, block_size=bs,

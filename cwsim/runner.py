@@ -30,6 +30,7 @@ from traces.format import Trace
 from traces.files import atomic_write_text, ensure_folder
 from traces.reader import TraceFormatError, load_trace
 from traces.transform import scale_gaps
+from traces.columnar import TraceTable
 from traces.stream import TraceIndex, index_trace, iter_sessions
 
 #: the repository (the installed packages' parent folder)
@@ -105,12 +106,13 @@ def prepare_results_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = SimConfig(),
+def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config: SimConfig = SimConfig(),
              out_dir: str | Path | None = None, on_progress=None, eviction_log: bool = False,
              on_load=None) -> SimResult:
     """Run one simulation; write ``summary.json``, ``requests.csv`` and ``sessions.csv`` to ``out_dir`` if given.
 
-    ``trace``: a file (default: the bundled trace), a ``Trace`` or a ``traces.stream.TraceIndex``.
+    ``trace``: a file (default: the bundled trace), a ``Trace``, a ``traces.columnar.TraceTable`` (its
+    sessions are built as the run reaches them) or a ``traces.stream.TraceIndex``.
     A file is indexed and its sessions streamed (memory follows the sessions in flight; see
     ``traces.stream``), or loaded whole when its sessions' lines interleave; ``on_load(bytes_read,
     file_size)`` follows that reading.
@@ -129,7 +131,7 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
     wall0 = time.perf_counter()
     if trace is None:
         trace = DEFAULT_TRACE
-    if isinstance(trace, (Trace, TraceIndex)):
+    if isinstance(trace, (Trace, TraceTable, TraceIndex)):
         source = trace
     else:  # a file: streamed (two reads) when its sessions' lines lie together, else loaded whole
         source = index_trace(trace, progress=on_load) or load_trace(trace, progress=on_load)
@@ -138,6 +140,8 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
     arrivals = Arrivals(config.arrivals, config.agents, config.rate)
     if isinstance(source, TraceIndex):
         workload = Workload.from_index(source, config.max_sessions, config.gap_scale)
+    elif isinstance(source, TraceTable):
+        workload = Workload.from_table(source, config.max_sessions, config.gap_scale)
     else:
         workload = Workload.from_trace(source, config.max_sessions, config.gap_scale)
     kv_blocks = resolve_kv_blocks(config, profile)
@@ -154,9 +158,9 @@ def simulate(trace: Trace | TraceIndex | str | Path | None, config: SimConfig = 
         elif isinstance(source, TraceIndex):
             train = iter_sessions(source)  # (one more read of the file)
         else:
-            train = source
+            train = source.sessions
         if config.gap_scale != 1:  # the regime the predictor learns is the one it runs in
-            train = scale_gaps(train.sessions if isinstance(train, Trace) else train, config.gap_scale)
+            train = scale_gaps(train, config.gap_scale)
         predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
     cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
     out = prepare_results_dir(out_dir) if out_dir is not None else None

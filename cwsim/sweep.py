@@ -45,7 +45,7 @@ from cwsim.steptime import load_profile
 from cwsim.workload import Arrivals
 from traces.files import atomic_write_text, ensure_folder
 from traces.format import Trace
-from traces.reader import load_trace
+from traces.columnar import TraceTable, load_table
 
 __all__ = ["SweepError", "SweepInterrupted", "SweepPoint", "expand_grid", "load_spec", "point_id", "run_points",
            "run_sweep", "RESULTS_FILE"]
@@ -214,7 +214,7 @@ def _under(base: Path, path: str) -> Path:
 
 
 # ------------------------------------------------------------------------------ one point
-def _run_point(trace: Trace, config: SimConfig, out: Path) -> dict:
+def _run_point(trace: Trace | TraceTable, config: SimConfig, out: Path) -> dict:
     """Simulate one point into ``out``; ``{"summary": ...}`` or ``{"error": "Type: message"}``."""
     try:
         return {"summary": simulate(trace, config, out).summary}
@@ -223,10 +223,10 @@ def _run_point(trace: Trace, config: SimConfig, out: Path) -> dict:
 
 
 #: the traces of this worker process (set once by the pool's initializer)
-_WORKER_TRACES: dict[str, Trace] = {}
+_WORKER_TRACES: dict[str, Trace | TraceTable] = {}
 
 
-def _init_worker(traces: dict[str, Trace]) -> None:
+def _init_worker(traces: dict[str, Trace | TraceTable]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _WORKER_TRACES.update(traces)
 
@@ -235,7 +235,7 @@ def _pool_point(trace_key: str, config: SimConfig, out: str) -> dict:
     return _run_point(_WORKER_TRACES[trace_key], config, Path(out))
 
 
-def _ray_point(trace: Trace, config: SimConfig) -> dict:
+def _ray_point(trace: Trace | TraceTable, config: SimConfig) -> dict:
     """A Ray task: simulate in a scratch folder on the worker and return the result files' bytes
     (the driver writes them: a cluster's nodes need not share a file system)."""
     with tempfile.TemporaryDirectory(prefix="cwsim-point-") as tmp:
@@ -267,7 +267,7 @@ def run_sweep(spec_or_path: dict | str | Path, out_dir: str | Path, workers: int
 
 def run_points(points: list[SweepPoint], out_dir: str | Path, workers: int | None = None,
                ray_address: str | None = None, on_progress: Callable[[int, int, dict], None] | None = None,
-               traces: dict[str, Trace] | None = None) -> pd.DataFrame:
+               traces: dict[str, Trace | TraceTable] | None = None) -> pd.DataFrame:
     """:func:`run_sweep` of points made elsewhere (any list, not only a grid's product: ``cwsim.compare``
     derives each point's pool from its trace). ``traces``: those already loaded (by path), to not
     load them again."""
@@ -295,7 +295,7 @@ def run_points(points: list[SweepPoint], out_dir: str | Path, workers: int | Non
         for done, row in enumerate(table.rows.values(), start=1):
             on_progress(done, len(points), row)
     known = traces or {}
-    traces = {str(t): known.get(str(t)) or load_trace(t) for t in dict.fromkeys(p.trace for p in todo)}
+    traces = {str(t): known.get(str(t)) or load_table(t) for t in dict.fromkeys(p.trace for p in todo)}
 
     def finished(p: SweepPoint, result: dict) -> None:
         row = table.add(p, result)
@@ -328,7 +328,7 @@ def _finished_summary(folder: Path) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("partial") is False else None
 
 
-def _run_pool(todo: list[SweepPoint], traces: dict[str, Trace], out: Path, workers: int, finished) -> None:
+def _run_pool(todo: list[SweepPoint], traces: dict[str, Trace | TraceTable], out: Path, workers: int, finished) -> None:
     # forkserver: no fork of a process that runs threads (a progress bar's); the server imports
     # the simulator once and each worker starts as a fork of it
     context = multiprocessing.get_context("forkserver")
@@ -355,7 +355,7 @@ def _run_pool(todo: list[SweepPoint], traces: dict[str, Trace], out: Path, worke
     pool.shutdown()
 
 
-def _run_ray(todo: list[SweepPoint], traces: dict[str, Trace], out: Path, address: str, workers: int | None,
+def _run_ray(todo: list[SweepPoint], traces: dict[str, Trace | TraceTable], out: Path, address: str, workers: int | None,
              finished) -> None:
     import ray
     started = False

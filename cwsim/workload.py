@@ -63,9 +63,10 @@ class Workload:
     """The sessions of a run, each made ready (a :class:`SessionState`) when the run reaches it.
 
     Built from a whole ``Trace`` (:meth:`from_trace`: every session ready at once, in
-    ``sessions``) or from a ``traces.stream.TraceIndex`` (:meth:`from_index`: sessions read from
+    ``sessions``), from a ``traces.stream.TraceIndex`` (:meth:`from_index`: sessions read from
     the file in order as the run asks for them, so memory follows the sessions in flight, not
-    the trace). Both give the same states: segment ids are interned in trace order either way.
+    the trace) or from a ``traces.columnar.TraceTable`` (:meth:`from_table`: the same, built
+    from the table's columns). Both give the same states: segment ids are interned in trace order either way.
     ``session(i)`` hands out session ``i`` once (reading ahead keeps the skipped ones until asked
     for); ``release(sess)`` forgets a finished session's own segment ids.
     """
@@ -106,6 +107,16 @@ class Workload:
         if gap_scale != 1:
             sessions = scale_gaps(sessions, gap_scale)
         return cls(infos, sessions, index.shared)
+
+    @classmethod
+    def from_table(cls, table, limit: int | None = None, gap_scale: float = 1.0) -> "Workload":
+        """From a ``traces.columnar.TraceTable``: like :meth:`from_index`, each session built from the
+        table's columns when the run reaches it."""
+        infos = table.infos[:limit] if limit is not None else table.infos
+        sessions = table.iter_sessions(len(infos))
+        if gap_scale != 1:
+            sessions = scale_gaps(sessions, gap_scale)
+        return cls(infos, sessions, table.shared)
 
     @property
     def num_sessions(self) -> int:

@@ -14,6 +14,7 @@ import pytest
 from cwsim.config import SimConfig
 from cwsim.runner import DEFAULT_TRACE, simulate
 from traces import Call, ToolCall, TraceFormatError, load_trace, write_trace
+from traces.columnar import load_table
 from traces.format import header_line
 from traces.stream import SessionInfo, index_trace, iter_sessions, num_calls
 
@@ -145,6 +146,7 @@ def test_a_streamed_run_gives_the_numbers_of_a_run_on_the_whole_trace(synth_file
         load_trace(synth_file), kw.get("max_sessions"))
     assert _numbers(streamed) == _numbers(simulate(load_trace(synth_file), cfg))
     assert _numbers(streamed) == _numbers(simulate(synth_file, cfg, eviction_log=True))
+    assert _numbers(streamed) == _numbers(simulate(load_table(synth_file), cfg))  # sessions built from columns
 
 
 def test_recorded_starts_out_of_file_order_are_served_by_reading_ahead(tmp_path):

@@ -1,0 +1,308 @@
+"""A whole trace held in compact columns (:class:`TraceTable`), for the code that needs every session.
+
+``load_trace`` builds one ``Call`` object per call and repeats each prompt's whole segment
+list on every call, so its memory grows with calls x prompt length (about 0.14 MiB a
+session of the synthetic traces). A simulation streams instead (``traces.stream``); the
+rest (analysis, sweeps and comparisons that reuse a trace across runs, predictor fitting)
+holds a :class:`TraceTable`:
+
+- per call, numpy columns: ``turn``, ``output_tokens``, ``output_segment``, ``gap_s``,
+  ``timestamp_s``, ``latency_s`` (NaN for a missing value: the reader admits only
+  finite numbers, so NaN means "not recorded");
+- each prompt in the trace format's compact form: ``keep`` leading segments of the
+  previous call's sequence (prompt, then output segment), then its own ``appended``
+  segments (CSR: ``append_start`` offsets into ``seg`` / ``seg_tokens``);
+- segment ids interned as numbers; their text in one UTF-8 blob with offsets, decoded
+  only when a session is materialised. A segment that only one session holds is interned
+  per session (the index pass says which ids may be shared), so building never keeps a
+  dictionary of every id;
+- tool calls as CSR columns (``tool_start``; names and categories interned).
+
+Invariant: ``table.sessions[i]`` equals ``load_trace(path).sessions[i]`` for every ``i``
+(same calls, same field values and types), and ``table.shared(seg)`` is exact: True
+exactly when the sequences of two or more sessions hold ``seg``. ``table.sessions`` is a
+read-only sequence that builds each ``Session`` when asked, so code written for a
+``Trace`` (``for s in trace.sessions``, ``len``, indexing) runs on a table unchanged,
+with memory for one session at a time.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from traces.format import Call, Session, ToolCall, Trace
+from traces.reader import load_trace, sequence
+from traces.sequences import common_prefix_len
+from traces.stream import SessionInfo, index_trace, iter_sessions, session_info
+
+__all__ = ["TraceTable", "load_table"]
+
+_NAN = float("nan")
+
+
+class _Strings:
+    """Interned strings: ``add(s) -> id`` while building; ``text(i)`` after ``freeze``."""
+
+    __slots__ = ("blob", "offsets", "_ids")
+
+    def __init__(self):
+        self.blob = bytearray()
+        self.offsets = array("q", [0])
+        self._ids: dict[str, int] = {}
+
+    def add(self, s: str, ids: dict | None = None) -> int:
+        ids = self._ids if ids is None else ids
+        i = ids.get(s)
+        if i is None:
+            i = ids[s] = len(self.offsets) - 1
+            self.blob += s.encode()
+            self.offsets.append(len(self.blob))
+        return i
+
+    def freeze(self) -> tuple[bytes, np.ndarray, dict[str, int]]:
+        return bytes(self.blob), np.frombuffer(self.offsets, dtype=np.int64).copy(), self._ids
+
+
+class _Builder:
+    """Columns appended one session at a time (:meth:`TraceTable.from_sessions`)."""
+
+    def __init__(self, may_share):
+        self.may_share = may_share  # segment id -> whether another session may hold it (True when unsure)
+        self.segs = _Strings()
+        self.names = _Strings()
+        self.session_ids: list[str] = []
+        self.infos: list[SessionInfo] = []
+        self.call_start = array("q", [0])
+        self.turn = array("q")
+        self.output_tokens = array("q")
+        self.output_segment = array("q")
+        self.gap_s = array("d")
+        self.timestamp_s = array("d")
+        self.latency_s = array("d")
+        self.keep = array("q")
+        self.append_start = array("q", [0])
+        self.seg = array("q")
+        self.seg_tokens = array("q")
+        self.tool_start = array("q", [0])
+        self.tool_name = array("q")
+        self.tool_category = array("q")
+        self.tool_duration = array("d")
+        self.holders = array("q")  # per session, the distinct globally interned segments it holds
+
+    def add(self, session: Session) -> None:
+        local: dict[str, int] = {}
+        segs = self.segs
+        may_share = self.may_share
+        held: set[int] = set()
+
+        def intern(s: str) -> int:
+            if may_share(s):
+                i = segs.add(s)
+                held.add(i)
+                return i
+            return segs.add(s, local)
+
+        self.session_ids.append(session.session_id)
+        self.infos.append(session_info(session))
+        prev: tuple = ()
+        for c in session.calls:
+            k = common_prefix_len(prev, c.prompt)
+            self.keep.append(k)
+            for s, n in c.prompt[k:]:
+                self.seg.append(intern(s))
+                self.seg_tokens.append(n)
+            self.append_start.append(len(self.seg))
+            self.turn.append(c.turn)
+            self.output_tokens.append(c.output_tokens)
+            self.output_segment.append(-1 if c.output_segment is None else intern(c.output_segment))
+            self.gap_s.append(_NAN if c.gap_s is None else c.gap_s)
+            self.timestamp_s.append(_NAN if c.timestamp_s is None else c.timestamp_s)
+            self.latency_s.append(_NAN if c.latency_s is None else c.latency_s)
+            for t in c.tools:
+                self.tool_name.append(self.names.add(t.name))
+                self.tool_category.append(self.names.add(t.category))
+                self.tool_duration.append(t.duration_s)
+            self.tool_start.append(len(self.tool_name))
+            prev = sequence(c)
+        self.call_start.append(len(self.turn))
+        self.holders.extend(held)
+
+
+def _np(a: array, dtype) -> np.ndarray:
+    return np.frombuffer(a, dtype=dtype).copy() if len(a) else np.zeros(0, dtype=dtype)
+
+
+class _SessionsView(Sequence):
+    """``table.sessions``: each ``Session`` built when asked (a slice gives a list)."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: "TraceTable"):
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self._table.session_ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._table.session(k) for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("session index out of range")
+        return self._table.session(i)
+
+    def __iter__(self) -> Iterator[Session]:
+        return self._table.iter_sessions()
+
+
+class TraceTable:
+    """A trace in compact columns (see the module docstring). Build it with :func:`load_table`,
+    :meth:`from_trace` or :meth:`from_sessions`; it pickles small (numpy arrays and one blob)."""
+
+    __slots__ = ("header", "source", "rejected", "session_ids", "infos", "call_start", "turn", "output_tokens",
+                 "output_segment", "gap_s", "timestamp_s", "latency_s", "keep", "append_start", "seg",
+                 "seg_tokens", "tool_start", "tool_name", "tool_category", "tool_duration", "_seg_blob",
+                 "_seg_offsets", "_names", "_shared")
+
+    @classmethod
+    def from_sessions(cls, sessions: Iterable[Session], *, header: dict | None = None, source: str = "",
+                      may_share=None) -> "TraceTable":
+        """A table of ``sessions`` (one pass). ``may_share(segment_id)``: False only for an id that no
+        other session holds (e.g. ``TraceIndex.shared``); by default every id is interned globally."""
+        b = _Builder(may_share or (lambda _s: True))
+        for s in sessions:
+            b.add(s)
+        t = cls.__new__(cls)
+        t.header = dict(header or {})
+        t.source = source
+        t.rejected = []
+        t.session_ids = b.session_ids
+        t.infos = b.infos
+        t.call_start = _np(b.call_start, np.int64)
+        t.turn = _np(b.turn, np.int64)
+        t.output_tokens = _np(b.output_tokens, np.int64)
+        t.output_segment = _np(b.output_segment, np.int64)
+        t.gap_s = _np(b.gap_s, np.float64)
+        t.timestamp_s = _np(b.timestamp_s, np.float64)
+        t.latency_s = _np(b.latency_s, np.float64)
+        t.keep = _np(b.keep, np.int64)
+        t.append_start = _np(b.append_start, np.int64)
+        t.seg = _np(b.seg, np.int64)
+        t.seg_tokens = _np(b.seg_tokens, np.int64)
+        t.tool_start = _np(b.tool_start, np.int64)
+        t.tool_name = _np(b.tool_name, np.int64)
+        t.tool_category = _np(b.tool_category, np.int64)
+        t.tool_duration = _np(b.tool_duration, np.float64)
+        t._seg_blob, t._seg_offsets, global_ids = b.segs.freeze()
+        blob, offsets, _ = b.names.freeze()
+        t._names = [blob[offsets[i]:offsets[i + 1]].decode() for i in range(len(offsets) - 1)]
+        held = _np(b.holders, np.int64)
+        counts = np.bincount(held, minlength=len(t._seg_offsets) - 1) if len(held) else np.zeros(0, np.int64)
+        t._shared = frozenset(s for s, i in global_ids.items() if counts[i] > 1)
+        return t
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> "TraceTable":
+        return cls.from_sessions(trace.sessions, header=trace.header, source=trace.source)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def sessions(self) -> _SessionsView:
+        return _SessionsView(self)
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.turn)
+
+    def calls(self) -> Iterator[Call]:
+        for s in self.iter_sessions():
+            yield from s.calls
+
+    def shared(self, segment_id: str) -> bool:
+        """Whether the sequences of two or more sessions hold ``segment_id`` (exact)."""
+        return segment_id in self._shared
+
+    def to_trace(self) -> Trace:
+        return Trace(list(self.iter_sessions()), dict(self.header), self.source)
+
+    def iter_sessions(self, limit: int | None = None) -> Iterator[Session]:
+        n = len(self.session_ids) if limit is None else min(limit, len(self.session_ids))
+        for i in range(n):
+            yield self.session(i)
+
+    def session(self, i: int) -> Session:
+        """Session ``i``, built from the columns (equal to ``load_trace``'s)."""
+        a, b = int(self.call_start[i]), int(self.call_start[i + 1])
+        blob, off, names = self._seg_blob, self._seg_offsets, self._names
+        text: dict[int, str] = {}
+
+        def seg_id(j: int) -> str:
+            s = text.get(j)
+            if s is None:
+                s = text[j] = blob[off[j]:off[j + 1]].decode()
+            return s
+
+        sid = self.session_ids[i]
+        keep = self.keep[a:b].tolist()
+        lo = self.append_start[a:b + 1].tolist()
+        segs = self.seg[lo[0]:lo[-1]].tolist()
+        toks = self.seg_tokens[lo[0]:lo[-1]].tolist()
+        base = lo[0]
+        turn = self.turn[a:b].tolist()
+        out = self.output_tokens[a:b].tolist()
+        out_seg = self.output_segment[a:b].tolist()
+        gap = self.gap_s[a:b].tolist()
+        ts = self.timestamp_s[a:b].tolist()
+        lat = self.latency_s[a:b].tolist()
+        tl = self.tool_start[a:b + 1].tolist()
+        tname = self.tool_name[tl[0]:tl[-1]].tolist()
+        tcat = self.tool_category[tl[0]:tl[-1]].tolist()
+        tdur = self.tool_duration[tl[0]:tl[-1]].tolist()
+        tbase = tl[0]
+        calls = []
+        prev: tuple = ()
+        for k in range(b - a):
+            x, y = lo[k] - base, lo[k + 1] - base
+            prompt = prev[:keep[k]] + tuple((seg_id(j), n) for j, n in zip(segs[x:y], toks[x:y]))
+            tools = tuple(ToolCall(names[tname[m]], names[tcat[m]], tdur[m])
+                          for m in range(tl[k] - tbase, tl[k + 1] - tbase))
+            g, t, la = gap[k], ts[k], lat[k]
+            c = Call(sid, turn[k], prompt, out[k], None if out_seg[k] < 0 else seg_id(out_seg[k]), tools,
+                     None if g != g else g, None if t != t else t, None if la != la else la)
+            calls.append(c)
+            prev = sequence(c)
+        return Session(sid, tuple(calls))
+
+    def nbytes(self) -> int:
+        """Bytes held by the columns and the id blob (not the per-session ids and infos)."""
+        cols = (self.call_start, self.turn, self.output_tokens, self.output_segment, self.gap_s, self.timestamp_s,
+                self.latency_s, self.keep, self.append_start, self.seg, self.seg_tokens, self.tool_start,
+                self.tool_name, self.tool_category, self.tool_duration, self._seg_offsets)
+        return sum(c.nbytes for c in cols) + len(self._seg_blob)
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def load_table(path, *, progress=None) -> TraceTable:
+    """Read a trace file into a :class:`TraceTable`: ``load_trace``'s checks and errors.
+
+    A file whose sessions' lines lie together is read twice (``traces.stream``: the index pass
+    validates it and says which ids may be shared, the second pass fills the columns), so no
+    more than one session is ever held as objects; a file whose sessions interleave is loaded
+    whole first. ``progress(bytes_read, file_size)`` follows the first read."""
+    index = index_trace(path, progress=progress)
+    if index is None:
+        return TraceTable.from_trace(load_trace(path, progress=progress))
+    return TraceTable.from_sessions(iter_sessions(index), header=index.header, source=index.source,
+                                    may_share=index.shared)
