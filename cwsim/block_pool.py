@@ -441,6 +441,28 @@ class BlockPool:
         self.queue.prepend_n(freed.copy())
         return len(freed)
 
+    def drop_unreachable(self, hashes) -> int:
+        """An unbounded pool's cleanup: free cached blocks of contents that no request will ask for
+        again (a finished session's own blocks) lose their hash and join the front of the queue
+        (tier 0), so the pool reuses them instead of growing for ever.
+
+        Not evictions (``num_evicted`` and ``on_evict`` are untouched), and nothing a run measures
+        changes: those contents could never hit again, and a growable pool allocates from tier 0
+        only. Blocks still in use keep their hash. Returns how many blocks were dropped."""
+        cached, dups = self.cached, self._dups
+        found = [b for h in hashes if (b := cached.get(h)) is not None]
+        if dups:
+            found += [b for h in hashes for b in dups.get(h, ())]
+        if not found:
+            return 0
+        blocks = np.array(found, dtype=np.int64)
+        blocks = blocks[self.ref[blocks] == 0]
+        if len(blocks):
+            self._leave_queue(blocks)
+            self._unhash(blocks)
+            self.queue.prepend_n(blocks)
+        return len(blocks)
+
     def requeue(self, blocks: np.ndarray, score: float, seq: int) -> None:
         """Move free cached blocks to the queue key ``(1, score, seq)``, keeping their given order.
 

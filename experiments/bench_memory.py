@@ -10,7 +10,11 @@ every peak is that phase's alone:
    (``--no-load`` skips it);
 3. ``index``: ``traces.stream.index_trace`` (the validating pass a run makes first): wall time,
    peak RSS;
-4. ``run`` (with ``--run``): ``cwsim.runner.simulate`` of the file under ``vllm``, 16 agents,
+4. ``table``: ``traces.columnar.load_table`` (the whole trace in compact columns, as ``cwsim
+   analyze``, sweeps and comparisons hold it): wall time, peak RSS, and the columns' own bytes;
+5. ``analyze`` (with ``--analyze``): ``cwsim.analysis.analyze`` of that table (what ``cwsim
+   analyze`` computes, one ``infinite``-policy simulation included): wall time, peak RSS;
+6. ``run`` (with ``--run``): ``cwsim.runner.simulate`` of the file under ``vllm``, 16 agents,
    the default pool, which streams the sessions (index, then one session at a time): wall
    time, peak RSS, and calls per second.
 
@@ -20,6 +24,7 @@ Prints one table row per phase and size; ``--csv FILE`` also writes them. The fi
 
     .venv/bin/python experiments/bench_memory.py                          # 1k, 10k: synth + load
     .venv/bin/python experiments/bench_memory.py --sessions 1000 --run    # with a simulation
+    .venv/bin/python experiments/bench_memory.py --sessions 1000,10000 --analyze --work runs/mem
     .venv/bin/python experiments/bench_memory.py --sessions 1000,10000,100000 --run --no-load --work runs/mem
 """
 
@@ -51,6 +56,14 @@ elif phase == "load":
 elif phase == "index":
     from traces.stream import index_trace
     out["calls"] = index_trace(path).num_calls
+elif phase == "table":
+    from traces.columnar import load_table
+    table = load_table(path)
+    out["calls"], out["table_mib"] = table.num_calls, table.nbytes() / 2**20
+elif phase == "analyze":
+    from cwsim.analysis import analyze
+    from traces.columnar import load_table
+    out["calls"] = analyze(load_table(path))["calls"]
 else:
     from cwsim.config import SimConfig
     from cwsim.runner import simulate
@@ -61,7 +74,7 @@ out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
 
-FIELDS = ["sessions", "phase", "calls", "wall_s", "peak_rss_mib", "file_mib"]
+FIELDS = ["sessions", "phase", "calls", "wall_s", "peak_rss_mib", "file_mib", "table_mib"]
 
 
 def measure(phase: str, n: int, path: Path) -> dict:
@@ -82,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", default="1000,10000", help="comma-separated trace sizes (default 1000,10000)")
     ap.add_argument("--run", action="store_true", help="also simulate each trace (vllm, 16 agents)")
+    ap.add_argument("--analyze", action="store_true", help="also analyse each trace as `cwsim analyze` does")
     ap.add_argument("--no-load", action="store_true", help="skip the whole-trace load (it needs ~0.15 MiB a session)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the traces (default: a temporary one)")
     ap.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV")
@@ -94,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'sessions':>9} {'phase':>6} {'calls':>10} {'wall s':>9} {'peak RSS MiB':>13} {'file MiB':>9}", flush=True)
         for n in sizes:
             path = work / f"synth-{n}.jsonl.gz"
-            for phase in ["synth"] + ([] if args.no_load else ["load"]) + ["index"] + (["run"] if args.run else []):
+            phases = ["synth"] + ([] if args.no_load else ["load"]) + ["index", "table"] + \
+                (["analyze"] if args.analyze else []) + (["run"] if args.run else [])
+            for phase in phases:
                 row = measure(phase, n, path)
                 rows.append(row)
                 if row.get("error"):
@@ -104,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{n:>9} {'reused':>6} {'':>10} {'':>9} {'':>13} {row['file_mib']:>9.1f}", flush=True)
                     continue
                 rate = f"  {row['calls'] / row['wall_s']:,.0f} calls/s" if phase == "run" else ""
+                if phase == "table":
+                    rate = f"  columns {row['table_mib']:,.1f} MiB"
                 print(f"{n:>9} {phase:>6} {row['calls']:>10,} {row['wall_s']:>9.1f} {row['peak_rss_mib']:>13,.0f} "
                       f"{row['file_mib']:>9.1f}{rate}", flush=True)
     if args.csv is not None:

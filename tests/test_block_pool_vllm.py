@@ -241,3 +241,21 @@ def test_one_cache_call_with_a_hash_twice_keeps_the_first_block():
         assert pool.get_cached_block(7) == blocks[0]
         assert pool.canonical[blocks].tolist() == [True, False] + [True] * (n - 2)
         pool.check_invariants()
+
+
+def test_an_unbounded_pool_reuses_the_blocks_of_contents_nobody_will_ask_for():
+    """``drop_unreachable``: free cached blocks of dropped contents lose their hash and go to the
+    queue's front (tier 0), so the next allocation takes them instead of growing the pool; a block
+    still in use keeps its hash; nothing counts as an eviction."""
+    pool = BlockPool(7, growable=True)
+    a, b = pool.get_new_blocks(3), pool.get_new_blocks(2)
+    assert a.tolist() == [1, 2, 3] and b.tolist() == [4, 5]
+    pool.cache_full_blocks(a, [10, 11, 12])
+    pool.cache_full_blocks(b, [20, 21])
+    pool.free_block_table(a)
+    assert pool.free_block_ids() == [6, 3, 2, 1]
+    assert pool.drop_unreachable([12, 10, 20, 99]) == 2  # 20 is in use, 99 was never cached
+    assert pool.free_block_ids() == [3, 1, 6, 2] and sorted(pool.cached) == [11, 20, 21]
+    assert pool.get_new_blocks(3).tolist() == [3, 1, 6] and pool.num_blocks == 7 and pool.num_evicted == 0
+    assert len(pool.find_longest_prefix([10, 11], 2)) == 0  # the dropped content misses
+    pool.check_invariants()

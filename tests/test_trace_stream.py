@@ -219,3 +219,20 @@ def test_a_streamed_file_that_changes_mid_run_stops_the_run_with_a_partial_summa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["partial"] is True and "changed since it was indexed" in summary["stopped_by"]
     assert summary["requests"] == 9 and len((out / "requests.csv").read_text().splitlines()) == 1 + 9
+
+
+@pytest.mark.parametrize("trace", ["single", "synth"])
+def test_the_unbounded_pool_drops_finished_sessions_own_blocks_and_the_numbers_stay(tmp_path, synth_file, trace):
+    """``infinite`` (the pool that grows instead of evicting) drops a finished session's own blocks
+    (``BlockPool.drop_unreachable``) so that it does not grow with the trace: the summary is the one
+    of the run that keeps every block (the eviction log turns dropping off), bit for bit."""
+    if trace == "single":  # one call a session, a shared prefix whose blocks get new ids mid-trace
+        p = tmp_path / "single.jsonl"
+        write_trace(p, [Call(f"r{i}", 0, (("sys", 500), (f"doc{i % 5}", 64 * (i % 5) + 40), (f"q{i}", 300 + i)), 50)
+                        for i in range(80)])
+        cfg = SimConfig(policy="infinite", arrivals="poisson", rate=2.0)
+    else:
+        p, cfg = synth_file, SimConfig(policy="infinite", agents=6)
+    kept = simulate(p, cfg, eviction_log=True)
+    assert kept.summary["cached_prompt_tokens"] > 0 and kept.summary["evicted_blocks"] == 0
+    assert _numbers(simulate(p, cfg)) == _numbers(kept)
