@@ -306,13 +306,17 @@ SWEEP_DIR = "sweep"
 def run(traces: list[str | Path], policies: list[str], pressures: list[float], *, agents: int = 16,
         max_sessions: int | None = None, predictor_errors: list[float] = (0.0,), out: str | Path = "runs/compare",
         resume: bool = False, console: Console | None = None, plain: bool = False, workers: int | None = None,
-        ray_address: str | None = None, bound: bool = True) -> pd.DataFrame:
+        ray_address: str | None = None, bound: bool = True,
+        predictor_trace: str | Path | None = None) -> pd.DataFrame:
     """Run the grid and the ablation, appending to ``out/results.csv``; return this run's rows (resumed ones too).
 
     The runs are points of a sweep (``cwsim.sweep.run_points``, in ``out/sweep/``): ``workers``
     processes (default: every core; 1: in this process), or Ray tasks with ``ray_address``
     (``local``, ``auto`` or a cluster's address), each run exactly as ``simulate`` alone would.
     ``bound``: each run also gives its eviction bound (``SimConfig.eviction_bound``).
+    ``predictor_trace``: the policies that predict tool calls learn from this trace instead of the
+    one they run on (train/test across traces); each trace's rows are then named
+    ``<trace>@pred=<predictor trace>``, so they never mix with rows of a self-trained run.
     Without ``resume`` the earlier rows and sweep folders are cleared first. ``plain``: a line per
     run and no progress bar or colours (notebooks, logs)."""
     console = console or (_plain_console() if plain else Console())
@@ -321,6 +325,8 @@ def run(traces: list[str | Path], policies: list[str], pressures: list[float], *
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; available: {', '.join(POLICIES)}")
+    if predictor_trace is not None and not Path(predictor_trace).is_file():
+        raise ValueError(f"--predictor-trace: no such file: {predictor_trace}")
     if not resume and (out / SWEEP_DIR).is_dir():
         shutil.rmtree(out / SWEEP_DIR)
     ablation_errors = [e for e in predictor_errors if e != 0]
@@ -341,8 +347,11 @@ def run(traces: list[str | Path], policies: list[str], pressures: list[float], *
                       "max_sessions": max_sessions, "predictor_error": float(err)}
             if bound:
                 values["eviction_bound"] = True
+            if predictor_trace is not None:
+                values["predictor_trace"] = str(predictor_trace)
             config = SimConfig(policy=policy, kv_blocks=kv_blocks, agents=agents, max_sessions=max_sessions,
-                               predictor_error=err, eviction_bound=bound)
+                               predictor_error=err, eviction_bound=bound,
+                               predictor_trace=None if predictor_trace is None else str(predictor_trace))
             p = SweepPoint(point_id(values), values, config, Path(trace_path))
             points.append(p)
             meta[p.id] = (pressure, kv_blocks, policy, err)
@@ -377,10 +386,10 @@ def run(traces: list[str | Path], policies: list[str], pressures: list[float], *
         with bar as progress:
             task = progress.add_task("runs", total=n_runs)
             for path in traces:
-                name = trace_name(path)
+                name = trace_name(path) + ("" if predictor_trace is None else f"@pred={trace_name(predictor_trace)}")
                 progress.update(task, description=name)
                 trace = load_table(path)
-                peak = peak_working_set(truncate(trace, max_sessions), name, agents, max_sessions, out,
+                peak = peak_working_set(truncate(trace, max_sessions), trace_name(path), agents, max_sessions, out,
                                         progress.console)
                 run_all(progress, task, path, trace, name,
                         [(p, kv_blocks_for(peak, p), policy, 0.0) for p in pressures for policy in policies])
@@ -618,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bound", dest="bound", action="store_false",
                     help="skip each run's eviction bound under its own schedule (about 1 s per million block "
                          "references and releases a run)")
+    ap.add_argument("--predictor-trace", default=None,
+                    help="train the tool-call predictor on this trace instead of each run's own (rows named "
+                         "<trace>@pred=<this trace>)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke preset: 8 sessions, 8 agents, pressures 1,2, vllm/cachewise/belady/infinite, "
                          "no ablation (explicit flags still win)")
@@ -629,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--pressures must be positive")
     errors = parse_floats(args.predictor_errors)
     traces = args.trace or [str(DEFAULT_TRACE)]
+    if args.predictor_trace is not None and not Path(args.predictor_trace).is_file():
+        ap.error(f"--predictor-trace: no such file: {args.predictor_trace}")
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         ap.error(f"unknown policies {bad}; available: {', '.join(POLICIES)}")
@@ -640,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     df = run(traces, policies, pressures, agents=args.agents, max_sessions=args.max_sessions,
              predictor_errors=errors, out=args.out, resume=args.resume, console=console, plain=args.plain,
-             workers=args.workers, ray_address=args.ray_address, bound=args.bound)
+             workers=args.workers, ray_address=args.ray_address, bound=args.bound,
+             predictor_trace=args.predictor_trace)
     console.print(f"{len(df)} rows in {time.perf_counter() - t0:.0f} s")
     if df.empty:
         console.print("[red]no results[/red]")

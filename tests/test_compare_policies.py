@@ -131,3 +131,33 @@ def test_results_written_before_the_bound_still_load_but_do_not_resume(quick_run
     assert "evictions_vs_bound" not in figs and "evicted_blocks" in figs
     with pytest.raises(ValueError, match="other columns"):
         cp.main(["--quick", "--out", str(tmp_path), "--resume", "--workers", "1"])
+
+
+def test_a_predictor_trained_on_another_trace_gives_rows_of_their_own(quick_run, tmp_path):
+    """``--predictor-trace``: the predicting policies learn from another trace (here the bundled one
+    with tools 50x slower); the rows are named for both traces, and each is the run ``simulate``
+    gives with ``SimConfig.predictor_trace``."""
+    from cwsim.config import SimConfig
+    from cwsim.runner import DEFAULT_TRACE, simulate
+    from traces import load_trace, write_trace
+    from traces.transform import scale_gaps
+
+    cp, out = quick_run
+    slow = tmp_path / "slow.jsonl.gz"
+    write_trace(slow, (c for s in scale_gaps(load_trace(DEFAULT_TRACE).sessions, 50.0) for c in s.calls))
+    res = tmp_path / "res"
+    assert cp.main(["--quick", "--out", str(res), "--workers", "1", "--policies", "vllm,cachewise",
+                    "--predictor-trace", str(slow)]) == 0
+    rows = read_rows(res / "results.csv")
+    assert {r["trace"] for r in rows} == {"miniswe-deepseek@pred=slow"} and len(rows) == 4
+    own = {(r["pressure"], r["policy"]): r for r in read_rows(out / "results.csv")}
+    for r in rows:
+        cfg = SimConfig(policy=r["policy"], kv_blocks=int(r["kv_blocks"]), agents=8, max_sessions=8,
+                        predictor_trace=str(slow))
+        assert int(r["evicted_blocks"]) == simulate(DEFAULT_TRACE, cfg).summary["evicted_blocks"]
+        assert r["kv_blocks"] == own[(r["pressure"], r["policy"])]["kv_blocks"]
+    changed = [r for r in rows if r["policy"] == "cachewise" and float(r["pressure"]) == 2.0
+               and r["evicted_blocks"] != own[(r["pressure"], "cachewise")]["evicted_blocks"]]
+    assert changed, "learning 50x slower tools should change what cachewise keeps"
+    with pytest.raises(SystemExit):
+        cp.main(["--quick", "--out", str(res), "--predictor-trace", str(tmp_path / "missing.jsonl")])
