@@ -101,6 +101,7 @@ def _sessions(draw):
 def test_any_sessions_come_back_equal_from_the_columns_and_sharing_is_exact(sessions):
     table = TraceTable.from_sessions(sessions, header={"k": 1}, source="x")
     assert list(table.sessions) == sessions and len(table.sessions) == len(sessions)
+    assert table.first_prompts() == [s.calls[0].prompt for s in sessions]
     assert all(type(a.calls[k].output_tokens) is int for a in table.sessions for k in range(len(a.calls)))
     holders: dict[str, int] = {}
     for s in sessions:

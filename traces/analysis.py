@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from traces.columnar import TraceTable
 from traces.files import atomic_write_text, ensure_folder
 from traces.format import Trace
 from traces.sequences import shared_tokens
@@ -142,14 +143,21 @@ def _context(call, si: int) -> tuple:
     return (*call.prompt, (out_id, call.output_tokens))
 
 
-def session_first_prompt_shares(trace: Trace) -> list[int]:
+def _first_prompts(trace: Trace | TraceTable) -> list[tuple]:
+    """Each session's first prompt (a table reads them from its columns, building no session)."""
+    if isinstance(trace, TraceTable):
+        return trace.first_prompts()
+    return [s.calls[0].prompt for s in trace.sessions]
+
+
+def session_first_prompt_shares(trace: Trace | TraceTable) -> list[int]:
     """Per session: tokens of its first prompt that some other session's first prompt shares.
 
     Sorting the segment lists as tuples keeps lists that share a longer
     prefix next to each other (also under the prefix rule for a segment id
     with two lengths), so the best partner of each is a sorted neighbour.
     """
-    firsts = [s.calls[0].prompt for s in trace.sessions]
+    firsts = _first_prompts(trace)
     order = sorted(range(len(firsts)), key=firsts.__getitem__)
     best = [0] * len(firsts)
     for i, j in zip(order, order[1:]):
@@ -160,7 +168,7 @@ def session_first_prompt_shares(trace: Trace) -> list[int]:
 
 
 # ------------------------------------------------------------------- tables
-def call_table(trace: Trace) -> pd.DataFrame:
+def call_table(trace: Trace | TraceTable) -> pd.DataFrame:
     """One row per call, in trace order.
 
     Columns: ``session`` (index in ``trace.sessions``), ``session_id``,
@@ -175,10 +183,21 @@ def call_table(trace: Trace) -> pd.DataFrame:
     ``first_shared_tokens`` (the context's prefix shared with the session's
     first prompt, used for cross-session block sharing).
     """
+    return _tables(trace)[0]
+
+
+def tool_table(trace: Trace | TraceTable) -> pd.DataFrame:
+    """One row per tool call: ``session``, ``turn``, ``name``, ``category``, ``duration_s``."""
+    return _tables(trace)[1]
+
+
+def _tables(trace: Trace | TraceTable) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`call_table` and :func:`tool_table`, in one pass over the sessions."""
     cross = session_first_prompt_shares(trace)
     cols: dict[str, list] = {k: [] for k in (
         "session", "session_id", "turn", "last", "prompt_tokens", "output_tokens", "gap_s", "latency_s",
         "prev_shared_tokens", "cross_shared_tokens", "first_shared_tokens")}
+    tool_rows = []
     for si, sess in enumerate(trace.sessions):
         first = sess.calls[0].prompt
         prev_ctx = None
@@ -196,20 +215,14 @@ def call_table(trace: Trace) -> pd.DataFrame:
             cols["prev_shared_tokens"].append(shared_tokens(prev_ctx, c.prompt) if prev_ctx is not None else 0)
             cols["cross_shared_tokens"].append(cross[si] if k == 0 else 0)
             cols["first_shared_tokens"].append(shared_tokens(ctx, first))
+            tool_rows.extend((si, c.turn, t.name, t.category, t.duration_s) for t in c.tools)
             prev_ctx = ctx
     df = pd.DataFrame(cols)
     df["context_tokens"] = df["prompt_tokens"] + df["output_tokens"]
     df["prev_prefix_share"] = (df["prev_shared_tokens"] / df["prompt_tokens"]).where(df["turn"] > 0)
     df["avoidable_tokens"] = df["prev_shared_tokens"] + df["cross_shared_tokens"]
     df["new_tokens"] = df["prompt_tokens"] - df["avoidable_tokens"]
-    return df
-
-
-def tool_table(trace: Trace) -> pd.DataFrame:
-    """One row per tool call: ``session``, ``turn``, ``name``, ``category``, ``duration_s``."""
-    rows = [(si, c.turn, t.name, t.category, t.duration_s)
-            for si, s in enumerate(trace.sessions) for c in s.calls for t in c.tools]
-    return pd.DataFrame(rows, columns=["session", "turn", "name", "category", "duration_s"])
+    return df, pd.DataFrame(tool_rows, columns=["session", "turn", "name", "category", "duration_s"])
 
 
 # -------------------------------------------------------------- working set
@@ -246,8 +259,9 @@ def working_set(calls: pd.DataFrame, requests: pd.DataFrame, sessions: pd.DataFr
     session's first prompt.
     """
     bs = block_size
-    sid_index = {s.session_id: i for i, s in enumerate(trace.sessions)}
-    firsts = [s.calls[0].prompt for s in trace.sessions]
+    sid_index = {sid: i for i, sid in enumerate(
+        trace.session_ids if isinstance(trace, TraceTable) else (s.session_id for s in trace.sessions))}
+    firsts = _first_prompts(trace)
     cross_max = calls.loc[calls["turn"] == 0].set_index("session")["cross_shared_tokens"]
 
     key = calls.set_index(["session_id", "turn"])
@@ -372,8 +386,7 @@ def analyze(trace: Trace, *, working_set_inputs: WorkingSetInputs | None = None)
     """
     if not trace.sessions:
         raise ValueError("trace has no sessions")
-    calls = call_table(trace)
-    tools = tool_table(trace)
+    calls, tools = _tables(trace)
 
     per_turn = calls.loc[calls["turn"] < MAX_GROWTH_TURNS]
     by_turn = per_turn.groupby("turn")["prompt_tokens"].median().sort_index()
@@ -588,8 +601,7 @@ def make_figures(analysis: dict, trace: Trace) -> dict[str, Figure]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    calls = call_table(trace)
-    tools = tool_table(trace)
+    calls, tools = _tables(trace)
     specs = {
         "calls_per_session": (lambda ax: plot_calls_per_session(ax, calls), (6.4, 4.2)),
         "prompt_growth": (lambda ax: plot_prompt_growth(ax, calls), (7.2, 4.5)),

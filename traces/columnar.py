@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -63,8 +62,8 @@ class _Strings:
             self.offsets.append(len(self.blob))
         return i
 
-    def freeze(self) -> tuple[bytes, np.ndarray, dict[str, int]]:
-        return bytes(self.blob), np.frombuffer(self.offsets, dtype=np.int64).copy(), self._ids
+    def freeze(self) -> tuple[bytearray, np.ndarray, dict[str, int]]:
+        return self.blob, np.frombuffer(self.offsets, dtype=np.int64), self._ids
 
 
 class _Builder:
@@ -133,7 +132,8 @@ class _Builder:
 
 
 def _np(a: array, dtype) -> np.ndarray:
-    return np.frombuffer(a, dtype=dtype).copy() if len(a) else np.zeros(0, dtype=dtype)
+    """A view of the array's buffer (no copy: the view keeps the array alive)."""
+    return np.frombuffer(a, dtype=dtype) if len(a) else np.zeros(0, dtype=dtype)
 
 
 class _SessionsView(Sequence):
@@ -235,6 +235,16 @@ class TraceTable:
         n = len(self.session_ids) if limit is None else min(limit, len(self.session_ids))
         for i in range(n):
             yield self.session(i)
+
+    def first_prompts(self) -> list[tuple[tuple[str, int], ...]]:
+        """Each session's first prompt, read from the columns (no session is built)."""
+        blob, off, start, toks = self._seg_blob, self._seg_offsets, self.append_start, self.seg_tokens
+        out = []
+        for a in self.call_start[:-1].tolist():
+            lo, hi = int(start[a]), int(start[a + 1])
+            out.append(tuple((blob[off[j]:off[j + 1]].decode(), n)
+                             for j, n in zip(self.seg[lo:hi].tolist(), toks[lo:hi].tolist())))
+        return out
 
     def session(self, i: int) -> Session:
         """Session ``i``, built from the columns (equal to ``load_trace``'s)."""
