@@ -159,5 +159,17 @@ def test_a_predictor_trained_on_another_trace_gives_rows_of_their_own(quick_run,
     changed = [r for r in rows if r["policy"] == "cachewise" and float(r["pressure"]) == 2.0
                and r["evicted_blocks"] != own[(r["pressure"], "cachewise")]["evicted_blocks"]]
     assert changed, "learning 50x slower tools should change what cachewise keeps"
+    # experiments/predictor_transfer.py puts both runs' ratios to vllm side by side
+    spec = importlib.util.spec_from_file_location("predictor_transfer", REPO / "experiments" / "predictor_transfer.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+    assert pt.main(["--own", str(out), "--cross", str(res)]) == 0
+    both = read_rows(res / "predictor_transfer.csv")
+    assert len(both) == 4 and {r["trace"] for r in both} == {"miniswe-deepseek"}
+    for r in both:
+        mine = [x for x in rows if x["pressure"] == r["pressure"] and x["policy"] == r["policy"]][0]
+        vllm = [x for x in rows if x["pressure"] == r["pressure"] and x["policy"] == "vllm"][0]
+        assert float(r["x_faster_cross"]) == pytest.approx(
+            float(vllm["total_session_time_s"]) / float(mine["total_session_time_s"]))
     with pytest.raises(SystemExit):
         cp.main(["--quick", "--out", str(res), "--predictor-trace", str(tmp_path / "missing.jsonl")])
