@@ -173,3 +173,21 @@ def test_a_predictor_trained_on_another_trace_gives_rows_of_their_own(quick_run,
             float(vllm["total_session_time_s"]) / float(mine["total_session_time_s"]))
     with pytest.raises(SystemExit):
         cp.main(["--quick", "--out", str(res), "--predictor-trace", str(tmp_path / "missing.jsonl")])
+
+
+def test_the_whole_policy_study_is_one_command():
+    """experiments/policy_study.py --dry-run: every step's commands, with the flags the results'
+    READMEs name; an unknown step is refused."""
+    spec = importlib.util.spec_from_file_location("policy_study", REPO / "experiments" / "policy_study.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    plan = ps.commands(Path("/o"), Path("/t"), 1)
+    assert list(plan) == list(ps.STEPS)
+    cross = plan["crosstrain"][0]
+    assert cross[cross.index("--predictor-trace") + 1] == "/t/deepseek_chat_dev.jsonl.gz"
+    assert "--resume" in cross and cross[cross.index("--out") + 1] == "/o/compare-crosstrain"
+    assert plan["crosstrain"][1][-4:] == ["--own", "/o/compare-heldout", "--cross", "/o/compare-crosstrain"]
+    assert all(Path(c[0]).exists() for cmds in plan.values() for c in cmds)  # the Python and the cwsim script
+    assert ps.main(["--dry-run", "--out", "/o"]) == 0
+    with pytest.raises(SystemExit):
+        ps.main(["--dry-run", "--only", "nonsense"])
