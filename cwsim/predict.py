@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from traces.columnar import TraceTable
 from traces.format import Call, Session, Trace
 
 NO_TOOL = "none"
@@ -64,12 +65,12 @@ class ToolCallPredictor:
 
     # ------------------------------------------------------------- fitting
     @classmethod
-    def fit(cls, trace: Trace | Iterable[Session], *, min_samples: int = 20, error: float = 0.0,
+    def fit(cls, trace: Trace | TraceTable | Iterable[Session], *, min_samples: int = 20, error: float = 0.0,
             seed: int = 0) -> "ToolCallPredictor":
         """Learn from a trace, or from its sessions (any iterable: one pass)."""
         gaps: dict[str, list[float]] = {}
         counts: dict[str, int] = {}
-        for sess in (trace.sessions if isinstance(trace, Trace) else trace):
+        for sess in (trace.sessions if isinstance(trace, (Trace, TraceTable)) else trace):
             last = len(sess.calls) - 1
             for k, call in enumerate(sess.calls):
                 cat = call_category(call)

@@ -158,9 +158,9 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
         elif isinstance(source, TraceIndex):
             train = iter_sessions(source)  # (one more read of the file)
         else:
-            train = source.sessions
+            train = source
         if config.gap_scale != 1:  # the regime the predictor learns is the one it runs in
-            train = scale_gaps(train, config.gap_scale)
+            train = scale_gaps(train.sessions if isinstance(train, (Trace, TraceTable)) else train, config.gap_scale)
         predictor = ToolCallPredictor.fit(train, error=config.predictor_error, seed=config.seed)
     cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
     out = prepare_results_dir(out_dir) if out_dir is not None else None

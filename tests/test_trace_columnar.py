@@ -118,7 +118,7 @@ def test_code_written_for_a_trace_gives_the_same_answers_on_a_table():
     table = TraceTable.from_trace(trace)
     small = Trace(trace.sessions[:12], trace.header, trace.source)
     assert analyze(TraceTable.from_trace(small), agents=4) == analyze(small, agents=4)
-    a, b = ToolCallPredictor.fit(trace), ToolCallPredictor.fit(table.sessions)
+    a, b = ToolCallPredictor.fit(trace), ToolCallPredictor.fit(table)
     assert a.dists.keys() == b.dists.keys() and all(
         (a.dists[k].gaps == b.dists[k].gaps).all() for k in a.dists)
 
