@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,20 +195,24 @@ def tool_table(trace: Trace | TraceTable) -> pd.DataFrame:
 def _tables(trace: Trace | TraceTable) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`call_table` and :func:`tool_table`, in one pass over the sessions."""
     cross = session_first_prompt_shares(trace)
-    cols: dict[str, list] = {k: [] for k in (
-        "session", "session_id", "turn", "last", "prompt_tokens", "output_tokens", "gap_s", "latency_s",
-        "prev_shared_tokens", "cross_shared_tokens", "first_shared_tokens")}
+    # compact columns while building (a list would hold a Python object per call and column)
+    ints = ("session", "turn", "prompt_tokens", "output_tokens", "prev_shared_tokens", "cross_shared_tokens",
+            "first_shared_tokens")
+    cols: dict[str, array] = {k: array("q") for k in ints}
+    cols.update({k: array("d") for k in ("gap_s", "latency_s")})
+    last = array("b")
+    session_ids: list[str] = []
     tool_rows = []
     for si, sess in enumerate(trace.sessions):
+        session_ids.append(sess.session_id)
         first = sess.calls[0].prompt
         prev_ctx = None
         n = len(sess.calls)
         for k, c in enumerate(sess.calls):
             ctx = _context(c, si)
             cols["session"].append(si)
-            cols["session_id"].append(sess.session_id)
             cols["turn"].append(c.turn)
-            cols["last"].append(k == n - 1)
+            last.append(k == n - 1)
             cols["prompt_tokens"].append(c.prompt_tokens)
             cols["output_tokens"].append(c.output_tokens)
             cols["gap_s"].append(c.next_gap_s if k < n - 1 else math.nan)
@@ -217,7 +222,13 @@ def _tables(trace: Trace | TraceTable) -> tuple[pd.DataFrame, pd.DataFrame]:
             cols["first_shared_tokens"].append(shared_tokens(ctx, first))
             tool_rows.extend((si, c.turn, t.name, t.category, t.duration_s) for t in c.tools)
             prev_ctx = ctx
-    df = pd.DataFrame(cols)
+    data = {k: np.frombuffer(v, dtype=np.int64 if k in ints else np.float64) if len(v) else
+            np.zeros(0, dtype=np.int64 if k in ints else np.float64) for k, v in cols.items()}
+    session = data["session"]
+    df = pd.DataFrame({"session": session, "session_id": np.asarray(session_ids, dtype=object)[session],
+                       "turn": data["turn"], "last": np.frombuffer(last, dtype=np.int8).astype(bool),
+                       **{k: data[k] for k in ("prompt_tokens", "output_tokens", "gap_s", "latency_s",
+                                               "prev_shared_tokens", "cross_shared_tokens", "first_shared_tokens")}})
     df["context_tokens"] = df["prompt_tokens"] + df["output_tokens"]
     df["prev_prefix_share"] = (df["prev_shared_tokens"] / df["prompt_tokens"]).where(df["turn"] > 0)
     df["avoidable_tokens"] = df["prev_shared_tokens"] + df["cross_shared_tokens"]
