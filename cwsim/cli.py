@@ -159,8 +159,10 @@ def _load_table(path: Path | None) -> "TraceTable":  # noqa: F821
     """Read a trace into compact columns (``traces.columnar``) with a progress bar over the file's bytes."""
     from traces.columnar import load_table
 
-    with _reading("reading") as progress:
-        return load_table(path if path is not None else DEFAULT_TRACE, progress=progress)
+    with _reading("reading") as progress, _bar("columns", "sessions") as bar:
+        task = bar.add_task("columns", total=None)
+        return load_table(path if path is not None else DEFAULT_TRACE, progress=progress,
+                          columns_progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def _index(path: Path | None):

@@ -134,3 +134,17 @@ def test_a_table_holds_a_fraction_of_what_the_objects_hold():
         tracemalloc.stop()
         del kept
     assert held["load_table"] < 0.25 * held["load_trace"]
+
+
+def test_filling_the_columns_reports_sessions_done(tmp_path):
+    p = tmp_path / "t.jsonl.gz"
+    write_trace(p, [Call(f"s{i}", 0, (("sys", 10), (f"u{i}", 3)), 2) for i in range(2500)])
+    seen = []
+    table = load_table(p, columns_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1000, 2500), (2000, 2500), (2500, 2500)] and len(table.sessions) == 2500
+    interleaved = tmp_path / "i.jsonl"
+    calls = _calls()
+    write_trace(interleaved, [calls[0], calls[2], calls[1], calls[3], calls[4], calls[5]])
+    seen.clear()
+    load_table(interleaved, columns_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(3, 3)]

@@ -172,12 +172,18 @@ class TraceTable:
 
     @classmethod
     def from_sessions(cls, sessions: Iterable[Session], *, header: dict | None = None, source: str = "",
-                      may_share=None) -> "TraceTable":
+                      may_share=None, progress=None) -> "TraceTable":
         """A table of ``sessions`` (one pass). ``may_share(segment_id)``: False only for an id that no
-        other session holds (e.g. ``TraceIndex.shared``); by default every id is interned globally."""
+        other session holds (e.g. ``TraceIndex.shared``); by default every id is interned globally.
+        ``progress(sessions_done)`` is called every 1,000 sessions and at the end."""
         b = _Builder(may_share or (lambda _s: True))
-        for s in sessions:
+        n = 0
+        for n, s in enumerate(sessions, start=1):
             b.add(s)
+            if progress is not None and n % 1000 == 0:
+                progress(n)
+        if progress is not None:
+            progress(n)
         t = cls.__new__(cls)
         t.header = dict(header or {})
         t.source = source
@@ -304,15 +310,20 @@ class TraceTable:
             setattr(self, k, v)
 
 
-def load_table(path, *, progress=None) -> TraceTable:
+def load_table(path, *, progress=None, columns_progress=None) -> TraceTable:
     """Read a trace file into a :class:`TraceTable`: ``load_trace``'s checks and errors.
 
     A file whose sessions' lines lie together is read twice (``traces.stream``: the index pass
     validates it and says which ids may be shared, the second pass fills the columns), so no
     more than one session is ever held as objects; a file whose sessions interleave is loaded
-    whole first. ``progress(bytes_read, file_size)`` follows the first read."""
+    whole first. ``progress(bytes_read, file_size)`` follows the first read;
+    ``columns_progress(sessions_done, sessions)`` the filling of the columns."""
     index = index_trace(path, progress=progress)
     if index is None:
-        return TraceTable.from_trace(load_trace(path, progress=progress))
-    return TraceTable.from_sessions(iter_sessions(index), header=index.header, source=index.source,
-                                    may_share=index.shared)
+        trace = load_trace(path, progress=progress)
+        total, sessions, kw = len(trace.sessions), trace.sessions, {"header": trace.header, "source": trace.source}
+    else:
+        total, sessions = len(index.sessions), iter_sessions(index)
+        kw = {"header": index.header, "source": index.source, "may_share": index.shared}
+    step = None if columns_progress is None else (lambda done: columns_progress(done, total))
+    return TraceTable.from_sessions(sessions, progress=step, **kw)
