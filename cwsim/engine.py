@@ -83,10 +83,8 @@ class Engine:
         if sess.memo is None:
             sess.memo = PrefixMemo()
         if self.forget_private and len(sess.calls) == 1:  # its own blocks: nobody will ask for them, no hashing
-            hashes = own_block_ids(call.segs, self.block_size, call.private_from, self.block_ids)
-            if self.scheduler.kv.pool.growable:  # (an unbounded pool drops them when the session ends)
-                n = self.block_ids.n  # its own blocks took the last ids handed out
-                sess.private_hashes = range(n - len(hashes) + min(call.private_from // self.block_size, len(hashes)), n)
+            hashes = own_block_ids(call.segs, self.block_size, call.private_from, self.block_ids,
+                                   sess.own_ids if self.scheduler.kv.pool.growable else None)
         elif self.forget_private:
             hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids, sess.private_hashes,
                                   call.private_from // self.block_size)
@@ -260,8 +258,9 @@ def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, 
     if engine.forget_private:
         pool = engine.scheduler.kv.pool
         if pool.growable:  # nothing evicts there: drop what nobody will ask for, or the pool grows with the trace
-            own = sess.private_hashes  # content hashes (a one-call session: the ids it was handed)
-            pool.drop_unreachable(own if isinstance(own, range) else list(map(engine.block_ids.get, own)))
+            ids = engine.block_ids
+            pool.drop_unreachable([ids[h] for h in sess.private_hashes if h in ids] + sess.own_ids)
+            sess.own_ids = []
         engine.block_ids.forget(sess.private_hashes)
         sess.private_hashes = []
     workload.release(sess)

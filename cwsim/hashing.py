@@ -168,17 +168,21 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
     return out
 
 
-def own_block_ids(segs: Segments, block_size: int, private_from: int, ids: BlockIds) -> list[int]:
+def own_block_ids(segs: Segments, block_size: int, private_from: int, ids: BlockIds,
+                  created: list[int] | None = None) -> list[int]:
     """What ``block_hashes(segs, block_size, PrefixMemo(), ids)`` returns, for a sequence whose
     blocks from token ``private_from`` on no other sequence will ever hold (a session's only
     call, past what other sessions share): those blocks get the next ids without being hashed
-    (hashing would give each a new id, in the same order), and are never put in ``ids``."""
+    (hashing would give each a new id, in the same order), and are never put in ``ids``.
+    ``created``: extended with those own blocks' ids."""
     n_blocks = sum(n for _, n in segs) // block_size
     cut = min(private_from // block_size, n_blocks)
     out = block_hashes(_first_tokens(segs, cut * block_size), block_size, None, ids) if cut else []
     start = ids.n
     ids.n = start + n_blocks - cut
     out.extend(range(start, ids.n))
+    if created is not None:
+        created.extend(range(start, ids.n))
     return out
 
 

@@ -26,11 +26,11 @@ from cwsim.predict import ToolCallPredictor
 from cwsim.scheduler import Scheduler, SimulationError
 from cwsim.steptime import load_profile
 from cwsim.workload import Arrivals, Workload
-from traces.format import Trace
+from traces.columnar import TraceTable
 from traces.files import atomic_write_text, ensure_folder
+from traces.format import Trace
 from traces.reader import TraceFormatError, load_trace
 from traces.transform import scale_gaps
-from traces.columnar import TraceTable
 from traces.stream import TraceIndex, index_trace, iter_sessions
 
 #: the repository (the installed packages' parent folder)

@@ -18,8 +18,8 @@ from cwsim.config import ConfigError
 from cwsim.hashing import PrefixMemo, SegmentInterner
 from cwsim.sequences import common_prefix_len, shared_tokens
 from traces.format import Trace
-from traces.transform import scale_gaps
 from traces.stream import FIRST_PROMPT_SEGMENTS, iter_sessions, segment_ids, session_info
+from traces.transform import scale_gaps
 
 
 _second = itemgetter(1)
@@ -56,6 +56,8 @@ class SessionState:
     end: float = -1.0
     #: hashes of the session's own blocks (given ids while it ran), and its own segment ids: forgotten when it ends
     private_hashes: list = field(default_factory=list)
+    #: the ids of a one-call session's own blocks, which no hash names (kept for an unbounded pool only)
+    own_ids: list = field(default_factory=list)
     private_segments: tuple = ()
 
 
@@ -66,7 +68,7 @@ class Workload:
     ``sessions``), from a ``traces.stream.TraceIndex`` (:meth:`from_index`: sessions read from
     the file in order as the run asks for them, so memory follows the sessions in flight, not
     the trace) or from a ``traces.columnar.TraceTable`` (:meth:`from_table`: the same, built
-    from the table's columns). Both give the same states: segment ids are interned in trace order either way.
+    from the table's columns). All give the same states: segment ids are interned in trace order either way.
     ``session(i)`` hands out session ``i`` once (reading ahead keeps the skipped ones until asked
     for); ``release(sess)`` forgets a finished session's own segment ids.
     """
@@ -103,20 +105,18 @@ class Workload:
     @classmethod
     def from_index(cls, index, limit: int | None = None, gap_scale: float = 1.0) -> "Workload":
         infos = index.sessions[:limit] if limit is not None else index.sessions
-        sessions = iter_sessions(index, len(infos))
-        if gap_scale != 1:
-            sessions = scale_gaps(sessions, gap_scale)
-        return cls(infos, sessions, index.shared)
+        return cls._streamed(infos, iter_sessions(index, len(infos)), index.shared, gap_scale)
 
     @classmethod
     def from_table(cls, table, limit: int | None = None, gap_scale: float = 1.0) -> "Workload":
         """From a ``traces.columnar.TraceTable``: like :meth:`from_index`, each session built from the
         table's columns when the run reaches it."""
         infos = table.infos[:limit] if limit is not None else table.infos
-        sessions = table.iter_sessions(len(infos))
-        if gap_scale != 1:
-            sessions = scale_gaps(sessions, gap_scale)
-        return cls(infos, sessions, table.shared)
+        return cls._streamed(infos, table.iter_sessions(len(infos)), table.shared, gap_scale)
+
+    @classmethod
+    def _streamed(cls, infos: list, sessions, shared, gap_scale: float) -> "Workload":
+        return cls(infos, scale_gaps(sessions, gap_scale) if gap_scale != 1 else sessions, shared)
 
     @property
     def num_sessions(self) -> int:

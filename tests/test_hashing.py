@@ -141,3 +141,7 @@ def test_own_blocks_get_the_ids_hashing_would_give_without_hashing(segs, private
     assert own_block_ids(segs, bs, private_from, own) == block_hashes(segs, bs, PrefixMemo(), hashed)
     assert own.n == hashed.n and len(own) == len(block_hashes(head, bs))
     assert _first_tokens([(1, 5), (2, 7)], 9) == ((1, 5), (2, 4)) and _first_tokens([(1, 5)], 9) == ((1, 5),)
+    # ``created``: the own blocks' ids, not the ids the prefix's blocks get in the same call
+    fresh, created = BlockIds(), []
+    out = own_block_ids(segs, bs, private_from, fresh, created)
+    assert created == [i for i in out if i not in set(fresh.values())] == out[len(out) - len(created):]

@@ -196,11 +196,9 @@ def _tables(trace: Trace | TraceTable) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`call_table` and :func:`tool_table`, in one pass over the sessions."""
     cross = session_first_prompt_shares(trace)
     # compact columns while building (a list would hold a Python object per call and column)
-    ints = ("session", "turn", "prompt_tokens", "output_tokens", "prev_shared_tokens", "cross_shared_tokens",
-            "first_shared_tokens")
-    cols: dict[str, array] = {k: array("q") for k in ints}
-    cols.update({k: array("d") for k in ("gap_s", "latency_s")})
-    last = array("b")
+    cols: dict[str, array] = {k: array("d" if k in ("gap_s", "latency_s") else "q") for k in (
+        "session", "turn", "prompt_tokens", "output_tokens", "gap_s", "latency_s", "prev_shared_tokens",
+        "cross_shared_tokens", "first_shared_tokens")}
     session_ids: list[str] = []
     tool_rows = []
     for si, sess in enumerate(trace.sessions):
@@ -212,7 +210,6 @@ def _tables(trace: Trace | TraceTable) -> tuple[pd.DataFrame, pd.DataFrame]:
             ctx = _context(c, si)
             cols["session"].append(si)
             cols["turn"].append(c.turn)
-            last.append(k == n - 1)
             cols["prompt_tokens"].append(c.prompt_tokens)
             cols["output_tokens"].append(c.output_tokens)
             cols["gap_s"].append(c.next_gap_s if k < n - 1 else math.nan)
@@ -222,13 +219,10 @@ def _tables(trace: Trace | TraceTable) -> tuple[pd.DataFrame, pd.DataFrame]:
             cols["first_shared_tokens"].append(shared_tokens(ctx, first))
             tool_rows.extend((si, c.turn, t.name, t.category, t.duration_s) for t in c.tools)
             prev_ctx = ctx
-    data = {k: np.frombuffer(v, dtype=np.int64 if k in ints else np.float64) if len(v) else
-            np.zeros(0, dtype=np.int64 if k in ints else np.float64) for k, v in cols.items()}
-    session = data["session"]
+    data = {k: np.frombuffer(v, dtype=np.float64 if v.typecode == "d" else np.int64) for k, v in cols.items()}
+    session = data.pop("session")
     df = pd.DataFrame({"session": session, "session_id": np.asarray(session_ids, dtype=object)[session],
-                       "turn": data["turn"], "last": np.frombuffer(last, dtype=np.int8).astype(bool),
-                       **{k: data[k] for k in ("prompt_tokens", "output_tokens", "gap_s", "latency_s",
-                                               "prev_shared_tokens", "cross_shared_tokens", "first_shared_tokens")}})
+                       "turn": data.pop("turn"), "last": np.append(session[1:] != session[:-1], True), **data})
     df["context_tokens"] = df["prompt_tokens"] + df["output_tokens"]
     df["prev_prefix_share"] = (df["prev_shared_tokens"] / df["prompt_tokens"]).where(df["turn"] > 0)
     df["avoidable_tokens"] = df["prev_shared_tokens"] + df["cross_shared_tokens"]

@@ -44,7 +44,8 @@ _NAN = float("nan")
 
 
 class _Strings:
-    """Interned strings: ``add(s) -> id`` while building; ``text(i)`` after ``freeze``."""
+    """Interned strings in one UTF-8 blob: ``add(s) -> id`` (``ids``: the dictionary to intern in,
+    default the global one); the text of id ``i`` is ``blob[offsets[i]:offsets[i + 1]]``."""
 
     __slots__ = ("blob", "offsets", "_ids")
 
@@ -66,30 +67,27 @@ class _Strings:
         return self.blob, np.frombuffer(self.offsets, dtype=np.int64), self._ids
 
 
+#: the table's numeric columns and their ``array`` typecodes ("q": int64, "d": float64): per session
+#: ``call_start`` (offsets into the calls); per call the others, with ``append_start`` (offsets
+#: into ``seg`` / ``seg_tokens``) and ``tool_start`` (offsets into the ``tool_*`` columns)
+_COLUMNS = {"call_start": "q", "turn": "q", "output_tokens": "q", "output_segment": "q", "gap_s": "d",
+            "timestamp_s": "d", "latency_s": "d", "keep": "q", "append_start": "q", "seg": "q", "seg_tokens": "q",
+            "tool_start": "q", "tool_name": "q", "tool_category": "q", "tool_duration": "d"}
+_OFFSETS = ("call_start", "append_start", "tool_start")  # these start with a 0
+_DTYPES = {"q": np.int64, "d": np.float64}
+
+
 class _Builder:
     """Columns appended one session at a time (:meth:`TraceTable.from_sessions`)."""
 
     def __init__(self, may_share):
         self.may_share = may_share  # segment id -> whether another session may hold it (True when unsure)
         self.segs = _Strings()
-        self.names = _Strings()
+        self.names: dict[str, int] = {}  # tool names and categories (few)
         self.session_ids: list[str] = []
         self.infos: list[SessionInfo] = []
-        self.call_start = array("q", [0])
-        self.turn = array("q")
-        self.output_tokens = array("q")
-        self.output_segment = array("q")
-        self.gap_s = array("d")
-        self.timestamp_s = array("d")
-        self.latency_s = array("d")
-        self.keep = array("q")
-        self.append_start = array("q", [0])
-        self.seg = array("q")
-        self.seg_tokens = array("q")
-        self.tool_start = array("q", [0])
-        self.tool_name = array("q")
-        self.tool_category = array("q")
-        self.tool_duration = array("d")
+        for name, code in _COLUMNS.items():
+            setattr(self, name, array(code, [0] if name in _OFFSETS else []))
         self.holders = array("q")  # per session, the distinct globally interned segments it holds
 
     def add(self, session: Session) -> None:
@@ -122,8 +120,8 @@ class _Builder:
             self.timestamp_s.append(_NAN if c.timestamp_s is None else c.timestamp_s)
             self.latency_s.append(_NAN if c.latency_s is None else c.latency_s)
             for t in c.tools:
-                self.tool_name.append(self.names.add(t.name))
-                self.tool_category.append(self.names.add(t.category))
+                self.tool_name.append(self.names.setdefault(t.name, len(self.names)))
+                self.tool_category.append(self.names.setdefault(t.category, len(self.names)))
                 self.tool_duration.append(t.duration_s)
             self.tool_start.append(len(self.tool_name))
             prev = sequence(c)
@@ -131,9 +129,9 @@ class _Builder:
         self.holders.extend(held)
 
 
-def _np(a: array, dtype) -> np.ndarray:
+def _np(a: array) -> np.ndarray:
     """A view of the array's buffer (no copy: the view keeps the array alive)."""
-    return np.frombuffer(a, dtype=dtype) if len(a) else np.zeros(0, dtype=dtype)
+    return np.frombuffer(a, dtype=_DTYPES[a.typecode])
 
 
 class _SessionsView(Sequence):
@@ -165,10 +163,8 @@ class TraceTable:
     """A trace in compact columns (see the module docstring). Build it with :func:`load_table`,
     :meth:`from_trace` or :meth:`from_sessions`; it pickles small (numpy arrays and one blob)."""
 
-    __slots__ = ("header", "source", "rejected", "session_ids", "infos", "call_start", "turn", "output_tokens",
-                 "output_segment", "gap_s", "timestamp_s", "latency_s", "keep", "append_start", "seg",
-                 "seg_tokens", "tool_start", "tool_name", "tool_category", "tool_duration", "_seg_blob",
-                 "_seg_offsets", "_names", "_shared")
+    __slots__ = ("header", "source", "rejected", "session_ids", "infos", *_COLUMNS, "_seg_blob", "_seg_offsets",
+                 "_names", "_shared")
 
     @classmethod
     def from_sessions(cls, sessions: Iterable[Session], *, header: dict | None = None, source: str = "",
@@ -190,26 +186,12 @@ class TraceTable:
         t.rejected = []
         t.session_ids = b.session_ids
         t.infos = b.infos
-        t.call_start = _np(b.call_start, np.int64)
-        t.turn = _np(b.turn, np.int64)
-        t.output_tokens = _np(b.output_tokens, np.int64)
-        t.output_segment = _np(b.output_segment, np.int64)
-        t.gap_s = _np(b.gap_s, np.float64)
-        t.timestamp_s = _np(b.timestamp_s, np.float64)
-        t.latency_s = _np(b.latency_s, np.float64)
-        t.keep = _np(b.keep, np.int64)
-        t.append_start = _np(b.append_start, np.int64)
-        t.seg = _np(b.seg, np.int64)
-        t.seg_tokens = _np(b.seg_tokens, np.int64)
-        t.tool_start = _np(b.tool_start, np.int64)
-        t.tool_name = _np(b.tool_name, np.int64)
-        t.tool_category = _np(b.tool_category, np.int64)
-        t.tool_duration = _np(b.tool_duration, np.float64)
+        for name in _COLUMNS:
+            setattr(t, name, _np(getattr(b, name)))
         t._seg_blob, t._seg_offsets, global_ids = b.segs.freeze()
-        blob, offsets, _ = b.names.freeze()
-        t._names = [blob[offsets[i]:offsets[i + 1]].decode() for i in range(len(offsets) - 1)]
-        held = _np(b.holders, np.int64)
-        counts = np.bincount(held, minlength=len(t._seg_offsets) - 1) if len(held) else np.zeros(0, np.int64)
+        t._names = list(b.names)  # in id order
+        held = _np(b.holders)
+        counts = np.bincount(held, minlength=len(t._seg_offsets) - 1)
         t._shared = frozenset(s for s, i in global_ids.items() if counts[i] > 1)
         return t
 
@@ -242,26 +224,29 @@ class TraceTable:
         for i in range(n):
             yield self.session(i)
 
+    def _text(self, j: int) -> str:
+        """The segment id interned as ``j``."""
+        return self._seg_blob[self._seg_offsets[j]:self._seg_offsets[j + 1]].decode()
+
     def first_prompts(self) -> list[tuple[tuple[str, int], ...]]:
         """Each session's first prompt, read from the columns (no session is built)."""
-        blob, off, start, toks = self._seg_blob, self._seg_offsets, self.append_start, self.seg_tokens
+        start, text = self.append_start, self._text
         out = []
         for a in self.call_start[:-1].tolist():
             lo, hi = int(start[a]), int(start[a + 1])
-            out.append(tuple((blob[off[j]:off[j + 1]].decode(), n)
-                             for j, n in zip(self.seg[lo:hi].tolist(), toks[lo:hi].tolist())))
+            out.append(tuple((text(j), n) for j, n in zip(self.seg[lo:hi].tolist(), self.seg_tokens[lo:hi].tolist())))
         return out
 
     def session(self, i: int) -> Session:
         """Session ``i``, built from the columns (equal to ``load_trace``'s)."""
         a, b = int(self.call_start[i]), int(self.call_start[i + 1])
-        blob, off, names = self._seg_blob, self._seg_offsets, self._names
-        text: dict[int, str] = {}
+        names, decode = self._names, self._text
+        text: dict[int, str] = {}  # (one string object per id in the session, as the reader gives)
 
         def seg_id(j: int) -> str:
             s = text.get(j)
             if s is None:
-                s = text[j] = blob[off[j]:off[j + 1]].decode()
+                s = text[j] = decode(j)
             return s
 
         sid = self.session_ids[i]
@@ -297,17 +282,7 @@ class TraceTable:
 
     def nbytes(self) -> int:
         """Bytes held by the columns and the id blob (not the per-session ids and infos)."""
-        cols = (self.call_start, self.turn, self.output_tokens, self.output_segment, self.gap_s, self.timestamp_s,
-                self.latency_s, self.keep, self.append_start, self.seg, self.seg_tokens, self.tool_start,
-                self.tool_name, self.tool_category, self.tool_duration, self._seg_offsets)
-        return sum(c.nbytes for c in cols) + len(self._seg_blob)
-
-    def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state):
-        for k, v in state.items():
-            setattr(self, k, v)
+        return sum(getattr(self, k).nbytes for k in _COLUMNS) + self._seg_offsets.nbytes + len(self._seg_blob)
 
 
 def load_table(path, *, progress=None, columns_progress=None) -> TraceTable:
