@@ -139,6 +139,7 @@ class SimEnvironment(SessionFacts, Environment):
         #: the engine's clock (the engine keeps it current)
         self.now = 0.0
         self.sessions = SessionActivity(session_idle_s)
+        self._requests = 0  # requests seen arriving: the next one's number
         # the decisions the generic loops take from the policy (None / True: vLLM's own, skipped)
         self.static = not policy.overrides("priority")
         self.max_queue = policy.max_queue
@@ -186,7 +187,8 @@ class SimEnvironment(SessionFacts, Environment):
         if self.passive:
             return
         number, start = self.sessions.arrive(req.session.session_id, req.arrival)
-        req.view = SimRequestView(req, req.rid, number, start, self.scheduler)
+        req.view = SimRequestView(req, self._requests, number, start, self.scheduler)
+        self._requests += 1
 
     def on_finish(self, req: Request, now: float) -> None:
         if self.passive:

@@ -152,12 +152,18 @@ class Scheduler:
         self._fin_heap: list[int] = []
         self._n_lazy = 0
         self._sum_off = 0
+        #: the policy decides nothing of its own: it sees no arrivals (no views)
+        self._passive = getattr(policy, "passive", False)
+        #: requests were added that the policy has not seen arrive yet
+        self._arrivals = False
 
     def add(self, req: Request) -> None:
         """Queue a new request. Requests that arrive at the same instant queue in the
-        trace's session order, whatever order their sessions submitted them in."""
-        if req.view is None:
-            self.policy.on_arrival(req)  # (a policy that decides nothing of its own gets no view)
+        trace's session order, whatever order their sessions submitted them in; the policy
+        sees them arrive in that order too (``note_arrivals``, at the next step: vLLM numbers its
+        requests in the order they are added, and the oracle adds them in queue order)."""
+        if not self._passive:
+            self._arrivals = True
         waiting = self.waiting
         i = len(waiting)
         if i and req.session is not None:
@@ -265,7 +271,17 @@ class Scheduler:
             victim.placeholders = 0
         self.waiting.insert(0, victim)
 
+    def note_arrivals(self) -> None:
+        """The policy sees the requests added since the last step arrive, in queue order."""
+        self._arrivals = False
+        on_arrival = self.policy.on_arrival
+        for req in self.waiting:
+            if req.view is None:
+                on_arrival(req)
+
     def schedule(self, now: float) -> StepPlan:
+        if self._arrivals:
+            self.note_arrivals()
         plan = StepPlan()
         kv, running = self.kv, self.running
         budget = self.max_num_batched_tokens

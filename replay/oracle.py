@@ -272,6 +272,15 @@ class VllmEngine:
         t = now if ex.read_end is None else max(now, ex.read_end)
         return outs, t, ex.executed - before, self.publisher.take()
 
+    def held_until(self) -> float | None:
+        """With a policy that holds calls back (``Policy.admit``): its next deadline while every waiting call
+        is held and nothing runs (``inf``: none); else None."""
+        sched = self.scheduler
+        env = getattr(sched, "cw", None)
+        if env is None or not env.gates or sched.running or not len(sched.waiting) or sched.waiting:
+            return None
+        return env.next_deadline()
+
     def has_unfinished(self) -> bool:
         return self.llm.has_unfinished_requests()
 
@@ -390,6 +399,15 @@ def run_oracle(trace: Trace, config: OracleConfig, out_dir: str | Path | None = 
             steps += ran
             if ran or outs or clock > start:
                 idle_steps = 0
+            elif (held := engine.held_until()) is not None:
+                # the policy holds every waiting call back and nothing runs: as the simulator, until the next
+                # call is due or the policy's next deadline, when its answer may change
+                due = loop.next_time()
+                until = min(held, math.inf if due is None else due)
+                if not until > clock:
+                    raise OracleError(f"policy {config.policy!r} holds its waiting calls back with nothing running "
+                                      f"and nothing to wait for (step {steps}, time {clock})")
+                clock = until
             else:
                 idle_steps += 1
                 if idle_steps > 4:

@@ -32,8 +32,10 @@ def tool_session(index: int, sid: str, cats=(None,), prompt: int = 8) -> Session
 
 def arrive(env: SimEnvironment, rid: int, sess, turn: int = 0, arrival: float = 0.0, prompt: int = 8,
            output: int = 1, hashes=()) -> Request:
-    """A request of ``sess`` that arrives in the engine at ``arrival`` (it gets its view)."""
+    """A request of ``sess`` that arrives in the engine at ``arrival`` (it gets its view), as the
+    ``rid``-th request the engine has seen arrive (its ``number``)."""
     r = Request(rid, sess, turn, prompt, output, list(hashes), arrival)
+    env._requests = rid  # the adapter numbers requests in the order they arrive: this one is the rid-th
     env.on_arrival(r)
     assert r.view is not None and r.view.number == rid
     return r

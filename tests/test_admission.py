@@ -69,10 +69,11 @@ def test_a_gate_is_exact_under_decode_jumps():
         assert jump[key] == pytest.approx(step[key], rel=1e-9), key
 
 
-def test_the_vllm_plugin_refuses_a_gating_policy_by_name():
-    with pytest.raises(ValueError, match="--policy test-hold-s1: runs in the simulator only .*admission gate"):
-        engine_policy("test-hold-s1")
-    assert not get_policy("test-hold-s1").runs_in_vllm
+def test_a_gating_policy_runs_in_the_vllm_plugin_but_not_with_async_scheduling(tmp_path):
+    assert engine_policy("test-hold-s1").name == "test-hold-s1" and get_policy("test-hold-s1").runs_in_vllm
+    tr = agent_trace(n_sessions=2, turns=2, seed=4)
+    with pytest.raises(ValueError, match="--async-scheduling is not modelled with --policy 'test-hold-s1', which holds calls back"):
+        simulate(tr, SimConfig(policy="test-hold-s1", kv_blocks=2000, async_scheduling=True))
 
 
 # ------------------------------------------------------------------------ working-set

@@ -112,9 +112,10 @@ def cached_chain(pool: BlockPool, hashes: list[int]) -> None:
 
 
 def waiting(sched: Scheduler, rid: int, hashes: list[int]) -> Request:
-    """A request of its own session, queued (its view made at arrival)."""
+    """A request of its own session, queued and seen arriving by the policy (its view made)."""
     r = Request(rid, tool_session(rid, f"w{rid}"), 0, 4 * len(hashes) + 2, 1, hashes, float(rid))
     sched.add(r)
+    sched.note_arrivals()
     return r
 
 

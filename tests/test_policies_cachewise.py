@@ -249,7 +249,7 @@ def test_injected_error_changes_the_predicted_wait_deterministically():
     reqs = [finished(noisy, "test", 1.0) for _ in range(5)]
     waits = [predicted_wait(noisy.policy, r) for r in reqs]
     assert waits == [predicted_wait(noisy2.policy, r) for r in reqs]
-    # the error is seeded by the request's number (the simulator's request id)
+    # the error is seeded by the request's number (the order in which the engine saw requests arrive)
     assert waits == pytest.approx([2.0 * np.exp(np.random.default_rng((0, r.number)).normal(0.0, 1.0)) for r in reqs])
     assert [predicted_wait(exact.policy, r) for r in reqs] == pytest.approx([2.0] * 5)
     assert predicted_wait(noisy.policy, finished(noisy, "submit", 1.0)) == END_HORIZON_S  # an end stays an end

@@ -132,14 +132,17 @@ def test_the_scheduler_tells_the_adapter_of_arrivals_and_finishes():
     sessions = [SessionState(i, f"S{i}", [SimCall((), 6, n, 0.0, 0)], None) for i, n in enumerate((2, 5))]
     reqs = [Request(i, s, 0, 6, s.calls[0].output_len, [100 * i + k for k in range(3)], 0.0)
             for i, s in enumerate(sessions)]
-    for r in reqs:
+    for r in reversed(reqs):  # submitted out of session order at one instant: they queue in session order
         sched.add(r)
-    assert [r.view.session_number for r in reqs] == [0, 1]
+    assert [r.view for r in reqs] == [None, None]  # the policy sees them arrive at the next step, in queue order
     done = {}
     for step in range(10):  # one step a second
         now = float(step)
         env.now = now
-        for r in sched.update(sched.schedule(now), now):
+        plan = sched.schedule(now)
+        if step == 0:
+            assert [(r.view.number, r.view.session_number) for r in reqs] == [(0, 0), (1, 1)]
+        for r in sched.update(plan, now):
             done[r.rid] = now
     assert not sched.running and not sched.waiting
     assert done == {0: 1.0, 1: 4.0}

@@ -45,8 +45,7 @@ def test_every_spec_builds_its_class_and_names_only_constructor_settings():
                                                                       "pbkv", "tokencake", "working-set",
                                                                       "working-set-evict"]
     assert [n for n, s in POLICIES.items() if s.cls.overrides("admit")] == ["working-set", "working-set-evict"]
-    assert [n for n, s in POLICIES.items() if not s.runs_in_vllm] == ["belady", "infinite", "working-set",
-                                                                      "working-set-evict"]
+    assert [n for n, s in POLICIES.items() if not s.runs_in_vllm] == ["belady", "infinite"]
     assert [n for n, s in POLICIES.items() if Need.FUTURE in s.needs] == ["belady"]
 
 

@@ -1,7 +1,8 @@
 """The same policy objects inside vLLM 0.32 (``replay.vllm_plugin``) and in ``cwsim``: exactly equal.
 
 Each policy that can run in an engine (all but ``belady``, which reads the
-trace's future, and ``infinite``, an unbounded pool) runs inside vLLM's
+trace's future, and ``infinite``, an unbounded pool; ``working-set`` holds calls
+back, which the plugin does in vLLM's waiting loop) runs inside vLLM's
 in-process engine through the plugin (``OracleConfig(policy=...)``) and in the
 simulator, on two pressured workloads whose tool calls predict their gaps
 (tests/oracle_workloads.py); every call's arrival, first-token and finish
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from cwsim.policies.api import Policy
 from tests.oracle_workloads import assert_exact, workloads
 
 pytestmark = [
@@ -33,7 +36,7 @@ pytestmark = [
 WORKLOADS = workloads()
 POLICY_WORKLOADS = ("tool-mix-tight", "tool-mix-roomy")
 ENGINE_POLICIES = ("vllm", "sglang", "lfu", "cachewise", "cachewise-sched", "cachewise-evict", "continuum", "pbkv",
-                   "tokencake")
+                   "tokencake", "working-set", "working-set-evict")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -73,8 +76,9 @@ def _evicted(out: Path) -> list[str]:
 #: (policy, workload) on which the policy evicts in another order than vLLM's own (measured; every policy
 #: but vllm is on at least one: the equality below is not that of two LRUs)
 ORDER_CHANGED = {
-    "tool-mix-tight": {"sglang", "lfu", "cachewise", "cachewise-sched", "cachewise-evict", "continuum", "pbkv"},
-    "tool-mix-roomy": {"lfu", "cachewise", "cachewise-evict", "pbkv", "tokencake"},
+    "tool-mix-tight": {"sglang", "lfu", "cachewise", "cachewise-sched", "cachewise-evict", "continuum", "pbkv",
+                       "working-set", "working-set-evict"},
+    "tool-mix-roomy": {"lfu", "cachewise", "cachewise-evict", "pbkv", "tokencake", "working-set", "working-set-evict"},
 }
 
 
@@ -97,9 +101,8 @@ def test_every_engine_policy_is_covered():
     from cwsim.policies.registry import POLICIES
 
     assert {n for n, s in POLICIES.items() if s.runs_in_vllm} == set(ENGINE_POLICIES)
-    # the trace's future, an unbounded pool, an admission gate the plugin does not implement yet
-    assert {n for n, s in POLICIES.items() if not s.runs_in_vllm} == {"belady", "infinite", "working-set",
-                                                                       "working-set-evict"}
+    # the trace's future, an unbounded pool
+    assert {n for n, s in POLICIES.items() if not s.runs_in_vllm} == {"belady", "infinite"}
 
 
 # ------------------------------------------------------------- the documented example
@@ -200,6 +203,76 @@ def test_policy_inside_vllms_async_scheduler_equals_the_simulator(policy, tiny_m
     assert c.oracle["config"]["policy"] == policy
     assert_exact(c, format_report(c))
     assert c.oracle["evicted_blocks"] > 0
+
+
+def test_a_policy_that_holds_calls_back_is_refused_under_async_scheduling(tiny_model, tmp_path):
+    from replay.compare import compare
+
+    make, oc = WORKLOADS["tool-mix-tight"]
+    with pytest.raises(ValueError, match="'working-set' holds calls back .*start vLLM with --no-async-scheduling"):
+        compare(make(), replace(oc, model=tiny_model, policy="working-set", engine="emulated", async_scheduling=True),
+                tmp_path / "async")
+
+
+# ------------------------------------------------------------ admission held back (Policy.admit)
+class HoldAll(Policy):
+    """Holds every call back until step 5, and session s1's until step 40: the engine first idles with
+    only held calls (vLLM's engine core keeps stepping; the simulator waits for the deadline), then
+    runs the others while s1's calls wait."""
+
+    name = "test-hold-all"
+
+    def admit(self, req) -> bool:
+        now = self.env.now
+        return now >= 5 and (req.session_id != "s1" or now >= 40)
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def next_deadline(self) -> float:
+        now = self.env.now
+        return 5.0 if now < 5 else 40.0 if now < 40 else math.inf
+
+
+def test_calls_held_back_inside_vllm_equal_the_simulator(tiny_model, tmp_path):
+    from cwsim.policies.registry import POLICIES, PolicySpec, register_policy
+    from replay.compare import compare, format_report
+
+    register_policy(PolicySpec("test-hold-all", "test: hold every call until step 5, s1's until 40", HoldAll))
+    try:
+        make, oc = WORKLOADS["shared-system-prompt"]
+        c = compare(make(), replace(oc, model=tiny_model, policy="test-hold-all"), tmp_path / "hold")
+    finally:
+        POLICIES.pop("test-hold-all", None)
+    assert_exact(c, format_report(c))
+    with open(tmp_path / "hold" / "oracle" / "requests.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    first = {r["session_id"]: float(r["first_scheduled_s"]) for r in rows if r["turn"] == "0"}
+    assert min(first.values()) == 5.0  # nothing ran before the first deadline
+    assert first["s1"] == 40.0 and sorted(first)[0] == "s0" and first["s0"] == 5.0
+
+
+def test_working_set_holds_calls_back_in_both_engines(tiny_model, tmp_path, monkeypatch):
+    """The exactness above is not that of a gate that never closes: on the tight workload both engines'
+    working-set holds calls back (counted by a spy around the policy's own ``admit``)."""
+    from cwsim.policies.admission import WorkingSetAdmission
+    from replay.compare import compare, format_report
+
+    held: dict[str, int] = {}
+    admit = WorkingSetAdmission.admit
+
+    def counted(self, req):
+        ok = admit(self, req)
+        if not ok:
+            engine = type(self.env).__name__
+            held[engine] = held.get(engine, 0) + 1
+        return ok
+
+    monkeypatch.setattr(WorkingSetAdmission, "admit", counted)
+    make, oc = WORKLOADS["tool-mix-tight"]
+    c = compare(make(), replace(oc, model=tiny_model, policy="working-set"), tmp_path / "ws")
+    assert_exact(c, format_report(c))
+    assert held.get("VllmEnvironment", 0) > 0 and held.get("SimEnvironment", 0) > 0, held
 
 
 def test_cli_oracle_runs_a_policy_inside_vllm(tiny_model, tmp_path):

@@ -254,8 +254,8 @@ class Policy:
         False stops this step's admissions there, as a request that cannot get its blocks does.
         It must change no state (an engine may ask again), and its answer may change only at an
         engine event (an arrival, a finish, a preemption, a release) or at :meth:`next_deadline`.
-        Base: True (vLLM admits whatever fits). Simulator only for now: the vLLM plugin refuses
-        a policy that overrides it."""
+        Base: True (vLLM admits whatever fits). Both engines run it with vLLM's plain scheduler;
+        with async scheduling, both refuse a policy that overrides it."""
         return True
 
     def preemption_victim(self, running: Sequence[RequestView]) -> RequestView:

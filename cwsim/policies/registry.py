@@ -47,9 +47,8 @@ class PolicySpec:
 
     @property
     def runs_in_vllm(self) -> bool:
-        """Whether the vLLM plugin can run it (not with an unbounded pool, nor with the trace's future,
-        nor an admission gate: the plugin does not implement ``Policy.admit`` yet)."""
-        return not self.unbounded and Need.FUTURE not in self.cls.needs and not self.cls.overrides("admit")
+        """Whether the vLLM plugin can run it (not with an unbounded pool, nor with the trace's future)."""
+        return not self.unbounded and Need.FUTURE not in self.cls.needs
 
     def make(self, **settings) -> Policy:
         """A new policy object, given the settings among ``settings`` that it takes (``params``)."""

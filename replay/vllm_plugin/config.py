@@ -33,9 +33,7 @@ def engine_policy(name: str, setting_names=()):
     except ValueError as e:
         raise ValueError(f"--policy: {e}") from None
     if not spec.runs_in_vllm:
-        why = ("an unbounded KV pool" if spec.unbounded
-               else "an admission gate (Policy.admit), which the plugin does not implement yet"
-               if spec.cls.overrides("admit") else "the trace's future, which a live engine does not know")
+        why = "an unbounded KV pool" if spec.unbounded else "the trace's future, which a live engine does not know"
         raise ValueError(f"--policy {spec.name}: runs in the simulator only (it needs {why})")
     bad = sorted(set(setting_names) - set(spec.params))
     if bad:

@@ -110,6 +110,10 @@ class VllmEnvironment(SessionFacts, Environment):
         self.sharing = BlockSharing(pool.num_gpu_blocks) if self.scores else None
         self._pending = None
         self.static = not policy.overrides("priority")
+        #: the policy may hold a waiting request back (``Policy.admit``)
+        self.gates = policy.overrides("admit")
+        #: the waiting queue is the policy's (``PolicyWaitingQueue``): it orders it or holds requests back
+        self.orders_waiting = not self.static or self.gates
         self.custom_victim = policy.overrides("preemption_victim")
         self.ticks = policy.overrides("tick")
         self.queue = PolicyBlockQueue(pool.blocks, pool.free_block_queue.get_all_free_blocks(), self)

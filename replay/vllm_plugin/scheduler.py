@@ -9,6 +9,13 @@ nothing else:
   sorted by the policy's ``priority`` (stable) the first time the waiting
   phase of a step looks at it, i.e. after the running requests are scheduled,
   as in the simulator; a policy that keeps the base priority leaves it alone;
+- admission stops at a request the policy holds back (``Policy.admit``): the
+  waiting loop's test of the queue (``if not request_queue``, its only test of
+  the queue's truth; vLLM counts requests with ``len``) finds it empty then.
+  While every waiting request is held and nothing runs, vLLM's engine core
+  keeps stepping (it has requests), so ``tick`` sees the policy's deadlines
+  pass; a policy that holds calls back is refused under async scheduling, as
+  in the simulator, whose async model does not have it;
 - the preemption victim: vLLM's ``priority`` branch of ``schedule()`` (which
   handles a victim anywhere in the running list) is switched on, and each
   request's ``priority`` reads 1 for the policy's victim, 0 for the others;
@@ -66,17 +73,26 @@ class PolicyWaitingQueue(FCFSRequestQueue):
         self._order = None
         env = self._env
         mq = env.policy.max_queue
-        if len(self) < 2 or (mq is not None and len(self) > mq):
+        if env.static or len(self) < 2 or (mq is not None and len(self) > mq):
             return
         priority, view = env.policy.priority, env.view
         self._order = deque(sorted(self, key=lambda r: priority(view(r))))
+
+    def __bool__(self) -> bool:
+        """Whether admission may go on: a request waits and the policy admits the one next in its order."""
+        if not len(self):
+            return False
+        env = self._env
+        return not env.gates or env.policy.admit(env.view(self.peek_request()))
 
     def peek_request(self) -> Request:
         if not self._sorted:
             self._sort()
         if self._order:
             return self._order[0]
-        return super().peek_request()
+        if not len(self):  # (not ``not self``: that asks the policy)
+            raise IndexError("peek from an empty queue")
+        return self[0]
 
     def pop_request(self) -> Request:
         if not self._sorted:
@@ -149,8 +165,8 @@ class _PolicyMixin:
         self._cw_preempting = False
         self._cw_victim_key = None
         self._cw_victim = None
-        self.cw = VllmEnvironment(self, policy, predictor, config.session_idle_s)
-        if not self.cw.static:
+        self.cw = self._cw_environment(policy, predictor, config.session_idle_s)
+        if self.cw.orders_waiting:
             self.waiting = PolicyWaitingQueue(self.cw, self.waiting)
         if self.cw.custom_victim:
             self.policy = SchedulingPolicy.PRIORITY  # vLLM's branch that preempts anywhere in the running list
@@ -166,9 +182,15 @@ class _PolicyMixin:
             raise RuntimeError("install a policy before the first request")
         idle = self.cw.sessions.idle_s if session_idle_s is None else session_idle_s
         self._cw_config = config
-        self.cw = VllmEnvironment(self, policy, predictor, idle)
-        self.waiting = PolicyWaitingQueue(self.cw) if not self.cw.static else FCFSRequestQueue()
+        self.cw = self._cw_environment(policy, predictor, idle)
+        self.waiting = PolicyWaitingQueue(self.cw) if self.cw.orders_waiting else FCFSRequestQueue()
         self.policy = SchedulingPolicy.PRIORITY if self.cw.custom_victim else SchedulingPolicy.FCFS
+
+    def _cw_environment(self, policy, predictor, session_idle_s: float) -> VllmEnvironment:
+        if isinstance(self, AsyncScheduler) and policy.overrides("admit"):
+            raise ValueError(f"policy {policy.name!r} holds calls back (Policy.admit), which the plugin runs with "
+                             "vLLM's plain scheduler only: start vLLM with --no-async-scheduling")
+        return VllmEnvironment(self, policy, predictor, session_idle_s)
 
     def reset_prefix_cache(self, *args, **kwargs) -> bool:
         """vLLM's reset (``POST /reset_prefix_cache``, which ``cwreplay run``'s warm-up sends), then the policy
