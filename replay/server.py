@@ -178,11 +178,15 @@ def server_command(config: ServerConfig, model: str, port: int, events: str, eve
 
 
 def policy_args(config: ServerConfig) -> list[str]:
-    """vLLM's flags that install ``config.policy`` (none for vLLM's own scheduler)."""
+    """vLLM's flags that install ``config.policy`` (none for vLLM's own scheduler); a policy that holds
+    calls back (``Policy.admit``) runs with vLLM's plain scheduler (a GPU's default is async scheduling)."""
     if config.policy is None:
         return []
+    from cwsim.policies.registry import get_policy
+
+    plain = ["--no-async-scheduling"] if get_policy(config.policy).cls.overrides("admit") else []
     return ["--scheduler-cls", "replay.vllm_plugin.PolicyScheduler",
-            "--additional-config", config.plugin_config().to_json()]
+            "--additional-config", config.plugin_config().to_json(), *plain]
 
 
 def start_server(config: ServerConfig, run_dir: str | os.PathLike, *, timeout_s: float = 600.0,

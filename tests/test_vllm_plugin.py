@@ -182,6 +182,9 @@ def test_a_policy_reaches_the_plugin_through_additional_config(tmp_path):
     policy, predictor = build_policy(plugin)
     assert policy.aging_s == 12.5 and predictor is not None
     assert len(load_trace(trace).sessions) == 4
+    assert len(args) == 4  # async scheduling left as vLLM decides
+    held = policy_args(ServerConfig(kv_blocks=50, policy="working-set", predictor_trace=str(trace)))
+    assert held[-1] == "--no-async-scheduling"  # a policy that holds calls back runs with the plain scheduler
     with pytest.raises(ValueError, match="--predictor-trace"):
         ServerConfig(kv_blocks=50, policy="pbkv")
     with pytest.raises(ValueError, match="--policy belady: runs in the simulator only"):

