@@ -202,6 +202,7 @@ def run(
     max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Simulate only the first N sessions of the trace."),
     predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the tool-call predictor learns from (default: the simulated trace); only for policies with a predictor."),
     predictor_error: float = typer.Option(_D.predictor_error, "--predictor-error", help="Injected prediction error: idle predictions times exp(N(0, this))."),
+    step_jitter: float = typer.Option(_D.step_jitter, "--step-jitter", help="Timing noise: every step's time times a lognormal factor of mean 1 whose log has this standard deviation, from --seed (0: none; steps are then taken one by one). Rerun with several seeds to see how far a result moves with it."),
     gap_scale: float = typer.Option(_D.gap_scale, "--gap-scale", help="Every gap between an answer and the session's next call (tool and client time) times this: tools 10x or 100x slower (the predictor learns the scaled gaps too)."),
     aging_s: float = typer.Option(_D.aging_s, "--aging-s", help="Prefix-aware scheduling: a request waiting longer than this goes first."),
     cpu_kv_blocks: Optional[int] = typer.Option(None, "--cpu-kv-blocks", help="CPU KV tier size in blocks (0: no tier), for a policy that offloads (tokencake). Default: the policy's (tokencake: the GPU pool size)."),
@@ -221,7 +222,8 @@ def run(
                            gpu_memory_utilization=gpu_memory_utilization, arrivals=arrivals, agents=agents, rate=rate,
                            seed=seed, max_sessions=max_sessions,
                            predictor_trace=str(predictor_trace) if predictor_trace is not None else None,
-                           predictor_error=predictor_error, gap_scale=gap_scale, aging_s=aging_s, cpu_kv_blocks=cpu_kv_blocks,
+                           predictor_error=predictor_error, gap_scale=gap_scale, step_jitter=step_jitter, aging_s=aging_s,
+                           cpu_kv_blocks=cpu_kv_blocks,
                            cpu_kv_gib=cpu_kv_gib, pcie_gbps=pcie_gbps, offload_threshold_s=offload_threshold_s,
                            eviction_bound=eviction_bound)
         _check_policy_flags(config)

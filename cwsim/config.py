@@ -59,6 +59,11 @@ class SimConfig:
     seed: int = 0
     #: advance runs of decode-only steps in one jump (False: step by step, to validate the jump)
     decode_jumps: bool = True
+    #: timing noise: every engine step's time times a lognormal factor of mean 1 whose log has this
+    #: standard deviation, drawn from ``seed`` (0: none). A run under pressure can turn on when a call
+    #: arrives; an ensemble over seeds shows how far a result moves with the noise a real engine has.
+    #: Steps are then taken one by one (no decode jumps)
+    step_jitter: float = 0.0
     #: trace the tool-call predictor learns from (None: the simulated trace itself)
     predictor_trace: str | None = None
     #: injected prediction error: idle predictions are multiplied by exp(N(0, this))
@@ -99,6 +104,7 @@ class SimConfig:
             (self.predictor_error >= 0, "predictor_error", f"must be >= 0, got {self.predictor_error}"),
             (self.aging_s >= 0, "aging_s", f"must be >= 0, got {self.aging_s}"),
             (self.gap_scale >= 0, "gap_scale", f"must be >= 0, got {self.gap_scale}"),
+            (0 <= self.step_jitter <= 1, "step_jitter", f"must be in [0, 1], got {self.step_jitter}"),
             (self.cpu_kv_blocks is None or self.cpu_kv_blocks >= 0, "cpu_kv_blocks", f"must be >= 0, got {self.cpu_kv_blocks}"),
             (self.cpu_kv_gib is None or self.cpu_kv_gib >= 0, "cpu_kv_gib", f"must be >= 0, got {self.cpu_kv_gib}"),
             (not (self.cpu_kv_blocks is not None and self.cpu_kv_gib is not None), "cpu_kv_gib",

@@ -53,7 +53,7 @@ from cwsim.workload import Arrivals, SessionState, Workload
 
 class Engine:
     def __init__(self, env: simpy.Environment, scheduler: Scheduler, profile: StepTimeProfile, block_size: int, ctx,
-                 decode_jumps: bool = True):
+                 decode_jumps: bool = True, *, step_jitter: float = 0.0, seed: int = 0):
         self.env = env
         self.scheduler = scheduler
         self.profile = profile
@@ -68,6 +68,15 @@ class Engine:
         self.forget_private = True
         self.steps = 0
         self.jumps = 0
+        #: timing noise (``SimConfig.step_jitter``): each step's time times exp(N(-s^2/2, s)), mean 1
+        self._jitter = None
+        if step_jitter > 0:
+            if decode_jumps:
+                raise ValueError("step_jitter draws every step's time: run it without decode jumps")
+            import numpy as np
+
+            rng = np.random.default_rng((seed, 0x5EED))  # its own stream: arrivals keep theirs
+            self._jitter = lambda: math.exp(step_jitter * rng.standard_normal() - 0.5 * step_jitter ** 2)
         # the server's frontend core, shared by the requests' processing and part of every step (cwsim.frontend)
         # (nothing to share with unless requests bring work to it)
         self.frontend = SharedCore(env) if profile.frontend_step_share and profile.request_overhead_s else None
@@ -147,6 +156,8 @@ class Engine:
             dt = prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx)
             if plan.swap_in_s or plan.load_wait_s:
                 dt += plan.transfer_s  # synchronous loads from the CPU tier
+            if self._jitter is not None:
+                dt *= self._jitter()
             self.steps += 1
             if self.frontend is None:
                 yield env.timeout(dt)
@@ -195,8 +206,8 @@ class Engine:
                 start = max(now, device_free)
                 if plan.scheduled:
                     self.steps += 1
-                    device_free = start + prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs,
-                                                         plan.decode_ctx)
+                    dt = prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx)
+                    device_free = start + (dt if self._jitter is None else dt * self._jitter())
                 queue.appendleft((plan, samples, device_free if plan.scheduled else start))
                 if len(queue) < 2 and (plan.scheduled or sched.running or sched.waiting or sched.finished_pending):
                     continue

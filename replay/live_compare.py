@@ -51,11 +51,8 @@ def _mape(real: pd.Series, sim: pd.Series) -> float | None:
     return float(np.mean(np.abs(sim[ok] - real[ok]) / real[ok])) if ok.any() else None
 
 
-def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 trace: str | Path | Trace | None = None, predictor_trace: str | Path | None = None) -> dict:
-    """See the module docstring; ``trace``: the trace (or its file) when the recorded path does not hold it;
-    ``predictor_trace``: what the server's predictor was fitted on, when the run did not record it."""
-    run = Path(run_dir)
+def _read_run(run: Path) -> tuple[dict, dict]:
+    """A finished run's ``run.json`` and ``summary.json``, or ``CompareError``."""
     try:
         state = json.loads((run / "run.json").read_text())
         real = json.loads((run / "summary.json").read_text())
@@ -63,6 +60,16 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
         raise CompareError(f"{run}: not a cwreplay run folder (run.json / summary.json: {e})") from None
     if real.get("partial"):
         raise CompareError(f"{run}: the run is partial ({real.get('stopped_by')}); finish it with --resume first")
+    return state, real
+
+
+def simulation_of(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_num_batched_tokens: int,
+                  trace: str | Path | Trace | None = None,
+                  predictor_trace: str | Path | None = None) -> tuple[Trace, SimConfig]:
+    """The trace (gaps as the run waited them) and the ``cwsim`` configuration that simulate the live run in
+    ``run_dir`` (see :func:`compare_live`)."""
+    run = Path(run_dir)
+    state, real = _read_run(run)
     cfg = state["config"]
     if isinstance(trace, Trace):
         tr = trace
@@ -79,6 +86,19 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
     sim_cfg = SimConfig(policy=policy, predictor_trace=None if pred is None else str(pred), cpu_kv_blocks=0, profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         arrivals=cfg["arrivals"], agents=cfg["agents"], max_sessions=cfg["max_sessions"])
+    return tr, sim_cfg
+
+
+def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 trace: str | Path | Trace | None = None, predictor_trace: str | Path | None = None) -> dict:
+    """See the module docstring; ``trace``: the trace (or its file) when the recorded path does not hold it;
+    ``predictor_trace``: what the server's predictor was fitted on, when the run did not record it."""
+    run = Path(run_dir)
+    state, real = _read_run(run)
+    cfg = state["config"]
+    tr, sim_cfg = simulation_of(run, profile, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                trace=trace, predictor_trace=predictor_trace)
+    policy, pred = sim_cfg.policy, sim_cfg.predictor_trace
     sim = simulate(tr, sim_cfg, run / "sim", eviction_log=True).summary
     calls, sess = joined_tables(run)
     waited = {s.session_id: sum(c.next_gap_s for c in s.calls[:-1]) for s in tr.sessions}

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,28 @@ def test_the_whole_policy_study_is_one_command():
     assert cross[cross.index("--predictor-trace") + 1] == "/t/deepseek_chat_dev.jsonl.gz"
     assert "--resume" in cross and cross[cross.index("--out") + 1] == "/o/compare-crosstrain"
     assert plan["crosstrain"][1][-4:] == ["--own", "/o/compare-heldout", "--cross", "/o/compare-crosstrain"]
+    assert plan["live"] == [[sys.executable, str(REPO / "experiments" / "live_ratios.py"), "--repeats", "4",
+                             "--out", "/o/live-ratios"]]
     assert all(Path(c[0]).exists() for cmds in plan.values() for c in cmds)  # the Python and the cwsim script
     assert ps.main(["--dry-run", "--out", "/o"]) == 0
     with pytest.raises(SystemExit):
         ps.main(["--dry-run", "--only", "nonsense"])
+
+
+def test_live_ratios_are_vllms_figure_over_the_policys_live_and_simulated():
+    """experiments/live_ratios.py: the ratio to vllm (> 1: a gain) on each side, and sim / live - 1."""
+    spec = importlib.util.spec_from_file_location("live_ratios", REPO / "experiments" / "live_ratios.py")
+    lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr)
+    base = dict(evicted_live=600, evicted_sim=500, session_time_live=300.0, session_time_sim=240.0)
+    ws = dict(evicted_live=200, evicted_sim=250, session_time_live=150.0, session_time_sim=100.0)
+    r = lr.ratios({"vllm": base, "working-set": ws})
+    assert r["vllm"]["evicted_ratio_live"] == 1.0 and r["vllm"]["evicted_ratio_gap"] == 0.0
+    w = r["working-set"]
+    assert (w["evicted_ratio_live"], w["evicted_ratio_sim"]) == (3.0, 2.0)
+    assert w["evicted_ratio_gap"] == pytest.approx(2.0 / 3.0 - 1.0)
+    assert (w["session_time_ratio_live"], w["session_time_ratio_sim"]) == (2.0, 2.4)
+    assert w["session_time_ratio_gap"] == pytest.approx(0.2)
+    none = lr.ratios({"vllm": base, "p": dict(ws, evicted_live=0)})["p"]  # nothing evicted live: no ratio
+    assert none["evicted_ratio_live"] is None and none["evicted_ratio_gap"] is None
+    assert lr._mean([dict(a=1.0, b=None), dict(a=3.0, b=2.0)]) == {"a": 2.0, "b": None}

@@ -214,3 +214,27 @@ def test_a_profiles_request_overhead_delays_each_call_into_the_engine(tmp_path):
     ]
     assert res.summary["total_session_time_s"] == pytest.approx(1.1253)
     assert res.summary["steps"] == 5
+
+
+# ------------------------------------------------------------------ timing noise (step_jitter)
+def test_step_jitter_is_seeded_noise_of_mean_one_on_every_step():
+    from dataclasses import replace
+
+    from cwsim.config import ConfigError
+
+    tr = agent_trace(n_sessions=4, turns=4, seed=3, system_tokens=200)
+    cfg = SimConfig(policy="vllm", kv_blocks=2000, agents=4)
+    plain = simulate(tr, cfg).summary
+    zero = simulate(tr, replace(cfg, step_jitter=0.0)).summary
+    assert {k: v for k, v in zero.items() if k != "wall_s"} == {k: v for k, v in plain.items() if k != "wall_s"}
+    runs = {seed: simulate(tr, replace(cfg, step_jitter=0.1, seed=seed)).summary for seed in (0, 0, 1)}
+    again = simulate(tr, replace(cfg, step_jitter=0.1, seed=0)).summary
+    key = ("total_session_time_s", "makespan_s", "steps", "evicted_blocks", "decode_jumps")
+    assert [again[k] for k in key] == [runs[0][k] for k in key]  # the same seed: the same run, bit for bit
+    assert runs[1]["total_session_time_s"] != runs[0]["total_session_time_s"]  # another seed: other step times
+    assert runs[0]["decode_jumps"] == 0 and plain["decode_jumps"] > 0  # every step drawn, one by one
+    # mean one: over some hundred steps the busy time moves by little
+    assert runs[0]["makespan_s"] == pytest.approx(plain["makespan_s"], rel=0.03)
+    assert runs[0]["makespan_s"] != plain["makespan_s"]
+    with pytest.raises(ConfigError, match="--step-jitter must be in \\[0, 1\\], got -0.1"):
+        SimConfig(step_jitter=-0.1)
