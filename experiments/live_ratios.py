@@ -43,7 +43,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from live_miniswe import _shown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
                                        for k in range(args.sim_seeds)], side="sim")} for p in policies}
     report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
               "predictor": history.source, "kv_blocks": args.kv_blocks, "agents": args.agents,
-              "time_scale": args.time_scale, **sched, "profile": str(profile), "repeats": args.repeats,
+              "time_scale": args.time_scale, **sched, "profile": _shown(profile), "repeats": args.repeats,
               "target": TARGET, "runs": per_run, "ratios_per_repeat": per_repeat, "ratios": mean,
               "ensemble": {"seeds": args.sim_seeds, "step_jitter": args.step_jitter, "runs": seeds, "ratios": ens,
                            "spread": spread}, "wall_s": timings}
