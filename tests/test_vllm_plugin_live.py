@@ -1,7 +1,8 @@
 """A project policy inside a live vLLM server (``cwreplay serve --policy``), against vLLM's own.
 
-Two servers of the same pool, one running vLLM's scheduler and one running
-``cachewise`` through the plugin, replay the same trace (sessions whose tool
+Three servers of the same pool, one running vLLM's scheduler, one running
+``cachewise`` through the plugin and one ``working-set`` (which holds calls
+back: every call must still be answered), replay the same trace (sessions whose tool
 calls predict their gaps; the predictor fitted on other sessions of the same
 workload) under pool pressure. The plugin is loaded (the server says so), the
 calls carry their tool-call metadata over HTTP, vLLM's own ``BlockRemoved``
@@ -11,7 +12,7 @@ evicts nearly the same blocks. Live timing is real time, so the runs are not
 step-exact the way the in-process oracle is (tests/test_vllm_plugin.py); the
 numbers are in experiments/live_policy.py and docs/policies.md.
 
-Needs vLLM (CI installs it); two server starts, about 3-4 minutes on 2 cores.
+Needs vLLM (CI installs it); three server starts, about 4-5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -62,12 +63,15 @@ def test_cachewise_inside_a_live_server_changes_vllms_eviction_order_and_evicts_
     pred = str(tmp_path / "predictor.jsonl")
     write_trace(pred, [c for s in scaled(Trace(tool_mix_history(6)), TIME_SCALE).sessions for c in s.calls])
     summaries = {}
-    for policy in ("vllm", "cachewise"):
-        kw = {} if policy == "vllm" else dict(policy="cachewise", predictor_trace=pred)
+    installed = {"cachewise": "cachewise (CacheWise)", "working-set": "working-set (WorkingSetAdmission)"}
+    for policy in ("vllm", "cachewise", "working-set"):
+        kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=pred)
         with start_server(ServerConfig(model=model, **SERVER, **kw), tmp_path / f"srv-{policy}") as srv:
             summaries[policy] = _replay(srv, trace, tmp_path / policy, policy, kw.get("predictor_trace"))
         log = (tmp_path / f"srv-{policy}" / "server.log").read_text()
-        assert ("cachewise policy plugin: cachewise (CacheWise) installed" in log) == (policy == "cachewise")
+        assert ("cachewise policy plugin:" in log) == (policy != "vllm")
+        if policy != "vllm":
+            assert f"cachewise policy plugin: {installed[policy]} installed" in log
     for policy, s in summaries.items():
         assert not s["partial"] and s["policy"] == policy and s["requests"] == 48
         assert s["evicted_blocks"] == len(_evicted(tmp_path / policy)) > 0  # under pressure
@@ -79,3 +83,5 @@ def test_cachewise_inside_a_live_server_changes_vllms_eviction_order_and_evicts_
     assert c["policy"] == "cachewise" and c["predictor_trace"] == pred
     assert c["evicted_blocks"]["sim"] < 0.9 * summaries["vllm"]["evicted_blocks"]
     assert c["evicted_in_common"] >= 0.8  # measured 94-100%
+    # a policy that holds calls back (Policy.admit) runs behind the server too: every call answered, its own order
+    assert _evicted(tmp_path / "working-set") != _evicted(tmp_path / "vllm")
