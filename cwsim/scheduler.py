@@ -154,8 +154,8 @@ class Scheduler:
         self._sum_off = 0
         #: the policy decides nothing of its own: it sees no arrivals (no views)
         self._passive = getattr(policy, "passive", False)
-        #: requests were added that the policy has not seen arrive yet
-        self._arrivals = False
+        #: requests added that the policy has not seen arrive yet
+        self._arrivals = 0
 
     def add(self, req: Request) -> None:
         """Queue a new request. Requests that arrive at the same instant queue in the
@@ -163,7 +163,7 @@ class Scheduler:
         sees them arrive in that order too (``note_arrivals``, at the next step: vLLM numbers its
         requests in the order they are added, and the oracle adds them in queue order)."""
         if not self._passive:
-            self._arrivals = True
+            self._arrivals += 1
         waiting = self.waiting
         i = len(waiting)
         if i and req.session is not None:
@@ -272,12 +272,20 @@ class Scheduler:
         self.waiting.insert(0, victim)
 
     def note_arrivals(self) -> None:
-        """The policy sees the requests added since the last step arrive, in queue order."""
-        self._arrivals = False
-        on_arrival = self.policy.on_arrival
-        for req in self.waiting:
+        """The policy sees the requests added since the last step arrive, in queue order. They are
+        among the queue's last requests (``add`` puts a request behind every other but those that
+        arrived at the same instant): the scan from the tail stops once it has found them all."""
+        new, left = [], self._arrivals
+        self._arrivals = 0
+        for req in reversed(self.waiting):
             if req.view is None:
-                on_arrival(req)
+                new.append(req)
+                left -= 1
+                if not left:
+                    break
+        on_arrival = self.policy.on_arrival
+        for req in reversed(new):
+            on_arrival(req)
 
     def schedule(self, now: float) -> StepPlan:
         if self._arrivals:
