@@ -190,7 +190,7 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
                           async_scheduling=config.async_scheduling)
     ctx.attach(scheduler)
     env = simpy.Environment()
-    engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps and not config.step_jitter,
+    engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps,
                     step_jitter=config.step_jitter, seed=config.seed)
     engine.forget_private = not eviction_log  # (its log maps every evicted id back to its hash)
     start_sessions(env, engine, workload, arrivals, config.seed, metrics)

@@ -82,7 +82,7 @@ def ensemble(out: Path, policies: list[str], profile: str, trace, n_seeds: int, 
         tr, cfg = simulation_of(out / f"r0-{p}", profile, max_num_seqs=8, max_num_batched_tokens=512, trace=trace)
         rows = []
         for seed in range(n_seeds):
-            s = simulate(tr, replace(cfg, step_jitter=jitter, seed=seed, decode_jumps=False)).summary
+            s = simulate(tr, replace(cfg, step_jitter=jitter, seed=seed)).summary
             rows.append({"evicted": s["evicted_blocks"], "session_time": s["total_session_time_s"]})
         out_rows[p] = rows
     return out_rows

@@ -69,7 +69,11 @@ def simulation_of(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_n
     """The trace (gaps as the run waited them) and the ``cwsim`` configuration that simulate the live run in
     ``run_dir`` (see :func:`compare_live`)."""
     run = Path(run_dir)
-    state, real = _read_run(run)
+    return _simulation(run, *_read_run(run), profile, max_num_seqs, max_num_batched_tokens, trace, predictor_trace)
+
+
+def _simulation(run: Path, state: dict, real: dict, profile: str, max_num_seqs: int, max_num_batched_tokens: int,
+                trace, predictor_trace) -> tuple[Trace, SimConfig]:
     cfg = state["config"]
     if isinstance(trace, Trace):
         tr = trace
@@ -96,8 +100,7 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
     run = Path(run_dir)
     state, real = _read_run(run)
     cfg = state["config"]
-    tr, sim_cfg = simulation_of(run, profile, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                trace=trace, predictor_trace=predictor_trace)
+    tr, sim_cfg = _simulation(run, state, real, profile, max_num_seqs, max_num_batched_tokens, trace, predictor_trace)
     policy, pred = sim_cfg.policy, sim_cfg.predictor_trace
     sim = simulate(tr, sim_cfg, run / "sim", eviction_log=True).summary
     calls, sess = joined_tables(run)

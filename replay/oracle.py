@@ -277,6 +277,7 @@ class VllmEngine:
         is held and nothing runs (``inf``: none); else None."""
         sched = self.scheduler
         env = getattr(sched, "cw", None)
+        # (the plugin's queue reads false while its head is held: ``PolicyWaitingQueue.__bool__``)
         if env is None or not env.gates or sched.running or not len(sched.waiting) or sched.waiting:
             return None
         return env.next_deadline()
