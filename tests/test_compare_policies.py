@@ -213,3 +213,24 @@ def test_live_ratios_are_vllms_figure_over_the_policys_live_and_simulated():
     none = lr.ratios({"vllm": base, "p": dict(ws, evicted_live=0)})["p"]  # nothing evicted live: no ratio
     assert none["evicted_ratio_live"] is None and none["evicted_ratio_gap"] is None
     assert lr._mean([dict(a=1.0, b=None), dict(a=3.0, b=2.0)]) == {"a": 2.0, "b": None}
+
+
+def test_live_interval_brackets_the_live_ratio_of_means_and_is_seeded():
+    """experiments/live_ratios.py: the bootstrap interval of vllm's mean over the policy's, each side's
+    repeats resampled; it holds the ratio of the means, narrows to a point when the repeats agree, and the
+    same runs give the same interval."""
+    spec = importlib.util.spec_from_file_location("live_ratios", REPO / "experiments" / "live_ratios.py")
+    lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr)
+    vllm = [300.0, 280.0, 260.0, 320.0]
+    ws = [150.0, 120.0, 160.0, 140.0]
+    per_run = {r: {"vllm": {"session_time_live": v}, "ws": {"session_time_live": w}}
+               for r, (v, w) in enumerate(zip(vllm, ws))}
+    lo, hi = lr.live_interval(per_run, "ws", "session_time")
+    assert lo < sum(vllm) / sum(ws) < hi
+    assert 260 / 160 <= lo and hi <= 320 / 120  # no resample's mean passes its side's extremes
+    assert lr.live_interval(per_run, "ws", "session_time") == (lo, hi)
+    flat = {r: {"vllm": {"evicted_live": 600}, "ws": {"evicted_live": 200}} for r in range(3)}
+    assert lr.live_interval(flat, "ws", "evicted") == (3.0, 3.0)
+    none = {0: {"vllm": {"evicted_live": 600}, "ws": {"evicted_live": 0}}}
+    assert lr.live_interval(none, "ws", "evicted") is None
