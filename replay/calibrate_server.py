@@ -247,6 +247,10 @@ async def _server_facts(url: str) -> str:
         return (await _get(session, url, "/metrics")).decode(errors="replace")
 
 
+def _ms(ts: list[float]) -> str:
+    return " / ".join(f"{t:.1f}" for t in ts)
+
+
 def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLike, *, name: str | None = None,
                      on_point=None):
     """Measure, fit and write the profile to ``out_file`` (atomically); return it.
@@ -305,7 +309,10 @@ def calibrate_server(config: ServerCalibrationConfig, out_file: str | os.PathLik
                                 max_num_batched_tokens=config.max_num_batched_tokens)
         profile = replace(profile, frontend_step_share=share, notes=profile.notes + (
             f"; frontend_step_share = {share:.3g}: decode steps {probe['ratio']:.2f}x as long while fully cached "
-            f"{config.frontend_prompt}-token prompts arrived (replay.frontend_share)"))
+            f"{config.frontend_prompt}-token prompts arrived (replay.frontend_share)"
+            + ("" if probe["consistent"] else
+               f"; the probe's rounds disagree (quiet {_ms(probe['quiet_ms'])} ms, loaded {_ms(probe['loaded_ms'])} ms:"
+               f" the machine was not steady): the share is uncertain, probe again on a quiet machine")))
         frontend = {**probe, "share": share, "grid": grid}
     d = profile.to_json()
     d["_fit"] = {"stderr": err, "mape": mape, "points": points, "check": check, "frontend": frontend,

@@ -291,6 +291,9 @@ def calibrate(
         print(f"frontend_step_share    {fe['share']:.3g}  (decode step of {fe['batch']}: quiet "
               + " / ".join(f"{t:.2f}" for t in fe["quiet_ms"]) + " ms, loaded " + " / ".join(f"{t:.2f}" for t in fe["loaded_ms"])
               + f" ms; ratio {fe['ratio']:.2f})")
+        if not fe.get("consistent", True):
+            console.print("warning: the frontend probe's rounds disagree (the machine was not steady): "
+                          "frontend_step_share is uncertain; calibrate again on a quiet machine")
     for ch in fit.get("check", []):
         print(f"held-out call {ch['q']} new on {ch['c']} cached, {ch['n']} out: measured {1000 * ch['t']:.1f} ms, "
               f"predicted {1000 * ch['predicted']:.1f} ms ({100 * ch['error']:+.1f}%)")

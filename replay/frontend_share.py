@@ -5,7 +5,9 @@ On a few-core server the frontend's work on requests slows the engine's steps (`
 for ``n2`` output tokens less its time for ``n1``, per step: the request and prefill costs cancel)
 with nothing else in flight ("quiet"), and while a side client sends, one after another, a fully
 cached prompt of ``side_prompt`` tokens asking for one token ("loaded": next to no engine work,
-all the frontend's). Modes alternate, ``rounds`` of each. :func:`fit_share` then runs the same two
+all the frontend's). Modes alternate, ``rounds`` of each; the ratio is taken between the modes'
+medians over the rounds, and the probe says whether its rounds agree (most of a mode's rounds
+within 1.5x of its median; else the machine was not steady). :func:`fit_share` then runs the same two
 workloads in cwsim with the fitted profile for shares 0-1 and returns the share whose simulated
 loaded / quiet ratio matches the measured one (0 when the server shows no more slow-down than the
 side requests' own one-token steps explain, 1 at most).
@@ -24,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["fit_share", "probe_contention", "probe_workload", "simulated_steps"]
+__all__ = ["contention_ratio", "fit_share", "probe_contention", "probe_workload", "simulated_steps"]
 
 #: the batch's prompts and output lengths (short, long run) of a probe
 BATCH_PROMPT = 64
@@ -32,9 +34,28 @@ DECODE_N = (8, 72)
 _GRID = tuple(k / 10 for k in range(11))
 
 
-async def probe_contention(prober, batch: int, side_prompt: int, repeats: int, rounds: int = 2) -> dict:
+#: a round this far from its mode's median (either way) is one the machine threw off
+ROUND_TOLERANCE = 1.5
+
+
+def contention_ratio(quiet_ms: list[float], loaded_ms: list[float]) -> tuple[float, bool]:
+    """(loaded / quiet step time, whether the rounds agree): the ratio of the modes' medians over
+    their rounds, so that one round thrown off by the machine (a quiet round at 17 ms beside 3.9 and
+    4.1) does not decide it; the rounds agree when, in each mode, most of them lie within
+    :data:`ROUND_TOLERANCE` of its median (two rounds at 3.9 and 17 ms do not)."""
+    ratio = statistics.median(loaded_ms) / statistics.median(quiet_ms)
+    consistent = True
+    for ts in (quiet_ms, loaded_ms):
+        m = statistics.median(ts)
+        near = sum(m / ROUND_TOLERANCE <= t <= m * ROUND_TOLERANCE for t in ts)
+        consistent &= 2 * near > len(ts)
+    return ratio, consistent
+
+
+async def probe_contention(prober, batch: int, side_prompt: int, repeats: int, rounds: int = 3) -> dict:
     """Decode-step times of a batch of ``batch``, quiet and loaded (``prober``: a
-    ``replay.calibrate_server._Prober``); the median of ``repeats`` per mode and round."""
+    ``replay.calibrate_server._Prober``); the median of ``repeats`` per mode and round, and
+    :func:`contention_ratio` over the rounds."""
     n1, n2 = DECODE_N
     long = prober.fresh(side_prompt)
     await prober.complete(long, 1)  # cached from now on
@@ -66,7 +87,7 @@ async def probe_contention(prober, batch: int, side_prompt: int, repeats: int, r
         out[f"{mode}_ms"].append(1e3 * statistics.median(per))
     out["side_requests"] = len(side)
     out["side_request_ms"] = 1e3 * statistics.median(side) if side else None
-    out["ratio"] = statistics.mean(out["loaded_ms"]) / statistics.mean(out["quiet_ms"])
+    out["ratio"], out["consistent"] = contention_ratio(out["quiet_ms"], out["loaded_ms"])
     return out
 
 
