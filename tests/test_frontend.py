@@ -127,3 +127,19 @@ def test_without_request_work_there_is_nothing_to_share(tmp_path):
                                                                  arrivals="trace"), out_dir=out)
         return (out / "requests.csv").read_text()
     assert ends(0.7) == ends(0.0)
+
+
+def test_the_probe_ratio_is_the_medians_and_says_when_rounds_disagree():
+    """A round the machine threw off does not decide the ratio (medians over the rounds), and the
+    probe says when most rounds of a mode are not near its median."""
+    from replay.frontend_share import contention_ratio
+
+    # this study's failed probe: two quiet rounds 4x apart
+    ratio, ok = contention_ratio([3.93, 17.01], [7.91, 6.96])
+    assert ratio == pytest.approx(7.435 / 10.47) and not ok
+    # one outlier among five: the median holds, the rounds agree
+    ratio, ok = contention_ratio([2.72, 2.83, 2.08, 3.18, 1.87], [5.32, 4.71, 11.08, 4.97, 4.63])
+    assert ratio == pytest.approx(4.97 / 2.72) and ok
+    assert contention_ratio([3.9, 17.0, 4.1], [7.0, 7.2, 7.1]) == (pytest.approx(7.1 / 4.1), True)
+    # two of three far apart in the loaded mode
+    assert contention_ratio([4.0, 4.1, 4.2], [5.0, 12.0, 30.0])[1] is False

@@ -361,7 +361,8 @@ def test_a_profile_calibrated_through_the_servers_api_predicts_a_call_it_did_not
     assert check["predicted"] == pytest.approx(check["t"], rel=0.5), check
     # the frontend probe: a decode batch of 7 quiet and loaded, twice each; the share fitted on its simulation
     fe = fit["frontend"]
-    assert (fe["batch"], fe["side_prompt"], len(fe["quiet_ms"]), len(fe["loaded_ms"])) == (7, 320, 2, 2)
+    assert (fe["batch"], fe["side_prompt"], len(fe["quiet_ms"]), len(fe["loaded_ms"])) == (7, 320, 3, 3)
+    assert fe["consistent"] in (True, False)  # (CI's load may throw a round off: the flag says so, tested offline)
     assert fe["side_requests"] > 0 and all(t > 0 for t in fe["quiet_ms"] + fe["loaded_ms"])
     assert 0.0 <= fe["share"] <= 1.0 and prof.frontend_step_share == fe["share"]
     assert [g["share"] for g in fe["grid"]] == [k / 10 for k in range(11)]
