@@ -212,6 +212,7 @@ def run(
     eviction_bound: bool = typer.Option(_D.eviction_bound, "--eviction-bound/--no-eviction-bound", metavar="", help="Also compute the fewest evictions any eviction order could have under this run's schedule (Belady's MIN on the blocks it referenced; docs/policies.md). Adds about 1 s per million block references and releases (11 s on the bundled trace at 12,000 blocks)."),
     out: Optional[Path] = _out_option(None, "Folder for summary.json, requests.csv, sessions.csv (CSVs written as the run goes, "
                                             "summary.json last; an earlier run's are removed first)."),
+    step_log: bool = typer.Option(False, "--step-log", help="Also write OUT/steps.csv: every engine iteration's start, end, steps (a decode jump runs several), prefill tokens, attention pairs, decoding sequences and context, running and waiting requests (to set beside a live server's: cwreplay serve --step-log)."),
 ) -> None:
     """Simulate a trace under one policy and print a summary."""
     with _guarded("--out") as stop:
@@ -227,16 +228,18 @@ def run(
                            cpu_kv_gib=cpu_kv_gib, pcie_gbps=pcie_gbps, offload_threshold_s=offload_threshold_s,
                            eviction_bound=eviction_bound)
         _check_policy_flags(config)
+        if step_log and out is None:
+            fail("--step-log: writes OUT/steps.csv, so it needs --out")
         if out is not None:
             check_folder(out)
         tr = _index(trace)
         n_calls = num_calls(tr, max_sessions)
         with _bar("simulating", "calls") as bar:
             task = bar.add_task("sim", total=n_calls)
-            result = simulate(tr, config, out, on_progress=lambda n: bar.advance(task, n))
+            result = simulate(tr, config, out, on_progress=lambda n: bar.advance(task, n), step_log=step_log)
     _print_summary(result.summary)
     if out is not None:
-        console.print(f"results in {out}/ ({', '.join(RESULT_FILES)})", markup=False)
+        console.print(f"results in {out}/ ({', '.join(f for f in RESULT_FILES if (out / f).is_file())})", markup=False)
 
 
 def _check_policy_flags(config: SimConfig) -> None:

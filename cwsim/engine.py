@@ -68,6 +68,10 @@ class Engine:
         self.forget_private = True
         self.steps = 0
         self.jumps = 0
+        #: ``on_step(start, end, steps, plan, running, waiting)``: each engine iteration that ran steps (a decode
+        #: jump is one call for its ``steps``; ``plan`` its first step's; ``running`` / ``waiting`` the scheduler's
+        #: counts once the step was scheduled), or None
+        self.on_step = None
         #: timing noise (``SimConfig.step_jitter``): each step's time times exp(N(-s^2/2, s)), mean 1
         self._jitter = None
         if step_jitter > 0:
@@ -147,6 +151,8 @@ class Engine:
                     dt = prof.decode_run_time(n, plan.decode_seqs, plan.decode_ctx)
                     self.steps += n
                     self.jumps += 1
+                    if self.on_step is not None:
+                        self.on_step(now, now + dt, n, plan, len(sched.running), len(sched.waiting))
                     yield env.timeout(dt)
                     if self._finish_jump(n, env.now):
                         yield env.timeout(0)  # sessions submit what is due now before the next step
@@ -157,12 +163,16 @@ class Engine:
             if self._jitter is not None:
                 dt *= self._jitter()
             self.steps += 1
+            if self.on_step is not None:  # (the counts as scheduled: calls may arrive during the step)
+                counts = len(sched.running), len(sched.waiting)
             if self.frontend is None:
                 yield env.timeout(dt)
             else:  # the step's first part on the shared core, then the rest
                 share = prof.frontend_step_share
                 yield self.frontend.run(dt * share)
                 yield env.timeout(dt * (1.0 - share))
+            if self.on_step is not None:
+                self.on_step(now, env.now, 1, plan, *counts)
             self.ctx.now = env.now
             if sched.update(plan, env.now):
                 # the finished calls' sessions submit what is due now (a next call after no gap, a next
@@ -206,6 +216,8 @@ class Engine:
                     self.steps += 1
                     dt = prof.step_time(plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx)
                     device_free = start + (dt if self._jitter is None else dt * self._jitter())
+                    if self.on_step is not None:  # (its time on the device)
+                        self.on_step(start, device_free, 1, plan, len(sched.running), len(sched.waiting))
                 queue.appendleft((plan, samples, device_free if plan.scheduled else start))
                 if len(queue) < 2 and (plan.scheduled or sched.running or sched.waiting or sched.finished_pending):
                     continue

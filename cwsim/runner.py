@@ -39,7 +39,7 @@ DEFAULT_TRACE = REPO / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
 
 
 #: the files a run writes into its results folder (an earlier run's are removed first)
-RESULT_FILES = ("summary.json", "requests.csv", "sessions.csv", "evictions.csv")
+RESULT_FILES = ("summary.json", "requests.csv", "sessions.csv", "evictions.csv", "steps.csv")
 
 
 @dataclass
@@ -108,7 +108,7 @@ def prepare_results_dir(out_dir: str | Path) -> Path:
 
 def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config: SimConfig = SimConfig(),
              out_dir: str | Path | None = None, on_progress=None, eviction_log: bool = False,
-             on_load=None) -> SimResult:
+             on_load=None, step_log: bool = False) -> SimResult:
     """Run one simulation; write ``summary.json``, ``requests.csv`` and ``sessions.csv`` to ``out_dir`` if given.
 
     ``trace``: a file (default: the bundled trace), a ``Trace``, a ``traces.columnar.TraceTable`` (its
@@ -126,7 +126,11 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
     ``"partial": false``. ``eviction_log``: also
     write ``evictions.csv`` (engine step, time and content hash of every evicted
     block, in order; the hash is :func:`cwsim.hashing.block_hashes`'s, which
-    ``replay.compare`` maps to vLLM's).
+    ``replay.compare`` maps to vLLM's). ``step_log``: also write ``steps.csv`` (each engine
+    iteration: its start and end, how many steps it ran (more than 1: a decode jump), the first
+    step's prefill tokens, attention pairs, decoding sequences and their context, and the
+    running and waiting requests once it was scheduled), to set beside a live server's
+    (``cwreplay serve --step-log``).
     """
     wall0 = time.perf_counter()
     if trace is None:
@@ -193,6 +197,12 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
     engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps,
                     step_jitter=config.step_jitter, seed=config.seed)
     engine.forget_private = not eviction_log  # (its log maps every evicted id back to its hash)
+    steps: list[tuple] = []
+    if step_log:
+        def on_step(start, end, n, plan, running, waiting):  # noqa: E306 - only when asked
+            steps.append((start, end, n, plan.prefill_tokens, plan.attn_pairs, plan.decode_seqs, plan.decode_ctx,
+                          running, waiting))
+        engine.on_step = on_step
     start_sessions(env, engine, workload, arrivals, config.seed, metrics)
     env.process(engine.run())
 
@@ -241,8 +251,18 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
     if out is not None:
         if eviction_log:
             _write_evictions(out / "evictions.csv", evictions, engine.block_ids)
+        if step_log:
+            with open(out / "steps.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(STEP_FIELDS)
+                w.writerows(steps)
         write_summary(out, result)
     return SimResult(result, out)
+
+
+#: the columns of ``steps.csv`` (``simulate(step_log=True)``; a live server's step log has the same ones)
+STEP_FIELDS = ["start_s", "end_s", "steps", "prefill_tokens", "attn_pairs", "decode_seqs", "decode_ctx", "running",
+               "waiting"]
 
 
 def write_summary(out: Path, summary: dict) -> None:

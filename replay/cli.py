@@ -130,6 +130,7 @@ def serve(
     setting: list[str] = typer.Option([], "--setting", help="A policy setting NAME=VALUE (e.g. aging_s=30); repeatable."),
     policy_import: list[str] = typer.Option([], "--policy-import", help="A module to import first (it registers your own policy); repeatable."),
     predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="Trace the policy's tool-call predictor is fitted on (policies that use one)."),
+    step_log: Optional[Path] = typer.Option(None, "--step-log", help="A CSV file the scheduler writes each step to (when it was scheduled and ran, prefill tokens, decoding sequences, ...: the columns of cwsim run --step-log). Installs the plugin, with vLLM's own policy unless --policy."),
 ) -> None:
     """Start a local vLLM server for replay and keep it in the foreground (Ctrl-C / SIGTERM stop it)."""
     from replay.server import ServerConfig, ServerError, start_server
@@ -141,7 +142,8 @@ def serve(
                                max_num_batched_tokens=max_num_batched_tokens,
                                model=str(model) if model is not None else None, policy=policy,
                                policy_settings=parse_settings(setting), policy_imports=tuple(policy_import),
-                               predictor_trace=str(predictor_trace) if predictor_trace is not None else None)
+                               predictor_trace=str(predictor_trace) if predictor_trace is not None else None,
+                               step_log=str(step_log) if step_log is not None else None)
             console.print(f"starting vLLM (log: {run_dir / 'server.log'}) ...")
             server = start_server(cfg, run_dir)
             print(f"url: {server.url}")
@@ -243,8 +245,14 @@ def calibrate(
     quick: bool = typer.Option(False, "--quick", help="A small design (fewer, shorter batches): a rough profile in a fraction of the time."),
     frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="With --server: also time decode steps while cached prompts arrive and fit the profile's frontend_step_share (the share of a step that competes with the frontend's work for a core; about 0.9 on a 2-core CPU machine)."),
     frontend_prompt: int = typer.Option(2000, "--frontend-prompt", help="With --server --frontend: the side client's cached prompt, in tokens (it and a decode batch must fit the pool)."),
+    step_log: Optional[Path] = typer.Option(None, "--step-log", help="Fit the step terms on a live server's own steps under load instead (its log: cwreplay serve --step-log), the rest from --base-profile; no engine is started."),
+    base_profile: Optional[str] = typer.Option(None, "--base-profile", help="With --step-log: the profile the other fields come from (request_overhead_s, KV sizes: the server's calibration)."),
+    trim: float = typer.Option(0.02, "--trim", help="With --step-log: the share of slowest busy steps left out of the fit."),
 ) -> None:
-    """Fit the step-time profile from timed engine steps over a designed set of batches (in process, or through a server's API)."""
+    """Fit the step-time profile from timed engine steps over a designed set of batches (in process, or through a server's API), or from a live server's step log."""
+    if step_log is not None:
+        _calibrate_from_steps(step_log, base_profile, out, name, trim, server)
+        return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from replay.calibrate import TERMS, CalibrationConfig, calibrate as run_calibration
     from replay.live import ReplayError
@@ -298,6 +306,34 @@ def calibrate(
         print(f"held-out call {ch['q']} new on {ch['c']} cached, {ch['n']} out: measured {1000 * ch['t']:.1f} ms, "
               f"predicted {1000 * ch['predicted']:.1f} ms ({100 * ch['error']:+.1f}%)")
     console.print(f"profile written to {out} ({profile.source})")
+
+
+def _calibrate_from_steps(step_log: Path, base: Optional[str], out: Path, name: Optional[str], trim: float,
+                          server: Optional[str]) -> None:
+    from replay.calibrate import TERMS
+    from replay.calibrate_steps import calibrate_from_steps
+    from traces.files import OutputPathError
+
+    if server is not None:
+        console.print("error: --step-log fits on a log already written: it takes no --server")
+        raise typer.Exit(code=2)
+    if base is None:
+        console.print("error: --step-log needs --base-profile (the server's calibration: request_overhead_s, KV sizes)")
+        raise typer.Exit(code=2)
+    try:
+        profile = calibrate_from_steps(step_log, base, out, name=name, trim=trim)
+    except OutputPathError as e:
+        console.print(f"error: --out {e}")
+        raise typer.Exit(code=2)
+    except ValueError as e:
+        console.print(f"error: {e}")
+        raise typer.Exit(code=2)
+    fit = json.loads(out.read_text())["_fit"]
+    for k in TERMS:
+        print(f"{k:22s} {getattr(profile, k):.4g}  (+- {fit['stderr'][k]:.2g})")
+    print(f"{fit['steps']} busy steps ({', '.join(f'{n} {k}' for k, n in fit['kinds'].items())}): fitted "
+          f"{fit['fitted_s']:.2f} s against {fit['measured_s']:.2f} s measured; MAPE {100 * fit['mape']['all']:.1f}%")
+    console.print(f"profile written to {out}", markup=False)
 
 
 @app.command("compare")

@@ -404,6 +404,7 @@ class _Attempt:
         self.vocab_size = vocab_size
         self.writer: _Writer | None = None
         self.t0 = 0.0
+        self.t0_unix = 0.0
 
     def _events(self, batches) -> None:
         for b in batches:
@@ -438,7 +439,7 @@ class _Attempt:
             try:
                 if stream is not None:
                     await stream.start()
-                self.t0 = time.monotonic()
+                self.t0, self.t0_unix = time.monotonic(), time.time()  # (the wall clock: to align a server's step log)
                 if stream is not None:
                     pump = asyncio.create_task(self._pump(stream))
                 await self._loop(_Client(client, cfg.server, model, self.t0, cfg.stream), pump)
@@ -459,7 +460,8 @@ class _Attempt:
                     stream.close()
         return {"server": cfg.server, "events": cfg.events, **self.counts,
                 "metrics": delta(parse_metrics(before_text), parse_metrics(after_text)),
-                "cache_config": cache_config(after_text), "wall_s": time.monotonic() - self.t0, "warmup": warm}
+                "cache_config": cache_config(after_text), "wall_s": time.monotonic() - self.t0, "warmup": warm,
+                "t0_unix": self.t0_unix}
 
     async def _warm_up(self, client, model: str) -> dict:
         from replay.calibrate_server import cache_config as pool_shape

@@ -62,6 +62,9 @@ class ServerConfig:
     policy_imports: tuple[str, ...] = ()
     #: the trace the policy's tool-call predictor is fitted on (a policy that uses one needs it)
     predictor_trace: str | None = None
+    #: a CSV file the scheduler writes each step to (``cwreplay serve --step-log``; the plugin, with vLLM's own
+    #: policy when ``policy`` is None), or None
+    step_log: str | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -71,7 +74,7 @@ class ServerConfig:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
-        if self.policy is not None:
+        if self.policy is not None or self.step_log is not None:
             self.plugin_config()  # a bad policy fails here, before a server starts
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
@@ -84,7 +87,7 @@ class ServerConfig:
         from replay.vllm_plugin.config import PluginConfig, engine_policy, import_policy_modules
 
         import_policy_modules(self.policy_imports)
-        spec = engine_policy(self.policy, [k for k, _ in self.policy_settings])
+        spec = engine_policy(self.policy or "vllm", [k for k, _ in self.policy_settings])
         trace = self.predictor_trace
         if spec.needs_predictor:
             if trace is None:
@@ -93,8 +96,13 @@ class ServerConfig:
             if not Path(trace).is_file():
                 raise ValueError(f"--predictor-trace {trace}: no such file")
             trace = str(Path(trace).resolve())
+        log = self.step_log
+        if log is not None:
+            if not Path(log).resolve().parent.is_dir():
+                raise ValueError(f"--step-log {log}: its folder does not exist")
+            log = str(Path(log).resolve())
         return PluginConfig(policy=spec.name, settings=dict(self.policy_settings), imports=list(self.policy_imports),
-                            predictor_trace=trace if spec.needs_predictor else None)
+                            predictor_trace=trace if spec.needs_predictor else None, step_log=log)
 
 
 @dataclass
@@ -180,11 +188,11 @@ def server_command(config: ServerConfig, model: str, port: int, events: str, eve
 def policy_args(config: ServerConfig) -> list[str]:
     """vLLM's flags that install ``config.policy`` (none for vLLM's own scheduler); a policy that holds
     calls back (``Policy.admit``) runs with vLLM's plain scheduler (a GPU's default is async scheduling)."""
-    if config.policy is None:
+    if config.policy is None and config.step_log is None:
         return []
     from cwsim.policies.registry import get_policy
 
-    plain = ["--no-async-scheduling"] if get_policy(config.policy).cls.overrides("admit") else []
+    plain = ["--no-async-scheduling"] if get_policy(config.policy or "vllm").cls.overrides("admit") else []
     return ["--scheduler-cls", "replay.vllm_plugin.PolicyScheduler",
             "--additional-config", config.plugin_config().to_json(), *plain]
 

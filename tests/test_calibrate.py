@@ -9,6 +9,7 @@ import pytest
 
 from cwsim.steptime import StepTimeProfile, prefill_attn_pairs
 from replay.calibrate import TERMS, CalibrationConfig, fit
+from tests.conftest import ROUND_PROFILE
 
 
 def _points(truth: StepTimeProfile, noise: float = 0.0, seed: int = 0):
@@ -126,3 +127,60 @@ def test_calibrated_profile_is_measured_and_cwsim_runs_with_it(tmp_path):
     assert all(p["t"] > 0 for p in d["_fit"]["points"])
     res = simulate(Trace(agent_sessions(2, 3, 0), source="t"), SimConfig(profile=str(path), kv_blocks=64, agents=2))
     assert res.summary["profile"] == prof.name and res.summary["makespan_s"] > 0
+
+
+def _step_log(tmp_path, profile: dict) -> tuple:
+    """A simulated run's step log (one row a step) under ``profile``: the steps a live server's log holds."""
+    from cwsim.config import SimConfig
+    from cwsim.runner import simulate
+    from tests.conftest import agent_trace
+
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(profile))
+    out = tmp_path / "run"
+    simulate(agent_trace(6, 6, seed=2, system_tokens=600), SimConfig(profile=str(path), kv_blocks=700, agents=4,
+                                                                     max_num_batched_tokens=512, decode_jumps=False),
+             out, step_log=True)
+    return path, out / "steps.csv"
+
+
+def test_a_profile_fitted_on_a_step_log_recovers_the_terms_that_timed_it(tmp_path):
+    """`cwreplay calibrate --step-log`: on steps timed by a known profile (a simulation's log, each step
+    from its start to the next one's), the fit gives back that profile's five terms, takes the rest
+    from the base, and has no frontend share (the load is in the timed steps)."""
+    from cwsim.steptime import load_profile
+    from replay.calibrate_steps import busy_steps, calibrate_from_steps
+
+    truth = {**ROUND_PROFILE.to_json(), "step_overhead_s": 0.004, "prefill_token_s": 2e-5, "prefill_attn_pair_s": 3e-8,
+             "decode_seq_s": 4e-4, "decode_ctx_token_s": 2e-7, "request_overhead_s": 0.002, "name": "truth"}
+    base, log = _step_log(tmp_path, truth)
+    points = busy_steps(log, trim=0.0)
+    assert {p["kind"] for p in points} == {"decode", "prefill", "mixed"} and len(points) > 100
+    prof = calibrate_from_steps(log, base, tmp_path / "fitted.json", trim=0.0)
+    for k in TERMS:
+        assert getattr(prof, k) == pytest.approx(truth[k], rel=1e-6), k
+    assert prof.request_overhead_s == 0.002 and prof.frontend_step_share == 0.0 and prof.name == "truth-steps"
+    fit_ = json.loads((tmp_path / "fitted.json").read_text())["_fit"]
+    assert fit_["fitted_s"] == pytest.approx(fit_["measured_s"], rel=1e-9) and fit_["mape"]["all"] < 1e-6
+    assert load_profile(tmp_path / "fitted.json").step_overhead_s == pytest.approx(0.004, rel=1e-6)
+    # trimming drops the slowest steps only
+    assert len(busy_steps(log, trim=0.1)) == pytest.approx(0.9 * len(points), abs=2)
+
+
+def test_a_step_log_that_is_not_one_is_a_one_line_error(tmp_path):
+    from replay.calibrate_steps import calibrate_from_steps
+
+    base, log = _step_log(tmp_path, ROUND_PROFILE.to_json())
+    (tmp_path / "bad.csv").write_text('a,b\n1,2,3,"\n')
+    with pytest.raises(ValueError, match=r"--step-log .*bad.csv: cannot read it as a CSV"):
+        calibrate_from_steps(tmp_path / "bad.csv", base, tmp_path / "x.json")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"not a step log \(no column 'start_s'"):
+        calibrate_from_steps(tmp_path / "other.csv", base, tmp_path / "x.json")
+    with pytest.raises(ValueError, match="--base-profile nope.json: profile file nope.json does not exist"):
+        calibrate_from_steps(log, "nope.json", tmp_path / "x.json")
+    few = tmp_path / "few.csv"
+    few.write_text("\n".join(log.read_text().splitlines()[:5]) + "\n")
+    with pytest.raises(ValueError, match="too few to fit"):
+        calibrate_from_steps(few, base, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()

@@ -247,3 +247,15 @@ def test_brackets_in_messages_and_paths_survive(tmp_path):
     assert code == 2
     assert one_error(out) == (f'error: {path}:1: prompt[1]: expected a [segment_id, n_tokens] pair, '
                               f'got string "[oops]"')
+
+
+def test_the_step_log_needs_a_results_folder(tmp_path):
+    """`cwsim run --step-log` writes OUT/steps.csv: without --out it is one error naming both flags; with
+    it the log is there and listed."""
+    code, out = cwsim("run", "--max-sessions", "1", "--kv-blocks", "20000", "--step-log")
+    assert code == 2 and "--step-log" in one_error(out) and "--out" in one_error(out)
+    code, out = cwsim("run", "--max-sessions", "1", "--kv-blocks", "20000", "--step-log", "--out", tmp_path / "r")
+    assert code == 0 and "steps.csv" in out and "evictions.csv" not in out
+    rows = (tmp_path / "r" / "steps.csv").read_text().splitlines()
+    steps = json.loads((tmp_path / "r" / "summary.json").read_text())["steps"]
+    assert sum(int(r.split(",")[2]) for r in rows[1:]) == steps

@@ -49,6 +49,28 @@ def test_exact_timeline_of_one_session(tmp_path, round_profile):
     assert [(r["session_id"], int(r["calls"]), float(r["duration_s"])) for r in sess] == [("s", 2, pytest.approx(1.1153))]
 
 
+def test_the_step_log_is_the_timeline_step_by_step(tmp_path, round_profile):
+    """``simulate(step_log=True)``: each engine iteration of the one-session timeline above, with the
+    composition its time was charged for (a decode jump is one row of its steps)."""
+    calls = (
+        Call("s", 0, (("sys", 32),), 3, "a0", (ToolCall("bash", "test", 1.0),)),
+        Call("s", 1, (("sys", 32), ("a0", 3), ("t0", 13)), 2, "a1"),
+    )
+    res = simulate(Trace([Session("s", calls)], source="hand"), SimConfig(kv_blocks=100, profile=round_profile),
+                   tmp_path, step_log=True)
+    rows = [tuple(float(v) for v in r.values()) for r in read_rows(tmp_path / "steps.csv")]
+    assert rows == [  # start, end, steps, prefill tokens, attention pairs, decoding seqs, their context, running, waiting
+        (0.0, pytest.approx(0.042), 1, 32, 32 * 33 / 2, 0, 0, 1, 0),
+        (pytest.approx(0.042), pytest.approx(0.0725), 2, 0, 0, 1, 32, 1, 0),
+        (pytest.approx(1.0725), pytest.approx(1.0985), 1, 16, 16 * 32 + 16 * 17 / 2, 0, 0, 1, 0),
+        (pytest.approx(1.0985), pytest.approx(1.1153), 1, 0, 0, 1, 48, 1, 0),
+    ]
+    assert sum(r[2] for r in rows) == res.summary["steps"]
+    assert not (tmp_path / "evictions.csv").exists()
+    simulate(Trace([Session("s", calls)], source="hand"), SimConfig(kv_blocks=100, profile=round_profile), tmp_path)
+    assert not (tmp_path / "steps.csv").exists()  # an earlier run's log does not pass for this one's
+
+
 def test_chunked_prefill_and_batching(round_profile):
     """Two sessions arriving together share steps; a 10-token budget chunks prefills."""
     calls_a = (Call("a", 0, (("x", 12),), 1),)

@@ -191,6 +191,36 @@ def test_a_policy_reaches_the_plugin_through_additional_config(tmp_path):
         ServerConfig(kv_blocks=50, policy="belady")
 
 
+def test_the_plugins_step_log_is_the_simulators_step_by_step(tiny_model, tmp_path):
+    """`cwreplay serve --step-log` (the plugin's ``StepLog``) inside vLLM's engine: every step's prefill
+    tokens, attention pairs, decoding sequences and their context, running and waiting requests equal
+    `cwsim run --step-log`'s for the same run, step by step (decode jumps off); its times are the wall
+    clock's, each step's output after its scheduling."""
+    import pandas as pd
+
+    from cwsim.runner import STEP_FIELDS, simulate
+    from replay.compare import sim_config_for
+    from replay.oracle import VllmEngine, run_oracle, step_trace
+    from replay.vllm_plugin.scheduler import StepLog
+
+    make, oc = WORKLOADS["tool-mix-tight"]
+    oc = replace(oc, model=tiny_model, policy="vllm")
+    stepped = step_trace(make(), oc.steps_per_s)
+    engine = VllmEngine(oc, max_model_len=min((oc.kv_blocks - 1) * oc.block_size, 32768))
+    engine.scheduler._cw_steps = StepLog(str(tmp_path / "server-steps.csv"))
+    oracle = run_oracle(stepped, oc, tmp_path / "oracle", engine=engine).summary
+    sim = simulate(stepped, sim_config_for(oc, decode_jumps=False), tmp_path / "sim", step_log=True).summary
+    live = pd.read_csv(tmp_path / "server-steps.csv")
+    ours = pd.read_csv(tmp_path / "sim" / "steps.csv")
+    assert list(live.columns) == [*STEP_FIELDS, "schedule_s"] and list(ours.columns) == STEP_FIELDS
+    assert len(live) == len(ours) == sim["steps"] and oracle["evicted_blocks"] == sim["evicted_blocks"] > 0
+    cols = ["prefill_tokens", "attn_pairs", "decode_seqs", "decode_ctx", "running", "waiting"]
+    assert (live[cols].values == ours[cols].values).all()
+    assert (live.steps == 1).all() and (live.prefill_tokens > 0).any() and (live.decode_seqs > 1).any()
+    assert (live.end_s >= live.start_s).all() and (live.start_s.diff().dropna() > 0).all()
+    assert (live.schedule_s > 0).all() and (live.schedule_s <= live.end_s - live.start_s).all()
+
+
 # ------------------------------------------------------ vLLM's AsyncScheduler (the GPU default)
 @pytest.mark.parametrize("policy", ["cachewise", "tokencake"])
 def test_policy_inside_vllms_async_scheduler_equals_the_simulator(policy, tiny_model, tmp_path):

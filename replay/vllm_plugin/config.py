@@ -48,7 +48,8 @@ class PluginConfig:
     settings (``aging_s``, ``offload_threshold_s``, ...); ``predictor_trace``: the trace the
     tool-call predictor is fitted on (a policy that needs a predictor needs it), with
     ``predictor_error`` and ``seed`` as in ``cwsim run``; ``session_idle_s``: how long after its
-    latest finished request a session still counts as active."""
+    latest finished request a session still counts as active; ``step_log``: a CSV file the scheduler
+    writes one row per step to (``cwsim.runner.STEP_FIELDS``, as ``cwsim run --step-log``), or None."""
 
     policy: str = "vllm"
     settings: dict = field(default_factory=dict)
@@ -57,6 +58,7 @@ class PluginConfig:
     predictor_error: float = 0.0
     seed: int = 0
     session_idle_s: float = DEFAULT_SESSION_IDLE_S
+    step_log: str | None = None
 
     @classmethod
     def from_additional_config(cls, additional: dict | None) -> "PluginConfig":

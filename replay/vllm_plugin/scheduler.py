@@ -149,6 +149,48 @@ class _VictimKey:
         request.__dict__["_cw_priority"] = value
 
 
+class StepLog:
+    """The scheduler's steps as ``cwsim run --step-log`` writes the simulator's (``cwsim.runner.STEP_FIELDS``):
+    per step that schedules tokens, when its scheduling began and when its output came back (wall clock,
+    ``time.time()``), its prefill tokens and attention pairs, its decoding sequences and their context,
+    and the running and waiting requests once it was scheduled; then one column the simulator has not,
+    ``schedule_s``: the time the scheduling itself took (vLLM's scheduler and the policy's hooks, on the
+    step's critical path). A scheduled chunk is prefill while it computes tokens before the request's
+    last (a recomputation after a preemption too), as cwsim counts it. Rows are written as steps
+    finish, a line at a time."""
+
+    def __init__(self, path: str):
+        import csv
+
+        from cwsim.runner import STEP_FIELDS
+
+        self._file = open(path, "w", newline="", buffering=1)
+        self._writer = csv.writer(self._file)
+        self._writer.writerow([*STEP_FIELDS, "schedule_s"])
+        self._pending: dict[int, list] = {}
+
+    def scheduled(self, t: float, schedule_s: float, out, requests: dict, running: int, waiting: int) -> None:
+        if not out.total_num_scheduled_tokens:
+            return
+        prefill, pairs, seqs, ctx = 0, 0, 0, 0
+        for rid, n in out.num_scheduled_tokens.items():
+            req = requests[rid]
+            before = req.num_computed_tokens - n  # (vLLM has counted the step's tokens as computed)
+            if before < req.num_tokens - 1:
+                prefill += n
+                pairs += n * before + n * (n + 1) // 2
+            else:
+                seqs += 1
+                ctx += before
+        self._pending[id(out)] = [t, None, 1, prefill, float(pairs), seqs, ctx, running, waiting, schedule_s]
+
+    def ran(self, out, t: float) -> None:
+        row = self._pending.pop(id(out), None)
+        if row is not None:
+            row[1] = t
+            self._writer.writerow(row)
+
+
 class _PolicyRequest(Request):
     """A vLLM request whose ``priority`` names the policy's preemption victim (set on arrival)."""
 
@@ -170,6 +212,7 @@ class _PolicyMixin:
             self.waiting = PolicyWaitingQueue(self.cw, self.waiting)
         if self.cw.custom_victim:
             self.policy = SchedulingPolicy.PRIORITY  # vLLM's branch that preempts anywhere in the running list
+        self._cw_steps = StepLog(config.step_log) if config.step_log else None
         logger.info("cachewise policy plugin: %s (%s) installed in vLLM's %s", policy.name, type(policy).__name__,
                     type(self).__mro__[2].__name__)
 
@@ -220,10 +263,19 @@ class _PolicyMixin:
                     policy.name, len(free))
 
     def schedule(self, *args, **kwargs):
+        t = time.time()
         self.cw.tick()
         if isinstance(self.waiting, PolicyWaitingQueue):
             self.waiting.new_step()
-        return super().schedule(*args, **kwargs)
+        out = super().schedule(*args, **kwargs)
+        if self._cw_steps is not None:
+            self._cw_steps.scheduled(t, time.time() - t, out, self.requests, len(self.running), len(self.waiting))
+        return out
+
+    def update_from_output(self, scheduler_output, *args, **kwargs):
+        if self._cw_steps is not None:
+            self._cw_steps.ran(scheduler_output, time.time())
+        return super().update_from_output(scheduler_output, *args, **kwargs)
 
     def add_request(self, request: Request) -> None:
         new = request.request_id not in self.requests
