@@ -212,7 +212,7 @@ def run(
     eviction_bound: bool = typer.Option(_D.eviction_bound, "--eviction-bound/--no-eviction-bound", metavar="", help="Also compute the fewest evictions any eviction order could have under this run's schedule (Belady's MIN on the blocks it referenced; docs/policies.md). Adds about 1 s per million block references and releases (11 s on the bundled trace at 12,000 blocks)."),
     out: Optional[Path] = _out_option(None, "Folder for summary.json, requests.csv, sessions.csv (CSVs written as the run goes, "
                                             "summary.json last; an earlier run's are removed first)."),
-    step_log: bool = typer.Option(False, "--step-log", help="Also write OUT/steps.csv: every engine iteration's start, end, steps (a decode jump runs several), prefill tokens, attention pairs, decoding sequences and context, running and waiting requests (to set beside a live server's: cwreplay serve --step-log)."),
+    step_log: bool = typer.Option(False, "--step-log", metavar="", help="Also write OUT/steps.csv: every engine iteration's start, end, steps (a decode jump runs several), prefill tokens, attention pairs, decoding sequences and context, running and waiting requests (to set beside a live server's: cwreplay serve --step-log)."),
 ) -> None:
     """Simulate a trace under one policy and print a summary."""
     with _guarded("--out") as stop:
