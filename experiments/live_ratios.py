@@ -95,13 +95,37 @@ def ensemble(out: Path, policies: list[str], profile: str, trace, n_seeds: int, 
     return out_rows
 
 
+def calibrate_on_server(model: str, scratch: Path, sched: dict, profile: Path) -> None:
+    """``cwreplay calibrate --server`` on a fresh 1,024-block server of ``sched``'s shape, into ``profile``."""
+    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
+    from replay.server import ServerConfig, start_server
+
+    with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
+        calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
+                         profile, name="tiny-llama-vllm-cpu-server")
+
+
+def replay_on_server(trace, run: Path, model: str, server_dir: Path, sched: dict, *, kv_blocks: int,
+                     time_scale: float, agents: int, policy: str = "vllm", predictor_trace: str | None = None,
+                     step_log: str | None = None) -> dict:
+    """``trace`` replayed into ``run`` on a fresh server of ``kv_blocks`` blocks running ``policy`` (vLLM's
+    own for ``vllm``; the plugin otherwise, or with a ``step_log``); the live run's summary."""
+    from replay.live import LiveConfig, run_live
+    from replay.server import ServerConfig, start_server
+
+    kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=predictor_trace)
+    with start_server(ServerConfig(model=model, kv_blocks=kv_blocks, block_size=32, **sched, **kw, step_log=step_log),
+                      server_dir) as srv:
+        cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay, time_scale=time_scale,
+                         agents=agents, policy=policy, predictor_trace=kw.get("predictor_trace"))
+        return run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
+
+
 def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched: dict, held_out) -> Path:
     """``OUT/step-profile.json``: the step terms fitted on a live server's steps while ``vllm`` replays the
     ``held_out`` sessions (the predictor's, never the replayed ones) as the repeats will (same pool, agents,
     gap scale), the rest from ``base`` (made once; an existing one is kept)."""
     from replay.calibrate_steps import calibrate_from_steps
-    from replay.live import LiveConfig, run_live
-    from replay.server import ServerConfig, start_server
 
     fitted = out / "step-profile.json"
     if fitted.is_file():
@@ -110,11 +134,8 @@ def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched:
     shutil.rmtree(run, ignore_errors=True)
     print(f"held-out: vllm replaying the predictor's {len(held_out.sessions)} sessions with its step log ...",
           flush=True)
-    with start_server(ServerConfig(model=model, kv_blocks=args.kv_blocks, block_size=32, **sched, step_log=str(log)),
-                      scratch / "held-out") as srv:
-        cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
-                         time_scale=args.time_scale, agents=args.agents)
-        run_live(held_out, cfg, run, vocab_size=srv.vocab_size)
+    replay_on_server(held_out, run, model, scratch / "held-out", sched, kv_blocks=args.kv_blocks,
+                     time_scale=args.time_scale, agents=args.agents, step_log=str(log))
     calibrate_from_steps(log, base, fitted, name="tiny-llama-vllm-cpu-steps")
     return fitted
 
@@ -207,10 +228,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     policies = ["vllm"] + [p for p in dict.fromkeys(args.policies) if p != "vllm"]
 
-    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
-    from replay.live import LiveConfig, run_live
     from replay.live_compare import compare_live, scaled
-    from replay.server import ServerConfig, start_server
     from replay.tiny_model import build_tiny_model
     from traces.format import Trace
     from traces.reader import load_trace, write_trace
@@ -244,10 +262,7 @@ def main(argv=None) -> int:
             profile = out / "server-profile.json"
             if not profile.is_file():
                 t = time.monotonic()
-                with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched),
-                                  scratch / "cal") as srv:
-                    calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
-                                     profile, name="tiny-llama-vllm-cpu-server")
+                calibrate_on_server(model, scratch, sched, profile)
                 timings["calibration_s"] = time.monotonic() - t
         if args.profile_from_steps:
             profile = _step_profile(out, profile, model, scratch, args, sched,
@@ -258,15 +273,11 @@ def main(argv=None) -> int:
                 if (run / "compare.json").is_file():
                     continue
                 shutil.rmtree(run, ignore_errors=True)  # an unfinished run: again from the start
-                kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=str(pred))
                 t = time.monotonic()
                 print(f"r{r} {policy}: starting a server of {args.kv_blocks} blocks ...", flush=True)
-                with start_server(ServerConfig(model=model, kv_blocks=args.kv_blocks, block_size=32, **sched, **kw),
-                                  scratch / f"{r}-{policy}") as srv:
-                    cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
-                                     time_scale=args.time_scale, agents=args.agents, policy=policy,
-                                     predictor_trace=kw.get("predictor_trace"))
-                    live = run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
+                live = replay_on_server(trace, run, model, scratch / f"{r}-{policy}", sched, kv_blocks=args.kv_blocks,
+                                        time_scale=args.time_scale, agents=args.agents, policy=policy,
+                                        predictor_trace=str(pred))
                 compare_live(run, str(profile), trace=trace, **sched)
                 timings[f"r{r}-{policy}_s"] = time.monotonic() - t
                 print(f"r{r} {policy}: {live['requests']} calls, {live['evicted_blocks']} evicted, "
@@ -298,6 +309,8 @@ def main(argv=None) -> int:
               "ensemble": {"seeds": args.sim_seeds, "step_jitter": args.step_jitter, "runs": seeds, "ratios": ens,
                            "spread": spread}, "wall_s": timings}
     name = "ratios" if args.tag is None else f"ratios-{args.tag}"
+    if (out / f"{name}.json").is_file():  # a rerun keeps the timings of the runs it did not redo
+        report["wall_s"] = {**json.loads((out / f"{name}.json").read_text()).get("wall_s", {}), **timings}
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     _print(per_run, per_repeat, mean)
     _print_ensemble(ens, spread, args.sim_seeds, args.step_jitter)

@@ -39,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from live_ratios import calibrate_on_server, replay_on_server  # noqa: E402
 
 STUDY = ROOT / "experiments" / "results" / "live-ratios-2026-12-06"
 SCHED = dict(max_num_seqs=8, max_num_batched_tokens=512)
@@ -46,19 +49,13 @@ SCHED = dict(max_num_seqs=8, max_num_batched_tokens=512)
 P_BINS = (0, 1, 64, 128, 256, 384, 511, 512)
 
 
-def kinds(steps):
-    """The step log with its kind: decode (no prefill), prefill (no decoding sequence), mixed."""
-    import numpy as np
-
-    s = steps.copy()
-    s["kind"] = np.where(s.prefill_tokens == 0, "decode", np.where(s.decode_seqs == 0, "prefill", "mixed"))
-    return s
-
-
 def summarize(steps, price) -> dict:
-    """Per kind: steps, prefill tokens and decoding sequences per step, time (s) and the profile's price."""
+    """Per kind (``replay.calibrate_steps.step_kinds``): steps, prefill tokens and decoding sequences per
+    step, time (s) and the profile's price."""
+    from replay.calibrate_steps import step_kinds
+
     out = {}
-    for kind, g in kinds(steps).groupby("kind"):
+    for kind, g in steps.groupby(step_kinds(steps)):
         out[kind] = {"steps": int(g.steps.sum()), "rows": len(g),
                      "prefill_tokens_per_step": float(g.prefill_tokens.sum() / g.steps.sum()),
                      "decode_seqs_per_step": float((g.decode_seqs * g.steps).sum() / g.steps.sum()),
@@ -95,10 +92,7 @@ def main(argv=None) -> int:
 
     from cwsim.runner import simulate
     from cwsim.steptime import load_profile
-    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
-    from replay.live import LiveConfig, run_live
     from replay.live_compare import simulation_of
-    from replay.server import ServerConfig, start_server
     from replay.tiny_model import build_tiny_model
     from traces.reader import load_trace
 
@@ -114,9 +108,7 @@ def main(argv=None) -> int:
         if profile is None:
             profile = out / "profile.json"
             print("calibrating a profile on this machine ...", flush=True)
-            with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **SCHED), scratch / "cal") as srv:
-                calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=SCHED["max_num_batched_tokens"]),
-                                 profile, name="tiny-llama-vllm-cpu-server")
+            calibrate_on_server(model, scratch, SCHED, profile)
         prof = load_profile(profile)
 
         def price(r) -> float:  # the profile's time for a row's steps (a decode jump: n steps as cwsim charges)
@@ -126,26 +118,23 @@ def main(argv=None) -> int:
 
         for policy in args.policies:
             run = out / policy
-            kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=str(pred))
+            pred_file = None if policy == "vllm" else str(pred)
             if (run / "server-steps.csv").is_file() and (run / "summary.json").is_file():
                 live = json.loads((run / "summary.json").read_text())  # done before: analysed again
             else:
                 shutil.rmtree(run, ignore_errors=True)
                 log = out / f"{policy}-server-steps.csv"
                 print(f"{policy}: a server of {args.kv_blocks} blocks with its step log ...", flush=True)
-                with start_server(ServerConfig(model=model, kv_blocks=args.kv_blocks, block_size=32, **SCHED, **kw,
-                                               step_log=str(log)), scratch / policy) as srv:
-                    cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
-                                     time_scale=0.05, agents=8, policy=policy,
-                                     predictor_trace=kw.get("predictor_trace"))
-                    live = run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
+                live = replay_on_server(trace, run, model, scratch / policy, SCHED, kv_blocks=args.kv_blocks,
+                                        time_scale=0.05, agents=8, policy=policy, predictor_trace=pred_file,
+                                        step_log=str(log))
                 shutil.move(log, run / "server-steps.csv")
             attempt = json.loads((run / "run.json").read_text())["attempts"][-1]
             t0, wall = attempt["t0_unix"], attempt["wall_s"]
             steps = pd.read_csv(run / "server-steps.csv")
             steps = steps[(steps.start_s >= t0) & (steps.start_s <= t0 + wall)].copy()
             steps[["start_s", "end_s"]] -= t0
-            tr, sim_cfg = simulation_of(run, str(profile), trace=trace, predictor_trace=kw.get("predictor_trace"), **SCHED)
+            tr, sim_cfg = simulation_of(run, str(profile), trace=trace, predictor_trace=pred_file, **SCHED)
             sim = simulate(tr, sim_cfg, out_dir=run / "sim", step_log=True).summary
             ssteps = pd.read_csv(run / "sim" / "steps.csv")
             row = {"live": {"evicted": live["evicted_blocks"], "session_s": live["total_session_time_s"],

@@ -5,9 +5,9 @@ What it measures
     512 as the live-ratio study's), one request at a time (nothing else in flight): ``q`` new
     tokens on ``c`` cached ones (a prefix sent once before, so it hits), 2 output tokens, timed
     from the client (median of ``--repeats``). Beside it, what the profile predicts for the same
-    request alone: its ``request_overhead_s``, then the prefill in the chunks vLLM's scheduler
-    gives it (``--budget`` tokens a step, each chunk attending to everything before it), then one
-    decode step. Shapes whose prefill fits one step are the calibration's own kind (the design
+    request alone (``replay.calibrate_server.predicted_call_s`` with ``--budget``): its
+    ``request_overhead_s``, then the prefill in the chunks vLLM's scheduler gives it (``--budget``
+    tokens a step, each chunk attending to everything before it), then one decode step. Shapes whose prefill fits one step are the calibration's own kind (the design
     never goes past one step); those of two or more steps are what the live-ratio study found
     the simulator slow on (sim / live 1.22-1.28 for calls whose prefill took 2+ steps).
 
@@ -40,20 +40,16 @@ sys.path.insert(0, str(ROOT))
 SHAPES = ((256, 0), (480, 0), (768, 0), (1024, 0), (1536, 0), (256, 512), (480, 512), (768, 512), (1024, 512))
 
 
-def predicted_s(prof, q: int, c: int, n: int, budget: int, chunk_attention: bool = True) -> tuple[float, int]:
-    """(seconds, prefill steps) the profile gives one request alone, its prefill chunked by ``budget``."""
+def without_chunk_attention_s(prof, q: int, c: int, n: int, budget: int) -> float:
+    """The other reading, for comparison: :func:`replay.calibrate_server.predicted_call_s` with each chunk
+    after the first attending only to the cached ``c`` tokens, not to the chunks before it."""
     from cwsim.steptime import prefill_attn_pairs
 
-    t, done, steps = prof.request_overhead_s, c, 0
-    left = q
-    while left:
-        chunk = min(budget, left)
-        t += prof.step_time(chunk, prefill_attn_pairs(chunk, done if chunk_attention or steps == 0 else c), 0, 0)
-        done += chunk
-        left -= chunk
-        steps += 1
-    t += sum(prof.step_time(0, 0, 1, q + c + k) for k in range(1, n))
-    return t, steps
+    t = prof.request_overhead_s
+    for start in range(0, q, budget):
+        chunk = min(budget, q - start)
+        t += prof.step_time(chunk, prefill_attn_pairs(chunk, c), 0, 0)
+    return t + sum(prof.step_time(0, 0, 1, q + c + k) for k in range(1, n))
 
 
 async def measure(url: str, vocab: int, shapes, repeats: int, n: int = 2) -> dict:
@@ -83,6 +79,7 @@ async def measure(url: str, vocab: int, shapes, repeats: int, n: int = 2) -> dic
 
 def main() -> int:
     from cwsim.steptime import load_profile
+    from replay.calibrate_server import predicted_call_s
     from replay.server import ServerConfig, start_server
     from replay.tiny_model import build_tiny_model
 
@@ -111,8 +108,8 @@ def main() -> int:
     print(f"\n{'shape':>14} {'steps':>5} {'measured ms':>12} {'predicted ms':>13} {'pred/meas':>9} "
           f"{'no-chunk-attn ms':>17} {'ratio':>6}")
     for (q, c), t in got.items():
-        pred, steps = predicted_s(prof, q, c, 2, args.budget)
-        alt, _ = predicted_s(prof, q, c, 2, args.budget, chunk_attention=False)
+        pred, steps = predicted_call_s(prof, q, c, 2, args.budget), -(-q // args.budget)
+        alt = without_chunk_attention_s(prof, q, c, 2, args.budget)
         print(f"{f'{q} on {c}':>14} {steps:>5} {1e3 * t:>12.1f} {1e3 * pred:>13.1f} {pred / t:>9.2f} "
               f"{1e3 * alt:>17.1f} {alt / t:>6.2f}")
     return 0

@@ -103,13 +103,19 @@ class ServerCalibrationConfig:
             raise ValueError(f"the frontend probe's prompt needs >= 1 token, got {self.frontend_prompt}")
 
 
-def predicted_call_s(profile, q: int, c: int, n: int) -> float:
+def predicted_call_s(profile, q: int, c: int, n: int, budget: int | None = None) -> float:
     """What ``profile`` says one request of ``q`` new tokens on ``c`` cached, ``n`` outputs, takes alone:
-    its latency outside the engine, one prefill step (its first token), then ``n - 1`` decode steps."""
+    its latency outside the engine, its prefill (one step, or with a step budget ``budget`` the chunks
+    vLLM's scheduler gives a lone request, each attending to all before it; the last one gives its first
+    token), then ``n - 1`` decode steps."""
     from cwsim.steptime import prefill_attn_pairs
 
-    return (profile.request_overhead_s + profile.step_time(q, prefill_attn_pairs(q, c), 0, 0)
-            + sum(profile.step_time(0, 0, 1, q + c + k) for k in range(1, n)))
+    t, done = profile.request_overhead_s, c
+    for start in range(0, q, budget or q):
+        chunk = min(budget or q, q - start)
+        t += profile.step_time(chunk, prefill_attn_pairs(chunk, done), 0, 0)
+        done += chunk
+    return t + sum(profile.step_time(0, 0, 1, q + c + k) for k in range(1, n))
 
 
 def cache_config(metrics_text: str, url: str) -> tuple[int, int]:

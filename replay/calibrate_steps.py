@@ -2,7 +2,7 @@
 
 ``cwreplay calibrate --server`` times requests one at a time on a quiet server. Under a replay's
 load the same server's steps take longer (``experiments/results/live-steps-2026-12-06``: decode
-steps 1.2-1.6x, steps with a small prefill chunk 2-2.3x what such a profile prices them at, on a
+steps 1.3-1.6x, steps with a small prefill chunk 2.0-2.3x what such a profile prices them at, on a
 2-core CPU machine), and the simulated sessions come out 37-38% short. The server's step log
 (``cwreplay serve --step-log``, ``replay.vllm_plugin.scheduler.StepLog``) holds every step's
 composition and when it was scheduled; here the profile's step terms are fitted on those steps:
@@ -34,10 +34,18 @@ from pathlib import Path
 
 from replay.calibrate import TERMS, fit
 
-__all__ = ["BUSY_GAP_S", "busy_steps", "calibrate_from_steps"]
+__all__ = ["BUSY_GAP_S", "busy_steps", "calibrate_from_steps", "step_kinds"]
 
 #: the most time between a step's output and the next step's scheduling for the engine to count as busy
 BUSY_GAP_S = 0.002
+
+
+def step_kinds(steps):
+    """Each row's kind of a step log (a DataFrame): ``decode`` (no prefill), ``prefill`` (no decoding
+    sequence) or ``mixed``."""
+    import numpy as np
+
+    return np.where(steps.prefill_tokens == 0, "decode", np.where(steps.decode_seqs == 0, "prefill", "mixed"))
 
 
 def busy_steps(log: str | os.PathLike, trim: float = 0.02) -> list[dict]:
@@ -67,9 +75,8 @@ def busy_steps(log: str | os.PathLike, trim: float = 0.02) -> list[dict]:
         s = s[s.t <= np.quantile(s.t, 1.0 - trim)]
     if len(s) < 2 * len(TERMS):
         raise ValueError(f"--step-log {log}: {len(s)} busy steps, too few to fit {len(TERMS)} terms")
-    kind = np.where(s.prefill_tokens == 0, "decode", np.where(s.decode_seqs == 0, "prefill", "mixed"))
     return [{"kind": k, "P": int(r.prefill_tokens), "A": float(r.attn_pairs), "D": int(r.decode_seqs),
-             "C": int(r.decode_ctx), "t": float(r.t)} for k, r in zip(kind, s.itertuples())]
+             "C": int(r.decode_ctx), "t": float(r.t)} for k, r in zip(step_kinds(s), s.itertuples())]
 
 
 def calibrate_from_steps(log: str | os.PathLike, base: str | os.PathLike, out_file: str | os.PathLike, *,
@@ -87,11 +94,11 @@ def calibrate_from_steps(log: str | os.PathLike, base: str | os.PathLike, out_fi
         raise ValueError(f"--base-profile {base}: {e}") from None
     points = busy_steps(log, trim)
     coef, err, mape = fit(points, TERMS, relative=False)
-    measured, fitted = sum(p["t"] for p in points), sum(
-        coef["step_overhead_s"] + coef["prefill_token_s"] * p["P"] + coef["prefill_attn_pair_s"] * p["A"]
-        + coef["decode_seq_s"] * p["D"] + coef["decode_ctx_token_s"] * p["C"] for p in points)
+    fitted_terms = replace(base_profile, **coef)
+    measured = sum(p["t"] for p in points)
+    fitted = sum(fitted_terms.step_time(p["P"], p["A"], p["D"], p["C"]) for p in points)
     profile = replace(
-        base_profile, **coef, frontend_step_share=0.0, name=name or f"{base_profile.name}-steps",
+        fitted_terms, frontend_step_share=0.0, name=name or f"{base_profile.name}-steps",
         source=(f"step terms fitted on {len(points)} busy steps of a live server's step log {Path(log).name} "
                 f"(time to the next step's scheduling, the slowest {100 * trim:.0f}% left out; least squares in "
                 f"seconds: fitted {fitted:.2f} s against {measured:.2f} s measured; MAPE "

@@ -192,9 +192,9 @@ def policy_args(config: ServerConfig) -> list[str]:
         return []
     from cwsim.policies.registry import get_policy
 
-    plain = ["--no-async-scheduling"] if get_policy(config.policy or "vllm").cls.overrides("admit") else []
-    return ["--scheduler-cls", "replay.vllm_plugin.PolicyScheduler",
-            "--additional-config", config.plugin_config().to_json(), *plain]
+    plugin = config.plugin_config()
+    plain = ["--no-async-scheduling"] if get_policy(plugin.policy).cls.overrides("admit") else []
+    return ["--scheduler-cls", "replay.vllm_plugin.PolicyScheduler", "--additional-config", plugin.to_json(), *plain]
 
 
 def start_server(config: ServerConfig, run_dir: str | os.PathLike, *, timeout_s: float = 600.0,

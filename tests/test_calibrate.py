@@ -184,3 +184,18 @@ def test_a_step_log_that_is_not_one_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="too few to fit"):
         calibrate_from_steps(few, base, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_lone_calls_prediction_chunks_its_prefill_by_the_step_budget():
+    """``predicted_call_s(..., budget)``: a prefill longer than the budget takes a step per chunk, each
+    attending to the cached tokens and the chunks before it; within the budget it is one step."""
+    from replay.calibrate_server import predicted_call_s
+
+    prof = ROUND_PROFILE
+    one = predicted_call_s(prof, 480, 512, 3)
+    assert predicted_call_s(prof, 480, 512, 3, 512) == one == pytest.approx(
+        prof.step_time(480, prefill_attn_pairs(480, 512), 0, 0) + prof.step_time(0, 0, 1, 993)
+        + prof.step_time(0, 0, 1, 994))
+    assert predicted_call_s(prof, 1100, 0, 1, 512) == pytest.approx(
+        prof.step_time(512, prefill_attn_pairs(512, 0), 0, 0) + prof.step_time(512, prefill_attn_pairs(512, 512), 0, 0)
+        + prof.step_time(76, prefill_attn_pairs(76, 1024), 0, 0))

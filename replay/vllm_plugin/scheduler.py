@@ -43,6 +43,7 @@ from vllm.v1.request import Request
 from vllm.logger import init_logger
 
 from cwsim.policies.api import ReleaseReason
+from cwsim.steptime import prefill_attn_pairs
 from replay.vllm_plugin.config import PluginConfig
 from replay.vllm_plugin.environment import VllmEnvironment, build_policy
 
@@ -178,11 +179,11 @@ class StepLog:
             before = req.num_computed_tokens - n  # (vLLM has counted the step's tokens as computed)
             if before < req.num_tokens - 1:
                 prefill += n
-                pairs += n * before + n * (n + 1) // 2
+                pairs += prefill_attn_pairs(n, before)
             else:
                 seqs += 1
                 ctx += before
-        self._pending[id(out)] = [t, None, 1, prefill, float(pairs), seqs, ctx, running, waiting, schedule_s]
+        self._pending[id(out)] = [t, None, 1, prefill, pairs, seqs, ctx, running, waiting, schedule_s]
 
     def ran(self, out, t: float) -> None:
         row = self._pending.pop(id(out), None)
@@ -263,13 +264,14 @@ class _PolicyMixin:
                     policy.name, len(free))
 
     def schedule(self, *args, **kwargs):
-        t = time.time()
+        log = self._cw_steps
+        t = time.time() if log is not None else 0.0
         self.cw.tick()
         if isinstance(self.waiting, PolicyWaitingQueue):
             self.waiting.new_step()
         out = super().schedule(*args, **kwargs)
-        if self._cw_steps is not None:
-            self._cw_steps.scheduled(t, time.time() - t, out, self.requests, len(self.running), len(self.waiting))
+        if log is not None:
+            log.scheduled(t, time.time() - t, out, self.requests, len(self.running), len(self.waiting))
         return out
 
     def update_from_output(self, scheduler_output, *args, **kwargs):
