@@ -28,6 +28,13 @@ The policy is one invariant over one data structure:
 With the default policy (score 0 for every block) this is exactly vLLM's LRU
 order, which ``tests/test_block_pool_vllm.py`` pins with vLLM's own cases.
 
+A cached block is *listed* (in the hash map, where lookups find it) or
+*unlisted* (``cache_unlisted_blocks``): content that no lookup will ever ask for
+(a single-call session's own blocks), which has a hash, sits in tier 1 and is
+evicted and counted like any cached block, but costs no hash-map work. Only its
+own request's re-admission after a preemption can hit it, through the lookup's
+hint (``find_longest_prefix``), as a listed block's would be.
+
 The queue is its own class (``cwsim.free_queue.FreeBlockQueue``, vLLM's
 queue surface over block ids); the pool keeps the blocks' reference counts,
 hashes and the hash map, as vLLM's ``BlockPool`` does. Only evictions
@@ -115,6 +122,9 @@ class BlockPool:
         # gen[b]: bumped each time b is evicted (so a remembered block can be re-checked)
         self.canonical = np.zeros(num_blocks, dtype=bool)
         self.gen = np.zeros(num_blocks, dtype=np.int64)
+        #: unlisted[b]: b has a hash that is not in the hash map (``cache_unlisted_blocks``)
+        self.unlisted = np.zeros(num_blocks, dtype=bool)
+        self.num_unlisted = 0
         self.cached: dict[int, int] = {}
         self._dups: dict[int, list[int]] = {}
         self.num_free_hashed = 0
@@ -227,7 +237,10 @@ class BlockPool:
             n = min(len(blocks), max_blocks)
             if n:
                 cand = blocks[:n]
-                ok = self.canonical[cand] & (self.gen[cand] == gens[:n])
+                found_by_lookup = self.canonical[cand]
+                if self.num_unlisted:  # an unlisted block a lookup would find, were it listed
+                    found_by_lookup |= self.unlisted[cand]
+                ok = found_by_lookup & (self.gen[cand] == gens[:n])
                 start = n if _cnz(ok) == n else int(ok.argmin())
                 found = cand[:start]
         if start >= max_blocks:
@@ -291,10 +304,15 @@ class BlockPool:
                     self._evict(np.array(hashed, dtype=np.int64))
                 else:  # _evict for canonical blocks
                     hash_of, canonical, gen, cached = self.hash_of, self.canonical, self.gen, self.cached
+                    unlisted = self.unlisted if self.num_unlisted else None
                     hashes = []
                     for b in hashed:
                         h = hash_of.item(b)
-                        del cached[h]
+                        if unlisted is not None and unlisted[b]:
+                            unlisted[b] = False
+                            self.num_unlisted -= 1
+                        else:
+                            del cached[h]
                         has_hash[b] = False
                         canonical[b] = False
                         gen[b] += 1
@@ -325,11 +343,20 @@ class BlockPool:
         hashes = self.hash_of[blocks].tolist()
         cached, dups = self.cached, self._dups
         canonical = self.canonical
-        if not dups:  # every cached block is the canonical one for its hash
-            _consume(map(cached.__delitem__, hashes))
+        listed, listed_hashes = blocks, hashes
+        if self.num_unlisted:
+            out = self.unlisted[blocks]
+            k = int(_cnz(out))
+            if k:
+                self.unlisted[blocks[out]] = False
+                self.num_unlisted -= k
+                listed = blocks[~out]
+                listed_hashes = self.hash_of[listed].tolist()
+        if not dups:  # every listed block is the canonical one for its hash
+            _consume(map(cached.__delitem__, listed_hashes))
             hashes_iter = ()
         else:
-            hashes_iter = zip(blocks.tolist(), hashes)
+            hashes_iter = zip(listed.tolist(), listed_hashes)
         for b, h in hashes_iter:
             if cached.get(h) == b:
                 others = dups.get(h)
@@ -407,6 +434,23 @@ class BlockPool:
         for h in hashes:  # a hash given twice: the first block must win, as one by one
             cached.pop(h, None)
         return False
+
+    def cache_unlisted_blocks(self, blocks: np.ndarray, hashes: Sequence[int]) -> None:
+        """Give newly filled blocks hashes that no lookup will ever ask for (a single-call session's own
+        blocks): cached and evicted as ``cache_full_blocks`` would (tier 1, counted), without the hash
+        map. The hashes must be new (no cached block has one) and distinct; not with a reference
+        stream (``references``), which follows the hash map."""
+        n = len(blocks)
+        if n == 0:
+            return
+        if self.references is not None:
+            raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
+        if _cnz(self.has_hash[blocks]):
+            raise AssertionError("caching a block that already has a hash")
+        self.has_hash[blocks] = True
+        self.hash_of[blocks] = hashes
+        self.unlisted[blocks] = True
+        self.num_unlisted += n
 
     def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:
         """Drop one reference from each block, given in eviction order (first = evicted first)."""
@@ -491,6 +535,7 @@ class BlockPool:
         self.queue.grow(new)
         self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
         self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
+        self.unlisted = np.concatenate([self.unlisted, np.zeros(grow, dtype=bool)])
         self.num_blocks = new
         # new blocks are unhashed and go to the very front, in id order
         self.queue.prepend_n(np.arange(old, new, dtype=np.int64))
@@ -515,5 +560,9 @@ class BlockPool:
             assert self.has_hash[b] and self.hash_of[b] == h, "hash map points at a block without that hash"
         assert int(self.canonical.sum()) == len(self.cached), "canonical flags disagree with the hash map"
         n_dups = sum(len(v) for v in self._dups.values())
-        assert int(self.has_hash.sum()) == len(self.cached) + n_dups, "hashed blocks missing from the hash map"
+        assert int(self.unlisted.sum()) == self.num_unlisted, "unlisted-block count drifted"
+        assert not (self.unlisted & ~self.has_hash).any(), "an unlisted block without a hash"
+        assert not (self.unlisted & self.canonical).any(), "an unlisted block in the hash map"
+        assert int(self.has_hash.sum()) == len(self.cached) + n_dups + self.num_unlisted, \
+            "hashed blocks missing from the hash map"
         assert int(self.has_hash[free_mask].sum()) == self.num_free_hashed, "free cached-block count drifted"

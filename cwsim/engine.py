@@ -39,6 +39,7 @@ session order (``Scheduler.add``), then the next step is scheduled.
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import simpy
@@ -66,6 +67,10 @@ class Engine:
         #: drop a session's own block hashes from ``block_ids`` when it ends (no sequence holds them again; off
         #: when the run needs every id's hash afterwards, as its eviction log does)
         self.forget_private = True
+        #: a single-call session's own blocks are cached unlisted (``BlockPool.cache_unlisted_blocks``):
+        #: with ``forget_private``, and where nothing follows every cached hash (no CPU tier, no
+        #: reference stream, a pool that evicts); the runner sets it
+        self.unlist_own = False
         self.steps = 0
         self.jumps = 0
         #: ``on_step(start, end, steps, plan, running, waiting)``: each engine iteration that ran steps (a decode
@@ -103,6 +108,8 @@ class Engine:
             hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
         req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes,
                       self.env.now if sent is None else sent)
+        if self.unlist_own and len(sess.calls) == 1:  # its own blocks: cached without the hash map
+            req.unlisted_from = min(call.private_from // self.block_size, len(hashes))
         if sess.hint is not None and sess.memo.reused:
             blocks, gens = sess.hint
             k = min(sess.memo.reused, len(blocks))
@@ -289,11 +296,23 @@ def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, 
 
 
 def start_sessions(env: simpy.Environment, engine: Engine, workload: Workload, arrivals: Arrivals, seed: int, metrics):
-    """Start every session according to ``arrivals``."""
+    """Start every session according to ``arrivals``.
+
+    With start times (``poisson``, ``trace``), the sessions due at 0 start at once and one launcher
+    process starts the others when they are due, in (time, session order) order: a session's process
+    exists only from its start, so memory and the event queue grow with the sessions running, not
+    with the trace. Its wake-ups are scheduled at SimPy's URGENT priority, at exactly the start time
+    (``_UrgentAt``): a session start comes before every other event of that instant, as when every
+    session's start was a timeout scheduled at time 0."""
     starts = arrivals.start_times(workload, seed)
     if starts is not None:
-        for i, t in enumerate(starts):
-            env.process(_delayed(env, t, engine, i, workload, metrics))
+        order = sorted(range(len(starts)), key=starts.__getitem__)  # stable: equal starts keep session order
+        k = 0
+        while k < len(order) and starts[order[k]] <= 0:
+            env.process(_session(env, engine, order[k], workload, metrics))
+            k += 1
+        if k < len(order):
+            env.process(_launcher(env, engine, ((starts[i], i) for i in order[k:]), workload, metrics))
         return
     queue = workload.states()
 
@@ -305,7 +324,26 @@ def start_sessions(env: simpy.Environment, engine: Engine, workload: Workload, a
         env.process(agent())
 
 
-def _delayed(env, t, engine, i, workload, metrics):
-    if t > 0:
-        yield env.timeout(t)
+def _session(env, engine, i, workload, metrics):
     yield from session_process(env, engine, workload.session(i), workload, metrics)
+
+
+def _launcher(env, engine, due, workload, metrics):
+    """Start session ``i`` at ``t`` for each ``(t, i)`` of ``due`` (in time order)."""
+    for t, i in due:
+        if t > env.now:
+            yield _UrgentAt(env, t)
+        env.process(_session(env, engine, i, workload, metrics))
+
+
+class _UrgentAt(simpy.events.Event):
+    """An event at time ``at`` exactly, at SimPy's URGENT priority: processed before the NORMAL events
+    of its instant. (``env.timeout(at - env.now)`` is NORMAL and can miss ``at`` by an ulp: ``now +
+    (at - now) != at`` in floating point, and for some pairs no delay lands on ``at``.) It is what
+    ``simpy.Environment.schedule`` does (simpy 4.1.2, pinned), with an absolute time."""
+
+    def __init__(self, env: simpy.Environment, at: float):
+        super().__init__(env)
+        self._ok = True
+        self._value = None
+        heapq.heappush(env._queue, (at, simpy.events.URGENT, next(env._eid), self))

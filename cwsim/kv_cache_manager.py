@@ -69,13 +69,23 @@ class KVCacheManager:
         return new
 
     def cache_blocks_of(self, items) -> None:
-        """``cache_blocks`` for many ``(request, num_tokens)`` at once (one pool call)."""
+        """``cache_blocks`` for many ``(request, num_tokens)`` at once (one pool call, and one for the
+        unlisted blocks)."""
         bs = self.block_size
         blocks, hashes = [], []
+        unlisted, unlisted_hashes = [], []
         for req, num_tokens in items:
             n_full = num_tokens // bs
             k = req.num_cached_blocks
-            if n_full == k + 1:  # the common case: one block
+            if n_full > req.unlisted_from:  # (listed in the batch's order; unlisted ones meet no lookup)
+                u = max(k, req.unlisted_from)
+                if u > k:
+                    blocks.append(req.table[k:u])
+                    hashes += req.hashes[k:u]
+                unlisted.append(req.table[u:n_full])
+                unlisted_hashes += req.hashes[u:n_full]
+                req.num_cached_blocks = n_full
+            elif n_full == k + 1:  # the common case: one block
                 blocks.append(req.table[k : n_full])
                 hashes.append(req.hashes[k])
                 req.num_cached_blocks = n_full
@@ -85,12 +95,23 @@ class KVCacheManager:
                 req.num_cached_blocks = n_full
         if blocks:
             self.pool.cache_full_blocks(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), hashes)
+        if unlisted:
+            self.pool.cache_unlisted_blocks(np.concatenate(unlisted), unlisted_hashes)
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
-        """Give hashes to the request's blocks that ``num_tokens`` tokens fill."""
+        """Give hashes to the request's blocks that ``num_tokens`` tokens fill (listed, or unlisted from
+        ``req.unlisted_from`` on)."""
         n_full = num_tokens // self.block_size
-        if n_full > req.num_cached_blocks:
-            self.pool.cache_full_blocks(req.table[req.num_cached_blocks : n_full], req.hashes[req.num_cached_blocks : n_full])
+        k = req.num_cached_blocks
+        if n_full > k:
+            u = req.unlisted_from
+            if n_full <= u:
+                self.pool.cache_full_blocks(req.table[k:n_full], req.hashes[k:n_full])
+            else:
+                if k < u:
+                    self.pool.cache_full_blocks(req.table[k:u], req.hashes[k:u])
+                    k = u
+                self.pool.cache_unlisted_blocks(req.table[k:n_full], req.hashes[k:n_full])
             req.num_cached_blocks = n_full
 
     def free(self, req: Request, now: float = 0.0, reason: str = "finish") -> None:

@@ -104,7 +104,8 @@ class Metrics:
         req.admitted = True
         req.first_scheduled = now
         req.cached_tokens = hit_tokens - swap_tokens
-        missed = req.hashes[hit_tokens // bs : req.prompt_len // bs]
+        # (an unlisted block's hash is new: never evicted before, not in the hash map)
+        missed = req.hashes[hit_tokens // bs : min(req.prompt_len // bs, req.unlisted_from)]
         harmful = 0
         if missed:
             try:

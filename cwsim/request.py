@@ -64,6 +64,9 @@ class Request:
     stale: int = 0
     #: what a policy sees of it (``cwsim.policy_adapter.SimRequestView``), made at arrival
     view: object = None
+    #: its blocks from this index on are cached unlisted (``BlockPool.cache_unlisted_blocks``): content
+    #: no other request will ask for (a single-call session's own blocks); past the end: none
+    unlisted_from: int = 1 << 62
 
     @property
     def blocks(self) -> np.ndarray:

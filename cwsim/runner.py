@@ -197,6 +197,7 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
     engine = Engine(env, scheduler, profile, config.block_size, ctx, config.decode_jumps,
                     step_jitter=config.step_jitter, seed=config.seed)
     engine.forget_private = not eviction_log  # (its log maps every evicted id back to its hash)
+    engine.unlist_own = engine.forget_private and tier is None and pool.references is None and not pool.growable
     steps: list[tuple] = []
     if step_log:
         def on_step(start, end, n, plan, running, waiting):  # noqa: E306 - only when asked

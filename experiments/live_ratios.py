@@ -222,6 +222,10 @@ def main(argv=None) -> int:
                     help="simulate with a profile fitted on a live server's own steps (cwreplay calibrate --step-log): "
                          "vllm replaying the predictor's held-out sessions, step log on, before the repeats "
                          "(OUT/step-profile.json; the server calibration gives the rest)")
+    ap.add_argument("--model-hidden", type=int, default=128,
+                    help="the random model's hidden size (replay.tiny_model; 1024 with --model-layers 4: prefill "
+                         "~130 us a token on a fast-bf16 CPU, where evictions cost session time)")
+    ap.add_argument("--model-layers", type=int, default=2, help="the random model's layers")
     ap.add_argument("--tag", default=None, help="name the report ratios-TAG.json / .png (another --profile's ensemble)")
     ap.add_argument("--step-jitter", type=float, default=0.05,
                     help="the ensemble's timing noise (cwsim run --step-jitter): sd of the log of each step's factor")
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="cwlr-"))  # servers' folders: a short path (unix socket paths are short)
     timings: dict[str, float] = {}
     try:
-        model = str(build_tiny_model(scratch / "tiny-llama"))
+        model = str(build_tiny_model(scratch / "tiny-llama", hidden_size=args.model_hidden, layers=args.model_layers))
         profile = args.profile
         if profile is None:
             profile = out / "server-profile.json"
@@ -304,7 +308,8 @@ def main(argv=None) -> int:
                                        for k in range(args.sim_seeds)], side="sim")} for p in policies}
     report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
               "predictor": history.source, "kv_blocks": args.kv_blocks, "agents": args.agents,
-              "time_scale": args.time_scale, **sched, "profile": _shown(profile), "repeats": args.repeats,
+              "time_scale": args.time_scale, **sched, "profile": _shown(profile),
+              "model": {"hidden_size": args.model_hidden, "layers": args.model_layers}, "repeats": args.repeats,
               "target": TARGET, "runs": per_run, "ratios_per_repeat": per_repeat, "ratios": mean,
               "ensemble": {"seeds": args.sim_seeds, "step_jitter": args.step_jitter, "runs": seeds, "ratios": ens,
                            "spread": spread}, "wall_s": timings}

@@ -8,6 +8,14 @@ call builds the same folder, byte for byte, on any machine.
 
 ``build_tiny_model(path)`` writes the folder once (a finished build is marked
 by ``cachewise-tiny-model.json``; a partial one is rebuilt) and returns it.
+
+``build_tiny_model(path, hidden_size=H, layers=L)`` builds a larger random
+model of the same recipe (head size 32, ``H / 32`` heads, ``H / 64`` KV heads,
+an MLP of ``2 H``): the same scheduler and cache, but steps that cost more.
+On a CPU whose bf16 matmuls are fast, the default model's prefill is so cheap
+(~2 us a token) that an evicted prefix costs little to recompute; ``H=1024,
+L=4`` prices prefill at ~130 us a token, the regime where evictions cost
+session time (``experiments/live_ratios.py --model-hidden 1024 --model-layers 4``).
 """
 
 from __future__ import annotations
@@ -52,26 +60,40 @@ def _write_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def _write_model(path: Path, vocab: int) -> None:
+#: the default model's size: hidden size 128, two layers
+HIDDEN_SIZE, LAYERS = 128, 2
+
+
+def _write_model(path: Path, vocab: int, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=hidden_size // 32,
+                      num_key_value_heads=hidden_size // 64, head_dim=32,
                       max_position_embeddings=MAX_MODEL_LEN, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                       torch_dtype="bfloat16", tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(str(path), safe_serialization=True)
 
 
-def build_tiny_model(path: str | os.PathLike) -> Path:
-    """The tiny model folder at ``path``, built there if it is not already complete."""
+def build_tiny_model(path: str | os.PathLike, *, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS) -> Path:
+    """The tiny model folder at ``path``, built there if it is not already complete (a folder of
+    another size or recipe is rebuilt). ``hidden_size``: a multiple of 64 (head size 32, half as
+    many KV heads as heads); ``layers`` at least 1."""
+    if hidden_size < 64 or hidden_size % 64:
+        raise ValueError(f"hidden_size {hidden_size}: must be a positive multiple of 64 (heads of size 32, "
+                         "half as many KV heads)")
+    if layers < 1:
+        raise ValueError(f"layers {layers}: must be at least 1")
     path = Path(path)
     mark = path / _MARK
+    size = {} if (hidden_size, layers) == (HIDDEN_SIZE, LAYERS) else {"hidden_size": hidden_size, "layers": layers}
     if mark.exists():
         try:
-            if json.loads(mark.read_text()).get("recipe") == RECIPE_VERSION:
+            made = json.loads(mark.read_text())
+            if made.get("recipe") == RECIPE_VERSION and made.get("size", {}) == size:
                 return path
         except (OSError, ValueError):
             pass
@@ -84,8 +106,8 @@ def build_tiny_model(path: str | os.PathLike) -> Path:
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(tmp)))
-    _write_model(tmp, vocab)
-    (tmp / _MARK).write_text(json.dumps({"recipe": RECIPE_VERSION, "vocab_size": vocab,
+    _write_model(tmp, vocab, hidden_size, layers)
+    (tmp / _MARK).write_text(json.dumps({"recipe": RECIPE_VERSION, "vocab_size": vocab, **({"size": size} if size else {}),
                                          "what": "random-weight Llama for CacheWise replay (no hub)"}))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)

@@ -259,3 +259,52 @@ def test_an_unbounded_pool_reuses_the_blocks_of_contents_nobody_will_ask_for():
     assert pool.get_new_blocks(3).tolist() == [3, 1, 6] and pool.num_blocks == 7 and pool.num_evicted == 0
     assert len(pool.find_longest_prefix([10, 11], 2)) == 0  # the dropped content misses
     pool.check_invariants()
+
+
+# ------------------------------------------------------------------ unlisted blocks (cwsim's own)
+def test_unlisted_blocks_queue_and_evict_as_listed_ones_but_no_lookup_finds_them():
+    """test_evict's layout with req1's blocks unlisted from its second block on: the same free-queue
+    order and evictions; a lookup finds only what is listed, its own hint the rest."""
+    evicted = []
+    m = KVCacheManager(BlockPool(11, on_evict=evicted.extend), 16)
+    last = 5 * 16 + 7
+    req0 = make_request(0, list(range(last)), 16)
+    m.allocate_slots(req0, last, computed(m, req0)[0])
+    req1 = make_request(1, list(range(last, last + 3 * 16)), 16)
+    req1.unlisted_from = 1
+    assert m.allocate_slots(req1, 3 * 16, computed(m, req1)[0]).tolist() == [7, 8, 9]
+    pool = m.pool
+    assert pool.num_unlisted == 2 and pool.unlisted[[7, 8, 9]].tolist() == [False, True, True]
+    assert pool.has_hash[[7, 8, 9]].all() and len(pool.cached) == 5 + 1
+    pool.check_invariants()
+    m.free(req0)
+    m.free(req1)
+    assert pool.free_block_ids() == [6, 10, 5, 4, 3, 2, 1, 9, 8, 7]  # as test_evict: unlisted ones in tier 1
+    again = make_request(3, list(range(last, last + 3 * 16)), 16)
+    assert computed(m, again)[0].tolist() == [7]  # the lookup stops at the first unlisted block
+    again.hint = (np.array([7, 8, 9]), pool.gen[[7, 8, 9]].copy())
+    assert computed(m, again)[0].tolist() == [7, 8]  # the hint (a preempted request's own): both
+    # allocating 9 blocks evicts the 7 cached ones in LRU order (after the 2 without hash): unlisted counted too
+    got = pool.get_new_blocks(9)
+    assert got.tolist() == [6, 10, 5, 4, 3, 2, 1, 9, 8]
+    assert pool.num_evicted == 7 and len(evicted) == 7 and evicted[-2:] == [req1.hashes[2], req1.hashes[1]]
+    assert pool.num_unlisted == 0 and not pool.unlisted.any() and not pool.has_hash[[8, 9]].any()
+    pool.check_invariants()
+    assert pool.get_new_blocks(1).tolist() == [7]  # the small path: the listed one
+    assert pool.num_evicted == 8 and pool.cached == {}
+    pool.free_blocks([9, 8])  # evicted, so freed without a hash: tier 0, at the front
+    assert pool.free_block_ids() == [9, 8]
+    pool.check_invariants()
+
+
+def test_the_small_allocation_path_evicts_an_unlisted_block():
+    pool = BlockPool(4)
+    blocks = pool.get_new_blocks(3)
+    pool.cache_full_blocks(blocks[:1], [11])
+    pool.cache_unlisted_blocks(blocks[1:], [12, 13])
+    pool.free_blocks(blocks)
+    assert pool.get_new_blocks(2).tolist() == [1, 2] and pool.num_evicted == 2
+    assert pool.cached == {} and pool.num_unlisted == 1 and pool.unlisted[3]
+    pool.check_invariants()
+    with pytest.raises(AssertionError, match="already has a hash"):
+        pool.cache_unlisted_blocks(np.array([3]), [14])

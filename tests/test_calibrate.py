@@ -199,3 +199,35 @@ def test_a_lone_calls_prediction_chunks_its_prefill_by_the_step_budget():
     assert predicted_call_s(prof, 1100, 0, 1, 512) == pytest.approx(
         prof.step_time(512, prefill_attn_pairs(512, 0), 0, 0) + prof.step_time(512, prefill_attn_pairs(512, 512), 0, 0)
         + prof.step_time(76, prefill_attn_pairs(76, 1024), 0, 0))
+
+
+def test_a_tiny_model_size_that_vllm_cannot_run_is_refused(tmp_path):
+    from replay.tiny_model import build_tiny_model
+
+    with pytest.raises(ValueError, match="hidden_size 96: must be a positive multiple of 64"):
+        build_tiny_model(tmp_path / "m", hidden_size=96)
+    with pytest.raises(ValueError, match="layers 0"):
+        build_tiny_model(tmp_path / "m", layers=0)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="transformers is not installed (pip install -e '.[vllm]'); CI installs it")
+def test_a_larger_tiny_model_is_built_to_its_size_and_a_folder_of_another_size_is_rebuilt(tmp_path):
+    from replay.tiny_model import TINY_VOCAB_SIZE, build_tiny_model
+
+    path = tmp_path / "model"
+    assert build_tiny_model(path, hidden_size=256, layers=1) == path
+    cfg = json.loads((path / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (256, 512, 1)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (8, 4, 32)
+    assert cfg["vocab_size"] == TINY_VOCAB_SIZE
+    assert json.loads((path / "cachewise-tiny-model.json").read_text())["size"] == {"hidden_size": 256, "layers": 1}
+    weights = (path / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_model(path, hidden_size=256, layers=1) == path  # complete: kept as it is
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights
+    build_tiny_model(path)  # the default size at the same folder: rebuilt
+    cfg = json.loads((path / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]) == (128, 2, 4)
+    assert "size" not in json.loads((path / "cachewise-tiny-model.json").read_text())

@@ -260,3 +260,136 @@ def test_step_jitter_is_seeded_noise_of_mean_one_on_every_step():
     assert runs[0]["makespan_s"] != plain["makespan_s"]
     with pytest.raises(ConfigError, match="--step-jitter must be in \\[0, 1\\], got -0.1"):
         SimConfig(step_jitter=-0.1)
+
+
+# ----------------------------------------------------------- session starts
+def _eager_start_sessions(env, engine, workload, arrivals, seed, metrics):
+    """The launcher's reference: every session's process made at time 0, each a timeout to its start."""
+    from cwsim.engine import session_process
+
+    def delayed(t, i):
+        if t > 0:
+            yield env.timeout(t)
+        yield from session_process(env, engine, workload.session(i), workload, metrics)
+
+    for i, t in enumerate(arrivals.start_times(workload, seed)):
+        env.process(delayed(t, i))
+
+
+def _dyadic_trace(n: int = 24, seed: int = 5) -> Trace:
+    """Sessions whose starts and tool gaps are multiples of 1/8 s, several starting together, out of
+    trace order: with steps of 1/8 s, starts fall exactly on the ends of steps."""
+    import random
+
+    rng = random.Random(seed)
+    sessions = []
+    for s in range(n):
+        t = 100.0 + rng.randrange(0, 40) / 8
+        calls, ctx = [], 0
+        for turn in range(rng.randrange(1, 4)):
+            ctx += rng.randrange(16, 200)
+            calls.append(Call(f"s{s}", turn, (("sys", 32), (f"s{s}/{turn}", ctx)), rng.randrange(1, 9),
+                              timestamp_s=t))
+            t += rng.randrange(1, 16) / 8
+        sessions.append(Session(f"s{s}", tuple(calls)))
+    return Trace(sessions, source="dyadic")
+
+
+#: every step 1/8 s: the engine's steps end on the grid of the starts
+DYADIC = {"step_overhead_s": 0.125, "prefill_token_s": 0.0, "decode_seq_s": 0.0,
+          "prefill_attn_pair_s": 0.0, "decode_ctx_token_s": 0.0}
+
+
+@pytest.mark.parametrize("arrivals", ["trace", "poisson"])
+def test_the_session_launcher_starts_sessions_as_timeouts_made_at_time_zero_would(tmp_path, monkeypatch, arrivals):
+    """The lazy launcher (one process, URGENT wake-ups at exact start times) gives the same run as a
+    process per session from time 0, byte for byte, also where starts tie with each other and with
+    the ends of steps."""
+    import dataclasses
+    import json
+
+    import cwsim.runner
+    from tests.conftest import ROUND_PROFILE
+
+    prof = tmp_path / "dyadic.json"
+    prof.write_text(json.dumps(dataclasses.replace(ROUND_PROFILE, name="dyadic", **DYADIC).to_json()))
+    cfg = SimConfig(kv_blocks=48, profile=str(prof), arrivals=arrivals, rate=2.0, max_num_seqs=4)
+    lazy = simulate(_dyadic_trace(), cfg, tmp_path / "lazy", step_log=True)
+    monkeypatch.setattr(cwsim.runner, "start_sessions", _eager_start_sessions)
+    eager = simulate(_dyadic_trace(), cfg, tmp_path / "eager", step_log=True)
+    for name in ("requests.csv", "sessions.csv", "steps.csv"):
+        assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "eager" / name).read_bytes(), name
+    drop = ("wall_s",)
+    assert {k: v for k, v in lazy.summary.items() if k not in drop} == \
+           {k: v for k, v in eager.summary.items() if k not in drop}
+    assert lazy.summary["evicted_blocks"] > 0 and lazy.summary["sessions"] == 24
+    if arrivals == "trace":  # the case is there: starts that tie, and starts on the end of a step
+        starts = [float(r["start_s"]) for r in read_rows(tmp_path / "lazy" / "sessions.csv")]
+        ends = {float(r["end_s"]) for r in read_rows(tmp_path / "lazy" / "steps.csv")}
+        assert len(set(starts)) < len(starts) and len(ends.intersection(starts)) >= 3
+
+
+def test_a_launch_lands_on_its_instant_exactly_and_before_its_normal_events():
+    """``_UrgentAt``: the launcher's wake-up at ``t`` exactly, also where no delay from its last
+    wake-up reaches ``t`` in floating point (for ``1.7367775827442529`` and ``131073.77575104052``
+    none does), and before a NORMAL event of that instant scheduled earlier."""
+    import simpy
+
+    from cwsim.engine import _UrgentAt
+
+    starts = [0.1, 0.3, 1.7367775827442529, 131073.77575104052]
+    assert starts[2] + (starts[3] - starts[2]) != starts[3]  # (a delay from the last wake-up misses it)
+    env, seen = simpy.Environment(), []
+
+    def launcher():
+        for t in starts:
+            yield _UrgentAt(env, t)
+            seen.append(("start", env.now))
+
+    def other():
+        yield env.timeout(0.3)  # scheduled at 0, before the launcher's wake-up for 0.3
+        seen.append(("other", env.now))
+
+    env.process(other())
+    env.process(launcher())
+    env.run()
+    assert seen == [("start", 0.1), ("start", 0.3), ("other", 0.3), ("start", 1.7367775827442529),
+                    ("start", 131073.77575104052)]
+
+
+@pytest.mark.parametrize("policy", ["vllm", "cachewise", "sglang"])
+def test_single_call_sessions_cached_unlisted_run_as_listed(tmp_path, monkeypatch, policy):
+    """A single-call session's own blocks cached unlisted (no hash map) give the run they give listed,
+    byte for byte: under pressure, with preemptions (a re-admission hits its own blocks through its
+    hint) and agent sessions beside them that share the system prompt."""
+    import cwsim.runner
+    from cwsim.block_pool import BlockPool
+    from cwsim.engine import Engine
+
+    agents = agent_trace(4, 6, seed=3, system_tokens=512).sessions
+    single = [Session(f"one{i}", (Call(f"one{i}", 0, (("sys", 512), (f"own{i}", 900 + 297 * i)), 600 + 13 * i),))
+              for i in range(10)]
+    trace = Trace([s for pair in zip(single, agents) for s in pair] + single[4:], source="mixed")
+    cfg = SimConfig(policy=policy, kv_blocks=500, agents=6, max_num_seqs=8)
+    unlisted = []
+    real = BlockPool.cache_unlisted_blocks
+    monkeypatch.setattr(BlockPool, "cache_unlisted_blocks",
+                        lambda self, blocks, hashes: (unlisted.append(len(blocks)), real(self, blocks, hashes)))
+    fast = simulate(trace, cfg, tmp_path / "unlisted")
+
+    class Listed(Engine):
+        unlist_own = property(lambda self: False, lambda self, v: None)
+
+    monkeypatch.setattr(cwsim.runner, "Engine", Listed)
+    n = len(unlisted)
+    slow = simulate(trace, cfg, tmp_path / "listed")
+    assert len(unlisted) == n > 10  # (the first run did cache unlisted blocks; the second none)
+    assert fast.summary["evicted_blocks"] > 0
+    # a single-call session was preempted: its re-admission looked its own (unlisted) blocks up
+    assert any(r["session_id"].startswith("one") and int(r["preemptions"])
+               for r in read_rows(tmp_path / "unlisted" / "requests.csv"))
+    for name in ("requests.csv", "sessions.csv"):
+        assert (tmp_path / "unlisted" / name).read_bytes() == (tmp_path / "listed" / name).read_bytes(), name
+    drop = ("wall_s",)
+    assert {k: v for k, v in fast.summary.items() if k not in drop} == \
+           {k: v for k, v in slow.summary.items() if k not in drop}
