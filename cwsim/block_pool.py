@@ -445,11 +445,20 @@ class BlockPool:
             return
         if self.references is not None:
             raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
-        if _cnz(self.has_hash[blocks]):
-            raise AssertionError("caching a block that already has a hash")
-        self.has_hash[blocks] = True
-        self.hash_of[blocks] = hashes
-        self.unlisted[blocks] = True
+        if n <= _SMALL:  # the same in scalar steps (a decode step's blocks)
+            has_hash, hash_of, unlisted = self.has_hash, self.hash_of, self.unlisted
+            for b, h in zip(blocks.tolist(), hashes):
+                if has_hash[b]:
+                    raise AssertionError("caching a block that already has a hash")
+                has_hash[b] = True
+                hash_of[b] = h
+                unlisted[b] = True
+        else:
+            if _cnz(self.has_hash[blocks]):
+                raise AssertionError("caching a block that already has a hash")
+            self.has_hash[blocks] = True
+            self.hash_of[blocks] = hashes
+            self.unlisted[blocks] = True
         self.num_unlisted += n
 
     def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:

@@ -77,26 +77,28 @@ class KVCacheManager:
         for req, num_tokens in items:
             n_full = num_tokens // bs
             k = req.num_cached_blocks
-            if n_full > req.unlisted_from:  # (listed in the batch's order; unlisted ones meet no lookup)
-                u = max(k, req.unlisted_from)
+            if n_full == k + 1:  # the common case: one block
+                if k < req.unlisted_from:
+                    blocks.append(req.table[k : n_full])
+                    hashes.append(req.hashes[k])
+                else:
+                    unlisted.append(req.table[k : n_full])
+                    unlisted_hashes.append(req.hashes[k])
+                req.num_cached_blocks = n_full
+            elif n_full > k:
+                u = min(max(k, req.unlisted_from), n_full)  # listed below u (in the batch's order), unlisted from u
                 if u > k:
                     blocks.append(req.table[k:u])
                     hashes += req.hashes[k:u]
-                unlisted.append(req.table[u:n_full])
-                unlisted_hashes += req.hashes[u:n_full]
-                req.num_cached_blocks = n_full
-            elif n_full == k + 1:  # the common case: one block
-                blocks.append(req.table[k : n_full])
-                hashes.append(req.hashes[k])
-                req.num_cached_blocks = n_full
-            elif n_full > k:
-                blocks.append(req.table[k : n_full])
-                hashes += req.hashes[k : n_full]
+                if n_full > u:
+                    unlisted.append(req.table[u:n_full])
+                    unlisted_hashes += req.hashes[u:n_full]
                 req.num_cached_blocks = n_full
         if blocks:
             self.pool.cache_full_blocks(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), hashes)
         if unlisted:
-            self.pool.cache_unlisted_blocks(np.concatenate(unlisted), unlisted_hashes)
+            self.pool.cache_unlisted_blocks(unlisted[0] if len(unlisted) == 1 else np.concatenate(unlisted),
+                                            unlisted_hashes)
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         """Give hashes to the request's blocks that ``num_tokens`` tokens fill (listed, or unlisted from
