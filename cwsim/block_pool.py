@@ -340,7 +340,8 @@ class BlockPool:
 
     def _unhash(self, blocks: np.ndarray) -> list[int]:
         """Take the blocks' hashes out of the cache (the hash map, duplicates, flags); bump their ``gen``."""
-        hashes = self.hash_of[blocks].tolist()
+        hash_arr = self.hash_of[blocks]
+        hashes = hash_arr.tolist()
         cached, dups = self.cached, self._dups
         canonical = self.canonical
         listed, listed_hashes = blocks, hashes
@@ -350,8 +351,8 @@ class BlockPool:
             if k:
                 self.unlisted[blocks[out]] = False
                 self.num_unlisted -= k
-                listed = blocks[~out]
-                listed_hashes = self.hash_of[listed].tolist()
+                keep = ~out
+                listed, listed_hashes = blocks[keep], hash_arr[keep].tolist()
         if not dups:  # every listed block is the canonical one for its hash
             _consume(map(cached.__delitem__, listed_hashes))
             hashes_iter = ()

@@ -98,9 +98,12 @@ class Engine:
         call = sess.calls[turn]
         if sess.memo is None:
             sess.memo = PrefixMemo()
+        unlisted_from = None
         if self.forget_private and len(sess.calls) == 1:  # its own blocks: nobody will ask for them, no hashing
             hashes = own_block_ids(call.segs, self.block_size, call.private_from, self.block_ids,
                                    sess.own_ids if self.scheduler.kv.pool.growable else None)
+            if self.unlist_own:  # nor a hash-map entry
+                unlisted_from = call.private_from // self.block_size
         elif self.forget_private:
             hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids, sess.private_hashes,
                                   call.private_from // self.block_size)
@@ -108,8 +111,8 @@ class Engine:
             hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
         req = Request(self._next_rid, sess, turn, call.prompt_len, call.output_len, hashes,
                       self.env.now if sent is None else sent)
-        if self.unlist_own and len(sess.calls) == 1:  # its own blocks: cached without the hash map
-            req.unlisted_from = min(call.private_from // self.block_size, len(hashes))
+        if unlisted_from is not None:
+            req.unlisted_from = unlisted_from
         if sess.hint is not None and sess.memo.reused:
             blocks, gens = sess.hint
             k = min(sess.memo.reused, len(blocks))

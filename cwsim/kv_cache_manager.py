@@ -103,18 +103,7 @@ class KVCacheManager:
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         """Give hashes to the request's blocks that ``num_tokens`` tokens fill (listed, or unlisted from
         ``req.unlisted_from`` on)."""
-        n_full = num_tokens // self.block_size
-        k = req.num_cached_blocks
-        if n_full > k:
-            u = req.unlisted_from
-            if n_full <= u:
-                self.pool.cache_full_blocks(req.table[k:n_full], req.hashes[k:n_full])
-            else:
-                if k < u:
-                    self.pool.cache_full_blocks(req.table[k:u], req.hashes[k:u])
-                    k = u
-                self.pool.cache_unlisted_blocks(req.table[k:n_full], req.hashes[k:n_full])
-            req.num_cached_blocks = n_full
+        self.cache_blocks_of(((req, num_tokens),))
 
     def free(self, req: Request, now: float = 0.0, reason: str = "finish") -> None:
         cached = req.blocks[: req.num_cached_blocks]

@@ -224,7 +224,7 @@ def main(argv=None) -> int:
                          "(OUT/step-profile.json; the server calibration gives the rest)")
     ap.add_argument("--model-hidden", type=int, default=128,
                     help="the random model's hidden size (replay.tiny_model; 1024 with --model-layers 4: prefill "
-                         "~130 us a token on a fast-bf16 CPU, where evictions cost session time)")
+                         "~130-190 us a token on a fast-bf16 CPU, where evictions cost session time)")
     ap.add_argument("--model-layers", type=int, default=2, help="the random model's layers")
     ap.add_argument("--tag", default=None, help="name the report ratios-TAG.json / .png (another --profile's ensemble)")
     ap.add_argument("--step-jitter", type=float, default=0.05,

@@ -14,7 +14,7 @@ model of the same recipe (head size 32, ``H / 32`` heads, ``H / 64`` KV heads,
 an MLP of ``2 H``): the same scheduler and cache, but steps that cost more.
 On a CPU whose bf16 matmuls are fast, the default model's prefill is so cheap
 (~2 us a token) that an evicted prefix costs little to recompute; ``H=1024,
-L=4`` prices prefill at ~130 us a token, the regime where evictions cost
+L=4`` prices prefill at ~130-190 us a token, the regime where evictions cost
 session time (``experiments/live_ratios.py --model-hidden 1024 --model-layers 4``).
 """
 
