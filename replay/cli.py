@@ -13,7 +13,7 @@ import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -245,13 +245,17 @@ def calibrate(
     quick: bool = typer.Option(False, "--quick", help="A small design (fewer, shorter batches): a rough profile in a fraction of the time."),
     frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="With --server: also time decode steps while cached prompts arrive and fit the profile's frontend_step_share (the share of a step that competes with the frontend's work for a core; about 0.9 on a 2-core CPU machine)."),
     frontend_prompt: int = typer.Option(2000, "--frontend-prompt", help="With --server --frontend: the side client's cached prompt, in tokens (it and a decode batch must fit the pool)."),
-    step_log: Optional[Path] = typer.Option(None, "--step-log", help="Fit the step terms on a live server's own steps under load instead (its log: cwreplay serve --step-log), the rest from --base-profile; no engine is started."),
+    step_log: Optional[List[Path]] = typer.Option(None, "--step-log", help="Fit the step terms on a live server's own steps under load instead (its log: cwreplay serve --step-log; repeat the flag to pool several runs' steps, e.g. one policy that recomputes and one that hits), the rest from --base-profile; no engine is started."),
     base_profile: Optional[str] = typer.Option(None, "--base-profile", help="With --step-log: the profile the other fields come from (request_overhead_s, KV sizes: the server's calibration)."),
     trim: float = typer.Option(0.02, "--trim", help="With --step-log: the share of slowest busy steps left out of the fit."),
+    overhead_from: Optional[List[Path]] = typer.Option(None, "--request-overhead-from", help="With --step-log: take request_overhead_s as measured under load by these finished replays instead of from --base-profile (cwreplay run folders, one for each --step-log, in the same order: each run's client latency outside vLLM's queue and steps, less its wait for the step in progress that the step log shows; weighted by calls); repeatable."),
 ) -> None:
     """Fit the step-time profile from timed engine steps over a designed set of batches (in process, or through a server's API), or from a live server's step log."""
-    if step_log is not None:
-        _calibrate_from_steps(step_log, base_profile, out, name, trim, server)
+    if overhead_from and not step_log:
+        console.print("error: --request-overhead-from goes with --step-log (a fit on a live server's steps)")
+        raise typer.Exit(code=2)
+    if step_log:
+        _calibrate_from_steps(step_log, base_profile, out, name, trim, server, overhead_from or [])
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from replay.calibrate import TERMS, CalibrationConfig, calibrate as run_calibration
@@ -308,10 +312,10 @@ def calibrate(
     console.print(f"profile written to {out} ({profile.source})")
 
 
-def _calibrate_from_steps(step_log: Path, base: Optional[str], out: Path, name: Optional[str], trim: float,
-                          server: Optional[str]) -> None:
+def _calibrate_from_steps(step_log: List[Path], base: Optional[str], out: Path, name: Optional[str], trim: float,
+                          server: Optional[str], overhead_from: List[Path]) -> None:
     from replay.calibrate import TERMS
-    from replay.calibrate_steps import calibrate_from_steps
+    from replay.calibrate_steps import calibrate_from_steps, measured_request_overhead
     from traces.files import OutputPathError
 
     if server is not None:
@@ -321,7 +325,8 @@ def _calibrate_from_steps(step_log: Path, base: Optional[str], out: Path, name: 
         console.print("error: --step-log needs --base-profile (the server's calibration: request_overhead_s, KV sizes)")
         raise typer.Exit(code=2)
     try:
-        profile = calibrate_from_steps(step_log, base, out, name=name, trim=trim)
+        overhead = measured_request_overhead(overhead_from, step_log) if overhead_from else None
+        profile = calibrate_from_steps(step_log, base, out, name=name, trim=trim, request_overhead_s=overhead)
     except OutputPathError as e:
         console.print(f"error: --out {e}")
         raise typer.Exit(code=2)
@@ -333,6 +338,8 @@ def _calibrate_from_steps(step_log: Path, base: Optional[str], out: Path, name: 
         print(f"{k:22s} {getattr(profile, k):.4g}  (+- {fit['stderr'][k]:.2g})")
     print(f"{fit['steps']} busy steps ({', '.join(f'{n} {k}' for k, n in fit['kinds'].items())}): fitted "
           f"{fit['fitted_s']:.2f} s against {fit['measured_s']:.2f} s measured; MAPE {100 * fit['mape']['all']:.1f}%")
+    print(f"request_overhead_s     {1e3 * profile.request_overhead_s:.2f} ms"
+          + (" (measured under the replays' load)" if fit.get("request_overhead_s") is not None else " (the base profile's)"))
     console.print(f"profile written to {out}", markup=False)
 
 

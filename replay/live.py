@@ -593,11 +593,28 @@ def summarize(out: Path, state: dict, *, partial: bool = False, **extra) -> dict
         "server_metrics": m,
         "mean_ttft_s": float(np.mean(ttft)) if ttft else None,
         "mean_e2e_s": float(np.mean(e2e)) if e2e else None,
+        "outside_engine_s": outside_engine(e2e, m),
         "attempts": len(attempts),
         "config": state.get("config"),
         "wall_s": sum(a.get("wall_s", 0.0) for a in attempts),
         "warmup_s": sum((a.get("warmup") or {}).get("wall_s", 0.0) for a in attempts),
     }
+
+
+def outside_engine(e2e: list[float], metrics: dict[str, float]) -> float | None:
+    """The mean time a call spent outside vLLM's engine-core queue and steps under the run's load: its
+    end-to-end latency as the client measured it (sent to last token received) less the engine core's
+    queue and inference time (``/metrics``' ``request_queue_s`` + ``request_inference_s``, summed over the
+    run's requests). That is the transit both ways, the API server's work, and the wait for the step in
+    progress when the call came (vLLM queues a request between steps, and stamps it then); a profile's
+    ``request_overhead_s`` is the first two (``replay.calibrate_steps.measured_request_overhead`` takes
+    the third out with the server's step log). ``None`` without the figures (a server that does not export
+    them, a run with no finished request)."""
+    done = metrics.get("requests_finished", 0.0)
+    engine = metrics.get("request_queue_s", 0.0) + metrics.get("request_inference_s", 0.0)
+    if not e2e or done <= 0 or engine <= 0:
+        return None
+    return sum(e2e) / len(e2e) - engine / done
 
 
 def run_live(trace: Trace, config: LiveConfig, out_dir: str | Path, *, resume: bool = False,

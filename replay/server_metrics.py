@@ -2,7 +2,10 @@
 
 ``/metrics`` has no eviction counter (``BlockRemoved`` events are the count);
 it has the prefix-cache queries and hits (in tokens), preemptions, prompt and
-generated tokens and finished requests. :func:`parse_metrics` sums each
+generated tokens and finished requests, and the sums of two per-request histograms: the time
+requests waited in the engine core's queue and the time from their first scheduling to their
+last token (``request_queue_s``, ``request_inference_s``: the engine core's own share of a call,
+which a replay's client-side latency less these two leaves as the request's overhead under load). :func:`parse_metrics` sums each
 counter over its label sets; :func:`cache_config` reads the pool's size and
 block size from ``vllm:cache_config_info``.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-#: summary key -> vLLM counter (the sample name, with its ``_total``)
+#: summary key -> vLLM counter (the sample name, with its ``_total``, or a histogram's ``_sum``)
 COUNTERS = {
     "prefix_cache_queries": "vllm:prefix_cache_queries_total",
     "prefix_cache_hits": "vllm:prefix_cache_hits_total",
@@ -19,6 +22,10 @@ COUNTERS = {
     "prompt_tokens": "vllm:prompt_tokens_total",
     "generation_tokens": "vllm:generation_tokens_total",
     "requests_finished": "vllm:request_success_total",
+    # histogram sums, seconds (vllm/v1/metrics/stats.py: queued = scheduled_ts - queued_ts, inference =
+    # last_token_ts - scheduled_ts, both engine-core timestamps)
+    "request_queue_s": "vllm:request_queue_time_seconds_sum",
+    "request_inference_s": "vllm:request_inference_time_seconds_sum",
 }
 
 

@@ -129,16 +129,17 @@ def test_calibrated_profile_is_measured_and_cwsim_runs_with_it(tmp_path):
     assert res.summary["profile"] == prof.name and res.summary["makespan_s"] > 0
 
 
-def _step_log(tmp_path, profile: dict) -> tuple:
+def _step_log(tmp_path, profile: dict, seed: int = 2) -> tuple:
     """A simulated run's step log (one row a step) under ``profile``: the steps a live server's log holds."""
     from cwsim.config import SimConfig
     from cwsim.runner import simulate
     from tests.conftest import agent_trace
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "truth.json"
     path.write_text(json.dumps(profile))
     out = tmp_path / "run"
-    simulate(agent_trace(6, 6, seed=2, system_tokens=600), SimConfig(profile=str(path), kv_blocks=700, agents=4,
+    simulate(agent_trace(6, 6, seed=seed, system_tokens=600), SimConfig(profile=str(path), kv_blocks=700, agents=4,
                                                                      max_num_batched_tokens=512, decode_jumps=False),
              out, step_log=True)
     return path, out / "steps.csv"
@@ -165,6 +166,78 @@ def test_a_profile_fitted_on_a_step_log_recovers_the_terms_that_timed_it(tmp_pat
     assert load_profile(tmp_path / "fitted.json").step_overhead_s == pytest.approx(0.004, rel=1e-6)
     # trimming drops the slowest steps only
     assert len(busy_steps(log, trim=0.1)) == pytest.approx(0.9 * len(points), abs=2)
+
+
+def test_step_logs_pooled_and_a_request_overhead_measured_under_load(tmp_path):
+    """Several step logs fit together (each trimmed on its own: here none), the request overhead taken as
+    replays measured it (their summaries, weighted by calls) instead of the base profile's; the CLI does the
+    same with --step-log twice and --request-overhead-from."""
+    from typer.testing import CliRunner
+
+    from cwsim.steptime import load_profile
+    from replay.calibrate_steps import (busy_steps, calibrate_from_steps, measured_request_overhead,
+                                        step_in_progress_wait)
+    from replay.cli import app
+
+    truth = {**ROUND_PROFILE.to_json(), "step_overhead_s": 0.004, "prefill_token_s": 2e-5, "prefill_attn_pair_s": 3e-8,
+             "decode_seq_s": 4e-4, "decode_ctx_token_s": 2e-7, "request_overhead_s": 0.002, "name": "truth"}
+    base, log_a = _step_log(tmp_path / "a", truth)
+    _, log_b = _step_log(tmp_path / "b", truth, seed=5)
+    n_a, n_b = len(busy_steps(log_a, trim=0.0)), len(busy_steps(log_b, trim=0.0))
+    prof = calibrate_from_steps([log_a, log_b], base, tmp_path / "fitted.json", trim=0.0, request_overhead_s=0.011)
+    for k in TERMS:
+        assert getattr(prof, k) == pytest.approx(truth[k], rel=1e-6), k
+    assert prof.request_overhead_s == 0.011 and "11.0 ms as measured under the replays' load" in prof.source
+    fit_ = json.loads((tmp_path / "fitted.json").read_text())["_fit"]
+    assert fit_["steps"] == n_a + n_b and fit_["step_log"] == [str(log_a), str(log_b)]
+    assert fit_["request_overhead_s"] == 0.011
+    with pytest.raises(ValueError, match="must be >= 0 s"):
+        calibrate_from_steps(log_a, base, tmp_path / "x.json", request_overhead_s=-0.001)
+    # the replays' own figures, less each call's wait for the step in progress when it was sent (its run's
+    # step log, wall clock from t0_unix): run0's 3 calls 10 ms outside the engine, one sent 4 ms before a
+    # step's output (4 ms of waiting), one 1 ms after it (between steps: none), one before any step; run1's
+    # one call 20 ms, sent while nothing ran
+    steps = ("start_s,end_s,steps,prefill_tokens,attn_pairs,decode_seqs,decode_ctx,running,waiting\n"
+             "1000.100,1000.150,1,10,10,0,0,1,0\n1000.151,1000.200,1,0,0,1,10,1,0\n")
+    runs, logs = [], []
+    for i, (outside, sent) in enumerate(((0.010, (0.146, 0.201, 0.05)), (0.020, (0.5,)))):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"outside_engine_s": outside, "requests": len(sent)}))
+        (run / "run.json").write_text(json.dumps({"attempts": [{"t0_unix": 1000.0}]}))
+        (run / "requests.csv").write_text("sent_s\n" + "".join(f"{t}\n" for t in sent))
+        (tmp_path / f"steps{i}.csv").write_text(steps)
+        runs.append(run)
+        logs.append(tmp_path / f"steps{i}.csv")
+    assert step_in_progress_wait(runs[0], logs[0]) == pytest.approx(0.004 / 3)
+    assert step_in_progress_wait(runs[1], logs[1]) == 0.0
+    want = (3 * (0.010 - 0.004 / 3) + 0.020) / 4
+    assert measured_request_overhead(runs, logs) == pytest.approx(want)
+    with pytest.raises(ValueError, match=r"2 run\(s\) for 1 step log\(s\)"):
+        measured_request_overhead(runs, logs[:1])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({"requests": 5}))
+    with pytest.raises(ValueError, match=r"--request-overhead-from .*old: its summary.json has no outside_engine_s"):
+        measured_request_overhead([tmp_path / "old"], logs[:1])
+    with pytest.raises(ValueError, match=r"--request-overhead-from .*nowhere: not a finished cwreplay run"):
+        measured_request_overhead([tmp_path / "nowhere"], logs[:1])
+    # the CLI: the fit on two logs, the overhead from two runs (each paired with its own step log: here the
+    # fit's logs are simulated ones, the runs' wait read from the logs written above)
+    res = CliRunner().invoke(app, ["calibrate", "--step-log", str(logs[0]), "--step-log", str(logs[1]),
+                                   "--step-log", str(log_a), "--base-profile", str(base), "--trim", "0",
+                                   "--request-overhead-from", str(runs[0]), "--request-overhead-from", str(runs[1]),
+                                   "--out", str(tmp_path / "cli.json")])
+    assert res.exit_code == 2 and "2 run(s) for 3 step log(s)" in res.output
+    res = CliRunner().invoke(app, ["calibrate", "--step-log", str(logs[0]), "--step-log", str(log_a),
+                                   "--base-profile", str(base), "--trim", "0", "--request-overhead-from",
+                                   str(runs[0]), "--request-overhead-from", str(runs[1]),
+                                   "--out", str(tmp_path / "cli.json")])
+    assert res.exit_code == 0, res.output
+    want = (3 * (0.010 - 0.004 / 3) + 0.020 - step_in_progress_wait(runs[1], log_a)) / 4
+    assert f"{1e3 * want:.2f} ms (measured under the replays' load)" in res.output
+    assert load_profile(tmp_path / "cli.json").request_overhead_s == pytest.approx(want)
+    res = CliRunner().invoke(app, ["calibrate", "--request-overhead-from", str(runs[0]), "--out", str(tmp_path / "n.json")])
+    assert res.exit_code == 2 and "--request-overhead-from goes with --step-log" in res.output
 
 
 def test_a_step_log_that_is_not_one_is_a_one_line_error(tmp_path):

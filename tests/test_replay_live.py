@@ -157,6 +157,12 @@ def test_replay_under_pressure_counts_every_eviction_and_matches_metrics(servers
     assert s["prompt_tokens"] == s["server_metrics"]["prompt_tokens"]
     assert s["preemptions"] == after["preemptions"] - before["preemptions"]
     assert s["kv_blocks"] == 48 and s["block_size"] == 32
+    # the engine core's own time came back from /metrics, and what is left of a call's latency outside it
+    m = s["server_metrics"]
+    assert m["request_queue_s"] >= 0 and m["request_inference_s"] > 0
+    # (the test's own scrapes hold the warm-up's requests too; the run's, after the warm-up, do not)
+    assert m["request_inference_s"] < after["request_inference_s"] - before["request_inference_s"]
+    assert 0 < s["outside_engine_s"] < s["mean_e2e_s"]
     # the server's per-request times came back: queue (first scheduled) and first token, in order
     for r in reqs:
         sent, sched, first, fin = (float(r[k]) for k in ("sent_s", "first_scheduled_s", "first_token_s", "finish_s"))

@@ -305,6 +305,13 @@ vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
 vllm:num_preemptions_total{engine="0",model_name="m"} 3.0
 # TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="32",num_gpu_blocks="80",enable_prefix_caching="True"} 1.0
+# TYPE vllm:request_queue_time_seconds histogram
+vllm:request_queue_time_seconds_bucket{engine="0",le="0.3",model_name="m"} 4.0
+vllm:request_queue_time_seconds_count{engine="0",model_name="m"} 4.0
+vllm:request_queue_time_seconds_sum{engine="0",model_name="m"} 0.25
+# TYPE vllm:request_inference_time_seconds histogram
+vllm:request_inference_time_seconds_count{engine="0",model_name="m"} 4.0
+vllm:request_inference_time_seconds_sum{engine="0",model_name="m"} 1.75
 """
 
 
@@ -312,7 +319,22 @@ def test_parse_metrics_sums_counters_over_labels():
     m = parse_metrics(METRICS)
     assert m["prefix_cache_hits"] == 384 and m["prefix_cache_queries"] == 1000 and m["preemptions"] == 3
     assert m["prompt_tokens"] == 0  # absent: 0
+    # histograms: their sums (the bucket and count samples are not taken for them)
+    assert m["request_queue_s"] == 0.25 and m["request_inference_s"] == 1.75
     assert cache_config(METRICS) == {"num_gpu_blocks": 80, "block_size": 32}
+
+
+def test_outside_engine_is_the_client_latency_less_the_engine_cores_time():
+    """``summary.json``'s ``outside_engine_s``: the mean client end-to-end latency less vLLM's queue and
+    inference time per finished request; None where the server gave no such figures."""
+    from replay.live import outside_engine
+
+    m = {**parse_metrics(METRICS), "requests_finished": 4.0}
+    # 4 calls of 0.6 s mean latency, 2.0 s of engine-core time among them: 0.1 s each outside it
+    assert outside_engine([0.5, 0.7, 0.4, 0.8], m) == pytest.approx(0.6 - 2.0 / 4)
+    assert outside_engine([], m) is None
+    assert outside_engine([0.5], {**m, "requests_finished": 0.0}) is None
+    assert outside_engine([0.5], {"requests_finished": 1.0}) is None  # a server without the histograms
 
 
 def test_cli_serve_bad_flag_exits_2_with_one_line(tmp_path):
