@@ -37,7 +37,9 @@ small prefills and decodes from terms it barely saw. The fitted profile's ``requ
 the one those held-out replays measured under load (client latency less vLLM's queue and inference
 time, less the wait for the step in progress), not the quiet calibration's: with gaps x 0.05,
 ``working-set``'s residency horizon is a few tens of milliseconds, and its simulated evictions move
-1.5x between 4 and 10 ms of overhead.
+1.5x between 4 and 10 ms of overhead. (Measured so, it was 5.8 ms against the quiet 7.5 ms, and the
+admission policies' simulated gains came out further from the live ones than with the quiet
+calibration: ``experiments/results/live-ratios-2026-12-07-loaded/``.)
 
 A run whose ``compare.json`` is there is not run again (rerun with the same ``--out`` to finish an
 interrupted study; delete a run's folder to redo it).
@@ -135,8 +137,8 @@ def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched:
     gap scale), their logs pooled, and the request overhead those replays measured under load
     (``replay.calibrate_steps.measured_request_overhead``), the rest from ``base``: ``OUT/step-profile.json``
     for ``vllm`` alone, ``OUT/step-profile-<p>+<q>.json`` for several (made once; an existing one is kept).
-    A policy other than
-    ``vllm`` predicts from the ``replayed`` sessions there (its held-out sessions' own future stays unseen)."""
+    A policy other than ``vllm`` predicts from the ``replayed`` sessions there (its held-out sessions' own
+    future stays unseen)."""
     from replay.calibrate_steps import calibrate_from_steps, measured_request_overhead
     from replay.live_compare import scaled
     from traces.reader import write_trace
