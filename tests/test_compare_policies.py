@@ -234,3 +234,18 @@ def test_live_interval_brackets_the_live_ratio_of_means_and_is_seeded():
     assert lr.live_interval(flat, "ws", "evicted") == (3.0, 3.0)
     none = {0: {"vllm": {"evicted_live": 600}, "ws": {"evicted_live": 0}}}
     assert lr.live_interval(none, "ws", "evicted") is None
+
+
+def test_live_steps_counts_the_calls_a_run_held_back_and_what_they_recomputed():
+    """experiments/live_steps.py: a call that waited over 100 ms to be first scheduled was held back; the
+    prompt tokens it and the other calls found uncached are counted apart."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("live_steps", REPO / "experiments" / "live_steps.py")
+    ls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ls)
+    reqs = pd.DataFrame({"arrival_s": [0.0, 1.0, 2.0, 3.0], "first_scheduled_s": [0.05, 1.5, 2.08, 5.0],
+                         "prompt_tokens": [100, 200, 300, 400], "cached_tokens": [90, 0, 300, 100]})
+    held = ls.held_calls(reqs)
+    assert held == {"calls": 2, "wait_s": pytest.approx(2.5), "missed_tokens": 200 + 300,
+                    "others_missed_tokens": 10 + 0}
