@@ -147,25 +147,23 @@ def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched:
     fitted = out / ("step-profile.json" if policies == ["vllm"] else f"step-profile-{'+'.join(policies)}.json")
     if fitted.is_file():
         return fitted
-    logs = []
+    pred = out / "held-out-predictor.jsonl"  # what a policy other than vllm predicts from there
+    history = scaled(replayed, args.time_scale)
+    write_trace(pred, history.calls(), history.header)
+    runs, logs = [], []
     for policy in policies:
         suffix = "" if policy == "vllm" else f"-{policy}"
         run, log = out / f"held-out-{policy}", out / f"held-out-steps{suffix}.csv"
+        runs.append(run)
         logs.append(log)
         if log.is_file() and (run / "summary.json").is_file():
             continue  # replayed before (another --steps-policies' fit used it)
         shutil.rmtree(run, ignore_errors=True)
-        pred = None
-        if policy != "vllm":
-            pred = out / "held-out-predictor.jsonl"
-            history = scaled(replayed, args.time_scale)
-            write_trace(pred, history.calls(), history.header)
         print(f"held-out: {policy} replaying the predictor's {len(held_out.sessions)} sessions with its step "
               "log ...", flush=True)
         replay_on_server(held_out, run, model, scratch / f"held-out{suffix}", sched, kv_blocks=args.kv_blocks,
                          time_scale=args.time_scale, agents=args.agents, policy=policy,
-                         predictor_trace=None if pred is None else str(pred), step_log=str(log))
-    runs = [out / f"held-out-{policy}" for policy in policies]
+                         predictor_trace=None if policy == "vllm" else str(pred), step_log=str(log))
     try:  # the request overhead as these replays measured it under load (older runs did not)
         overhead = measured_request_overhead(runs, logs)
     except ValueError as e:

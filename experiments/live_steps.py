@@ -238,9 +238,10 @@ def overhead_sweep(out: Path, policies: list[str], profile, trace, pred, overhea
 
     base = load_profile(profile)
     rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="cwls-ovh-"))
     print(f"\nsimulated ({seeds} seeds, 5% jitter) with each request overhead: session s / evicted, live beside")
     for ovh in overheads:
-        prof = out / f"profile-overhead-{1e3 * ovh:g}ms.json"
+        prof = scratch / f"overhead-{1e3 * ovh:g}ms.json"
         prof.write_text(json.dumps(replace(base, request_overhead_s=ovh).to_json(), indent=1) + "\n")
         for policy in policies:
             t, cfg = simulation_of(out / policy, str(prof), trace=trace, **SCHED,
@@ -253,7 +254,7 @@ def overhead_sweep(out: Path, policies: list[str], profile, trace, pred, overhea
                          "live_session_s": live["total_session_time_s"], "live_evicted": live["evicted_blocks"]})
             print(f"  {1e3 * ovh:5.1f} ms  {policy:<18} {st:7.1f} s {ev:7.0f}   live {live['total_session_time_s']:.1f} s, "
                   f"{live['evicted_blocks']}", flush=True)
-        prof.unlink()
+    shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
 

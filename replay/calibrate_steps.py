@@ -93,16 +93,21 @@ def step_in_progress_wait(run: str | os.PathLike, log: str | os.PathLike) -> flo
     """The mean wait of a replay's calls for the engine step in progress when they were sent: a call sent
     while a step ran (between its scheduling and its output, in the server's step log ``log``) is queued
     by vLLM when that step's output is back, one sent between steps at once. The client's send times
-    (``requests.csv`` ``sent_s``) and the log's wall clock are aligned by the run's ``t0_unix``."""
+    (``requests.csv`` ``sent_s``) and the log's wall clock are aligned by the run's ``t0_unix``. A resumed
+    run (several attempts, each timing its calls from its own start) is refused."""
     import numpy as np
     import pandas as pd
 
     run = Path(run)
     try:
         reqs = pd.read_csv(run / "requests.csv")
-        t0 = json.loads((run / "run.json").read_text())["attempts"][-1]["t0_unix"]
+        attempts = json.loads((run / "run.json").read_text())["attempts"]
+        t0 = attempts[-1]["t0_unix"]
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise ValueError(f"--request-overhead-from {run}: not a finished cwreplay run ({e})") from None
+    if len(attempts) > 1:
+        raise ValueError(f"--request-overhead-from {run}: a resumed run ({len(attempts)} attempts): its calls' "
+                         "send times count from different starts; use a run made in one go")
     steps = pd.read_csv(log).sort_values("start_s", kind="stable")
     start, end = steps.start_s.to_numpy() - t0, steps.end_s.to_numpy() - t0
     sent = reqs.sent_s.to_numpy(dtype=float)
@@ -131,7 +136,12 @@ def measured_request_overhead(runs: Sequence[str | os.PathLike], logs: Sequence[
         if outside is None or not n:
             raise ValueError(f"--request-overhead-from {run}: its summary.json has no outside_engine_s (a run "
                              "before it was measured, or a server without vLLM's queue and inference histograms)")
-        total += max(0.0, outside - step_in_progress_wait(run, log)) * n
+        overhead = outside - step_in_progress_wait(run, log)
+        if overhead < 0:
+            raise ValueError(f"--request-overhead-from {run}: its calls waited {1e3 * (outside - overhead):.1f} ms "
+                             f"for the step in progress, more than the {1e3 * outside:.1f} ms they spent outside "
+                             f"vLLM's queue and steps: is {log} that run's own step log?")
+        total += overhead * n
         calls += n
     if not calls:
         raise ValueError("--request-overhead-from: no run given")

@@ -2,12 +2,13 @@
 
 ``/metrics`` has no eviction counter (``BlockRemoved`` events are the count);
 it has the prefix-cache queries and hits (in tokens), preemptions, prompt and
-generated tokens and finished requests, and the sums of two per-request histograms: the time
-requests waited in the engine core's queue and the time from their first scheduling to their
-last token (``request_queue_s``, ``request_inference_s``: the engine core's own share of a call,
-which a replay's client-side latency less these two leaves as the request's overhead under load). :func:`parse_metrics` sums each
-counter over its label sets; :func:`cache_config` reads the pool's size and
-block size from ``vllm:cache_config_info``.
+generated tokens and finished requests, and the sums of two per-request
+histograms: the time requests waited in the engine core's queue and the time
+from their first scheduling to their last token (``request_queue_s``,
+``request_inference_s``: the engine core's own share of a call;
+``replay.live.outside_engine`` is what is left of a call's latency).
+:func:`parse_metrics` sums each counter over its label sets; :func:`cache_config`
+reads the pool's size and block size from ``vllm:cache_config_info``.
 """
 
 from __future__ import annotations

@@ -215,14 +215,23 @@ def test_step_logs_pooled_and_a_request_overhead_measured_under_load(tmp_path):
     assert measured_request_overhead(runs, logs) == pytest.approx(want)
     with pytest.raises(ValueError, match=r"2 run\(s\) for 1 step log\(s\)"):
         measured_request_overhead(runs, logs[:1])
+    # a wait longer than the time outside the engine: not that run's log
+    (runs[1] / "requests.csv").write_text("sent_s\n0.11\n")
+    with pytest.raises(ValueError, match=r"run1: its calls waited 40.0 ms .* more than the 20.0 ms .*own step log"):
+        measured_request_overhead(runs[1:], logs[1:])
+    (runs[1] / "requests.csv").write_text("sent_s\n0.5\n")
+    # a resumed run: its send times count from two starts
+    (runs[0] / "run.json").write_text(json.dumps({"attempts": [{"t0_unix": 900.0}, {"t0_unix": 1000.0}]}))
+    with pytest.raises(ValueError, match=r"run0: a resumed run \(2 attempts\)"):
+        step_in_progress_wait(runs[0], logs[0])
+    (runs[0] / "run.json").write_text(json.dumps({"attempts": [{"t0_unix": 1000.0}]}))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text(json.dumps({"requests": 5}))
     with pytest.raises(ValueError, match=r"--request-overhead-from .*old: its summary.json has no outside_engine_s"):
         measured_request_overhead([tmp_path / "old"], logs[:1])
     with pytest.raises(ValueError, match=r"--request-overhead-from .*nowhere: not a finished cwreplay run"):
         measured_request_overhead([tmp_path / "nowhere"], logs[:1])
-    # the CLI: the fit on two logs, the overhead from two runs (each paired with its own step log: here the
-    # fit's logs are simulated ones, the runs' wait read from the logs written above)
+    # the CLI: --step-log and --request-overhead-from pair up in order (a count that differs is refused)
     res = CliRunner().invoke(app, ["calibrate", "--step-log", str(logs[0]), "--step-log", str(logs[1]),
                                    "--step-log", str(log_a), "--base-profile", str(base), "--trim", "0",
                                    "--request-overhead-from", str(runs[0]), "--request-overhead-from", str(runs[1]),
@@ -233,7 +242,9 @@ def test_step_logs_pooled_and_a_request_overhead_measured_under_load(tmp_path):
                                    str(runs[0]), "--request-overhead-from", str(runs[1]),
                                    "--out", str(tmp_path / "cli.json")])
     assert res.exit_code == 0, res.output
-    want = (3 * (0.010 - 0.004 / 3) + 0.020 - step_in_progress_wait(runs[1], log_a)) / 4
+    # (run1's call, sent at 1000.5 s, finds no step of log_a running: that simulated log's clock ends long
+    # before; so its 20 ms count whole, as above)
+    want = (3 * (0.010 - 0.004 / 3) + 0.020) / 4
     assert f"{1e3 * want:.2f} ms (measured under the replays' load)" in res.output
     assert load_profile(tmp_path / "cli.json").request_overhead_s == pytest.approx(want)
     res = CliRunner().invoke(app, ["calibrate", "--request-overhead-from", str(runs[0]), "--out", str(tmp_path / "n.json")])
