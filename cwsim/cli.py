@@ -209,6 +209,7 @@ def run(
     cpu_kv_gib: Optional[float] = typer.Option(None, "--cpu-kv-gib", help="CPU KV tier size in GiB (converted with the profile's bytes per token; exclusive with --cpu-kv-blocks)."),
     pcie_gbps: float = typer.Option(_D.pcie_gbps, "--pcie-gbps", help="Effective PCIe bandwidth per direction to the CPU tier, GB/s."),
     offload_threshold_s: float = typer.Option(_D.offload_threshold_s, "--offload-threshold-s", help="Tokencake: offload during tool calls predicted to last longer than this (s)."),
+    min_idle_s: float = typer.Option(_D.min_idle_s, "--min-idle-s", help="working-set: a session stays resident at least this long after its call ends (s; 0: the policy's learnt horizon alone). Where a step can outlast that horizon (tool times scaled down, a slow engine): about two full-budget prefill steps."),
     eviction_bound: bool = typer.Option(_D.eviction_bound, "--eviction-bound/--no-eviction-bound", metavar="", help="Also compute the fewest evictions any eviction order could have under this run's schedule (Belady's MIN on the blocks it referenced; docs/policies.md). Adds about 1 s per million block references and releases (11 s on the bundled trace at 12,000 blocks)."),
     out: Optional[Path] = _out_option(None, "Folder for summary.json, requests.csv, sessions.csv (CSVs written as the run goes, "
                                             "summary.json last; an earlier run's are removed first)."),
@@ -226,7 +227,7 @@ def run(
                            predictor_error=predictor_error, gap_scale=gap_scale, step_jitter=step_jitter, aging_s=aging_s,
                            cpu_kv_blocks=cpu_kv_blocks,
                            cpu_kv_gib=cpu_kv_gib, pcie_gbps=pcie_gbps, offload_threshold_s=offload_threshold_s,
-                           eviction_bound=eviction_bound)
+                           min_idle_s=min_idle_s, eviction_bound=eviction_bound)
         _check_policy_flags(config)
         if step_log and out is None:
             fail("--step-log: writes OUT/steps.csv, so it needs --out")
@@ -249,6 +250,9 @@ def _check_policy_flags(config: SimConfig) -> None:
     if tier is not None and not spec.offloads:
         users = ", ".join(s.name for s in POLICIES.values() if s.offloads)
         fail(f"{tier}: policy {spec.name!r} never offloads, so a CPU tier stays empty (policies that offload: {users})")
+    if config.min_idle_s and "min_idle_s" not in spec.params:
+        users = ", ".join(s.name for s in POLICIES.values() if "min_idle_s" in s.params)
+        fail(f"--min-idle-s: policy {spec.name!r} keeps no resident sessions (policies that do: {users})")
     if config.predictor_trace is not None:
         if not spec.needs_predictor:
             users = ", ".join(s.name for s in POLICIES.values() if s.needs_predictor)

@@ -83,6 +83,11 @@ class SimConfig:
     pcie_gbps: float = 25.0
     #: tokencake: offload a session's blocks during a tool call predicted to last longer than this
     offload_threshold_s: float = 2.0
+    #: working-set admission: a session stays resident at least this long after its call ends (s;
+    #: 0: the policy's horizon alone, ``idle_factor`` x the tool's expected idle time). Where an engine
+    #: step can outlast that horizon (tool times scaled down, a slow engine), about two full-budget
+    #: prefill steps keeps a session's next call from losing its residency to the step in progress
+    min_idle_s: float = 0.0
     #: also compute the offline eviction bound under this run's own schedule (Belady's MIN on the
     #: blocks it referenced, ``cwsim.eviction_bound``): ``bound_*`` / ``stream_*`` in the summary
     eviction_bound: bool = False
@@ -111,6 +116,7 @@ class SimConfig:
              "cannot be given together with cpu_kv_blocks (give one, not both)"),
             (self.pcie_gbps > 0, "pcie_gbps", f"must be > 0, got {self.pcie_gbps}"),
             (self.offload_threshold_s >= 0, "offload_threshold_s", f"must be >= 0, got {self.offload_threshold_s}"),
+            (self.min_idle_s >= 0, "min_idle_s", f"must be >= 0, got {self.min_idle_s}"),
         ]
         for ok, name, problem in checks:
             if not ok:

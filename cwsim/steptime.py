@@ -153,6 +153,13 @@ class StepTimeProfile:
             + self.decode_ctx_token_s * decode_ctx_tokens
         )
 
+    def full_prefill_step_s(self, max_num_batched_tokens: int) -> float:
+        """Wall time (s) of a step that spends the whole token budget on one prefill chunk with nothing
+        cached (the longest step an engine runs, near enough: a scale for horizons that must outlast the
+        step in progress, e.g. working-set's ``min_idle_s``)."""
+        q = max_num_batched_tokens
+        return self.step_time(q, prefill_attn_pairs(q, 0), 0, 0)
+
     def _decode_ab(self, batch: int, ctx_tokens: int) -> tuple[float, float]:
         # step k (0-based) of a decode-only run takes a + b*k
         a = self.step_overhead_s + self.decode_seq_s * batch + self.decode_ctx_token_s * ctx_tokens

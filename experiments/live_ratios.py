@@ -105,6 +105,21 @@ def ensemble(out: Path, policies: list[str], profile: str, trace, n_seeds: int, 
     return out_rows
 
 
+def min_idle(value: str, profile: Path, sched: dict) -> float:
+    """``--min-idle-s``: a number of seconds, or ``auto``: two full-budget prefill steps of ``profile``."""
+    if value == "auto":
+        from cwsim.steptime import load_profile
+
+        return 2 * load_profile(profile).full_prefill_step_s(sched["max_num_batched_tokens"])
+    try:
+        v = float(value)
+    except ValueError:
+        raise SystemExit(f"--min-idle-s {value!r}: seconds, or auto") from None
+    if v < 0:
+        raise SystemExit(f"--min-idle-s {value!r}: must be >= 0")
+    return v
+
+
 def calibrate_on_server(model: str, scratch: Path, sched: dict, profile: Path) -> None:
     """``cwreplay calibrate --server`` on a fresh 1,024-block server of ``sched``'s shape, into ``profile``."""
     from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
@@ -117,17 +132,22 @@ def calibrate_on_server(model: str, scratch: Path, sched: dict, profile: Path) -
 
 def replay_on_server(trace, run: Path, model: str, server_dir: Path, sched: dict, *, kv_blocks: int,
                      time_scale: float, agents: int, policy: str = "vllm", predictor_trace: str | None = None,
-                     step_log: str | None = None) -> dict:
+                     step_log: str | None = None, settings: dict | None = None) -> dict:
     """``trace`` replayed into ``run`` on a fresh server of ``kv_blocks`` blocks running ``policy`` (vLLM's
-    own for ``vllm``; the plugin otherwise, or with a ``step_log``); the live run's summary."""
+    own for ``vllm``; the plugin otherwise, or with a ``step_log``) with those of ``settings`` that the policy
+    takes (recorded in the run, so its simulation gets them too); the live run's summary."""
     from replay.live import LiveConfig, run_live
     from replay.server import ServerConfig, start_server
 
-    kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=predictor_trace)
+    from cwsim.policies.registry import get_policy
+
+    taken = tuple((k, v) for k, v in (settings or {}).items() if k in get_policy(policy).params)
+    kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=predictor_trace, policy_settings=taken)
     with start_server(ServerConfig(model=model, kv_blocks=kv_blocks, block_size=32, **sched, **kw, step_log=step_log),
                       server_dir) as srv:
         cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay, time_scale=time_scale,
-                         agents=agents, policy=policy, predictor_trace=kw.get("predictor_trace"))
+                         agents=agents, policy=policy, predictor_trace=kw.get("predictor_trace"),
+                         policy_settings=taken)
         return run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
 
 
@@ -163,7 +183,8 @@ def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched:
               "log ...", flush=True)
         replay_on_server(held_out, run, model, scratch / f"held-out{suffix}", sched, kv_blocks=args.kv_blocks,
                          time_scale=args.time_scale, agents=args.agents, policy=policy,
-                         predictor_trace=None if policy == "vllm" else str(pred), step_log=str(log))
+                         predictor_trace=None if policy == "vllm" else str(pred), step_log=str(log),
+                         settings=args.settings)
     try:  # the request overhead as these replays measured it under load (older runs did not)
         overhead = measured_request_overhead(runs, logs)
     except ValueError as e:
@@ -264,6 +285,11 @@ def main(argv=None) -> int:
                     help="the random model's hidden size (replay.tiny_model; 1024 with --model-layers 4: prefill "
                          "~130-190 us a token on a fast-bf16 CPU, where evictions cost session time)")
     ap.add_argument("--model-layers", type=int, default=2, help="the random model's layers")
+    ap.add_argument("--min-idle-s", default=None,
+                    help="working-set's min_idle_s on the servers and in cwsim: seconds, or 'auto' for two "
+                         "full-budget prefill steps of the simulated side's profile (the step in progress must not "
+                         "decide a session's residency: with gaps x 0.05 its horizon is 45-180 ms, a prefill step "
+                         "up to ~0.3 s); default: the policy's (0)")
     ap.add_argument("--tag", default=None, help="name the report ratios-TAG.json / .png (another --profile's ensemble)")
     ap.add_argument("--step-jitter", type=float, default=0.05,
                     help="the ensemble's timing noise (cwsim run --step-jitter): sd of the log of each step's factor")
@@ -306,6 +332,9 @@ def main(argv=None) -> int:
                 t = time.monotonic()
                 calibrate_on_server(model, scratch, sched, profile)
                 timings["calibration_s"] = time.monotonic() - t
+        args.settings = {} if args.min_idle_s is None else {"min_idle_s": min_idle(args.min_idle_s, profile, sched)}
+        if args.settings:
+            print(f"working-set's min_idle_s: {args.settings['min_idle_s']:.3f} s", flush=True)
         if args.profile_from_steps:
             profile = _step_profile(out, profile, model, scratch, args, sched,
                                     shrink(rest, token_scale=args.token_scale, max_turns=args.turns, max_gap_s=20.0),
@@ -320,7 +349,7 @@ def main(argv=None) -> int:
                 print(f"r{r} {policy}: starting a server of {args.kv_blocks} blocks ...", flush=True)
                 live = replay_on_server(trace, run, model, scratch / f"{r}-{policy}", sched, kv_blocks=args.kv_blocks,
                                         time_scale=args.time_scale, agents=args.agents, policy=policy,
-                                        predictor_trace=str(pred))
+                                        predictor_trace=str(pred), settings=args.settings)
                 compare_live(run, str(profile), trace=trace, **sched)
                 timings[f"r{r}-{policy}_s"] = time.monotonic() - t
                 print(f"r{r} {policy}: {live['requests']} calls, {live['evicted_blocks']} evicted, "
@@ -352,6 +381,7 @@ def main(argv=None) -> int:
               "predictor": history.source, "kv_blocks": args.kv_blocks, "agents": args.agents,
               "time_scale": args.time_scale, **sched, "profile": _shown(profile),
               "model": {"hidden_size": args.model_hidden, "layers": args.model_layers}, "repeats": args.repeats,
+              "policy_settings": args.settings,
               "target": TARGET, "runs": per_run, "ratios_per_repeat": per_repeat, "ratios": mean,
               "ensemble": {"seeds": args.sim_seeds, "step_jitter": args.step_jitter, "runs": seeds, "ratios": ens,
                            "spread": spread}, "wall_s": timings}

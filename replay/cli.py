@@ -201,6 +201,7 @@ def run_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: keep its finished sessions, run the rest."),
     policy: str = typer.Option("vllm", "--policy", help="The policy the server runs (cwreplay serve --policy): recorded in summary.json and simulated by cwreplay compare."),
     predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="The trace the server's predictor was fitted on (cwreplay serve --predictor-trace): recorded, and used by cwreplay compare."),
+    setting: list[str] = typer.Option([], "--setting", help="A policy setting the server runs with (cwreplay serve --setting NAME=VALUE; repeatable): recorded, and given to the simulated policy by cwreplay compare."),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Before the clock starts, send the first calls' shapes (fresh tokens) and empty the prefix cache again (POST /reset_prefix_cache: vLLM's dev mode, VLLM_SERVER_DEV_MODE=1, which cwreplay serve sets), so that a fresh server's one-off costs stay out of the timings."),
 ) -> None:
     """Replay a trace against a live vLLM server, closed loop, recording its KV events and metrics."""
@@ -211,7 +212,7 @@ def run_cmd(
     with _Signals() as sig, _bad_input(trace, ArrivalError):
         cfg = LiveConfig(server=server.rstrip("/"), events=events, events_replay=events_replay, time_scale=time_scale,
                          max_sessions=max_sessions, arrivals=arrivals, agents=agents, max_in_flight=max_in_flight,
-                         stream=stream, policy=policy, warmup=warmup,
+                         stream=stream, policy=policy, warmup=warmup, policy_settings=parse_settings(setting),
                          predictor_trace=str(predictor_trace) if predictor_trace is not None else None)
         tr = load_trace(trace)
         ClosedLoop(tr.sessions[: max_sessions or None], arrivals, agents, time_scale)  # arrival errors before a call

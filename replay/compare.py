@@ -58,17 +58,25 @@ class Comparison:
                 "oracle_summary": self.oracle, "sim_summary": self.sim}
 
 
+def sim_settings(settings) -> dict:
+    """A server's policy settings (``(name, value)`` pairs) as ``SimConfig`` fields, or ``ValueError``
+    naming one the simulator cannot be given."""
+    kw = {}
+    for name, v in settings:
+        if name not in SimConfig.__dataclass_fields__:
+            raise ValueError(f"policy setting {name!r} has no cwsim configuration field: the simulator cannot "
+                             "be given it")
+        kw[name] = v
+    return kw
+
+
 def sim_config_for(oc: OracleConfig, **overrides) -> SimConfig:
     """The ``cwsim`` configuration that models ``oc``'s engine (unit steps, vLLM's policy)."""
     kw = dict(policy=oc.policy or "vllm", profile="unit", kv_blocks=oc.kv_blocks, block_size=oc.block_size,
               max_num_seqs=oc.max_num_seqs, max_num_batched_tokens=oc.max_num_batched_tokens,
               arrivals=oc.arrivals, agents=oc.agents, max_sessions=oc.max_sessions,
               cpu_kv_blocks=0)  # the engine has no CPU KV tier
-    for name, v in oc.policy_settings:
-        if name not in SimConfig.__dataclass_fields__:
-            raise ValueError(f"policy setting {name!r} has no cwsim configuration field: the simulator cannot "
-                             "be given it")
-        kw[name] = v
+    kw.update(sim_settings(oc.policy_settings))
     for name in ("scheduler_reserve_full_isl", "watermark", "long_prefill_token_threshold", "async_scheduling"):
         v = getattr(oc, name)
         if v is not None and name in SimConfig.__dataclass_fields__:

@@ -91,6 +91,9 @@ class LiveConfig:
     #: the trace the server's predictor was fitted on (``cwreplay serve --predictor-trace``): recorded,
     #: and what the comparison fits the simulated policy's predictor on
     predictor_trace: str | None = None
+    #: the policy's settings on the server (``cwreplay serve --setting``, ``(name, value)`` pairs): recorded,
+    #: and given to the simulated policy by the comparison
+    policy_settings: tuple[tuple[str, object], ...] = ()
     #: warm the server before the clock starts (``replay.warmup``: the first calls' shapes, then the prefix
     #: cache emptied through vLLM's dev-mode ``/reset_prefix_cache``); off: the first wave pays its one-off costs
     warmup: bool = True

@@ -25,7 +25,7 @@ import pandas as pd
 
 from cwsim.config import SimConfig
 from cwsim.runner import simulate
-from replay.compare import hash_map
+from replay.compare import hash_map, sim_settings
 from replay.live import load_outputs
 from replay.report import joined_tables, session_scatter
 from traces.files import atomic_write_text
@@ -87,9 +87,14 @@ def _simulation(run: Path, state: dict, real: dict, profile: str, max_num_seqs: 
     pred = predictor_trace if predictor_trace is not None else cfg.get("predictor_trace")
     if pred is not None and not Path(pred).is_file():
         raise CompareError(f"{run}: the predictor trace {str(pred)!r} is not a file here: give --predictor-trace")
-    sim_cfg = SimConfig(policy=policy, predictor_trace=None if pred is None else str(pred), cpu_kv_blocks=0, profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
+    try:
+        settings = sim_settings(cfg.get("policy_settings") or ())
+    except ValueError as e:
+        raise CompareError(f"{run}: {e}") from None
+    sim_cfg = SimConfig(policy=policy, predictor_trace=None if pred is None else str(pred), cpu_kv_blocks=0,
+                        profile=profile, kv_blocks=real["kv_blocks"], block_size=real["block_size"],
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        arrivals=cfg["arrivals"], agents=cfg["agents"], max_sessions=cfg["max_sessions"])
+                        arrivals=cfg["arrivals"], agents=cfg["agents"], max_sessions=cfg["max_sessions"], **settings)
     return tr, sim_cfg
 
 

@@ -116,3 +116,51 @@ def test_a_gating_policy_refuses_async_scheduling_before_writing_anything(tmp_pa
     with pytest.raises(ConfigError, match="--async-scheduling is not modelled with --policy 'working-set'"):
         simulate(None, SimConfig(policy="working-set", async_scheduling=True, max_sessions=2), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("min_idle_s, until", [(0.0, 12.0), (3.0, 13.0)])
+def test_a_session_stays_resident_for_its_horizon_or_min_idle_s_if_longer(min_idle_s, until):
+    """grep's expected idle time is 0.5 s: resident for 4 x 0.5 = 2 s after its call ends, or for
+    ``min_idle_s`` when that is longer (a floor that a long step in progress cannot race)."""
+    from cwsim.policies.admission import WorkingSetAdmission
+    from cwsim.predict import ToolCallPredictor
+    from tests.test_policies_continuum_pbkv import Harness, fit_trace, sessions_for
+
+    s = sessions_for([["grep", "grep"]])[0]
+    h = Harness(WorkingSetAdmission(idle_factor=4.0, min_idle_s=min_idle_s), 5, ToolCallPredictor.fit(fit_trace(), min_samples=1))
+    h.finish(h.use(2), h.req(0, s, 0), now=10.0)
+    assert h.policy.next_deadline() == pytest.approx(until)
+    nxt = h.req(1, s, 1, arrival=10.6)
+    h.policy.tick(until - 0.01)
+    assert h.policy.priority(nxt.view) == (0, 1)  # resident: its calls go first, admitted beside the others
+    h.policy.tick(until)
+    assert h.policy.priority(nxt.view) == (1, 1) and h.policy.next_deadline() == math.inf
+
+
+class _RecordsMinIdle(Policy):
+    name = "test-records-min-idle"
+    seen: list = []
+
+    def __init__(self, min_idle_s: float = 0.0):
+        self.seen.append(min_idle_s)
+
+
+def test_cwsim_gives_min_idle_s_to_the_policies_that_take_it(tmp_path):
+    """``SimConfig.min_idle_s`` (``cwsim run --min-idle-s``) reaches the policy's constructor; a policy
+    that keeps no resident sessions is refused the flag."""
+    from typer.testing import CliRunner
+
+    from cwsim.cli import app
+
+    register_policy(PolicySpec("test-records-min-idle", "test", _RecordsMinIdle, ("min_idle_s",)))
+    try:
+        simulate(None, SimConfig(policy="test-records-min-idle", min_idle_s=0.25, max_sessions=1))
+        assert _RecordsMinIdle.seen == [0.25]
+    finally:
+        POLICIES.pop("test-records-min-idle")
+    res = CliRunner().invoke(app, ["run", "--policy", "sglang", "--min-idle-s", "0.2", "--max-sessions", "1"])
+    assert res.exit_code == 2
+    assert "--min-idle-s: policy 'sglang' keeps no resident sessions (policies that do: working-set, working-set-evict)" \
+        in res.output
+    with pytest.raises(ValueError, match="--min-idle-s must be >= 0, got -1"):
+        SimConfig(min_idle_s=-1)

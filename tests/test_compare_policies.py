@@ -215,6 +215,23 @@ def test_live_ratios_are_vllms_figure_over_the_policys_live_and_simulated():
     assert lr._mean([dict(a=1.0, b=None), dict(a=3.0, b=2.0)]) == {"a": 2.0, "b": None}
 
 
+def test_live_ratios_min_idle_is_seconds_or_two_full_prefill_steps(tmp_path):
+    """experiments/live_ratios.py --min-idle-s: a number of seconds, or auto: two full-budget prefill steps of
+    the profile the simulated side uses."""
+    from cwsim.steptime import load_profile
+
+    spec = importlib.util.spec_from_file_location("live_ratios", REPO / "experiments" / "live_ratios.py")
+    lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr)
+    sched = dict(max_num_seqs=8, max_num_batched_tokens=512)
+    prof = "llama-3.1-8b-h100"
+    assert lr.min_idle("auto", prof, sched) == 2 * load_profile(prof).full_prefill_step_s(512)
+    assert lr.min_idle("0.3", prof, sched) == 0.3
+    for bad, why in [("soon", "seconds, or auto"), ("-1", "must be >= 0")]:
+        with pytest.raises(SystemExit, match=f"--min-idle-s '{bad}': {why}"):
+            lr.min_idle(bad, prof, sched)
+
+
 def test_live_interval_brackets_the_live_ratio_of_means_and_is_seeded():
     """experiments/live_ratios.py: the bootstrap interval of vllm's mean over the policy's, each side's
     repeats resampled; it holds the ratio of the means, narrows to a point when the repeats agree, and the

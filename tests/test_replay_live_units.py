@@ -406,3 +406,27 @@ def test_the_committed_replay_example_reads_back_whole():
     head = c.headline()
     assert head.loc["evicted blocks", "real (vLLM)"] == c.real["evicted_blocks"]
     assert set(make_figures(c)) == {"sessions", "latency_cdf", "evictions", "cached_tokens", "session_bars"}
+
+
+def test_compare_gives_the_servers_policy_settings_to_the_simulated_policy(tmp_path):
+    """``cwreplay run --setting`` is recorded in run.json; the comparison simulates the policy with it, and a
+    setting the simulator cannot be given is an error naming the run and the setting."""
+    from replay.live_compare import CompareError, simulation_of
+    from traces.reader import write_trace
+
+    trace, hist = tmp_path / "t.jsonl", tmp_path / "h.jsonl"
+    write_trace(trace, [c for s in _sessions(2) for c in s.calls])
+    write_trace(hist, [c for s in _sessions(2) for c in s.calls])
+    config = {"time_scale": 1.0, "policy": "working-set", "predictor_trace": str(hist), "arrivals": "concurrent",
+              "agents": 2, "max_sessions": None, "policy_settings": [["min_idle_s", 0.24]]}
+    (tmp_path / "run.json").write_text(json.dumps({"config": config, "trace": str(trace)}))
+    (tmp_path / "summary.json").write_text(json.dumps({"partial": False, "kv_blocks": 64, "block_size": 16}))
+    _, cfg = simulation_of(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
+    assert (cfg.policy, cfg.min_idle_s, cfg.predictor_trace) == ("working-set", 0.24, str(hist))
+    config["policy_settings"] = [["headroom", 0.3]]
+    (tmp_path / "run.json").write_text(json.dumps({"config": config, "trace": str(trace)}))
+    with pytest.raises(CompareError, match=f"{tmp_path}: policy setting 'headroom' has no cwsim configuration field"):
+        simulation_of(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)
+    del config["policy_settings"]  # a run recorded before settings were: the policy's defaults
+    (tmp_path / "run.json").write_text(json.dumps({"config": config, "trace": str(trace)}))
+    assert simulation_of(tmp_path, "unit", max_num_seqs=4, max_num_batched_tokens=256)[1].min_idle_s == 0.0

@@ -68,6 +68,12 @@ def test_step_time_hand_computed():
     assert p.step_time(0, 0, 0, 1000) == pytest.approx(0.002 + 5e-5, rel=1e-12)
 
 
+def test_full_prefill_step_is_the_whole_budget_on_nothing_cached():
+    p = make()
+    # 512 tokens: 512 * 513 / 2 = 131,328 causal pairs, no decode
+    assert p.full_prefill_step_s(512) == pytest.approx(0.002 + 1e-5 * 512 + 2e-9 * 131_328, rel=1e-12)
+
+
 @pytest.mark.parametrize("n,batch,ctx", [(0, 4, 100), (1, 1, 0), (1, 32, 640_000), (7, 3, 12_345),
                                          (100, 64, 1_000_000), (1000, 1, 5), (257, 256, 2_000_000)])
 def test_decode_run_time_equals_sum_of_steps(n, batch, ctx):
