@@ -41,6 +41,12 @@ time, less the wait for the step in progress), not the quiet calibration's: with
 admission policies' simulated gains came out further from the live ones than with the quiet
 calibration: ``experiments/results/live-ratios-2026-12-07-loaded/``.)
 
+With ``--min-idle-s auto`` (or seconds) ``working-set`` and ``working-set-evict`` run with that residency
+floor (two full-budget prefill steps of the simulated side's profile for ``auto``) on the servers and
+in cwsim: without it their results turn on a race between a session's residency horizon and the step
+in progress (``experiments/residency_floor.py``); with it all six simulated ratios came within 10%
+of the live ones (``experiments/results/live-ratios-2026-12-07-floor/``).
+
 A run whose ``compare.json`` is there is not run again (rerun with the same ``--out`` to finish an
 interrupted study; delete a run's folder to redo it).
 

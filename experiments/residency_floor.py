@@ -10,9 +10,9 @@ on the horizon (``min_idle_s``, ``cwsim run --min-idle-s``) of about two full-bu
 
 What it does
     Sessions ``--sessions LO:HI`` of the bundled mini-swe-agent trace shrunk as the live studies shrink
-    them (tokens / 10, 24 turns, gaps <= 20 s, then gaps x 0.05), on 128 blocks with 8 agents, 8
-    sequences and a 512-token budget, under ``--profile`` (default: the costly live model's server
-    calibration of 2026-12-07) with each request overhead of ``--overheads``: ``vllm``, then
+    them (tokens / 10, 24 turns, gaps <= 20 s, then gaps x 0.05), on 128 blocks of 32 tokens with 8
+    agents, 8 sequences and a 512-token budget (the live studies' server), under ``--profile``
+    (default: the costly live model's server calibration in ``live-ratios-2026-12-07-floor``) with each request overhead of ``--overheads``: ``vllm``, then
     ``working-set`` with each floor of ``--floors`` (``auto``: two full-budget prefill steps of the
     profile), each ``--seeds`` times with 5% step jitter. The predictor is fitted on every other session
     of the bundled trace (never the sample's), shrunk and scaled the same way.
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TRACE = ROOT / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
-PROFILE = ROOT / "experiments" / "results" / "live-ratios-2026-12-07-loaded" / "server-profile.json"
+PROFILE = ROOT / "experiments" / "results" / "live-ratios-2026-12-07-floor" / "server-profile.json"
 SCHED = dict(max_num_seqs=8, max_num_batched_tokens=512)
 FIELDS = ["request_overhead_s", "policy", "min_idle_s", "session_s", "session_sd_s", "evicted", "seeds"]
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for ovh in overheads:
             prof = tmp / f"overhead-{1e3 * ovh:g}ms.json"
             prof.write_text(json.dumps(replace(base, request_overhead_s=ovh).to_json()) + "\n")
-            cfg = SimConfig(profile=str(prof), kv_blocks=128, agents=8, predictor_trace=str(pred_path), cpu_kv_blocks=0,
+            cfg = SimConfig(profile=str(prof), kv_blocks=128, block_size=32, agents=8, predictor_trace=str(pred_path), cpu_kv_blocks=0,
                             step_jitter=0.05, **SCHED)
             for policy, floor in [("vllm", None)] + [("working-set", x) for x in floors]:
                 c = replace(cfg, policy=policy, min_idle_s=floor or 0.0,

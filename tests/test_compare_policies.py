@@ -189,7 +189,8 @@ def test_the_whole_policy_study_is_one_command():
     assert "--resume" in cross and cross[cross.index("--out") + 1] == "/o/compare-crosstrain"
     assert plan["crosstrain"][1][-4:] == ["--own", "/o/compare-heldout", "--cross", "/o/compare-crosstrain"]
     assert plan["live"] == [[sys.executable, str(REPO / "experiments" / "live_ratios.py"), "--repeats", "8",
-                             "--sim-seeds", "16", "--out", "/o/live-ratios"]]
+                             "--sim-seeds", "16", "--model-hidden", "1024", "--model-layers", "4", "--min-idle-s",
+                             "auto", "--out", "/o/live-ratios"]]
     assert all(Path(c[0]).exists() for cmds in plan.values() for c in cmds)  # the Python and the cwsim script
     assert ps.main(["--dry-run", "--out", "/o"]) == 0
     with pytest.raises(SystemExit):
