@@ -88,7 +88,8 @@ class BlockPool:
     method; ``None`` scores every block 0 (pure LRU, vLLM's order).
     ``growable=True`` gives an unbounded pool: when no block without a hash is
     free, allocation adds blocks instead of evicting (the ``infinite`` bound).
-    ``on_evict(hashes)`` is called with the hashes of each batch of evicted blocks.
+    ``on_evict(hashes)`` is called with the hashes of each batch of evicted *listed* blocks (an
+    unlisted block's hash is never looked up again: nothing can miss it).
     """
 
     def __init__(
@@ -307,19 +308,19 @@ class BlockPool:
                     unlisted = self.unlisted if self.num_unlisted else None
                     hashes = []
                     for b in hashed:
-                        h = hash_of.item(b)
                         if unlisted is not None and unlisted[b]:
                             unlisted[b] = False
                             self.num_unlisted -= 1
                         else:
+                            h = hash_of.item(b)
                             del cached[h]
+                            hashes.append(h)
                         has_hash[b] = False
                         canonical[b] = False
                         gen[b] += 1
-                        hashes.append(h)
                     self.num_free_hashed -= len(hashed)
                     self.num_evicted += len(hashed)
-                    if self.on_evict is not None:
+                    if hashes and self.on_evict is not None:
                         self.on_evict(hashes)
                     if self.on_unhash is not None:
                         self.on_unhash(hashed)
@@ -335,24 +336,23 @@ class BlockPool:
         hashes = self._unhash(blocks)
         self.num_free_hashed -= len(blocks)
         self.num_evicted += len(blocks)
-        if self.on_evict is not None:
+        if hashes and self.on_evict is not None:
             self.on_evict(hashes)
 
     def _unhash(self, blocks: np.ndarray) -> list[int]:
-        """Take the blocks' hashes out of the cache (the hash map, duplicates, flags); bump their ``gen``."""
-        hash_arr = self.hash_of[blocks]
-        hashes = hash_arr.tolist()
+        """Take the blocks' hashes out of the cache (the hash map, duplicates, flags); bump their ``gen``.
+        Returns the hashes of the listed ones (those the hash map held)."""
         cached, dups = self.cached, self._dups
         canonical = self.canonical
-        listed, listed_hashes = blocks, hashes
+        listed = blocks
         if self.num_unlisted:
             out = self.unlisted[blocks]
             k = int(_cnz(out))
             if k:
                 self.unlisted[blocks[out]] = False
                 self.num_unlisted -= k
-                keep = ~out
-                listed, listed_hashes = blocks[keep], hash_arr[keep].tolist()
+                listed = blocks[~out] if k < len(blocks) else _EMPTY
+        listed_hashes = self.hash_of[listed].tolist()
         if not dups:  # every listed block is the canonical one for its hash
             _consume(map(cached.__delitem__, listed_hashes))
             hashes_iter = ()
@@ -378,7 +378,7 @@ class BlockPool:
         self.gen[blocks] += 1
         if self.on_unhash is not None:
             self.on_unhash(blocks)
-        return hashes
+        return listed_hashes
 
     def cache_full_blocks(self, blocks: np.ndarray, hashes: Sequence[int]) -> None:
         """Give newly filled blocks their hashes so later requests can hit them.

@@ -284,10 +284,11 @@ def test_unlisted_blocks_queue_and_evict_as_listed_ones_but_no_lookup_finds_them
     assert computed(m, again)[0].tolist() == [7]  # the lookup stops at the first unlisted block
     again.hint = (np.array([7, 8, 9]), pool.gen[[7, 8, 9]].copy())
     assert computed(m, again)[0].tolist() == [7, 8]  # the hint (a preempted request's own): both
-    # allocating 9 blocks evicts the 7 cached ones in LRU order (after the 2 without hash): unlisted counted too
+    # allocating 9 blocks evicts the 7 cached ones in LRU order (after the 2 without hash): unlisted counted too,
+    # but only the listed ones' hashes go to on_evict (nothing looks an unlisted hash up again)
     got = pool.get_new_blocks(9)
     assert got.tolist() == [6, 10, 5, 4, 3, 2, 1, 9, 8]
-    assert pool.num_evicted == 7 and len(evicted) == 7 and evicted[-2:] == [req1.hashes[2], req1.hashes[1]]
+    assert pool.num_evicted == 7 and evicted == req0.hashes[4::-1]
     assert pool.num_unlisted == 0 and not pool.unlisted.any() and not pool.has_hash[[8, 9]].any()
     pool.check_invariants()
     assert pool.get_new_blocks(1).tolist() == [7]  # the small path: the listed one
@@ -298,13 +299,16 @@ def test_unlisted_blocks_queue_and_evict_as_listed_ones_but_no_lookup_finds_them
 
 
 def test_the_small_allocation_path_evicts_an_unlisted_block():
-    pool = BlockPool(4)
+    evicted = []
+    pool = BlockPool(4, on_evict=evicted.append)
     blocks = pool.get_new_blocks(3)
     pool.cache_full_blocks(blocks[:1], [11])
     pool.cache_unlisted_blocks(blocks[1:], [12, 13])
     pool.free_blocks(blocks)
     assert pool.get_new_blocks(2).tolist() == [1, 2] and pool.num_evicted == 2
+    assert evicted == [[11]]  # the listed block's hash only
     assert pool.cached == {} and pool.num_unlisted == 1 and pool.unlisted[3]
     pool.check_invariants()
     with pytest.raises(AssertionError, match="already has a hash"):
         pool.cache_unlisted_blocks(np.array([3]), [14])
+    assert pool.get_new_blocks(1).tolist() == [3] and pool.num_evicted == 3 and evicted == [[11]]  # none: no call
