@@ -169,7 +169,7 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
 
 
 def own_block_ids(segs: Segments, block_size: int, private_from: int, ids: BlockIds,
-                  created: list[int] | None = None) -> list[int]:
+                  created: list[int] | None = None) -> Sequence[int]:
     """What ``block_hashes(segs, block_size, PrefixMemo(), ids)`` returns, for a sequence whose
     blocks from token ``private_from`` on no other sequence will ever hold (a session's only
     call, past what other sessions share): those blocks get the next ids without being hashed
@@ -177,12 +177,15 @@ def own_block_ids(segs: Segments, block_size: int, private_from: int, ids: Block
     ``created``: extended with those own blocks' ids."""
     n_blocks = sum(n for _, n in segs) // block_size
     cut = min(private_from // block_size, n_blocks)
-    out = block_hashes(_first_tokens(segs, cut * block_size), block_size, None, ids) if cut else []
+    out = block_hashes(_first_tokens(segs, cut * block_size), block_size, None, ids) if cut else None
     start = ids.n
     ids.n = start + n_blocks - cut
-    out.extend(range(start, ids.n))
+    own = range(start, ids.n)
     if created is not None:
-        created.extend(range(start, ids.n))
+        created.extend(own)
+    if out is None:  # nothing shared: the ids themselves, never made into a list
+        return own
+    out.extend(own)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,8 @@ class Request:
     """One LLM call in flight.
 
     ``hashes`` covers every full block of the call's whole token sequence
-    (prompt then output), so cached-block hashes never need recomputing.
+    (prompt then output), so cached-block hashes never need recomputing (a
+    ``range`` of fresh ids for a call that shares nothing: ``own_block_ids``).
     ``num_tokens`` is the tokens known so far (prompt + generated);
     ``num_computed`` those whose KV is in the request's blocks. While the
     request sits in the scheduler's lazy decode batch (``lazy``), those two
@@ -27,7 +29,7 @@ class Request:
     turn: int
     prompt_len: int
     output_len: int
-    hashes: list[int]
+    hashes: Sequence[int]
     arrival: float
     num_generated: int = 0
     num_computed: int = 0

@@ -138,10 +138,13 @@ def test_own_blocks_get_the_ids_hashing_would_give_without_hashing(segs, private
     hashed, own = BlockIds(), BlockIds()
     for ids in (hashed, own):
         block_hashes(head, bs, None, ids)
-    assert own_block_ids(segs, bs, private_from, own) == block_hashes(segs, bs, PrefixMemo(), hashed)
+    got = own_block_ids(segs, bs, private_from, own)
+    assert list(got) == block_hashes(segs, bs, PrefixMemo(), hashed)
+    shared_blocks = min(private_from // bs, sum(n for _, n in segs) // bs)
+    assert isinstance(got, range) == (shared_blocks == 0)  # nothing shared: the ids as a range, no list made
     assert own.n == hashed.n and len(own) == len(block_hashes(head, bs))
     assert _first_tokens([(1, 5), (2, 7)], 9) == ((1, 5), (2, 4)) and _first_tokens([(1, 5)], 9) == ((1, 5),)
     # ``created``: the own blocks' ids, not the ids the prefix's blocks get in the same call
     fresh, created = BlockIds(), []
-    out = own_block_ids(segs, bs, private_from, fresh, created)
+    out = list(own_block_ids(segs, bs, private_from, fresh, created))
     assert created == [i for i in out if i not in set(fresh.values())] == out[len(out) - len(created):]
