@@ -38,11 +38,12 @@ def _evicted(out):
         return [r["block_hash"] for r in csv.DictReader(f)]
 
 
-def _replay(server, trace, out, policy, predictor_trace):
+def _replay(server, trace, out, policy, predictor_trace, settings=()):
     from replay.live import LiveConfig, run_live
 
     cfg = LiveConfig(server=server.url, events=server.events, events_replay=server.events_replay,
-                     time_scale=TIME_SCALE, agents=4, policy=policy, predictor_trace=predictor_trace)
+                     time_scale=TIME_SCALE, agents=4, policy=policy, predictor_trace=predictor_trace,
+                     policy_settings=settings)
     return run_live(trace, cfg, out, vocab_size=server.vocab_size).summary
 
 
@@ -64,10 +65,15 @@ def test_cachewise_inside_a_live_server_changes_vllms_eviction_order_and_evicts_
     write_trace(pred, [c for s in scaled(Trace(tool_mix_history(6)), TIME_SCALE).sessions for c in s.calls])
     summaries = {}
     installed = {"cachewise": "cachewise (CacheWise)", "working-set": "working-set (WorkingSetAdmission)"}
+    # working-set with 90% headroom: a new session's call waits while anything else runs or stays resident,
+    # so it holds calls back whatever the timing (at its default 20%, whether it holds any here is a race)
+    settings = {"working-set": (("headroom", 0.9),)}
     for policy in ("vllm", "cachewise", "working-set"):
-        kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=pred)
+        kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=pred,
+                                              policy_settings=settings.get(policy, ()))
         with start_server(ServerConfig(model=model, **SERVER, **kw), tmp_path / f"srv-{policy}") as srv:
-            summaries[policy] = _replay(srv, trace, tmp_path / policy, policy, kw.get("predictor_trace"))
+            summaries[policy] = _replay(srv, trace, tmp_path / policy, policy, kw.get("predictor_trace"),
+                                        kw.get("policy_settings", ()))
         log = (tmp_path / f"srv-{policy}" / "server.log").read_text()
         assert ("cachewise policy plugin:" in log) == (policy != "vllm")
         if policy != "vllm":
