@@ -142,10 +142,9 @@ def replay_on_server(trace, run: Path, model: str, server_dir: Path, sched: dict
     """``trace`` replayed into ``run`` on a fresh server of ``kv_blocks`` blocks running ``policy`` (vLLM's
     own for ``vllm``; the plugin otherwise, or with a ``step_log``) with those of ``settings`` that the policy
     takes (recorded in the run, so its simulation gets them too); the live run's summary."""
+    from cwsim.policies.registry import get_policy
     from replay.live import LiveConfig, run_live
     from replay.server import ServerConfig, start_server
-
-    from cwsim.policies.registry import get_policy
 
     taken = tuple((k, v) for k, v in (settings or {}).items() if k in get_policy(policy).params)
     kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=predictor_trace, policy_settings=taken)

@@ -57,13 +57,13 @@ def shrunk(sessions, time_scale: float):
     return scaled(shrink(Trace(sessions, source="sample"), token_scale=10, max_turns=24, max_gap_s=20.0), time_scale)
 
 
-def floor_values(spec: str, profile) -> list[float]:
-    """``--floors``: seconds, ``auto`` for two full-budget prefill steps of ``profile``."""
-    out = []
-    for x in spec.split(","):
-        x = x.strip()
-        out.append(2 * profile.full_prefill_step_s(SCHED["max_num_batched_tokens"]) if x == "auto" else float(x))
-    return out
+def floor_values(spec: str, profile: str) -> list[float]:
+    """``--floors``: each seconds, or ``auto`` (two full-budget prefill steps of ``profile``), as
+    ``live_ratios.py --min-idle-s`` reads one."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from live_ratios import min_idle
+
+    return [min_idle(x.strip(), profile, SCHED) for x in spec.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"--sessions {args.sessions!r}: expected LO:HI") from None
     base = load_profile(args.profile)
-    floors = floor_values(args.floors, base)
+    floors = floor_values(args.floors, args.profile)
     overheads = [float(x) for x in args.overheads.split(",")]
     bundled = load_trace(TRACE)
     if not 0 <= lo < hi <= len(bundled.sessions):

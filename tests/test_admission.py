@@ -152,6 +152,7 @@ def test_cwsim_gives_min_idle_s_to_the_policies_that_take_it(tmp_path):
 
     from cwsim.cli import app
 
+    _RecordsMinIdle.seen.clear()
     register_policy(PolicySpec("test-records-min-idle", "test", _RecordsMinIdle, ("min_idle_s",)))
     try:
         simulate(None, SimConfig(policy="test-records-min-idle", min_idle_s=0.25, max_sessions=1))
