@@ -120,7 +120,7 @@ def main() -> None:
     stub = subprocess.Popen([sys.executable, "-c", STUB], stdout=subprocess.PIPE, text=True)
     try:
         port = int(stub.stdout.readline())
-        cfg = LiveConfig(server=f"http://127.0.0.1:{port}", agents=args.agents, time_scale=0.0, settle_s=0.0,
+        cfg = LiveConfig(server=f"http://127.0.0.1:{port}", agents=args.agents, time_scale=0.0, settle_s=0.0, warmup=False,
                          stream=args.stream)
 
         def timed(trace):

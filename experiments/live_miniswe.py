@@ -16,10 +16,18 @@ tiny random-weight model), policy ``vllm``:
    ``--time-scale``, the server warmed first: ``replay.warmup``) -> ``OUT/live-<blocks>-<r>/``, then the same run in cwsim
    with the measured profile (``replay.live_compare``; its ``compare.json``)
    and, for contrast, with ``--baseline-profile`` (``compare-baseline.json``);
-4. a table against the targets (evicted blocks and preemptions within 2%,
+4. with ``--repeats`` > 1, per pool size the repeats' means against an ensemble of the same
+   configuration simulated under ``--sim-seeds`` seeds of ``--step-jitter`` step-time noise
+   (``replay.repeats``): one live run under pressure is one sample, and so is one simulated run;
+5. a table against the targets (evicted blocks and preemptions within 2%,
    session times within 10% MAPE) -> stdout, ``OUT/report.json``, ``OUT/report.png``.
 
     .venv/bin/python experiments/live_miniswe.py --out runs/live-miniswe          # ~15 min on 2 cores
+
+``--model-hidden 1024 --model-layers 4`` replays on a larger random model, where a prefill token costs
+~0.2 ms on a 2-core VM and evictions cost session time (the regime of ``experiments/live_ratios.py``'s
+costly studies). A run whose ``compare.json`` is there is not run again, and a calibrated
+``OUT/server-profile.json`` is kept (rerun with the same ``--out`` to finish an interrupted study).
 
 Do not run anything else on the machine meanwhile: the live runs are timed in real time.
 """
@@ -75,6 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="live runs per pool size, each on a fresh server")
     ap.add_argument("--profile", type=Path, default=None,
                     help="a server-calibrated profile to use instead of calibrating (step 2)")
+    ap.add_argument("--model-hidden", type=int, default=128, help="the random model's hidden size")
+    ap.add_argument("--model-layers", type=int, default=2, help="the random model's layers")
+    ap.add_argument("--sim-seeds", type=int, default=8, help="seeds of the simulated ensemble (with --repeats > 1)")
+    ap.add_argument("--step-jitter", type=float, default=0.05,
+                    help="the ensemble's timing noise (cwsim run --step-jitter): sd of the log of each step's factor")
     ap.add_argument("--baseline-profile", default=str(BASELINE),
                     help="a profile to compare with, for contrast (default: the in-process calibration of 2026-12-02)")
     args = ap.parse_args(argv)
@@ -99,10 +112,12 @@ def main(argv=None) -> int:
     write_trace(out / "trace.jsonl", trace.calls(), trace.header)
     print(f"trace: {trace.source}: {len(trace.sessions)} sessions, {trace.num_calls} calls", flush=True)
     try:
-        model = str(build_tiny_model(scratch / "tiny-llama"))
+        model = str(build_tiny_model(scratch / "tiny-llama", hidden_size=args.model_hidden, layers=args.model_layers))
         sched = dict(max_num_seqs=8, max_num_batched_tokens=512)
         timings = {}
         profile = args.profile
+        if profile is None and (out / "server-profile.json").is_file():
+            profile = out / "server-profile.json"  # calibrated by an earlier, interrupted invocation
         if profile is None:
             profile = out / "server-profile.json"
             t = time.monotonic()
@@ -117,10 +132,16 @@ def main(argv=None) -> int:
             "request_overhead_s", "step_overhead_s", "prefill_token_s", "decode_seq_s", "prefill_attn_pair_s",
             "decode_ctx_token_s", "frontend_step_share")), flush=True)
         rows, baseline_rows = [], []
-        for blocks in args.kv_blocks:
-            for r in range(args.repeats):
+        for r in range(args.repeats):  # interleaved, so that a slower spell of the machine hits every pool
+            for blocks in args.kv_blocks:
                 name = f"live-{blocks}-{r}"
                 run = out / name
+                if (run / "compare.json").is_file():  # finished by an earlier invocation
+                    rows.append(_row(name, json.loads((run / "compare.json").read_text())))
+                    if (run / "compare-baseline.json").is_file():
+                        baseline_rows.append(_row(name, json.loads((run / "compare-baseline.json").read_text())))
+                    continue
+                shutil.rmtree(run, ignore_errors=True)  # an unfinished run: again from the start
                 t = time.monotonic()
                 print(f"{name}: starting a server of {blocks} blocks ...", flush=True)
                 with start_server(ServerConfig(model=model, kv_blocks=blocks, block_size=32, **sched),
@@ -139,10 +160,29 @@ def main(argv=None) -> int:
                 rows.append(_row(name, c))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the servers' folders and the tiny model
+    repeats = {}
+    if args.repeats > 1:
+        from replay.repeats import compare_repeats, live_figures, simulated_ensemble
+
+        for blocks in args.kv_blocks:
+            print(f"live-{blocks}: simulating the ensemble ({args.sim_seeds} seeds, step jitter {args.step_jitter}) ...",
+                  flush=True)
+            sim = simulated_ensemble(out / f"live-{blocks}-0", str(profile), seeds=args.sim_seeds,
+                                     step_jitter=args.step_jitter, trace=trace, **sched)
+            live = [live_figures(out / f"live-{blocks}-{r}") for r in range(args.repeats)]
+            per_run = [row for row in rows if row["run"].startswith(f"live-{blocks}-")]
+            repeats[str(blocks)] = {**compare_repeats(live, sim), "session_time_mape_per_run": {
+                "mean": sum(r["session_time_mape"] for r in per_run) / len(per_run),
+                "range": [min(r["session_time_mape"] for r in per_run), max(r["session_time_mape"] for r in per_run)]}}
     report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
               "agents": args.agents, "time_scale": args.time_scale, "kv_blocks": args.kv_blocks, **sched,
               "profile": _shown(profile), "baseline_profile": args.baseline_profile and _shown(args.baseline_profile), "targets": TARGETS,
-              "rows": rows, "baseline_rows": baseline_rows, "wall_s": timings}
+              "model": {"hidden_size": args.model_hidden, "layers": args.model_layers},
+              "rows": rows, "baseline_rows": baseline_rows,
+              "repeats": {"runs": args.repeats, "sim_seeds": args.sim_seeds, "step_jitter": args.step_jitter,
+                          "pools": repeats}, "wall_s": timings}
+    if (out / "report.json").is_file():  # a rerun keeps the timings of the runs it did not redo
+        report["wall_s"] = {**json.loads((out / "report.json").read_text()).get("wall_s", {}), **timings}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     cols = ["run", "evicted_real", "evicted_sim", "evicted_error", "preemptions_real", "preemptions_sim",
             "hit_rate_real", "hit_rate_sim", "session_time_mape", "session_busy_time_mape", "call_latency_mape"]
@@ -154,29 +194,76 @@ def main(argv=None) -> int:
         print("  ".join(f"{c:>14}" for c in cols))
         for row in rs:
             print("  ".join(f"{_fmt(row[c], c in pct):>14}" for c in cols))
-    _plot(out, rows, baseline_rows)
+    if repeats:
+        _print_repeats(repeats, args.repeats, args.sim_seeds)
+    _plot(out, rows, baseline_rows, repeats)
     print(f"\nwritten: {out}/report.json, {out}/report.png")
     return 0
 
 
-def _plot(out: Path, rows: list[dict], baseline_rows: list[dict]) -> None:
+def _print_repeats(pools: dict, n_runs: int, n_seeds: int) -> None:
+    """Per pool: the live repeats' mean [range] against the ensemble's, and the targets."""
+    print(f"\nmean of {n_runs} live runs against the ensemble of {n_seeds} simulated seeds")
+    print(f"{'pool':>6} {'figure':<22}{'live mean [range]':>30}{'90% interval':>22}{'sim mean [range]':>30}"
+          f"{'error':>9}  target")
+    for blocks, c in pools.items():
+        for key, tgt in (("evicted_blocks", TARGETS["evicted_blocks"]), ("preemptions", TARGETS["preemptions"]),
+                         ("prefix_hit_rate", None), ("total_session_time_s", None)):
+            f = c[key]
+            met = "" if tgt is None or f["error"] is None else ("met" if abs(f["error"]) <= tgt else "NOT met")
+            inside = "inside" if f["inside"] else "outside"
+            print(f"{blocks:>6} {key:<22}{f['live']:>12.4g} [{f['live_range'][0]:.4g}-{f['live_range'][1]:.4g}]"
+                  f"{'':>4}{f['live_interval'][0]:>9.4g}-{f['live_interval'][1]:<9.4g}"
+                  f"{f['sim']:>12.4g} [{f['sim_range'][0]:.4g}-{f['sim_range'][1]:.4g}]"
+                  f"{_fmt(f['error'], pct=True):>9}  {met} ({inside})")
+        m, per = c["session_time_mape_of_means"], c["session_time_mape_per_run"]
+        print(f"{blocks:>6} session time MAPE: of the means {'n/a' if m is None else f'{100 * m:.1f}%'}, per run {100 * per['mean']:.1f}% "
+              f"[{100 * per['range'][0]:.1f}-{100 * per['range'][1]:.1f}%]  "
+              f"{'met' if m is not None and m <= TARGETS['session_time_mape'] else 'NOT met'}")
+
+
+def _plot(out: Path, rows: list[dict], baseline_rows: list[dict], pools: dict | None = None) -> None:
+    """Simulated against real session times: one panel per run, or with repeats one per pool (every
+    run's sessions against its simulation, and each session's mean over the runs against its mean
+    over the ensemble)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from replay.report import joined_tables
+    import pandas as pd
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4.2), squeeze=False)
-    for ax, row in zip(axes[0], rows):
-        _, sess = joined_tables(out / row["run"])
-        ax.scatter(sess["duration_s_real"], sess["duration_s_sim"], s=14, label="measured server profile")
-        top = float(max(sess["duration_s_real"].max(), sess["duration_s_sim"].max())) * 1.05
+    def sessions(run: Path):  # each session's real and simulated time (a kept run has no call tables)
+        real, sim = (pd.read_csv(f / "sessions.csv", dtype={"session_id": str}) for f in (run, run / "sim"))
+        return real.merge(sim, on="session_id", suffixes=("_real", "_sim"))
+
+    panels = list(pools) if pools else [row["run"] for row in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        runs = [row for row in rows if row["run"].startswith(f"live-{panel}-")] if pools else \
+            [row for row in rows if row["run"] == panel]
+        top = 0.0
+        for row in runs:
+            sess = sessions(out / row["run"])
+            ax.scatter(sess["duration_s_real"], sess["duration_s_sim"], s=10, alpha=0.35 if pools else 1.0,
+                       color="tab:blue", label="a run and its simulation" if row is runs[0] else None)
+            top = max(top, float(sess["duration_s_real"].max()), float(sess["duration_s_sim"].max()))
+        if pools:
+            c = pools[panel]
+            means = c["session_means"]
+            ax.scatter([m["real"] for m in means.values()], [m["sim"] for m in means.values()], s=22, color="black",
+                       label=f"means: {c['live_runs']} runs / {c['sim_seeds']} seeds")
+            ax.set_title(f"{panel} blocks: evicted {c['evicted_blocks']['live']:.0f} / {c['evicted_blocks']['sim']:.0f}"
+                         f"\nsession MAPE of the means {100 * c['session_time_mape_of_means']:.1f}%", fontsize=9)
+            ax.legend(fontsize=7, loc="upper left")
+        else:
+            row = runs[0]
+            ax.set_title(f"{row['run']}: evicted {row['evicted_real']} / {row['evicted_sim']}\n"
+                         f"session MAPE {100 * row['session_time_mape']:.1f}%", fontsize=9)
+        top *= 1.05
         ax.plot([0, top], [0, top], color="grey", lw=0.8)
         ax.set_xlabel("real session time (s)")
         ax.set_ylabel("simulated session time (s)")
-        ax.set_title(f"{row['run']}: evicted {row['evicted_real']} / {row['evicted_sim']}\n"
-                     f"session MAPE {100 * row['session_time_mape']:.1f}%", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=110)
     plt.close(fig)

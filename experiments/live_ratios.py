@@ -93,22 +93,13 @@ def _measure(run: Path) -> dict:
 
 def ensemble(out: Path, policies: list[str], profile: str, trace, n_seeds: int, jitter: float) -> dict[str, list]:
     """Each policy's run simulated under ``n_seeds`` seeds of step-time noise: ``{policy: [{evicted,
-    session_time}, ...]}`` (the configuration of its first live run: every repeat has the same one)."""
-    from dataclasses import replace
+    session_time}, ...]}`` (the configuration of its first live run: every repeat has the same one;
+    ``replay.repeats.simulated_ensemble``)."""
+    from replay.repeats import simulated_ensemble
 
-    from cwsim.runner import simulate
-    from replay.live_compare import simulation_of
-
-    out_rows = {}
-    for p in policies:
-        tr, cfg = simulation_of(out / f"r0-{p}", profile, max_num_seqs=8, max_num_batched_tokens=512, trace=trace,
-                                predictor_trace=None if p == "vllm" else str(out / "predictor.jsonl"))
-        rows = []
-        for seed in range(n_seeds):
-            s = simulate(tr, replace(cfg, step_jitter=jitter, seed=seed)).summary
-            rows.append({"evicted": s["evicted_blocks"], "session_time": s["total_session_time_s"]})
-        out_rows[p] = rows
-    return out_rows
+    return {p: [{"evicted": r["evicted_blocks"], "session_time": r["total_session_time_s"]} for r in simulated_ensemble(
+        out / f"r0-{p}", profile, seeds=n_seeds, step_jitter=jitter, max_num_seqs=8, max_num_batched_tokens=512,
+        trace=trace, predictor_trace=None if p == "vllm" else str(out / "predictor.jsonl"))] for p in policies}
 
 
 def min_idle(value: str, profile: Path, sched: dict) -> float:
