@@ -111,8 +111,15 @@ def main(argv=None) -> int:
                    max_gap_s=20.0)
     write_trace(out / "trace.jsonl", trace.calls(), trace.header)
     print(f"trace: {trace.source}: {len(trace.sessions)} sessions, {trace.num_calls} calls", flush=True)
+    built: list[str] = []
+
+    def model() -> str:  # built when a server first needs it (a finished study's report needs none)
+        if not built:
+            built.append(str(build_tiny_model(scratch / "tiny-llama", hidden_size=args.model_hidden,
+                                              layers=args.model_layers)))
+        return built[0]
+
     try:
-        model = str(build_tiny_model(scratch / "tiny-llama", hidden_size=args.model_hidden, layers=args.model_layers))
         sched = dict(max_num_seqs=8, max_num_batched_tokens=512)
         timings = {}
         profile = args.profile
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
         if profile is None:
             profile = out / "server-profile.json"
             t = time.monotonic()
-            with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
+            with start_server(ServerConfig(model=model(), kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
                 calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
                                  profile, name="tiny-llama-vllm-cpu-server",
                                  on_point=lambda p: print(f"  calibration {p['kind']} point: {1000 * p['t']:.2f} ms",
@@ -144,7 +151,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(run, ignore_errors=True)  # an unfinished run: again from the start
                 t = time.monotonic()
                 print(f"{name}: starting a server of {blocks} blocks ...", flush=True)
-                with start_server(ServerConfig(model=model, kv_blocks=blocks, block_size=32, **sched),
+                with start_server(ServerConfig(model=model(), kv_blocks=blocks, block_size=32, **sched),
                                   scratch / f"{blocks}-{r}") as srv:
                     cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
                                      time_scale=args.time_scale, agents=args.agents)
