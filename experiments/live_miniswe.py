@@ -169,18 +169,14 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)  # the servers' folders and the tiny model
     repeats = {}
     if args.repeats > 1:
-        from replay.repeats import compare_repeats, live_figures, simulated_ensemble
+        from replay.repeats import repeats_report
 
         for blocks in args.kv_blocks:
             print(f"live-{blocks}: simulating the ensemble ({args.sim_seeds} seeds, step jitter {args.step_jitter}) ...",
                   flush=True)
-            sim = simulated_ensemble(out / f"live-{blocks}-0", str(profile), seeds=args.sim_seeds,
-                                     step_jitter=args.step_jitter, trace=trace, **sched)
-            live = [live_figures(out / f"live-{blocks}-{r}") for r in range(args.repeats)]
-            per_run = [row for row in rows if row["run"].startswith(f"live-{blocks}-")]
-            repeats[str(blocks)] = {**compare_repeats(live, sim), "session_time_mape_per_run": {
-                "mean": sum(r["session_time_mape"] for r in per_run) / len(per_run),
-                "range": [min(r["session_time_mape"] for r in per_run), max(r["session_time_mape"] for r in per_run)]}}
+            repeats[str(blocks)] = repeats_report([out / f"live-{blocks}-{r}" for r in range(args.repeats)],
+                                                  str(profile), seeds=args.sim_seeds, step_jitter=args.step_jitter,
+                                                  trace=trace, **sched)
     report = {"trace": trace.source, "sessions": len(trace.sessions), "calls": trace.num_calls,
               "agents": args.agents, "time_scale": args.time_scale, "kv_blocks": args.kv_blocks, **sched,
               "profile": _shown(profile), "baseline_profile": args.baseline_profile and _shown(args.baseline_profile), "targets": TARGETS,

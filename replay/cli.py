@@ -346,19 +346,52 @@ def _calibrate_from_steps(step_log: List[Path], base: Optional[str], out: Path, 
 
 @app.command("compare")
 def compare_cmd(
-    run_dir: Path = typer.Argument(..., help="A finished `cwreplay run` folder."),
+    run_dirs: List[Path] = typer.Argument(..., help="A finished `cwreplay run` folder; several: repeats of one configuration."),
     profile: str = typer.Option(..., "--profile", help="Step-time profile for cwsim (a `cwreplay calibrate` file, or a bundled name)."),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="The server's --max-num-seqs."),
     max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="The server's --max-num-batched-tokens."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="The trace file, if it has moved since the run."),
     predictor_trace: Optional[Path] = typer.Option(None, "--predictor-trace", help="The trace the server's predictor was fitted on (default: the run's --predictor-trace)."),
+    seeds: int = typer.Option(16, "--seeds", min=1, help="With several runs: seeds of the simulated ensemble."),
+    step_jitter: float = typer.Option(0.05, "--step-jitter", min=0.0, max=1.0, help="With several runs: the ensemble's step-time noise (cwsim run --step-jitter)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With several runs: the report's file (default: repeats.json beside the first run)."),
 ) -> None:
-    """Run a live replay's trace in cwsim (same pool, arrivals, time scale, policy) and print real vs simulated."""
-    from replay.live_compare import CompareError, compare_live
+    """Run a live replay's trace in cwsim (same pool, arrivals, time scale, policy) and print real vs simulated.
 
+    With several runs of one configuration (each on a fresh server), each is compared, and then their mean
+    against the mean of an ensemble of simulated seeds (``replay.repeats``): under pool pressure one run,
+    live or simulated, is one sample."""
+    from replay.live_compare import CompareError, compare_live
+    from replay.repeats import check_repeats
+
+    if len(run_dirs) > 1:
+        with _bad_input(trace, CompareError):
+            check_repeats(run_dirs)  # before any simulation
+    for run_dir in run_dirs:
+        with _bad_input(trace, CompareError):
+            c = compare_live(run_dir, profile, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens, trace=trace,
+                             predictor_trace=predictor_trace)
+        if len(run_dirs) > 1:
+            print(f"{run_dir}:")
+        _print_comparison(c)
+        console.print(f"written: {run_dir}/compare.json, {run_dir}/compare_sessions.png, {run_dir}/sim/")
+    if len(run_dirs) == 1:
+        return
+    from replay.repeats import format_repeats, repeats_report
+    from traces.files import atomic_write_text
+
+    path = out if out is not None else run_dirs[0].parent / "repeats.json"
     with _bad_input(trace, CompareError):
-        c = compare_live(run_dir, profile, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                         trace=trace, predictor_trace=predictor_trace)
+        report = repeats_report(run_dirs, profile, seeds=seeds, step_jitter=step_jitter, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens, trace=trace,
+                                predictor_trace=predictor_trace)
+    print("\n".join(format_repeats(report)))
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    console.print(f"written: {path}")
+
+
+def _print_comparison(c: dict) -> None:
     pct = lambda x: "n/a" if x is None else f"{100 * x:+.1f}%"  # noqa: E731
     share = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     print(f"evicted blocks: real {c['evicted_blocks']['real']}, sim {c['evicted_blocks']['sim']} "
@@ -368,4 +401,3 @@ def compare_cmd(
     print(f"prefix hit rate: real {c['prefix_hit_rate']['real']:.4f}, sim {c['prefix_hit_rate']['sim']:.4f}")
     print(f"per-call latency MAPE {share(c['call_latency_mape'])}, per-session time MAPE {share(c['session_time_mape'])} "
           f"({share(c['session_busy_time_mape'])} less the trace's gaps)")
-    console.print(f"written: {run_dir}/compare.json, {run_dir}/compare_sessions.png, {run_dir}/sim/")

@@ -112,3 +112,68 @@ def test_the_committed_mini_swe_study_reports_again_without_a_server(tmp_path):
     assert abs(pools["128"]["evicted_blocks"]["error"]) < 0.02  # two seeds: still within the issue's 2%
     assert pools["128"]["session_time_mape_of_means"] < 0.10
     assert (out / "report.png").stat().st_size > 0
+
+
+def _example_runs(tmp_path, n):
+    """``n`` copies of the committed live run (repeats of one configuration) and the tool-mix trace file."""
+    import shutil
+
+    from tests.oracle_workloads import tool_mix_sessions
+    from traces.reader import write_trace
+
+    trace = tmp_path / "tool-mix.jsonl"
+    write_trace(trace, [c for s in tool_mix_sessions(8, 6, seed=12) for c in s.calls])
+    runs = []
+    for k in range(n):
+        run = tmp_path / "runs" / f"r{k}"
+        shutil.copytree(EXAMPLE, run)
+        runs.append(run)
+    return runs, trace
+
+
+def test_cwreplay_compare_one_run_and_several_repeats(tmp_path):
+    """`cwreplay compare RUN`: the comparison; `cwreplay compare RUN RUN`: each one, then their mean against
+    an ensemble, written to repeats.json beside the first run."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from replay.cli import app
+
+    runs, trace = _example_runs(tmp_path, 2)
+    flags = ["--profile", str(PROFILE), "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--trace", str(trace)]
+    res = CliRunner().invoke(app, ["compare", str(runs[0]), *flags])
+    assert res.exit_code == 0, res.output
+    assert "evicted blocks: real 186, sim 177 (-4.8%)" in res.output and "live runs" not in res.output
+    assert not (runs[0].parent / "repeats.json").exists()
+    res = CliRunner().invoke(app, ["compare", *map(str, runs), *flags, "--seeds", "3"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("evicted blocks: real 186, sim 177") == 2
+    assert "2 live runs against 3 simulated seeds" in res.output
+    report = json.loads((runs[0].parent / "repeats.json").read_text())
+    assert report["runs"] == list(map(str, runs)) and report["sim_seeds"] == 3
+    assert report["evicted_blocks"]["live"] == 186 and report["evicted_blocks"]["live_range"] == [186, 186]
+    assert report["session_time_mape_per_run"]["range"][0] == report["session_time_mape_per_run"]["range"][1]
+    out = tmp_path / "elsewhere.json"
+    res = CliRunner().invoke(app, ["compare", *map(str, runs), *flags, "--seeds", "1", "--out", str(out)])
+    assert res.exit_code == 0 and json.loads(out.read_text())["sim_seeds"] == 1
+
+
+def test_repeats_of_different_configurations_are_refused_naming_the_field(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from replay.cli import app
+
+    runs, trace = _example_runs(tmp_path, 2)
+    state = json.loads((runs[1] / "run.json").read_text())
+    state["config"]["agents"] = 2
+    state["config"]["server"] = "http://elsewhere:1"  # differs between repeats anyway: not a configuration field
+    (runs[1] / "run.json").write_text(json.dumps(state))
+    res = CliRunner().invoke(app, ["compare", *map(str, runs), "--profile", str(PROFILE), "--max-num-seqs", "8",
+                                   "--max-num-batched-tokens", "512", "--trace", str(trace), "--seeds", "1"])
+    assert res.exit_code == 2
+    last = res.output.strip().splitlines()[-1]
+    assert last == f"error: {runs[1]}: agents is 2 where {runs[0]} has 4: repeats must share one configuration"
+    assert not (runs[0].parent / "repeats.json").exists()
