@@ -51,7 +51,7 @@ def _mape(real: pd.Series, sim: pd.Series) -> float | None:
     return float(np.mean(np.abs(sim[ok] - real[ok]) / real[ok])) if ok.any() else None
 
 
-def _read_run(run: Path) -> tuple[dict, dict]:
+def read_run(run: Path) -> tuple[dict, dict]:
     """A finished run's ``run.json`` and ``summary.json``, or ``CompareError``."""
     try:
         state = json.loads((run / "run.json").read_text())
@@ -69,7 +69,7 @@ def simulation_of(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_n
     """The trace (gaps as the run waited them) and the ``cwsim`` configuration that simulate the live run in
     ``run_dir`` (see :func:`compare_live`)."""
     run = Path(run_dir)
-    return _simulation(run, *_read_run(run), profile, max_num_seqs, max_num_batched_tokens, trace, predictor_trace)
+    return _simulation(run, *read_run(run), profile, max_num_seqs, max_num_batched_tokens, trace, predictor_trace)
 
 
 def _simulation(run: Path, state: dict, real: dict, profile: str, max_num_seqs: int, max_num_batched_tokens: int,
@@ -103,7 +103,7 @@ def compare_live(run_dir: str | Path, profile: str, *, max_num_seqs: int, max_nu
     """See the module docstring; ``trace``: the trace (or its file) when the recorded path does not hold it;
     ``predictor_trace``: what the server's predictor was fitted on, when the run did not record it."""
     run = Path(run_dir)
-    state, real = _read_run(run)
+    state, real = read_run(run)
     cfg = state["config"]
     tr, sim_cfg = _simulation(run, state, real, profile, max_num_seqs, max_num_batched_tokens, trace, predictor_trace)
     policy, pred = sim_cfg.policy, sim_cfg.predictor_trace

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cwsim.runner import simulate
-from replay.live_compare import CompareError, _read_run, simulation_of
+from replay.live_compare import CompareError, read_run, simulation_of
 from traces.format import Trace
 
 #: the figures compared, as ``summary.json`` names them (the same keys in ``cwsim run`` and ``cwreplay run``)
@@ -58,7 +58,7 @@ def check_repeats(run_dirs) -> None:
     all but :data:`PER_SERVER`), its trace, and the server's pool and block size."""
     first = None
     for run in map(Path, run_dirs):
-        state, real = _read_run(run)
+        state, real = read_run(run)
         key = {**{k: v for k, v in state["config"].items() if k not in PER_SERVER}, "trace": state.get("trace"),
                "kv_blocks": real.get("kv_blocks"), "block_size": real.get("block_size")}
         if first is None:
