@@ -250,9 +250,11 @@ def _check_policy_flags(config: SimConfig) -> None:
     if tier is not None and not spec.offloads:
         users = ", ".join(s.name for s in POLICIES.values() if s.offloads)
         fail(f"{tier}: policy {spec.name!r} never offloads, so a CPU tier stays empty (policies that offload: {users})")
-    if config.min_idle_s and "min_idle_s" not in spec.params:
-        users = ", ".join(s.name for s in POLICIES.values() if "min_idle_s" in s.params)
-        fail(f"--min-idle-s: policy {spec.name!r} keeps no resident sessions (policies that do: {users})")
+    for name in sorted({p for s in POLICIES.values() for p in s.params} & set(SimConfig.__dataclass_fields__)):
+        # a policy setting the configuration holds (--aging-s, --offload-threshold-s, --min-idle-s, ...)
+        if getattr(config, name) != getattr(_D, name) and name not in spec.params:
+            users = ", ".join(s.name for s in POLICIES.values() if name in s.params)
+            fail(f"--{name.replace('_', '-')}: policy {spec.name!r} does not take {name} (policies that do: {users})")
     if config.predictor_trace is not None:
         if not spec.needs_predictor:
             users = ", ".join(s.name for s in POLICIES.values() if s.needs_predictor)

@@ -169,8 +169,8 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
     cpu_blocks = resolve_cpu_kv_blocks(config, profile, spec, kv_blocks)
     out = prepare_results_dir(out_dir) if out_dir is not None else None
     metrics = Metrics(config.block_size, out, on_progress)
-    policy = spec.make(aging_s=config.aging_s, offload_threshold_s=config.offload_threshold_s,
-                       min_idle_s=config.min_idle_s)
+    # the policy's settings that the configuration holds (aging_s, offload_threshold_s, min_idle_s, ...)
+    policy = spec.make(**{k: getattr(config, k) for k in spec.params if k in SimConfig.__dataclass_fields__})
     on_evict = metrics.on_evict
     evictions: list[tuple[int, float, list[int]]] = []
     if eviction_log:

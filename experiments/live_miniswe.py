@@ -49,6 +49,37 @@ BASELINE = ROOT / "experiments" / "results" / "live-policy-2026-12-02" / "cpu-pr
 TARGETS = {"evicted_blocks": 0.02, "preemptions": 0.02, "session_time_mape": 0.10}
 
 
+def calibrate_on_server(model: str, scratch: Path, sched: dict, profile: Path, on_point=None) -> None:
+    """``cwreplay calibrate --server`` on a fresh 1,024-block server of ``sched``'s shape, into ``profile``
+    (``on_point``: each timed point, as ``calibrate_server`` gives it)."""
+    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
+    from replay.server import ServerConfig, start_server
+
+    with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
+        calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
+                         profile, name="tiny-llama-vllm-cpu-server", on_point=on_point)
+
+
+def replay_on_server(trace, run: Path, model: str, server_dir: Path, sched: dict, *, kv_blocks: int,
+                     time_scale: float, agents: int, policy: str = "vllm", predictor_trace: str | None = None,
+                     step_log: str | None = None, settings: dict | None = None) -> dict:
+    """``trace`` replayed into ``run`` on a fresh server of ``kv_blocks`` blocks running ``policy`` (vLLM's
+    own for ``vllm``; the plugin otherwise, or with a ``step_log``) with those of ``settings`` that the policy
+    takes (recorded in the run, so its simulation gets them too); the live run's summary."""
+    from cwsim.policies.registry import get_policy
+    from replay.live import LiveConfig, run_live
+    from replay.server import ServerConfig, start_server
+
+    taken = tuple((k, v) for k, v in (settings or {}).items() if k in get_policy(policy).params)
+    kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=predictor_trace, policy_settings=taken)
+    with start_server(ServerConfig(model=model, kv_blocks=kv_blocks, block_size=32, **sched, **kw, step_log=step_log),
+                      server_dir) as srv:
+        cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay, time_scale=time_scale,
+                         agents=agents, policy=policy, predictor_trace=kw.get("predictor_trace"),
+                         policy_settings=taken)
+        return run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
+
+
 def _row(name: str, c: dict) -> dict:
     return {"run": name, "evicted_real": c["evicted_blocks"]["real"], "evicted_sim": c["evicted_blocks"]["sim"],
             "evicted_error": c["evicted_blocks"]["error"], "preemptions_real": c["preemptions"]["real"],
@@ -92,10 +123,7 @@ def main(argv=None) -> int:
                     help="a profile to compare with, for contrast (default: the in-process calibration of 2026-12-02)")
     args = ap.parse_args(argv)
 
-    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
-    from replay.live import LiveConfig, run_live
     from replay.live_compare import compare_live
-    from replay.server import ServerConfig, start_server
     from replay.tiny_model import build_tiny_model
     from traces.reader import load_trace, write_trace
     from traces.transform import shrink
@@ -128,11 +156,9 @@ def main(argv=None) -> int:
         if profile is None:
             profile = out / "server-profile.json"
             t = time.monotonic()
-            with start_server(ServerConfig(model=model(), kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
-                calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
-                                 profile, name="tiny-llama-vllm-cpu-server",
-                                 on_point=lambda p: print(f"  calibration {p['kind']} point: {1000 * p['t']:.2f} ms",
-                                                          flush=True))
+            calibrate_on_server(model(), scratch, sched, profile,
+                                on_point=lambda p: print(f"  calibration {p['kind']} point: {1000 * p['t']:.2f} ms",
+                                                         flush=True))
             timings["calibration_s"] = time.monotonic() - t
         fit = json.loads(Path(profile).read_text())
         print(f"profile {profile}: " + ", ".join(f"{k} {fit.get(k, 0.0):.4g}" for k in (
@@ -151,11 +177,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(run, ignore_errors=True)  # an unfinished run: again from the start
                 t = time.monotonic()
                 print(f"{name}: starting a server of {blocks} blocks ...", flush=True)
-                with start_server(ServerConfig(model=model(), kv_blocks=blocks, block_size=32, **sched),
-                                  scratch / f"{blocks}-{r}") as srv:
-                    cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay,
-                                     time_scale=args.time_scale, agents=args.agents)
-                    live = run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
+                live = replay_on_server(trace, run, model(), scratch / f"{blocks}-{r}", sched, kv_blocks=blocks,
+                                        time_scale=args.time_scale, agents=args.agents)
                 timings[name + "_s"] = time.monotonic() - t
                 print(f"{name}: {live['requests']} calls, {live['evicted_blocks']} evicted, "
                       f"{live['preemptions']} preemptions", flush=True)
@@ -198,31 +221,23 @@ def main(argv=None) -> int:
         for row in rs:
             print("  ".join(f"{_fmt(row[c], c in pct):>14}" for c in cols))
     if repeats:
-        _print_repeats(repeats, args.repeats, args.sim_seeds)
+        _print_repeats(repeats)
     _plot(out, rows, baseline_rows, repeats)
     print(f"\nwritten: {out}/report.json, {out}/report.png")
     return 0
 
 
-def _print_repeats(pools: dict, n_runs: int, n_seeds: int) -> None:
-    """Per pool: the live repeats' mean [range] against the ensemble's, and the targets."""
-    print(f"\nmean of {n_runs} live runs against the ensemble of {n_seeds} simulated seeds")
-    print(f"{'pool':>6} {'figure':<22}{'live mean [range]':>30}{'90% interval':>22}{'sim mean [range]':>30}"
-          f"{'error':>9}  target")
+def _print_repeats(pools: dict) -> None:
+    """Per pool: ``replay.repeats.format_repeats``' table, then the issue's targets met or not."""
+    from replay.repeats import format_repeats
+
     for blocks, c in pools.items():
-        for key, tgt in (("evicted_blocks", TARGETS["evicted_blocks"]), ("preemptions", TARGETS["preemptions"]),
-                         ("prefix_hit_rate", None), ("total_session_time_s", None)):
-            f = c[key]
-            met = "" if tgt is None or f["error"] is None else ("met" if abs(f["error"]) <= tgt else "NOT met")
-            inside = "inside" if f["inside"] else "outside"
-            print(f"{blocks:>6} {key:<22}{f['live']:>12.4g} [{f['live_range'][0]:.4g}-{f['live_range'][1]:.4g}]"
-                  f"{'':>4}{f['live_interval'][0]:>9.4g}-{f['live_interval'][1]:<9.4g}"
-                  f"{f['sim']:>12.4g} [{f['sim_range'][0]:.4g}-{f['sim_range'][1]:.4g}]"
-                  f"{_fmt(f['error'], pct=True):>9}  {met} ({inside})")
-        m, per = c["session_time_mape_of_means"], c["session_time_mape_per_run"]
-        print(f"{blocks:>6} session time MAPE: of the means {'n/a' if m is None else f'{100 * m:.1f}%'}, per run {100 * per['mean']:.1f}% "
-              f"[{100 * per['range'][0]:.1f}-{100 * per['range'][1]:.1f}%]  "
-              f"{'met' if m is not None and m <= TARGETS['session_time_mape'] else 'NOT met'}")
+        print(f"\n{blocks} blocks: " + "\n".join(format_repeats(c)))
+        verdicts = [f"{key} {'met' if c[key]['error'] is not None and abs(c[key]['error']) <= TARGETS[key] else 'NOT met'}"
+                    for key in ("evicted_blocks", "preemptions")]
+        m = c["session_time_mape_of_means"]
+        verdicts.append(f"session times {'met' if m is not None and m <= TARGETS['session_time_mape'] else 'NOT met'}")
+        print("targets (2%, 2%, 10% MAPE of the means): " + ", ".join(verdicts))
 
 
 def _plot(out: Path, rows: list[dict], baseline_rows: list[dict], pools: dict | None = None) -> None:

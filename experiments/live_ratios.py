@@ -68,7 +68,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from live_miniswe import _shown  # noqa: E402
+from live_miniswe import _shown, calibrate_on_server, replay_on_server  # noqa: E402,F401  (live_steps too)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "traces" / "data" / "miniswe-deepseek.jsonl.gz"
@@ -115,36 +115,6 @@ def min_idle(value: str, profile: Path, sched: dict) -> float:
     if v < 0:
         raise SystemExit(f"--min-idle-s {value!r}: must be >= 0")
     return v
-
-
-def calibrate_on_server(model: str, scratch: Path, sched: dict, profile: Path) -> None:
-    """``cwreplay calibrate --server`` on a fresh 1,024-block server of ``sched``'s shape, into ``profile``."""
-    from replay.calibrate_server import ServerCalibrationConfig, calibrate_server
-    from replay.server import ServerConfig, start_server
-
-    with start_server(ServerConfig(model=model, kv_blocks=1024, block_size=32, **sched), scratch / "cal") as srv:
-        calibrate_server(ServerCalibrationConfig(srv.url, max_num_batched_tokens=sched["max_num_batched_tokens"]),
-                         profile, name="tiny-llama-vllm-cpu-server")
-
-
-def replay_on_server(trace, run: Path, model: str, server_dir: Path, sched: dict, *, kv_blocks: int,
-                     time_scale: float, agents: int, policy: str = "vllm", predictor_trace: str | None = None,
-                     step_log: str | None = None, settings: dict | None = None) -> dict:
-    """``trace`` replayed into ``run`` on a fresh server of ``kv_blocks`` blocks running ``policy`` (vLLM's
-    own for ``vllm``; the plugin otherwise, or with a ``step_log``) with those of ``settings`` that the policy
-    takes (recorded in the run, so its simulation gets them too); the live run's summary."""
-    from cwsim.policies.registry import get_policy
-    from replay.live import LiveConfig, run_live
-    from replay.server import ServerConfig, start_server
-
-    taken = tuple((k, v) for k, v in (settings or {}).items() if k in get_policy(policy).params)
-    kw = {} if policy == "vllm" else dict(policy=policy, predictor_trace=predictor_trace, policy_settings=taken)
-    with start_server(ServerConfig(model=model, kv_blocks=kv_blocks, block_size=32, **sched, **kw, step_log=step_log),
-                      server_dir) as srv:
-        cfg = LiveConfig(server=srv.url, events=srv.events, events_replay=srv.events_replay, time_scale=time_scale,
-                         agents=agents, policy=policy, predictor_trace=kw.get("predictor_trace"),
-                         policy_settings=taken)
-        return run_live(trace, cfg, run, vocab_size=srv.vocab_size).summary
 
 
 def _step_profile(out: Path, base: Path, model: str, scratch: Path, args, sched: dict, held_out, replayed) -> Path:

@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sessions {lo}:{hi} ({len(sample.sessions)}, {sample.num_calls} calls), gaps x {args.time_scale}; floors "
           + ", ".join(f"{f:.3f}" for f in floors) + f" s; {args.seeds} seeds of 5% step jitter", flush=True)
     rows = []
-    tmp = Path(tempfile.mkdtemp(prefix="cw-floor-"))
     part = out / "floors.csv.part"
-    with part.open("w", newline="") as f:
+    with tempfile.TemporaryDirectory(prefix="cw-floor-") as tmp_dir, part.open("w", newline="") as f:
+        tmp = Path(tmp_dir)  # the profiles of each request overhead
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for ovh in overheads:

@@ -161,7 +161,10 @@ def test_cwsim_gives_min_idle_s_to_the_policies_that_take_it(tmp_path):
         POLICIES.pop("test-records-min-idle")
     res = CliRunner().invoke(app, ["run", "--policy", "sglang", "--min-idle-s", "0.2", "--max-sessions", "1"])
     assert res.exit_code == 2
-    assert "--min-idle-s: policy 'sglang' keeps no resident sessions (policies that do: working-set, working-set-evict)" \
+    assert "--min-idle-s: policy 'sglang' does not take min_idle_s (policies that do: working-set, working-set-evict)" \
         in res.output
+    res = CliRunner().invoke(app, ["run", "--policy", "vllm", "--aging-s", "5", "--max-sessions", "1"])
+    assert res.exit_code == 2 and "--aging-s: policy 'vllm' does not take aging_s (policies that do: cachewise, " \
+        "cachewise-sched)" in res.output
     with pytest.raises(ValueError, match="--min-idle-s must be >= 0, got -1"):
         SimConfig(min_idle_s=-1)
