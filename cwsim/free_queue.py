@@ -46,6 +46,8 @@ import heapq
 
 import numpy as np
 
+from cwsim import native
+
 _COMPACT_MIN = 256
 #: up to this many blocks, popping takes scalar steps
 SMALL = 7
@@ -301,3 +303,12 @@ class FreeBlockQueue:
         free = np.zeros(len(self.run_of), dtype=bool)
         free[order] = True
         assert ((self.run_of >= 0) == free).all(), "run membership disagrees with the queue"
+
+
+#: the Python class: the specification of the compiled one, and what runs where that was not built
+PyFreeBlockQueue = FreeBlockQueue
+_compiled = native.load("cwsim._free_queue")
+#: whether ``FreeBlockQueue`` is the compiled class (``cwsim.native``)
+NATIVE = _compiled is not None
+if NATIVE:
+    FreeBlockQueue = _compiled.FreeBlockQueue  # noqa: F811 - the same class, compiled

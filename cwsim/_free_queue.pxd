@@ -1,0 +1,29 @@
+# The compiled free queue's C-level surface, for the compiled block pool (cwsim/_block_pool.pyx).
+
+cdef class _Run:
+    cdef public object key
+    cdef public long long rid
+    cdef public object ids
+    cdef long long[::1] v
+    cdef public Py_ssize_t start
+    cdef public Py_ssize_t live
+    cdef void set_ids(self, ids)
+
+
+cdef class FreeBlockQueue:
+    cdef public object run_of
+    cdef long long[::1] _v_run_of
+    cdef public dict _runs
+    cdef public list _heap
+    cdef long long _next_rid
+    cdef long long _seq
+    cdef public Py_ssize_t num_free_blocks
+
+    cdef void _push(self, tuple key, ids)
+    cpdef void prepend(self, ids)
+    cpdef long long append(self, ids)
+    cpdef void remove_ids(self, ids)
+    cdef void _lose(self, long long rid, Py_ssize_t cnt)
+    cdef _Run _front_run(self)
+    cdef Py_ssize_t _pop_into(self, long long[::1] out, Py_ssize_t n) except -1
+    cpdef object pop(self, Py_ssize_t n)
