@@ -55,6 +55,7 @@ import numpy as np
 NULL_BLOCK = 0
 _consume = deque(maxlen=0).extend  # run an iterator for its side effects
 _EMPTY = np.empty(0, dtype=np.int64)
+from cwsim import native
 from cwsim.free_queue import SMALL as _SMALL, FreeBlockQueue
 # a numpy integer: convert before keeping a count (counters stay Python ints)
 from cwsim.free_queue import count_nonzero as _cnz
@@ -81,27 +82,15 @@ class FreedBlocks:
     seq: int = -1
 
 
-class BlockPool:
-    """A pool of ``num_blocks`` KV blocks (block 0 is the null block).
+class PyPoolCore:
+    """The block pool's state and the operations on the allocation path (``BlockPool``'s base).
 
-    ``score_fn(freed) -> float | ndarray`` is the eviction policy's scoring
-    method; ``None`` scores every block 0 (pure LRU, vLLM's order).
-    ``growable=True`` gives an unbounded pool: when no block without a hash is
-    free, allocation adds blocks instead of evicting (the ``infinite`` bound).
-    ``on_evict(hashes)`` is called with the hashes of each batch of evicted *listed* blocks (an
-    unlisted block's hash is never looked up again: nothing can miss it).
+    The Python specification of ``cwsim._block_pool.PoolCore`` (the same, with its per-block loops
+    compiled), which ``BlockPool`` extends where the build made it (``cwsim.native``). The
+    invariant and the surface are ``BlockPool``'s.
     """
 
-    def __init__(
-        self,
-        num_blocks: int,
-        score_fn: Callable[[FreedBlocks], float | np.ndarray] | None = None,
-        *,
-        growable: bool = False,
-        on_evict: Callable[[list[int]], None] | None = None,
-    ):
-        if num_blocks < 2:
-            raise ValueError(f"num_blocks must be >= 2 (block 0 is the null block), got {num_blocks}")
+    def __init__(self, num_blocks: int, score_fn=None, growable: bool = False, on_evict=None):
         self.num_blocks = num_blocks
         self.score_fn = score_fn
         self.growable = growable
@@ -199,29 +188,6 @@ class BlockPool:
         score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason,
                                           self.queue.next_seq))
         self.queue.append_n(freed_h, score)
-
-    # ------------------------------------------------------------ public API
-    def in_release(self, blocks: np.ndarray, seq: int) -> np.ndarray:
-        """Which of ``blocks`` are still free in the run(s) keyed with release ``seq``."""
-        return self.queue.in_release(blocks, seq)
-
-    def is_free(self, blocks: np.ndarray) -> np.ndarray:
-        """Per block: is it in the free queue (``ref == 0``)."""
-        return self.queue.is_free(blocks)
-
-    def get_num_free_blocks(self) -> int:
-        return self.num_free
-
-    @property
-    def num_usable_blocks(self) -> int:
-        return self.num_blocks - 1
-
-    def usage(self) -> float:
-        """Share of usable blocks in use (vLLM's ``kv_cache_usage``)."""
-        return 1.0 - self.num_free / (self.num_blocks - 1)
-
-    def get_cached_block(self, block_hash: int) -> int | None:
-        return self.cached.get(block_hash)
 
     def find_longest_prefix(self, hashes: Sequence[int], max_blocks: int, hint: tuple | None = None) -> np.ndarray:
         """Block ids of the longest prefix of ``hashes[:max_blocks]`` that is cached.
@@ -462,6 +428,80 @@ class BlockPool:
             self.unlisted[blocks] = True
         self.num_unlisted += n
 
+    def _ensure_unhashed_free(self, n: int) -> None:
+        """Growable pools add blocks rather than evict a cached one."""
+        short = n - (self.num_free - self.num_free_hashed)
+        if short <= 0:
+            return
+        old = self.num_blocks
+        new = max(2 * old, old + short)
+        grow = new - old
+        self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
+        self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
+        self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
+        self.queue.grow(new)
+        self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
+        self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
+        self.unlisted = np.concatenate([self.unlisted, np.zeros(grow, dtype=bool)])
+        self.num_blocks = new
+        # new blocks are unhashed and go to the very front, in id order
+        self.queue.prepend_n(np.arange(old, new, dtype=np.int64))
+
+
+
+_compiled = native.load("cwsim._block_pool")
+#: whether ``PoolCore`` is the compiled class (``cwsim.native``)
+NATIVE = _compiled is not None
+#: ``BlockPool``'s base: the compiled core where the build made it, else its Python specification
+PoolCore = _compiled.PoolCore if NATIVE else PyPoolCore
+
+
+class BlockPool(PoolCore):
+    """A pool of ``num_blocks`` KV blocks (block 0 is the null block).
+
+    ``score_fn(freed) -> float | ndarray`` is the eviction policy's scoring
+    method; ``None`` scores every block 0 (pure LRU, vLLM's order).
+    ``growable=True`` gives an unbounded pool: when no block without a hash is
+    free, allocation adds blocks instead of evicting (the ``infinite`` bound).
+    ``on_evict(hashes)`` is called with the hashes of each batch of evicted *listed* blocks (an
+    unlisted block's hash is never looked up again: nothing can miss it).
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        score_fn: Callable[[FreedBlocks], float | np.ndarray] | None = None,
+        *,
+        growable: bool = False,
+        on_evict: Callable[[list[int]], None] | None = None,
+    ):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is the null block), got {num_blocks}")
+        super().__init__(num_blocks, score_fn, growable, on_evict)
+
+    # ------------------------------------------------------------ public API
+    def in_release(self, blocks: np.ndarray, seq: int) -> np.ndarray:
+        """Which of ``blocks`` are still free in the run(s) keyed with release ``seq``."""
+        return self.queue.in_release(blocks, seq)
+
+    def is_free(self, blocks: np.ndarray) -> np.ndarray:
+        """Per block: is it in the free queue (``ref == 0``)."""
+        return self.queue.is_free(blocks)
+
+    def get_num_free_blocks(self) -> int:
+        return self.num_free
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    def usage(self) -> float:
+        """Share of usable blocks in use (vLLM's ``kv_cache_usage``)."""
+        return 1.0 - self.num_free / (self.num_blocks - 1)
+
+    def get_cached_block(self, block_hash: int) -> int | None:
+        return self.cached.get(block_hash)
+
     def free_blocks(self, ordered_blocks, request=None, now: float = 0.0, reason: str = "free") -> None:
         """Drop one reference from each block, given in eviction order (first = evicted first)."""
         ordered = np.asarray(ordered_blocks, dtype=np.int64)
@@ -530,25 +570,6 @@ class BlockPool:
         if len(blocks) == 0:
             return
         self.queue.requeue(blocks[self.has_hash[blocks]], score, seq)  # they stay free and cached
-
-    def _ensure_unhashed_free(self, n: int) -> None:
-        """Growable pools add blocks rather than evict a cached one."""
-        short = n - (self.num_free - self.num_free_hashed)
-        if short <= 0:
-            return
-        old = self.num_blocks
-        new = max(2 * old, old + short)
-        grow = new - old
-        self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
-        self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
-        self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
-        self.queue.grow(new)
-        self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
-        self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
-        self.unlisted = np.concatenate([self.unlisted, np.zeros(grow, dtype=bool)])
-        self.num_blocks = new
-        # new blocks are unhashed and go to the very front, in id order
-        self.queue.prepend_n(np.arange(old, new, dtype=np.int64))
 
     # ------------------------------------------------------------- inspection
     def free_block_ids(self) -> list[int]:

@@ -1,0 +1,368 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The block pool's core compiled: ``cwsim.block_pool.PyPoolCore`` with its per-block loops in C.
+
+The specification is the Python class (``cwsim/block_pool.py``, whose docstring states the pool's
+invariant): the same state (the same numpy arrays, the hash map, the free queue) and the same
+results, block for block, on the allocation path -- allocating and evicting, caching, freeing,
+touching, looking up prefixes. ``BlockPool`` extends whichever core runs, so the rest of the pool
+(re-queueing, uncached releases, inspection) is written once. ``tests/test_block_pool_native.py``
+drives both cores with the same operations.
+"""
+
+import numpy as np
+
+from cwsim._free_queue cimport FreeBlockQueue
+
+from cwsim.block_pool import FreedBlocks
+
+cdef long long NULL_BLOCK = 0
+cdef object _EMPTY = np.empty(0, dtype=np.int64)
+
+
+cdef inline object _ids(a):
+    """``a`` as a contiguous int64 array (no copy when it already is one)."""
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+cdef class PoolCore:
+    cdef public Py_ssize_t num_blocks
+    cdef public object score_fn
+    cdef public bint growable
+    cdef public object on_evict
+    cdef public object on_release
+    cdef public object on_unhash
+    cdef public object references
+    cdef public object ref
+    cdef public object has_hash
+    cdef public object hash_of
+    cdef public object canonical
+    cdef public object gen
+    cdef public object unlisted
+    cdef public Py_ssize_t num_unlisted
+    cdef public dict cached
+    cdef public dict _dups
+    cdef public Py_ssize_t num_free_hashed
+    cdef public Py_ssize_t num_evicted
+    cdef public Py_ssize_t peak_in_use
+    cdef public FreeBlockQueue queue
+    cdef int[::1] _ref
+    cdef unsigned char[::1] _has_hash
+    cdef long long[::1] _hash_of
+    cdef unsigned char[::1] _canonical
+    cdef long long[::1] _gen
+    cdef unsigned char[::1] _unlisted
+
+    def __init__(self, Py_ssize_t num_blocks, score_fn=None, growable=False, on_evict=None):
+        self.num_blocks = num_blocks
+        self.score_fn = score_fn
+        self.growable = growable
+        self.on_evict = on_evict
+        self.on_release = None
+        self.on_unhash = None
+        self.references = None
+        self.ref = np.zeros(num_blocks, dtype=np.int32)
+        self.has_hash = np.zeros(num_blocks, dtype=bool)
+        self.hash_of = np.zeros(num_blocks, dtype=np.int64)
+        self.canonical = np.zeros(num_blocks, dtype=bool)
+        self.gen = np.zeros(num_blocks, dtype=np.int64)
+        self.unlisted = np.zeros(num_blocks, dtype=bool)
+        self.num_unlisted = 0
+        self.cached = {}
+        self._dups = {}
+        self.num_free_hashed = 0
+        self.num_evicted = 0
+        self.peak_in_use = 0
+        self.queue = FreeBlockQueue(num_blocks, np.arange(1, num_blocks, dtype=np.int64))
+        self.ref[NULL_BLOCK] = 1
+        self._bind()
+
+    cdef void _bind(self):
+        """Typed views of the state arrays (after they are made or grown)."""
+        self._ref = self.ref
+        self._has_hash = self.has_hash.view(np.uint8)
+        self._hash_of = self.hash_of
+        self._canonical = self.canonical.view(np.uint8)
+        self._gen = self.gen
+        self._unlisted = self.unlisted.view(np.uint8)
+
+    # ----------------------------------------------------------------- queue
+    @property
+    def num_free(self):
+        """Free blocks (the queue's length)."""
+        return self.queue.num_free_blocks
+
+    def _leave_queue(self, blocks):
+        """Take free cached blocks out of the queue (they become in use)."""
+        blocks = _ids(blocks)
+        self.queue.remove_ids(blocks)
+        self.num_free_hashed -= len(blocks)
+
+    def _deref(self, blocks):
+        """Drop one reference from each of ``blocks`` (distinct ids); their new ref counts."""
+        cdef long long[::1] v = _ids(blocks)
+        cdef Py_ssize_t i, n = v.shape[0]
+        out = np.empty(n, dtype=np.int32)
+        cdef int[::1] o = out
+        for i in range(n):
+            if self._ref[v[i]] <= 0:
+                raise AssertionError("freeing a block whose ref count is already 0")
+        for i in range(n):
+            self._ref[v[i]] -= 1
+            o[i] = self._ref[v[i]]
+        return out
+
+    def _release(self, ordered, bint tail_first, request, now, reason):
+        """Drop one reference from each of ``ordered``; the blocks that become free join the queue."""
+        cdef Py_ssize_t n = len(ordered)
+        if n == 0:
+            return
+        ordered = _ids(ordered)
+        cdef long long[::1] v = ordered
+        refs = self._deref(ordered)
+        cdef int[::1] r = refs
+        cdef Py_ssize_t i, n_freed = 0, n_h = 0, ku = 0, kh = 0
+        cdef long long b
+        hooks = self.references is not None or self.on_release is not None
+        if hooks:
+            hashed = self.has_hash[ordered]
+            if self.references is not None:
+                self.references.release(self.hash_of[ordered[hashed]])
+            if self.on_release is not None:
+                self.on_release(ordered, refs, hashed, request)
+        for i in range(n):
+            if r[i] == 0:
+                n_freed += 1
+                n_h += self._has_hash[v[i]]
+        if n_freed == 0:
+            return
+        freed_h = np.empty(n_h, dtype=np.int64)
+        cdef long long[::1] fh = freed_h
+        cdef long long[::1] fu
+        if n_h < n_freed:
+            freed_u = np.empty(n_freed - n_h, dtype=np.int64)
+            fu = freed_u
+        for i in range(n):
+            if r[i] == 0:
+                b = v[i]
+                if self._has_hash[b]:
+                    fh[kh] = b
+                    kh += 1
+                else:
+                    fu[ku] = b
+                    ku += 1
+        if n_h < n_freed:
+            self.queue.prepend(freed_u)
+            if n_h == 0:
+                return
+        self.num_free_hashed += n_h
+        if self.score_fn is None:  # score 0 for every block: one run
+            self.queue.append(freed_h)
+            return
+        pos = np.empty(n_h, dtype=np.int64)
+        cdef long long[::1] p = pos
+        kh = 0
+        for i in range(n):
+            if r[i] == 0 and self._has_hash[v[i]]:
+                p[kh] = n - 1 - i if tail_first else i
+                kh += 1
+        score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason,
+                                          self.queue.next_seq))
+        self.queue.append_n(freed_h, score)
+
+    def find_longest_prefix(self, hashes, Py_ssize_t max_blocks, hint=None):
+        """Block ids of the longest prefix of ``hashes[:max_blocks]`` that is cached (see ``PyPoolCore``)."""
+        cdef Py_ssize_t start = 0, n, i
+        found = _EMPTY
+        if hint is not None:
+            blocks, gens = hint
+            n = min(len(blocks), max_blocks)
+            if n:
+                cand = _ids(blocks[:n])
+                found = self._hint_prefix(cand, _ids(gens))
+                start = len(found)
+        if start >= max_blocks:
+            return found
+        cdef dict cached = self.cached
+        cdef list hits = []
+        for i in range(start, max_blocks):
+            b = cached.get(hashes[i])
+            if b is None:
+                break
+            hits.append(b)
+        if not hits:
+            return found
+        rest = np.array(hits, dtype=np.int64)
+        return rest if start == 0 else np.concatenate([found, rest])
+
+    cdef object _hint_prefix(self, cand, gens):
+        """The leading blocks of ``cand`` still holding what they held at ``gens`` (listed or unlisted)."""
+        cdef long long[::1] c = cand
+        cdef long long[::1] g = gens
+        cdef Py_ssize_t i, n = c.shape[0]
+        cdef long long b
+        for i in range(n):
+            b = c[i]
+            if not (self._canonical[b] or (self.num_unlisted and self._unlisted[b])) or self._gen[b] != g[i]:
+                return cand[:i]
+        return cand
+
+    def touch(self, blocks):
+        """Add one reference to each block (a prefix hit); free ones leave the queue."""
+        if len(blocks) == 0:
+            return
+        r = self.ref[blocks]
+        free = r == 0
+        self._touch(blocks, r, free, int(np.count_nonzero(free)))
+
+    def _touch(self, blocks, r, free, n_free):
+        """``touch`` given ``r = ref[blocks]``, ``free = r == 0`` and its count."""
+        cdef long long[::1] v
+        cdef Py_ssize_t i
+        if n_free:
+            self._leave_queue(blocks if n_free == len(blocks) else blocks[free])
+        v = _ids(blocks)
+        for i in range(v.shape[0]):
+            self._ref[v[i]] += 1
+        if self.references is not None:
+            self.references.touch(self.hash_of[blocks[self.has_hash[blocks]]])
+
+    def get_new_blocks(self, Py_ssize_t n):
+        """Pop ``n`` blocks from the front of the free queue, evicting cached ones."""
+        if n <= 0:
+            return np.empty(0, dtype=np.int64)
+        if self.growable:
+            self._ensure_unhashed_free(n)
+        if n > self.queue.num_free_blocks:
+            raise ValueError(f"cannot get {n} free blocks from the pool ({self.queue.num_free_blocks} free)")
+        blocks = self.queue.pop(n)
+        cdef long long[::1] v = blocks
+        cdef Py_ssize_t i, k = 0, in_use = self.num_blocks - 1 - self.queue.num_free_blocks
+        if in_use > self.peak_in_use:
+            self.peak_in_use = in_use
+        for i in range(n):
+            self._ref[v[i]] = 1
+            k += self._has_hash[v[i]]
+        if k == 0:
+            return blocks
+        if k == n:
+            self._evict(blocks)
+            return blocks
+        hashed = np.empty(k, dtype=np.int64)
+        cdef long long[::1] h = hashed
+        k = 0
+        for i in range(n):
+            if self._has_hash[v[i]]:
+                h[k] = v[i]
+                k += 1
+        self._evict(hashed)
+        return blocks
+
+    def _evict(self, blocks):
+        hashes = self._unhash(blocks)
+        self.num_free_hashed -= len(blocks)
+        self.num_evicted += len(blocks)
+        if hashes and self.on_evict is not None:
+            self.on_evict(hashes)
+
+    def _unhash(self, blocks):
+        """Take the blocks' hashes out of the cache (the hash map, duplicates, flags); bump their ``gen``.
+        Returns the hashes of the listed ones (those the hash map held)."""
+        blocks = _ids(blocks)
+        cdef long long[::1] v = blocks
+        cdef Py_ssize_t i, n = v.shape[0]
+        cdef long long b
+        cdef dict cached = self.cached, dups = self._dups
+        cdef list listed_hashes = []
+        cdef list others
+        for i in range(n):
+            b = v[i]
+            if self._unlisted[b]:
+                self._unlisted[b] = 0
+                self.num_unlisted -= 1
+            else:
+                h = self._hash_of[b]
+                listed_hashes.append(h)
+                if not dups:  # the block is the canonical one for its hash
+                    del cached[h]
+                elif cached.get(h) == b:
+                    others = dups.get(h)
+                    if others:
+                        cached[h] = nb = others.pop(0)
+                        self._canonical[<long long>nb] = 1
+                        if not others:
+                            del dups[h]
+                    else:
+                        del cached[h]
+                else:
+                    others = dups[h]
+                    others.remove(b)
+                    if not others:
+                        del dups[h]
+            self._has_hash[b] = 0
+            self._canonical[b] = 0
+            self._gen[b] += 1
+        if self.on_unhash is not None:
+            self.on_unhash(blocks)
+        return listed_hashes
+
+    def cache_full_blocks(self, blocks, hashes):
+        """Give newly filled blocks their hashes so later requests can hit them (see ``PyPoolCore``)."""
+        cdef Py_ssize_t i, n = len(blocks)
+        if n == 0:
+            return
+        cdef dict cached = self.cached
+        if self.references is not None:
+            self.references.insert(hashes, cached)
+        cdef long long[::1] v = _ids(blocks)
+        cdef long long b
+        for i in range(n):
+            if self._has_hash[v[i]]:
+                raise AssertionError("caching a block that already has a hash")
+        for i in range(n):
+            b = v[i]
+            h = hashes[i]
+            self._has_hash[b] = 1
+            self._hash_of[b] = h
+            if h in cached:
+                self._dups.setdefault(h, []).append(b)
+            else:
+                cached[h] = b
+                self._canonical[b] = 1
+
+    def cache_unlisted_blocks(self, blocks, hashes):
+        """Give newly filled blocks hashes that no lookup will ever ask for (see ``PyPoolCore``)."""
+        cdef Py_ssize_t i, n = len(blocks)
+        if n == 0:
+            return
+        if self.references is not None:
+            raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
+        cdef long long[::1] v = _ids(blocks)
+        cdef long long b
+        for i in range(n):
+            if self._has_hash[v[i]]:
+                raise AssertionError("caching a block that already has a hash")
+        for i in range(n):
+            b = v[i]
+            self._has_hash[b] = 1
+            self._hash_of[b] = hashes[i]
+            self._unlisted[b] = 1
+        self.num_unlisted += n
+
+    def _ensure_unhashed_free(self, Py_ssize_t n):
+        """Growable pools add blocks rather than evict a cached one."""
+        short = n - (self.queue.num_free_blocks - self.num_free_hashed)
+        if short <= 0:
+            return
+        old = self.num_blocks
+        new = max(2 * old, old + short)
+        grow = new - old
+        self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
+        self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
+        self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
+        self.queue.grow(new)
+        self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
+        self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
+        self.unlisted = np.concatenate([self.unlisted, np.zeros(grow, dtype=bool)])
+        self._bind()
+        self.num_blocks = new
+        self.queue.prepend(np.arange(old, new, dtype=np.int64))
