@@ -1,20 +1,16 @@
 """The compiled free queue (``cwsim._free_queue``) against its specification, the Python class.
 
 Both are driven by the same random operations; every answer and the whole queue order must agree
-after each one. The build must have made the compiled module (``setup.py``; CI compiles it).
+after each one. (``tests/test_native.py``: the build made it; the Python class passes the pool's
+property tests too.)
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cwsim import native
 from cwsim.free_queue import FreeBlockQueue, PyFreeBlockQueue
 
 N = 60
@@ -28,19 +24,6 @@ OPS = st.lists(
     ),
     max_size=60,
 )
-
-
-def test_the_compiled_queue_was_built_and_is_the_one_in_use():
-    assert "cwsim._free_queue" in native.available()
-    assert FreeBlockQueue is not PyFreeBlockQueue
-    assert native.in_use()["cwsim.free_queue"] == "cwsim._free_queue"
-
-
-def test_pure_python_env_runs_the_python_class():
-    env = {**os.environ, native.PURE_PYTHON_ENV: "1"}
-    out = subprocess.run([sys.executable, "-c", "from cwsim import native; print(native.in_use())"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    assert "'cwsim.free_queue': 'cwsim.free_queue'" in out
 
 
 def _apply(q, op, k, seed, held: list[int]):

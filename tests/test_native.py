@@ -1,0 +1,87 @@
+"""The compiled modules (``cwsim.native``): built, in use, and the same as their Python twins.
+
+Each compiled class has a Python class that specifies it (``PyFreeBlockQueue``, ``PyPoolCore``). The
+build must have compiled them (``setup.py``; CI compiles them): a missing build would make every
+other test check the Python classes only. The Python twins must give the same results: they pass the
+pool's property tests under ``CWSIM_PURE_PYTHON=1``, and whole simulations give the same figures and
+the same per-request CSV bytes either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cwsim import native
+from cwsim.block_pool import BlockPool, PoolCore, PyPoolCore
+from cwsim.config import SimConfig
+from cwsim.free_queue import FreeBlockQueue, PyFreeBlockQueue
+from cwsim.runner import DEFAULT_TRACE, simulate
+from traces.format import Trace
+from traces.reader import load_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+PURE = {**os.environ, native.PURE_PYTHON_ENV: "1"}
+
+#: small runs under pressure that go through every path of the pool: LRU, a scoring policy (release
+#: scores, re-scoring), a CPU tier (uncached releases), an unbounded pool (growth), the eviction bound
+#: (the reference stream), block size 32 with the eviction log
+CASES = {
+    "vllm": dict(policy="vllm", kv_blocks=6000, agents=6),
+    "cachewise": dict(policy="cachewise", kv_blocks=6000, agents=6),
+    "continuum": dict(policy="continuum", kv_blocks=6000, agents=6),
+    "tokencake-cpu": dict(policy="tokencake", kv_blocks=6000, agents=6, cpu_kv_blocks=8000),
+    "infinite": dict(policy="infinite", agents=6),
+    "bound": dict(policy="vllm", kv_blocks=6000, agents=6, eviction_bound=True),
+    "bs32": dict(policy="vllm", kv_blocks=3000, agents=6, block_size=32),
+}
+
+
+def _digest(out: Path, case: str) -> dict:
+    """One case's summary (less the wall time) and the digests of its CSV files."""
+    trace = load_trace(DEFAULT_TRACE)
+    small = Trace(trace.sessions[:12], trace.header, "small")
+    d = out / case
+    r = simulate(small, SimConfig(**CASES[case]), d, eviction_log=case == "bs32")
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir()) if f.suffix == ".csv"}
+    return {"summary": {k: v for k, v in r.summary.items() if k not in ("wall_s", "trace")}, "files": files}
+
+
+def test_the_compiled_modules_were_built_and_are_in_use():
+    assert sorted(native.available()) == sorted(native.MODULES)
+    assert FreeBlockQueue is not PyFreeBlockQueue and PoolCore is not PyPoolCore
+    assert issubclass(BlockPool, PoolCore)
+    assert native.in_use() == {py: name for name, py in native.MODULES.items()}
+
+
+def test_pure_python_env_runs_the_python_classes():
+    out = subprocess.run([sys.executable, "-c", "from cwsim import native; print(sorted(native.in_use().items()))"],
+                         env=PURE, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted((py, py) for py in native.MODULES.values()))
+
+
+def test_the_python_twins_pass_the_pool_property_tests():
+    tests = ["tests/test_block_pool_properties.py", "tests/test_block_pool_vllm.py", "tests/test_free_queue_native.py"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
+                         cwd=ROOT, env=PURE, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_simulation_is_the_same_compiled_or_not(case, tmp_path):
+    compiled = _digest(tmp_path / "compiled", case)
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, 'tests'); "
+            "from test_native import _digest; "
+            f"print(json.dumps(_digest(Path({str(tmp_path / 'python')!r}), {case!r}), default=str))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=PURE, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    python = json.loads(run.stdout.strip().splitlines()[-1])
+    assert json.loads(json.dumps(compiled, default=str)) == python
+    assert compiled["summary"]["evicted_blocks"] > 0 or case == "infinite"
