@@ -76,14 +76,22 @@ cdef class PoolCore:
         self.ref[NULL_BLOCK] = 1
         self._bind()
 
-    cdef void _bind(self):
-        """Typed views of the state arrays (after they are made or grown)."""
+    def _bind(self):
+        """Typed views of the state arrays (after they are made or grown: ``BlockPool._ensure_unhashed_free``)."""
         self._ref = self.ref
         self._has_hash = self.has_hash.view(np.uint8)
         self._hash_of = self.hash_of
         self._canonical = self.canonical.view(np.uint8)
         self._gen = self.gen
         self._unlisted = self.unlisted.view(np.uint8)
+
+    cdef int _check_unhashed(self, long long[::1] v) except -1:
+        """Refuse to cache a block that already has a hash."""
+        cdef Py_ssize_t i
+        for i in range(v.shape[0]):
+            if self._has_hash[v[i]]:
+                raise AssertionError("caching a block that already has a hash")
+        return 0
 
     # ----------------------------------------------------------------- queue
     @property
@@ -315,9 +323,7 @@ cdef class PoolCore:
             self.references.insert(hashes, cached)
         cdef long long[::1] v = _ids(blocks)
         cdef long long b
-        for i in range(n):
-            if self._has_hash[v[i]]:
-                raise AssertionError("caching a block that already has a hash")
+        self._check_unhashed(v)
         for i in range(n):
             b = v[i]
             h = hashes[i]
@@ -338,31 +344,10 @@ cdef class PoolCore:
             raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
         cdef long long[::1] v = _ids(blocks)
         cdef long long b
-        for i in range(n):
-            if self._has_hash[v[i]]:
-                raise AssertionError("caching a block that already has a hash")
+        self._check_unhashed(v)
         for i in range(n):
             b = v[i]
             self._has_hash[b] = 1
             self._hash_of[b] = hashes[i]
             self._unlisted[b] = 1
         self.num_unlisted += n
-
-    def _ensure_unhashed_free(self, Py_ssize_t n):
-        """Growable pools add blocks rather than evict a cached one."""
-        short = n - (self.queue.num_free_blocks - self.num_free_hashed)
-        if short <= 0:
-            return
-        old = self.num_blocks
-        new = max(2 * old, old + short)
-        grow = new - old
-        self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
-        self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
-        self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
-        self.queue.grow(new)
-        self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
-        self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
-        self.unlisted = np.concatenate([self.unlisted, np.zeros(grow, dtype=bool)])
-        self._bind()
-        self.num_blocks = new
-        self.queue.prepend(np.arange(old, new, dtype=np.int64))

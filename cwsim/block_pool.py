@@ -428,25 +428,8 @@ class PyPoolCore:
             self.unlisted[blocks] = True
         self.num_unlisted += n
 
-    def _ensure_unhashed_free(self, n: int) -> None:
-        """Growable pools add blocks rather than evict a cached one."""
-        short = n - (self.num_free - self.num_free_hashed)
-        if short <= 0:
-            return
-        old = self.num_blocks
-        new = max(2 * old, old + short)
-        grow = new - old
-        self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
-        self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
-        self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
-        self.queue.grow(new)
-        self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
-        self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
-        self.unlisted = np.concatenate([self.unlisted, np.zeros(grow, dtype=bool)])
-        self.num_blocks = new
-        # new blocks are unhashed and go to the very front, in id order
-        self.queue.prepend_n(np.arange(old, new, dtype=np.int64))
-
+    def _bind(self) -> None:
+        """After the state arrays are made or grown (the compiled core takes typed views of them here)."""
 
 
 _compiled = native.load("cwsim._block_pool")
@@ -570,6 +553,26 @@ class BlockPool(PoolCore):
         if len(blocks) == 0:
             return
         self.queue.requeue(blocks[self.has_hash[blocks]], score, seq)  # they stay free and cached
+
+    def _ensure_unhashed_free(self, n: int) -> None:
+        """Growable pools add blocks rather than evict a cached one."""
+        short = n - (self.num_free - self.num_free_hashed)
+        if short <= 0:
+            return
+        old = self.num_blocks
+        new = max(2 * old, old + short)
+        grow = new - old
+        self.ref = np.concatenate([self.ref, np.zeros(grow, dtype=np.int32)])
+        self.has_hash = np.concatenate([self.has_hash, np.zeros(grow, dtype=bool)])
+        self.hash_of = np.concatenate([self.hash_of, np.zeros(grow, dtype=np.int64)])
+        self.queue.grow(new)
+        self.canonical = np.concatenate([self.canonical, np.zeros(grow, dtype=bool)])
+        self.gen = np.concatenate([self.gen, np.zeros(grow, dtype=np.int64)])
+        self.unlisted = np.concatenate([self.unlisted, np.zeros(grow, dtype=bool)])
+        self._bind()
+        self.num_blocks = new
+        # new blocks are unhashed and go to the very front, in id order
+        self.queue.prepend_n(np.arange(old, new, dtype=np.int64))
 
     # ------------------------------------------------------------- inspection
     def free_block_ids(self) -> list[int]:
