@@ -8,7 +8,7 @@ Python classes, with the same results (``cwsim.native`` says which are in use).
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-NATIVE = ["cwsim._free_queue", "cwsim._block_pool"]
+NATIVE = ["cwsim._free_queue", "cwsim._block_pool", "cwsim._hashing", "cwsim._kv_cache_manager"]
 
 setup(
     ext_modules=cythonize(

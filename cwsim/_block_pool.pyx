@@ -5,8 +5,8 @@ The specification is the Python class (``cwsim/block_pool.py``, whose docstring 
 invariant): the same state (the same numpy arrays, the hash map, the free queue) and the same
 results, block for block, on the allocation path -- allocating and evicting, caching, freeing,
 touching, looking up prefixes. ``BlockPool`` extends whichever core runs, so the rest of the pool
-(re-queueing, uncached releases, inspection) is written once. ``tests/test_block_pool_native.py``
-drives both cores with the same operations.
+(re-queueing, uncached releases, inspection) is written once. ``tests/test_native.py`` holds the two
+cores to the same results.
 """
 
 import numpy as np
@@ -25,33 +25,6 @@ cdef inline object _ids(a):
 
 
 cdef class PoolCore:
-    cdef public Py_ssize_t num_blocks
-    cdef public object score_fn
-    cdef public bint growable
-    cdef public object on_evict
-    cdef public object on_release
-    cdef public object on_unhash
-    cdef public object references
-    cdef public object ref
-    cdef public object has_hash
-    cdef public object hash_of
-    cdef public object canonical
-    cdef public object gen
-    cdef public object unlisted
-    cdef public Py_ssize_t num_unlisted
-    cdef public dict cached
-    cdef public dict _dups
-    cdef public Py_ssize_t num_free_hashed
-    cdef public Py_ssize_t num_evicted
-    cdef public Py_ssize_t peak_in_use
-    cdef public FreeBlockQueue queue
-    cdef int[::1] _ref
-    cdef unsigned char[::1] _has_hash
-    cdef long long[::1] _hash_of
-    cdef unsigned char[::1] _canonical
-    cdef long long[::1] _gen
-    cdef unsigned char[::1] _unlisted
-
     def __init__(self, Py_ssize_t num_blocks, score_fn=None, growable=False, on_evict=None):
         self.num_blocks = num_blocks
         self.score_fn = score_fn
@@ -85,12 +58,59 @@ cdef class PoolCore:
         self._gen = self.gen
         self._unlisted = self.unlisted.view(np.uint8)
 
-    cdef int _check_unhashed(self, long long[::1] v) except -1:
-        """Refuse to cache a block that already has a hash."""
+    cdef int check_range(self, long long[::1] table, Py_ssize_t lo, Py_ssize_t hi) except -1:
+        """Refuse to cache a block of ``table[lo:hi]`` that already has a hash."""
         cdef Py_ssize_t i
-        for i in range(v.shape[0]):
-            if self._has_hash[v[i]]:
+        for i in range(lo, hi):
+            if self._has_hash[table[i]]:
                 raise AssertionError("caching a block that already has a hash")
+        return 0
+
+    cdef int cache_range(self, long long[::1] table, Py_ssize_t lo, Py_ssize_t hi, object hashes, bint listed) except -1:
+        """Give ``table[i]`` the hash ``hashes[i]`` for ``lo <= i < hi`` (checked unhashed): listed (the hash
+        map, or the duplicates when the hash is cached already: the first block stays the one lookups
+        return, as in vLLM) or unlisted."""
+        cdef Py_ssize_t i
+        cdef long long b
+        cdef dict cached = self.cached
+        for i in range(lo, hi):
+            b = table[i]
+            h = hashes[i]
+            self._has_hash[b] = 1
+            self._hash_of[b] = h
+            if not listed:
+                self._unlisted[b] = 1
+            elif h in cached:
+                self._dups.setdefault(h, []).append(b)
+            else:
+                cached[h] = b
+                self._canonical[b] = 1
+        if not listed:
+            self.num_unlisted += hi - lo
+        return 0
+
+    cdef int touch_hits(self, object hits, Py_ssize_t n_free) except -1:
+        """Add one reference to each of ``hits`` (a contiguous int64 array), ``n_free`` of which are free:
+        those leave the queue."""
+        cdef long long[::1] v = hits
+        cdef long long[::1] lv
+        cdef Py_ssize_t i, k = 0, n = v.shape[0]
+        if n_free:
+            if n_free == n:
+                leaving = hits
+            else:
+                leaving = np.empty(n_free, dtype=np.int64)
+                lv = leaving
+                for i in range(n):
+                    if self._ref[v[i]] == 0:
+                        lv[k] = v[i]
+                        k += 1
+            self.queue.remove_ids(leaving)
+            self.num_free_hashed -= n_free
+        for i in range(n):
+            self._ref[v[i]] += 1
+        if self.references is not None:
+            self.references.touch(self.hash_of[hits[self.has_hash[hits]]])
         return 0
 
     # ----------------------------------------------------------------- queue
@@ -224,15 +244,7 @@ cdef class PoolCore:
 
     def _touch(self, blocks, r, free, n_free):
         """``touch`` given ``r = ref[blocks]``, ``free = r == 0`` and its count."""
-        cdef long long[::1] v
-        cdef Py_ssize_t i
-        if n_free:
-            self._leave_queue(blocks if n_free == len(blocks) else blocks[free])
-        v = _ids(blocks)
-        for i in range(v.shape[0]):
-            self._ref[v[i]] += 1
-        if self.references is not None:
-            self.references.touch(self.hash_of[blocks[self.has_hash[blocks]]])
+        self.touch_hits(_ids(blocks), n_free)
 
     def get_new_blocks(self, Py_ssize_t n):
         """Pop ``n`` blocks from the front of the free queue, evicting cached ones."""
@@ -315,39 +327,22 @@ cdef class PoolCore:
 
     def cache_full_blocks(self, blocks, hashes):
         """Give newly filled blocks their hashes so later requests can hit them (see ``PyPoolCore``)."""
-        cdef Py_ssize_t i, n = len(blocks)
+        cdef Py_ssize_t n = len(blocks)
         if n == 0:
             return
-        cdef dict cached = self.cached
         if self.references is not None:
-            self.references.insert(hashes, cached)
+            self.references.insert(hashes, self.cached)
         cdef long long[::1] v = _ids(blocks)
-        cdef long long b
-        self._check_unhashed(v)
-        for i in range(n):
-            b = v[i]
-            h = hashes[i]
-            self._has_hash[b] = 1
-            self._hash_of[b] = h
-            if h in cached:
-                self._dups.setdefault(h, []).append(b)
-            else:
-                cached[h] = b
-                self._canonical[b] = 1
+        self.check_range(v, 0, n)
+        self.cache_range(v, 0, n, hashes, True)
 
     def cache_unlisted_blocks(self, blocks, hashes):
         """Give newly filled blocks hashes that no lookup will ever ask for (see ``PyPoolCore``)."""
-        cdef Py_ssize_t i, n = len(blocks)
+        cdef Py_ssize_t n = len(blocks)
         if n == 0:
             return
         if self.references is not None:
             raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
         cdef long long[::1] v = _ids(blocks)
-        cdef long long b
-        self._check_unhashed(v)
-        for i in range(n):
-            b = v[i]
-            self._has_hash[b] = 1
-            self._hash_of[b] = hashes[i]
-            self._unlisted[b] = 1
-        self.num_unlisted += n
+        self.check_range(v, 0, n)
+        self.cache_range(v, 0, n, hashes, False)

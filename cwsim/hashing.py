@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cwsim import native
 from cwsim.sequences import common_prefix_len
 
 ROOT_HASH = 0x5EED_CACE
@@ -166,6 +167,15 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
             out.append(i)
     memo.out = out
     return out
+
+
+#: the Python function: the specification of the compiled one, and what runs where that was not built
+py_block_hashes = block_hashes
+_compiled = native.load("cwsim._hashing")
+#: whether ``block_hashes`` is the compiled function (``cwsim.native``)
+NATIVE = _compiled is not None
+if NATIVE:
+    block_hashes = _compiled.block_hashes  # noqa: F811 - the same function, compiled
 
 
 def own_block_ids(segs: Segments, block_size: int, private_from: int, ids: BlockIds,

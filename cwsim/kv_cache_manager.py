@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cwsim import native
 from cwsim.block_pool import BlockPool
 from cwsim.request import Request
 
@@ -119,3 +120,11 @@ class KVCacheManager:
 
 
 _EMPTY = np.empty(0, dtype=np.int64)
+
+#: the Python class: the specification of the compiled one, and what runs where that was not built
+PyKVCacheManager = KVCacheManager
+_compiled = native.load("cwsim._kv_cache_manager")
+#: whether ``KVCacheManager`` is the compiled class (``cwsim.native``)
+NATIVE = _compiled is not None
+if NATIVE:
+    KVCacheManager = _compiled.KVCacheManager  # noqa: F811 - the same class, compiled
