@@ -18,12 +18,15 @@ segment boundary the two share, and only the new tail costs Python work.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
 
 from cwsim import native
 from cwsim.sequences import common_prefix_len
 
 ROOT_HASH = 0x5EED_CACE
+_consume = deque(maxlen=0).extend  # run an iterator for its side effects
 
 Segments = Sequence[tuple[int, int]]
 
@@ -94,9 +97,7 @@ class BlockIds(dict):
         return n
 
     def forget(self, hashes) -> None:
-        pop = self.pop
-        for h in hashes:
-            pop(h, None)
+        _consume(map(self.pop, hashes, repeat(None)))
 
 
 def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None, ids: BlockIds | None = None,

@@ -158,20 +158,31 @@ class Workload:
         pairs: dict[tuple[str, int], tuple[int, int]] = {}  # the same (segment, n) -> the same int pair
         own: list[str] = []
         calls: list[SimCall] = []
+        prev: tuple = ()  # the last call's prompt, and its mapped pairs and length
+        prev_pairs: list[tuple[int, int]] = []
+        prev_len = 0
         for c in sess.calls:
-            prompt = list(map(pairs.get, c.prompt))
-            if None in prompt:
-                for i, p in enumerate(prompt):
+            raw = c.prompt
+            n = len(prev)
+            if len(raw) >= n and raw[:n] == prev:  # most prompts extend the last one: map the new part only
+                new = list(map(pairs.get, raw[n:]))
+                prompt_len = prev_len
+            else:
+                n, new, prompt_len = 0, list(map(pairs.get, raw)), 0
+            if None in new:
+                for i, p in enumerate(new):
                     if p is None:
-                        seg = c.prompt[i]
+                        seg = raw[n + i]
                         if seg[0] not in intern.ids and not shared(seg[0]):
                             own.append(seg[0])
-                        prompt[i] = pairs[seg] = (intern(seg[0]), seg[1])
+                        new[i] = pairs[seg] = (intern(seg[0]), seg[1])
+            prompt = prev_pairs + new if n else new
+            prompt_len += sum(map(_second, new))
+            prev, prev_pairs, prev_len = raw, prompt, prompt_len
             out_id = c.output_segment if c.output_segment is not None else f"\0out:{si}:{c.turn}"
             if out_id not in intern.ids and (c.output_segment is None or not shared(out_id)):
                 own.append(out_id)
             segs = (*prompt, (intern(out_id), c.output_tokens))
-            prompt_len = sum(map(_second, prompt))
             calls.append(SimCall(segs, prompt_len, c.output_tokens, c.next_gap_s, 0, c.tools))
         _mark_private(calls, set(map(intern.ids.__getitem__, own)))
         for a, b in zip(calls, calls[1:]):
