@@ -363,7 +363,6 @@ def test_single_call_sessions_cached_unlisted_run_as_listed(tmp_path, monkeypatc
     byte for byte: under pressure, with preemptions (a re-admission hits its own blocks through its
     hint) and agent sessions beside them that share the system prompt."""
     import cwsim.runner
-    from cwsim.block_pool import BlockPool
     from cwsim.engine import Engine
 
     agents = agent_trace(4, 6, seed=3, system_tokens=512).sessions
@@ -371,10 +370,15 @@ def test_single_call_sessions_cached_unlisted_run_as_listed(tmp_path, monkeypatc
               for i in range(10)]
     trace = Trace([s for pair in zip(single, agents) for s in pair] + single[4:], source="mixed")
     cfg = SimConfig(policy=policy, kv_blocks=500, agents=6, max_num_seqs=8)
-    unlisted = []
-    real = BlockPool.cache_unlisted_blocks
-    monkeypatch.setattr(BlockPool, "cache_unlisted_blocks",
-                        lambda self, blocks, hashes: (unlisted.append(len(blocks)), real(self, blocks, hashes)))
+    unlisted = []  # per request submitted: are its own blocks to be cached unlisted
+    real = Engine.submit
+
+    def submit(self, *args, **kwargs):
+        req = real(self, *args, **kwargs)
+        unlisted.append(req.unlisted_from < (req.prompt_len + req.output_len) // cfg.block_size)
+        return req
+
+    monkeypatch.setattr(Engine, "submit", submit)
     fast = simulate(trace, cfg, tmp_path / "unlisted")
 
     class Listed(Engine):
@@ -383,7 +387,8 @@ def test_single_call_sessions_cached_unlisted_run_as_listed(tmp_path, monkeypatc
     monkeypatch.setattr(cwsim.runner, "Engine", Listed)
     n = len(unlisted)
     slow = simulate(trace, cfg, tmp_path / "listed")
-    assert len(unlisted) == n > 10  # (the first run did cache unlisted blocks; the second none)
+    # (the first run cached the single-call sessions' own blocks unlisted; the second none)
+    assert sum(unlisted[:n]) == len(single) and not any(unlisted[n:]) and len(unlisted) == 2 * n
     assert fast.summary["evicted_blocks"] > 0
     # a single-call session was preempted: its re-admission looked its own (unlisted) blocks up
     assert any(r["session_id"].startswith("one") and int(r["preemptions"])
