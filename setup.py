@@ -10,9 +10,8 @@ from setuptools import Extension, setup
 
 NATIVE = ["cwsim._free_queue", "cwsim._block_pool", "cwsim._hashing", "cwsim._kv_cache_manager"]
 
-setup(
-    ext_modules=cythonize(
-        [Extension(name, [name.replace(".", "/") + ".pyx"], optional=True) for name in NATIVE],
-        language_level=3,
-    ),
-)
+EXTENSIONS = cythonize([Extension(name, [name.replace(".", "/") + ".pyx"]) for name in NATIVE], language_level=3)
+for ext in EXTENSIONS:
+    ext.optional = True  # a module that does not compile is skipped (set here: cythonize drops the flag)
+
+setup(ext_modules=EXTENSIONS)

@@ -13,8 +13,6 @@ import numpy as np
 
 from cwsim._free_queue cimport FreeBlockQueue
 
-from cwsim.block_pool import FreedBlocks
-
 cdef long long NULL_BLOCK = 0
 cdef object _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -193,6 +191,8 @@ cdef class PoolCore:
             if r[i] == 0 and self._has_hash[v[i]]:
                 p[kh] = n - 1 - i if tail_first else i
                 kh += 1
+        from cwsim.block_pool import FreedBlocks  # here, not at import: cwsim.block_pool imports this module
+
         score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason,
                                           self.queue.next_seq))
         self.queue.append_n(freed_h, score)

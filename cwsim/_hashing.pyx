@@ -10,7 +10,6 @@ checks them against it, the extreme parents included). The memo, the ids and the
 work as in the Python function.
 """
 
-from cwsim.hashing import PrefixMemo
 from traces.sequences import common_prefix_len
 
 ctypedef unsigned long long u64
@@ -69,6 +68,8 @@ cdef long long _pieces_hash(list pieces):
 def block_hashes(segs, Py_ssize_t block_size, memo=None, ids=None, list created=None, Py_ssize_t private_block=0):
     """Hashes (or their ids) of every full block of ``segs`` (see ``cwsim.hashing.block_hashes``)."""
     if memo is None:
+        from cwsim.hashing import PrefixMemo  # here, not at import: cwsim.hashing imports this module
+
         memo = PrefixMemo()
     if type(segs) is not tuple:
         segs = tuple(segs)

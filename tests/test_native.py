@@ -66,6 +66,15 @@ def test_pure_python_env_runs_the_python_classes():
     assert out.strip() == str(sorted((py, py) for py in native.MODULES.values()))
 
 
+@pytest.mark.parametrize("module", sorted(native.MODULES))
+def test_a_compiled_module_imported_first_imports(module):
+    """A compiled module does not import its Python twin at import time (which imports it back)."""
+    code = f"import {module}; from cwsim import native; print(sorted(native.in_use().values()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(sorted(native.MODULES))
+
+
 def test_the_python_twins_pass_the_pool_property_tests():
     tests = ["tests/test_block_pool_properties.py", "tests/test_block_pool_vllm.py", "tests/test_free_queue_native.py"]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
