@@ -54,3 +54,9 @@ def in_use() -> dict[str, str]:
         mod = importlib.import_module(py)
         out[py] = name if getattr(mod, "NATIVE", False) else py
     return out
+
+
+def describe() -> str:
+    """One line for a benchmark's output: the compiled modules that run, or that none do."""
+    running = sorted(name for py, name in in_use().items() if name != py)
+    return f"compiled: {', '.join(running)}" if running else "compiled: none (the Python twins run)"

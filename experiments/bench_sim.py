@@ -88,6 +88,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from cwsim import native
 from cwsim.config import SimConfig
 from cwsim.runner import DEFAULT_TRACE, resolve_kv_blocks, simulate
 from cwsim.steptime import load_profile
@@ -176,6 +177,7 @@ def row_for(label: str, k: int, policy: str, config: SimConfig, summary: dict, w
         "wall_ms_per_call": 1000.0 * wall / calls,
         "calls_per_cpu_s": calls / cpu,
         "wall_ratio_vs_k1": None,
+        "compiled": native.describe(),
     }
 
 
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     base = load_trace(args.trace)
     shared = shared_segments(base)
+    console.print(native.describe())
     console.print(f"trace {args.trace}: {len(base.sessions)} sessions, {base.num_calls:,} calls, "
                   f"{len(shared)} segment ids shared across sessions (kept unprefixed)")
 

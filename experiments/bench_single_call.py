@@ -37,6 +37,7 @@ PROMPT, OUTPUT = 3800, 200
 
 CHILD = r"""
 import json, resource, sys, time
+from cwsim import native
 from cwsim.config import SimConfig
 from cwsim.runner import simulate
 from traces.format import Call
@@ -49,11 +50,12 @@ s = simulate(path, cfg).summary
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 print(json.dumps({"requests": s["requests"], "wall_s": wall, "cpu_s": cpu, "makespan_s": s["makespan_s"],
                   "steps": s["steps"], "evicted_blocks": s["evicted_blocks"], "kv_blocks": s["kv_blocks"],
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "compiled": native.describe()}))
 """ % {"prompt": PROMPT, "output": OUTPUT}
 
 FIELDS = ["requests", "rate", "wall_s", "cpu_s", "requests_per_wall_s", "requests_per_cpu_s", "us_per_request",
-          "peak_rss_mib", "makespan_s", "steps", "evicted_blocks", "kv_blocks"]
+          "peak_rss_mib", "makespan_s", "steps", "evicted_blocks", "kv_blocks", "compiled"]
 
 
 def measure(n: int, rate: float, work: Path) -> dict:
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+    if rows:
+        print(rows[0]["compiled"])
     if len(rows) >= 2:
         print(f"cost per request at {rows[-1]['requests']:,} / at {rows[0]['requests']:,}: "
               f"{rows[-1]['us_per_request'] / rows[0]['us_per_request']:.2f} (1.00 = linear); peak RSS "
