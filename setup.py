@@ -5,12 +5,22 @@ cannot compile (no C compiler), ``optional=True`` lets the install go on and the
 Python classes, with the same results (``cwsim.native`` says which are in use).
 """
 
+import importlib.util
+from pathlib import Path
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+# cwsim/native.py alone (not the package: the build environment has none of its dependencies)
+_spec = importlib.util.spec_from_file_location("cwsim_native", Path(__file__).parent / "cwsim" / "native.py")
+_native = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_native)
+DIGEST = _native.source_digest(Path(__file__).parent / "cwsim")  # compiled into each module: see cwsim.native.stale
+
 NATIVE = ["cwsim._free_queue", "cwsim._block_pool", "cwsim._hashing", "cwsim._kv_cache_manager"]
 
-EXTENSIONS = cythonize([Extension(name, [name.replace(".", "/") + ".pyx"]) for name in NATIVE], language_level=3)
+EXTENSIONS = cythonize([Extension(name, [name.replace(".", "/") + ".pyx"], define_macros=[("CWSIM_SOURCE_DIGEST", f'"{DIGEST}"')])
+                        for name in NATIVE], language_level=3, force=True)  # all of them: each holds the digest
 for ext in EXTENSIONS:
     ext.optional = True  # a module that does not compile is skipped (set here: cythonize drops the flag)
 

@@ -9,6 +9,9 @@ touching, looking up prefixes. ``BlockPool`` extends whichever core runs, so the
 cores to the same results.
 """
 
+include "_digest.pxi"
+
+
 import numpy as np
 
 from cwsim._free_queue cimport FreeBlockQueue

@@ -9,6 +9,9 @@ over block ids differ: they run over typed views of the same numpy arrays instea
 which at a few blocks a call cost more in overhead than in work.
 """
 
+include "_digest.pxi"
+
+
 import heapq
 
 import numpy as np

@@ -10,6 +10,9 @@ checks them against it, the extreme parents included). The memo, the ids and the
 work as in the Python function.
 """
 
+include "_digest.pxi"
+
+
 from traces.sequences import common_prefix_len
 
 ctypedef unsigned long long u64

@@ -8,6 +8,9 @@ filled by reading the request's block table and hashes in place, where the Pytho
 concatenates them for the pool. ``tests/test_native.py`` holds the two to the same results.
 """
 
+include "_digest.pxi"
+
+
 import numpy as np
 
 from cwsim._block_pool cimport PoolCore

@@ -60,6 +60,29 @@ def test_the_compiled_modules_were_built_and_are_in_use():
     assert native.in_use() == {py: name for name, py in native.MODULES.items()}
 
 
+def test_each_compiled_module_holds_the_digest_of_the_sources_it_was_built_from():
+    import importlib
+
+    digest = native.source_digest()
+    assert len(digest) == 64
+    for name in native.MODULES:
+        assert importlib.import_module(name).SOURCE_DIGEST == digest, name
+
+
+def test_a_stale_build_is_not_used(monkeypatch, tmp_path):
+    """Sources changed since the build (a pull without reinstalling): the Python twins run, with a warning."""
+    monkeypatch.setattr(native, "_current_digest", lambda: "0" * 64)
+    with pytest.warns(RuntimeWarning, match="run `pip install -e .` again to rebuild"):
+        native._warn_stale.cache_clear()
+        assert native.load("cwsim._block_pool") is None
+    assert native.available() == []
+    native._warn_stale.cache_clear()
+    # an installed package (no sources beside the modules) is never stale
+    assert native.source_digest(tmp_path) == ""
+    monkeypatch.setattr(native, "_current_digest", lambda: "")
+    assert native.load("cwsim._block_pool") is not None
+
+
 def test_pure_python_env_runs_the_python_classes():
     out = subprocess.run([sys.executable, "-c", "from cwsim import native; print(sorted(native.in_use().items()))"],
                          env=PURE, capture_output=True, text=True, check=True).stdout
