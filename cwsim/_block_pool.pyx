@@ -26,30 +26,6 @@ cdef inline object _ids(a):
 
 
 cdef class PoolCore:
-    def __init__(self, Py_ssize_t num_blocks, score_fn=None, growable=False, on_evict=None):
-        self.num_blocks = num_blocks
-        self.score_fn = score_fn
-        self.growable = growable
-        self.on_evict = on_evict
-        self.on_release = None
-        self.on_unhash = None
-        self.references = None
-        self.ref = np.zeros(num_blocks, dtype=np.int32)
-        self.has_hash = np.zeros(num_blocks, dtype=bool)
-        self.hash_of = np.zeros(num_blocks, dtype=np.int64)
-        self.canonical = np.zeros(num_blocks, dtype=bool)
-        self.gen = np.zeros(num_blocks, dtype=np.int64)
-        self.unlisted = np.zeros(num_blocks, dtype=bool)
-        self.num_unlisted = 0
-        self.cached = {}
-        self._dups = {}
-        self.num_free_hashed = 0
-        self.num_evicted = 0
-        self.peak_in_use = 0
-        self.queue = FreeBlockQueue(num_blocks, np.arange(1, num_blocks, dtype=np.int64))
-        self.ref[NULL_BLOCK] = 1
-        self._bind()
-
     def _bind(self):
         """Typed views of the state arrays (after they are made or grown: ``BlockPool._ensure_unhashed_free``)."""
         self._ref = self.ref
@@ -59,23 +35,17 @@ cdef class PoolCore:
         self._gen = self.gen
         self._unlisted = self.unlisted.view(np.uint8)
 
-    cdef int check_range(self, long long[::1] table, Py_ssize_t lo, Py_ssize_t hi) except -1:
-        """Refuse to cache a block of ``table[lo:hi]`` that already has a hash."""
-        cdef Py_ssize_t i
-        for i in range(lo, hi):
-            if self._has_hash[table[i]]:
-                raise AssertionError("caching a block that already has a hash")
-        return 0
-
     cdef int cache_range(self, long long[::1] table, Py_ssize_t lo, Py_ssize_t hi, object hashes, bint listed) except -1:
-        """Give ``table[i]`` the hash ``hashes[i]`` for ``lo <= i < hi`` (checked unhashed): listed (the hash
-        map, or the duplicates when the hash is cached already: the first block stays the one lookups
-        return, as in vLLM) or unlisted."""
+        """Give ``table[i]`` the hash ``hashes[i]`` for ``lo <= i < hi``: listed (the hash map, or the
+        duplicates when the hash is cached already: the first block stays the one lookups return, as in
+        vLLM) or unlisted. A block that has a hash already is refused (a bug: the run stops there)."""
         cdef Py_ssize_t i
         cdef long long b
         cdef dict cached = self.cached
         for i in range(lo, hi):
             b = table[i]
+            if self._has_hash[b]:
+                raise AssertionError("caching a block that already has a hash")
             h = hashes[i]
             self._has_hash[b] = 1
             self._hash_of[b] = h
@@ -126,18 +96,29 @@ cdef class PoolCore:
         self.queue.remove_ids(blocks)
         self.num_free_hashed -= len(blocks)
 
-    def _deref(self, blocks):
-        """Drop one reference from each of ``blocks`` (distinct ids); their new ref counts."""
-        cdef long long[::1] v = _ids(blocks)
+    cdef int _drop_refs(self, long long[::1] v, int[::1] r, Py_ssize_t* n_freed, Py_ssize_t* n_hashed) except -1:
+        """Drop one reference from each of ``v`` (distinct ids; refused, changing nothing, if one has none):
+        ``r[i]`` gets ``v[i]``'s new count; counts the blocks freed, and those of them with a hash."""
         cdef Py_ssize_t i, n = v.shape[0]
-        out = np.empty(n, dtype=np.int32)
-        cdef int[::1] o = out
+        cdef int c
         for i in range(n):
             if self._ref[v[i]] <= 0:
                 raise AssertionError("freeing a block whose ref count is already 0")
         for i in range(n):
-            self._ref[v[i]] -= 1
-            o[i] = self._ref[v[i]]
+            c = self._ref[v[i]] - 1
+            self._ref[v[i]] = c
+            r[i] = c
+            if c == 0:
+                n_freed[0] += 1
+                n_hashed[0] += self._has_hash[v[i]]
+        return 0
+
+    def _deref(self, blocks):
+        """Drop one reference from each of ``blocks`` (distinct ids); their new ref counts."""
+        cdef Py_ssize_t n_freed = 0, n_h = 0
+        blocks = _ids(blocks)
+        out = np.empty(len(blocks), dtype=np.int32)
+        self._drop_refs(blocks, out, &n_freed, &n_h)
         return out
 
     def _release(self, ordered, bint tail_first, request, now, reason):
@@ -147,25 +128,23 @@ cdef class PoolCore:
             return
         ordered = _ids(ordered)
         cdef long long[::1] v = ordered
-        refs = self._deref(ordered)
+        refs = np.empty(n, dtype=np.int32)
         cdef int[::1] r = refs
         cdef Py_ssize_t i, n_freed = 0, n_h = 0, ku = 0, kh = 0
         cdef long long b
-        hooks = self.references is not None or self.on_release is not None
-        if hooks:
+        self._drop_refs(v, r, &n_freed, &n_h)
+        if self.references is not None or self.on_release is not None:
             hashed = self.has_hash[ordered]
             if self.references is not None:
                 self.references.release(self.hash_of[ordered[hashed]])
             if self.on_release is not None:
                 self.on_release(ordered, refs, hashed, request)
-        for i in range(n):
-            if r[i] == 0:
-                n_freed += 1
-                n_h += self._has_hash[v[i]]
         if n_freed == 0:
             return
+        cdef bint scored = self.score_fn is not None
         freed_h = np.empty(n_h, dtype=np.int64)
-        cdef long long[::1] fh = freed_h
+        pos = np.empty(n_h if scored else 0, dtype=np.int64)  # the freed cached blocks' places in the table
+        cdef long long[::1] fh = freed_h, p = pos
         cdef long long[::1] fu
         if n_h < n_freed:
             freed_u = np.empty(n_freed - n_h, dtype=np.int64)
@@ -175,6 +154,8 @@ cdef class PoolCore:
                 b = v[i]
                 if self._has_hash[b]:
                     fh[kh] = b
+                    if scored:
+                        p[kh] = n - 1 - i if tail_first else i
                     kh += 1
                 else:
                     fu[ku] = b
@@ -184,16 +165,9 @@ cdef class PoolCore:
             if n_h == 0:
                 return
         self.num_free_hashed += n_h
-        if self.score_fn is None:  # score 0 for every block: one run
+        if not scored:  # score 0 for every block: one run
             self.queue.append(freed_h)
             return
-        pos = np.empty(n_h, dtype=np.int64)
-        cdef long long[::1] p = pos
-        kh = 0
-        for i in range(n):
-            if r[i] == 0 and self._has_hash[v[i]]:
-                p[kh] = n - 1 - i if tail_first else i
-                kh += 1
         from cwsim.block_pool import FreedBlocks  # here, not at import: cwsim.block_pool imports this module
 
         score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason,
@@ -335,9 +309,7 @@ cdef class PoolCore:
             return
         if self.references is not None:
             self.references.insert(hashes, self.cached)
-        cdef long long[::1] v = _ids(blocks)
-        self.check_range(v, 0, n)
-        self.cache_range(v, 0, n, hashes, True)
+        self.cache_range(_ids(blocks), 0, n, hashes, True)
 
     def cache_unlisted_blocks(self, blocks, hashes):
         """Give newly filled blocks hashes that no lookup will ever ask for (see ``PyPoolCore``)."""
@@ -346,6 +318,4 @@ cdef class PoolCore:
             return
         if self.references is not None:
             raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
-        cdef long long[::1] v = _ids(blocks)
-        self.check_range(v, 0, n)
-        self.cache_range(v, 0, n, hashes, False)
+        self.cache_range(_ids(blocks), 0, n, hashes, False)

@@ -71,8 +71,7 @@ cdef class FreeBlockQueue:
     def prepend_n(self, ids):
         """Put blocks without a hash at the front, in the given order (``ids`` is kept: pass a copy)."""
         if len(ids):
-            self._seq += 1
-            self._push((0, 0.0, -self._seq), _as_ids(ids))
+            self.prepend(_as_ids(ids))
 
     cpdef void prepend(self, ids):
         """``prepend_n`` for an int64 array that is not empty."""

@@ -109,10 +109,6 @@ cdef class KVCacheManager:
                 pool.references.insert(hashes, pool.cached)
             if any_unlisted:
                 raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
-        for j in range(m):  # refuse before changing anything, as one pool call would
-            req, k, u, n_full = spans[j]
-            t = req.table
-            pool.check_range(t, k, n_full)
         for j in range(m):
             req, k, u, n_full = spans[j]
             if u > k:
@@ -132,7 +128,7 @@ cdef class KVCacheManager:
 
     def free(self, req, now=0.0, reason="finish"):
         """Release the request's blocks tail first, keeping its cached blocks as the next lookup's hint."""
-        blocks = req.table[: req.nblk] if req.table is not None else _EMPTY
+        blocks = req.blocks
         cached = blocks[: req.num_cached_blocks]
         hint = (cached, self.pool.gen[cached])
         if reason == "preempt":

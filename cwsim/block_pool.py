@@ -83,46 +83,13 @@ class FreedBlocks:
 
 
 class PyPoolCore:
-    """The block pool's state and the operations on the allocation path (``BlockPool``'s base).
+    """The operations on the block pool's allocation path (``BlockPool``'s base; ``BlockPool.__init__``
+    makes the state they work on).
 
     The Python specification of ``cwsim._block_pool.PoolCore`` (the same, with its per-block loops
     compiled), which ``BlockPool`` extends where the build made it (``cwsim.native``). The
     invariant and the surface are ``BlockPool``'s.
     """
-
-    def __init__(self, num_blocks: int, score_fn=None, growable: bool = False, on_evict=None):
-        self.num_blocks = num_blocks
-        self.score_fn = score_fn
-        self.growable = growable
-        self.on_evict = on_evict
-        #: ``on_release(blocks, refs_after, has_hash, request)``: called with every release (before the freed
-        #: blocks are scored); the arrays are per block of ``blocks``
-        self.on_release: Callable[[np.ndarray, np.ndarray, np.ndarray, object], None] | None = None
-        #: ``on_unhash(blocks)``: called with the ids (an array or a list) of each batch of blocks that lose
-        #: their hash (evicted, or freed uncached): their contents' cached lives end
-        self.on_unhash: Callable[[np.ndarray | list[int]], None] | None = None
-        #: a ``cwsim.eviction_bound.ReferenceStream`` that records the references to cached contents
-        #: (``touch``: a hit or a copy's hold; ``insert``: a block given its hash; ``release``: a
-        #: reference to a hashed block dropped), or None
-        self.references = None
-        self.ref = np.zeros(num_blocks, dtype=np.int32)
-        self.has_hash = np.zeros(num_blocks, dtype=bool)
-        self.hash_of = np.zeros(num_blocks, dtype=np.int64)
-        # canonical[b]: b is the block that lookups of its hash return;
-        # gen[b]: bumped each time b is evicted (so a remembered block can be re-checked)
-        self.canonical = np.zeros(num_blocks, dtype=bool)
-        self.gen = np.zeros(num_blocks, dtype=np.int64)
-        #: unlisted[b]: b has a hash that is not in the hash map (``cache_unlisted_blocks``)
-        self.unlisted = np.zeros(num_blocks, dtype=bool)
-        self.num_unlisted = 0
-        self.cached: dict[int, int] = {}
-        self._dups: dict[int, list[int]] = {}
-        self.num_free_hashed = 0
-        self.num_evicted = 0
-        self.peak_in_use = 0  # most blocks in use at once (null block excluded)
-        #: the free blocks in reuse order; every block but the null block starts free, in id order
-        self.queue = FreeBlockQueue(num_blocks, np.arange(1, num_blocks, dtype=np.int64))
-        self.ref[NULL_BLOCK] = 1  # never freed, never in the queue
 
     # ----------------------------------------------------------------- queue
     @property
@@ -460,7 +427,39 @@ class BlockPool(PoolCore):
     ):
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is the null block), got {num_blocks}")
-        super().__init__(num_blocks, score_fn, growable, on_evict)
+        self.num_blocks = num_blocks
+        self.score_fn = score_fn
+        self.growable = growable
+        self.on_evict = on_evict
+        #: ``on_release(blocks, refs_after, has_hash, request)``: called with every release (before the freed
+        #: blocks are scored); the arrays are per block of ``blocks``
+        self.on_release: Callable[[np.ndarray, np.ndarray, np.ndarray, object], None] | None = None
+        #: ``on_unhash(blocks)``: called with the ids (an array or a list) of each batch of blocks that lose
+        #: their hash (evicted, or freed uncached): their contents' cached lives end
+        self.on_unhash: Callable[[np.ndarray | list[int]], None] | None = None
+        #: a ``cwsim.eviction_bound.ReferenceStream`` that records the references to cached contents
+        #: (``touch``: a hit or a copy's hold; ``insert``: a block given its hash; ``release``: a
+        #: reference to a hashed block dropped), or None
+        self.references = None
+        self.ref = np.zeros(num_blocks, dtype=np.int32)
+        self.has_hash = np.zeros(num_blocks, dtype=bool)
+        self.hash_of = np.zeros(num_blocks, dtype=np.int64)
+        # canonical[b]: b is the block that lookups of its hash return;
+        # gen[b]: bumped each time b is evicted (so a remembered block can be re-checked)
+        self.canonical = np.zeros(num_blocks, dtype=bool)
+        self.gen = np.zeros(num_blocks, dtype=np.int64)
+        #: unlisted[b]: b has a hash that is not in the hash map (``cache_unlisted_blocks``)
+        self.unlisted = np.zeros(num_blocks, dtype=bool)
+        self.num_unlisted = 0
+        self.cached: dict[int, int] = {}
+        self._dups: dict[int, list[int]] = {}
+        self.num_free_hashed = 0
+        self.num_evicted = 0
+        self.peak_in_use = 0  # most blocks in use at once (null block excluded)
+        #: the free blocks in reuse order; every block but the null block starts free, in id order
+        self.queue = FreeBlockQueue(num_blocks, np.arange(1, num_blocks, dtype=np.int64))
+        self.ref[NULL_BLOCK] = 1  # never freed, never in the queue
+        self._bind()
 
     # ------------------------------------------------------------ public API
     def in_release(self, blocks: np.ndarray, seq: int) -> np.ndarray:
