@@ -74,9 +74,9 @@ cdef class KVCacheManager:
         if req.table is None:  # room for the whole call
             req.table = np.empty(max(_cdiv(req.prompt_len + req.output_len, bs), n_hit + n_got), dtype=np.int64)
         if n_hit:
-            _append(req, new_computed)
+            req.append_blocks(new_computed)
         if n_got:
-            _append(req, new)
+            req.append_blocks(new)
         if n_hit:
             req.num_cached_blocks = max(<Py_ssize_t>req.num_cached_blocks, <Py_ssize_t>req.nblk - n_got)
         self.cache_blocks_of(((req, min(total, num_tokens)),))
@@ -139,14 +139,3 @@ cdef class KVCacheManager:
         req.table = None  # dropped, not reused: the hint above is a view of it
         req.nblk = 0
         req.num_cached_blocks = 0
-
-
-cdef inline void _append(req, blocks) except *:
-    """``req.append_blocks(blocks)``, written in place when the table has room."""
-    cdef Py_ssize_t k = req.nblk, n = len(blocks)
-    table = req.table
-    if k + n > len(table):
-        req.append_blocks(blocks)
-        return
-    table[k : k + n] = blocks
-    req.nblk = k + n
