@@ -32,6 +32,6 @@ cdef class PoolCore:
     cdef unsigned char[::1] _unlisted
 
     cdef int touch_hits(self, object hits, Py_ssize_t n_free) except -1
-    cdef int _drop_refs(self, long long[::1] v, int[::1] r, Py_ssize_t* n_freed, Py_ssize_t* n_hashed) except -1
-    cdef int cache_range(self, long long[::1] table, Py_ssize_t lo, Py_ssize_t hi, object hashes, bint listed) except -1
+    cdef int _drop_refs(self, long long* v, Py_ssize_t n, int* r, Py_ssize_t* n_freed, Py_ssize_t* n_hashed) except -1
+    cdef int cache_range(self, long long* table, Py_ssize_t lo, Py_ssize_t hi, object hashes, bint listed) except -1
     cdef object _hint_prefix(self, cand, gens)

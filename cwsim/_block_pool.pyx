@@ -10,6 +10,7 @@ cores to the same results.
 """
 
 include "_digest.pxi"
+include "_arrays.pxi"
 
 
 import numpy as np
@@ -35,7 +36,7 @@ cdef class PoolCore:
         self._gen = self.gen
         self._unlisted = self.unlisted.view(np.uint8)
 
-    cdef int cache_range(self, long long[::1] table, Py_ssize_t lo, Py_ssize_t hi, object hashes, bint listed) except -1:
+    cdef int cache_range(self, long long* table, Py_ssize_t lo, Py_ssize_t hi, object hashes, bint listed) except -1:
         """Give ``table[i]`` the hash ``hashes[i]`` for ``lo <= i < hi``: listed (the hash map, or the
         duplicates when the hash is cached already: the first block stays the one lookups return, as in
         vLLM) or unlisted. A block that has a hash already is refused (a bug: the run stops there)."""
@@ -63,15 +64,15 @@ cdef class PoolCore:
     cdef int touch_hits(self, object hits, Py_ssize_t n_free) except -1:
         """Add one reference to each of ``hits`` (a contiguous int64 array), ``n_free`` of which are free:
         those leave the queue."""
-        cdef long long[::1] v = hits
-        cdef long long[::1] lv
-        cdef Py_ssize_t i, k = 0, n = v.shape[0]
+        cdef long long* v = _i64(hits)
+        cdef long long* lv
+        cdef Py_ssize_t i, k = 0, n = _size(hits)
         if n_free:
             if n_free == n:
                 leaving = hits
             else:
                 leaving = np.empty(n_free, dtype=np.int64)
-                lv = leaving
+                lv = _i64(leaving)
                 for i in range(n):
                     if self._ref[v[i]] == 0:
                         lv[k] = v[i]
@@ -96,10 +97,10 @@ cdef class PoolCore:
         self.queue.remove_ids(blocks)
         self.num_free_hashed -= len(blocks)
 
-    cdef int _drop_refs(self, long long[::1] v, int[::1] r, Py_ssize_t* n_freed, Py_ssize_t* n_hashed) except -1:
-        """Drop one reference from each of ``v`` (distinct ids; refused, changing nothing, if one has none):
+    cdef int _drop_refs(self, long long* v, Py_ssize_t n, int* r, Py_ssize_t* n_freed, Py_ssize_t* n_hashed) except -1:
+        """Drop one reference from each of ``v[:n]`` (distinct ids; refused, changing nothing, if one has none):
         ``r[i]`` gets ``v[i]``'s new count; counts the blocks freed, and those of them with a hash."""
-        cdef Py_ssize_t i, n = v.shape[0]
+        cdef Py_ssize_t i
         cdef int c
         for i in range(n):
             if self._ref[v[i]] <= 0:
@@ -118,7 +119,7 @@ cdef class PoolCore:
         cdef Py_ssize_t n_freed = 0, n_h = 0
         blocks = _ids(blocks)
         out = np.empty(len(blocks), dtype=np.int32)
-        self._drop_refs(blocks, out, &n_freed, &n_h)
+        self._drop_refs(_i64(blocks), _size(blocks), _i32(out), &n_freed, &n_h)
         return out
 
     def _release(self, ordered, bint tail_first, request, now, reason):
@@ -127,12 +128,12 @@ cdef class PoolCore:
         if n == 0:
             return
         ordered = _ids(ordered)
-        cdef long long[::1] v = ordered
+        cdef long long* v = _i64(ordered)
         refs = np.empty(n, dtype=np.int32)
-        cdef int[::1] r = refs
+        cdef int* r = _i32(refs)
         cdef Py_ssize_t i, n_freed = 0, n_h = 0, ku = 0, kh = 0
         cdef long long b
-        self._drop_refs(v, r, &n_freed, &n_h)
+        self._drop_refs(v, n, r, &n_freed, &n_h)
         if self.references is not None or self.on_release is not None:
             hashed = self.has_hash[ordered]
             if self.references is not None:
@@ -144,11 +145,12 @@ cdef class PoolCore:
         cdef bint scored = self.score_fn is not None
         freed_h = np.empty(n_h, dtype=np.int64)
         pos = np.empty(n_h if scored else 0, dtype=np.int64)  # the freed cached blocks' places in the table
-        cdef long long[::1] fh = freed_h, p = pos
-        cdef long long[::1] fu
+        cdef long long* fh = _i64(freed_h)
+        cdef long long* p = _i64(pos)
+        cdef long long* fu = NULL
         if n_h < n_freed:
             freed_u = np.empty(n_freed - n_h, dtype=np.int64)
-            fu = freed_u
+            fu = _i64(freed_u)
         for i in range(n):
             if r[i] == 0:
                 b = v[i]
@@ -201,9 +203,9 @@ cdef class PoolCore:
 
     cdef object _hint_prefix(self, cand, gens):
         """The leading blocks of ``cand`` still holding what they held at ``gens`` (listed or unlisted)."""
-        cdef long long[::1] c = cand
-        cdef long long[::1] g = gens
-        cdef Py_ssize_t i, n = c.shape[0]
+        cdef long long* c = _i64(cand)
+        cdef long long* g = _i64(gens)
+        cdef Py_ssize_t i, n = _size(cand)
         cdef long long b
         for i in range(n):
             b = c[i]
@@ -232,7 +234,7 @@ cdef class PoolCore:
         if n > self.queue.num_free_blocks:
             raise ValueError(f"cannot get {n} free blocks from the pool ({self.queue.num_free_blocks} free)")
         blocks = self.queue.pop(n)
-        cdef long long[::1] v = blocks
+        cdef long long* v = _i64(blocks)
         cdef Py_ssize_t i, k = 0, in_use = self.num_blocks - 1 - self.queue.num_free_blocks
         if in_use > self.peak_in_use:
             self.peak_in_use = in_use
@@ -245,7 +247,7 @@ cdef class PoolCore:
             self._evict(blocks)
             return blocks
         hashed = np.empty(k, dtype=np.int64)
-        cdef long long[::1] h = hashed
+        cdef long long* h = _i64(hashed)
         k = 0
         for i in range(n):
             if self._has_hash[v[i]]:
@@ -258,18 +260,21 @@ cdef class PoolCore:
         hashes = self._unhash(blocks)
         self.num_free_hashed -= len(blocks)
         self.num_evicted += len(blocks)
-        if hashes and self.on_evict is not None:
+        if len(hashes) and self.on_evict is not None:
             self.on_evict(hashes)
 
     def _unhash(self, blocks):
         """Take the blocks' hashes out of the cache (the hash map, duplicates, flags); bump their ``gen``.
-        Returns the hashes of the listed ones (those the hash map held)."""
+        Returns the hashes of the listed ones (those the hash map held), as an int64 array (the Python
+        core: a list; ``on_evict`` takes either, and indexes numpy flags with it without a conversion)."""
         blocks = _ids(blocks)
-        cdef long long[::1] v = blocks
-        cdef Py_ssize_t i, n = v.shape[0]
+        cdef long long* v = _i64(blocks)
+        cdef Py_ssize_t i, n = _size(blocks)
         cdef long long b
         cdef dict cached = self.cached, dups = self._dups
-        cdef list listed_hashes = []
+        listed_hashes = np.empty(n, dtype=np.int64)
+        cdef long long* lh = _i64(listed_hashes)
+        cdef Py_ssize_t k = 0
         cdef list others
         for i in range(n):
             b = v[i]
@@ -278,7 +283,8 @@ cdef class PoolCore:
                 self.num_unlisted -= 1
             else:
                 h = self._hash_of[b]
-                listed_hashes.append(h)
+                lh[k] = h
+                k += 1
                 if not dups:  # the block is the canonical one for its hash
                     del cached[h]
                 elif cached.get(h) == b:
@@ -300,7 +306,7 @@ cdef class PoolCore:
             self._gen[b] += 1
         if self.on_unhash is not None:
             self.on_unhash(blocks)
-        return listed_hashes
+        return listed_hashes if k == n else listed_hashes[:k]
 
     def cache_full_blocks(self, blocks, hashes):
         """Give newly filled blocks their hashes so later requests can hit them (see ``PyPoolCore``)."""
@@ -309,7 +315,8 @@ cdef class PoolCore:
             return
         if self.references is not None:
             self.references.insert(hashes, self.cached)
-        self.cache_range(_ids(blocks), 0, n, hashes, True)
+        blocks = _ids(blocks)
+        self.cache_range(_i64(blocks), 0, n, hashes, True)
 
     def cache_unlisted_blocks(self, blocks, hashes):
         """Give newly filled blocks hashes that no lookup will ever ask for (see ``PyPoolCore``)."""
@@ -318,4 +325,5 @@ cdef class PoolCore:
             return
         if self.references is not None:
             raise AssertionError("unlisted blocks with a reference stream (the eviction bound lists every block)")
-        self.cache_range(_ids(blocks), 0, n, hashes, False)
+        blocks = _ids(blocks)
+        self.cache_range(_i64(blocks), 0, n, hashes, False)

@@ -4,10 +4,11 @@ cdef class _Run:
     cdef public object key
     cdef public long long rid
     cdef public object ids
-    cdef long long[::1] v
+    cdef long long* v  # the data of ids (which holds it)
+    cdef Py_ssize_t n  # len(ids)
     cdef public Py_ssize_t start
     cdef public Py_ssize_t live
-    cdef void set_ids(self, ids)
+    cdef int set_ids(self, ids) except -1
 
 
 cdef class FreeBlockQueue:
@@ -19,11 +20,11 @@ cdef class FreeBlockQueue:
     cdef long long _seq
     cdef public Py_ssize_t num_free_blocks
 
-    cdef void _push(self, tuple key, ids)
-    cpdef void prepend(self, ids)
-    cpdef long long append(self, ids)
-    cpdef void remove_ids(self, ids)
-    cdef void _lose(self, long long rid, Py_ssize_t cnt)
+    cdef int _push(self, tuple key, ids) except -1
+    cpdef int prepend(self, ids) except -1
+    cpdef long long append(self, ids) except? -1
+    cpdef int remove_ids(self, ids) except -1
+    cdef int _lose(self, long long rid, Py_ssize_t cnt) except -1
     cdef _Run _front_run(self)
-    cdef Py_ssize_t _pop_into(self, long long[::1] out, Py_ssize_t n) except -1
+    cdef Py_ssize_t _pop_into(self, long long* out, Py_ssize_t n) except -1
     cpdef object pop(self, Py_ssize_t n)

@@ -10,6 +10,7 @@ which at a few blocks a call cost more in overhead than in work.
 """
 
 include "_digest.pxi"
+include "_arrays.pxi"
 
 
 import heapq
@@ -26,14 +27,16 @@ cdef class _Run:
     def __init__(self, key, long long rid, ids):
         self.key = key
         self.rid = rid
-        self.ids = ids
-        self.v = ids
+        self.set_ids(ids)
         self.start = 0
-        self.live = len(ids)
+        self.live = self.n
 
-    cdef void set_ids(self, ids):
+    cdef int set_ids(self, ids) except -1:
+        """Hold ``ids`` (an int64 array) and its data."""
+        self.v = _i64(ids)
+        self.n = _size(ids)
         self.ids = ids
-        self.v = ids
+        return 0
 
 
 cdef inline object _as_ids(ids):
@@ -56,27 +59,30 @@ cdef class FreeBlockQueue:
             self._push((0, 0.0, 0), _as_ids(initial))
 
     # ------------------------------------------------------------- adding
-    cdef void _push(self, tuple key, ids):
+    cdef int _push(self, tuple key, ids) except -1:
         cdef long long rid = self._next_rid
-        cdef long long[::1] v = ids
+        cdef _Run run = _Run(key, rid, ids)
+        cdef long long* v = run.v
         cdef long long[::1] run_of = self._v_run_of
-        cdef Py_ssize_t i, n = v.shape[0]
+        cdef Py_ssize_t i, n = run.n
         self._next_rid += 1
-        self._runs[rid] = _Run(key, rid, ids)
+        self._runs[rid] = run
         for i in range(n):
             run_of[v[i]] = rid
         self.num_free_blocks += n
         heapq.heappush(self._heap, (key, rid))
+        return 0
 
     def prepend_n(self, ids):
         """Put blocks without a hash at the front, in the given order (``ids`` is kept: pass a copy)."""
         if len(ids):
             self.prepend(_as_ids(ids))
 
-    cpdef void prepend(self, ids):
+    cpdef int prepend(self, ids) except -1:
         """``prepend_n`` for an int64 array that is not empty."""
         self._seq += 1
         self._push((0, 0.0, -self._seq), ids)
+        return 0
 
     def append_n(self, ids, score=0.0):
         """Put cached blocks at their place for ``score`` (a number, or one per block), in the given order.
@@ -87,8 +93,9 @@ cdef class FreeBlockQueue:
             self._seq += 1
             self._push((1, float(score), self._seq), ids)
             return self._seq
-        cdef double[::1] s = np.ascontiguousarray(score, dtype=np.float64)
-        cdef Py_ssize_t a = 0, b, n = s.shape[0]
+        score = np.ascontiguousarray(score, dtype=np.float64)
+        cdef double* s = _f64(score)
+        cdef Py_ssize_t a = 0, b, n = _size(score)
         cdef long long first = self._seq + 1
         for b in range(1, n + 1):
             if b == n or s[b] != s[b - 1]:
@@ -97,7 +104,7 @@ cdef class FreeBlockQueue:
                 a = b
         return first
 
-    cpdef long long append(self, ids):
+    cpdef long long append(self, ids) except? -1:
         """``append_n`` with score 0 for an int64 array that is not empty."""
         self._seq += 1
         self._push((1, 0.0, self._seq), ids)
@@ -118,15 +125,15 @@ cdef class FreeBlockQueue:
         """Take free blocks (distinct ids) out of the queue, wherever they are."""
         self.remove_ids(_as_ids(ids))
 
-    cpdef void remove_ids(self, ids):
+    cpdef int remove_ids(self, ids) except -1:
         """``remove`` for an int64 array."""
-        cdef long long[::1] v = ids
+        cdef long long* v = _i64(ids)
         cdef long long[::1] run_of = self._v_run_of
-        cdef Py_ssize_t i, n = v.shape[0], cnt
+        cdef Py_ssize_t i, n = _size(ids), cnt
         cdef long long rid, cur
         cdef dict counts = None
         if n == 0:
-            return
+            return 0
         self.num_free_blocks -= n
         cur = run_of[v[0]]
         cnt = 0
@@ -149,28 +156,30 @@ cdef class FreeBlockQueue:
         if len(self._heap) > 2 * len(self._runs) + 64:
             self._heap = [(r.key, r.rid) for r in self._runs.values()]
             heapq.heapify(self._heap)
+        return 0
 
-    cdef void _lose(self, long long rid, Py_ssize_t cnt):
+    cdef int _lose(self, long long rid, Py_ssize_t cnt) except -1:
         """Run ``rid`` lost ``cnt`` blocks (already marked): drop it when empty, compact it when mostly stale."""
         cdef _Run run = self._runs[rid]
         cdef long long[::1] run_of = self._v_run_of
-        cdef long long[::1] seg
+        cdef long long* seg
         cdef Py_ssize_t i, k, width
         run.live -= cnt
         if run.live == 0:
             del self._runs[rid]
-            return
-        width = run.v.shape[0] - run.start
+            return 0
+        width = run.n - run.start
         if width > _COMPACT_MIN and run.live * 4 < width:
             kept = np.empty(run.live, dtype=np.int64)
-            seg = kept
+            seg = _i64(kept)
             k = 0
-            for i in range(run.start, run.v.shape[0]):
+            for i in range(run.start, run.n):
                 if run_of[run.v[i]] == rid:
                     seg[k] = run.v[i]
                     k += 1
             run.set_ids(kept)
             run.start = 0
+        return 0
 
     cdef _Run _front_run(self):
         """The run at the front of the queue (dead heap entries are dropped on the way)."""
@@ -182,16 +191,18 @@ cdef class FreeBlockQueue:
                 return run
             heapq.heappop(heap)
 
-    cdef Py_ssize_t _pop_into(self, long long[::1] out, Py_ssize_t n) except -1:
+    cdef Py_ssize_t _pop_into(self, long long* out, Py_ssize_t n) except -1:
         """Take the first ``n`` free blocks into ``out[:n]`` (the caller checked that they are free)."""
         cdef long long[::1] run_of = self._v_run_of
         cdef _Run run
-        cdef long long[::1] ids
+        cdef long long* ids
         cdef Py_ssize_t k = 0, take, got, start
         cdef long long rid, b
         while k < n:
             run = self._front_run()
-            rid, ids, start = run.rid, run.v, run.start
+            rid = run.rid
+            ids = run.v
+            start = run.start
             take = n - k if n - k < run.live else run.live
             got = 0
             while got < take:
@@ -214,7 +225,7 @@ cdef class FreeBlockQueue:
     cpdef object pop(self, Py_ssize_t n):
         """``popleft_n`` without the check (``n`` <= the free blocks)."""
         out = np.empty(n, dtype=np.int64)
-        self._pop_into(out, n)
+        self._pop_into(_i64(out), n)
         return out
 
     def popleft_n(self, Py_ssize_t n):

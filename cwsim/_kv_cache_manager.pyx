@@ -9,6 +9,7 @@ concatenates them for the pool. ``tests/test_native.py`` holds the two to the sa
 """
 
 include "_digest.pxi"
+include "_arrays.pxi"
 
 
 import numpy as np
@@ -52,10 +53,10 @@ cdef class KVCacheManager:
         cdef Py_ssize_t total = req.num_computed + n_hit * bs + num_new_tokens
         cdef Py_ssize_t n_new = _cdiv(total, bs) - nblk - n_hit
         cdef Py_ssize_t n_evictable_hits = 0, need, num_free
-        cdef long long[::1] hv
+        cdef long long* hv
         if n_hit:
             new_computed = np.ascontiguousarray(new_computed, dtype=np.int64)
-            hv = new_computed
+            hv = _i64(new_computed)
             for i in range(n_hit):
                 if pool._ref[hv[i]] == 0:
                     n_evictable_hits += 1
@@ -89,7 +90,7 @@ cdef class KVCacheManager:
         cdef Py_ssize_t bs = self.block_size, n_full, k, u, j, m
         cdef list spans = []  # (request, k, u, n_full)
         cdef bint any_unlisted = False
-        cdef long long[::1] t
+        cdef long long* t
         for req, num_tokens in items:
             n_full = num_tokens // bs
             k = req.num_cached_blocks
@@ -112,13 +113,13 @@ cdef class KVCacheManager:
         for j in range(m):
             req, k, u, n_full = spans[j]
             if u > k:
-                t = req.table
+                t = _i64(req.table)
                 pool.cache_range(t, k, u, req.hashes, True)
         if any_unlisted:
             for j in range(m):
                 req, k, u, n_full = spans[j]
                 if n_full > u:
-                    t = req.table
+                    t = _i64(req.table)
                     pool.cache_range(t, u, n_full, req.hashes, False)
 
     def cache_blocks(self, req, num_tokens):

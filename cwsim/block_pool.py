@@ -414,7 +414,8 @@ class BlockPool(PoolCore):
     ``growable=True`` gives an unbounded pool: when no block without a hash is
     free, allocation adds blocks instead of evicting (the ``infinite`` bound).
     ``on_evict(hashes)`` is called with the hashes of each batch of evicted *listed* blocks (an
-    unlisted block's hash is never looked up again: nothing can miss it).
+    unlisted block's hash is never looked up again: nothing can miss it): a list of ints, or an
+    int64 array where the compiled core runs.
     """
 
     def __init__(

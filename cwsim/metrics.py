@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cwsim import native
 from cwsim.request import Request
 
 REQUEST_FIELDS = [
@@ -36,13 +37,34 @@ SESSION_FIELDS = ["session_id", "calls", "start_s", "end_s", "duration_s", "prom
 _count = np.count_nonzero
 
 
+def py_count_misses(pending: np.ndarray, cached: dict, missed) -> tuple[int, int]:
+    """For the distinct hash ids ``missed`` (an admission's missed prompt blocks): how many are
+    flagged in ``pending`` (evicted since they were last requested: harmful evictions; their flags
+    are cleared) and how many the pool's hash map ``cached`` holds. Ids past the flags are unflagged.
+    The specification of the compiled ``cwsim._metrics.count_misses``, and what runs where that was not built."""
+    ids = np.asarray(missed, dtype=np.int64)
+    if len(ids) and int(ids.max()) >= len(pending):
+        ids = ids[ids < len(pending)]
+    flags = pending[ids]
+    harmful = int(_count(flags))
+    if harmful:
+        pending[ids] = 0
+    return harmful, sum(map(cached.__contains__, missed))
+
+
+_compiled = native.load("cwsim._metrics")
+#: whether ``count_misses`` is the compiled function (``cwsim.native``)
+NATIVE = _compiled is not None
+count_misses = _compiled.count_misses if NATIVE else py_count_misses
+
+
 class Metrics:
     def __init__(self, block_size: int, out_dir: Path | None = None, on_progress=None):
         self.block_size = block_size
         self.pool = None
         self.cpu_tier = None
-        #: pending[h]: hash id h was evicted and has not been requested since (a later miss is harmful)
-        self._pending = np.zeros(1024, dtype=bool)
+        #: pending[h] (0 or 1): hash id h was evicted and has not been requested since (a later miss is harmful)
+        self._pending = np.zeros(1024, dtype=np.uint8)
         self.harmful_evictions = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -78,16 +100,17 @@ class Metrics:
         """Grow the pending flags to cover ``hashes`` (dense ids, ``cwsim.hashing.HashIds``)."""
         top = max(hashes) + 1
         if top > len(self._pending):
-            grown = np.zeros(max(top, 2 * len(self._pending)), dtype=bool)
+            grown = np.zeros(max(top, 2 * len(self._pending)), dtype=np.uint8)
             grown[: len(self._pending)] = self._pending
             self._pending = grown
 
-    def on_evict(self, hashes: list[int]) -> None:
+    def on_evict(self, hashes) -> None:
+        """Flag evicted hash ids (a list or an int64 array: the compiled pool's, indexed without a conversion)."""
         try:
-            self._pending[hashes] = True
+            self._pending[hashes] = 1
         except IndexError:  # a hash id past the flags: grow them
             self._fit(hashes)
-            self._pending[hashes] = True
+            self._pending[hashes] = 1
 
     def on_admit(self, req: Request, hit_tokens: int, now: float, swap_tokens: int = 0) -> None:
         """``hit_tokens``: the GPU prefix hit; ``swap_tokens``: the tokens swapped in from the CPU tier after it."""
@@ -96,7 +119,7 @@ class Metrics:
             loaded = req.hashes[hit_tokens // bs : (hit_tokens + swap_tokens) // bs]
             if loaded:
                 self._fit(loaded)
-                self._pending[loaded] = False  # (swap-ins: rare, CPU tier only)
+                self._pending[loaded] = 0  # (swap-ins: rare, CPU tier only)
             hit_tokens += swap_tokens  # for what follows: computed before this admission, not recomputed
         if req.admitted:  # re-admission after preemption: all of it was computed before
             req.recomputed_tokens += req.num_tokens - hit_tokens
@@ -106,21 +129,12 @@ class Metrics:
         req.cached_tokens = hit_tokens - swap_tokens
         # (an unlisted block's hash is new: never evicted before, not in the hash map)
         missed = req.hashes[hit_tokens // bs : min(req.prompt_len // bs, req.unlisted_from)]
-        harmful = 0
-        if missed:
-            try:
-                flags = self._pending[missed]
-            except IndexError:  # a hash id past the flags: grow them
-                self._fit(missed)
-                flags = self._pending[missed]
-            harmful = int(_count(flags))  # a sequence's block hashes are distinct
-            if harmful:
-                self.harmful_evictions += harmful
-                self._pending[missed] = False
-        # missed blocks cached elsewhere (past the first miss, or a duplicate);
+        # harmful: missed blocks evicted since last requested (a sequence's block hashes are distinct);
+        # in_cache: missed blocks cached elsewhere (past the first miss, or a duplicate);
         # the blocks this admission has just cached itself (canonical ones) do not count
         pool = self.pool
-        in_cache = sum(map(pool.cached.__contains__, missed))
+        harmful, in_cache = count_misses(self._pending, pool.cached, missed) if missed else (0, 0)
+        self.harmful_evictions += harmful
         own = int(np.count_nonzero(pool.canonical[req.blocks[hit_tokens // bs : req.num_cached_blocks]]))
         seen_before = harmful + in_cache - own
         req.recomputed_tokens += seen_before * bs

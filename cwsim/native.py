@@ -23,7 +23,8 @@ from pathlib import Path
 
 #: the compiled modules, each with the Python module whose class it replaces
 MODULES = {"cwsim._free_queue": "cwsim.free_queue", "cwsim._block_pool": "cwsim.block_pool",
-           "cwsim._hashing": "cwsim.hashing", "cwsim._kv_cache_manager": "cwsim.kv_cache_manager"}
+           "cwsim._hashing": "cwsim.hashing", "cwsim._kv_cache_manager": "cwsim.kv_cache_manager",
+           "cwsim._metrics": "cwsim.metrics"}
 
 #: set (to anything but "" or "0") when ``cwsim`` is imported: run the Python classes only
 PURE_PYTHON_ENV = "CWSIM_PURE_PYTHON"

@@ -176,7 +176,7 @@ def simulate(trace: Trace | TraceTable | TraceIndex | str | Path | None, config:
     if eviction_log:
         def on_evict(ids, _metrics=metrics.on_evict):  # noqa: E306 - only when asked: off the default hot path
             _metrics(ids)
-            evictions.append((engine.steps, env.now, list(ids)))
+            evictions.append((engine.steps, env.now, [int(h) for h in ids]))
     pool = BlockPool(kv_blocks, growable=spec.unbounded, on_evict=on_evict)
     if config.eviction_bound and not spec.unbounded:  # (an unbounded pool never evicts: no bound to give)
         pool.references = ReferenceStream()

@@ -16,12 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cwsim import native
 from cwsim.block_pool import BlockPool, PoolCore, PyPoolCore
 from cwsim.config import SimConfig
 from cwsim.free_queue import FreeBlockQueue, PyFreeBlockQueue
+from cwsim.metrics import count_misses, py_count_misses
 from cwsim.runner import DEFAULT_TRACE, simulate
 from traces.format import Trace
 from traces.reader import load_trace
@@ -117,3 +121,34 @@ def test_a_simulation_is_the_same_compiled_or_not(case, tmp_path):
     python = json.loads(run.stdout.strip().splitlines()[-1])
     assert json.loads(json.dumps(compiled, default=str)) == python
     assert compiled["summary"]["evicted_blocks"] > 0 or case == "infinite"
+
+
+@settings(max_examples=200, deadline=None)
+@given(flags=st.lists(st.booleans(), min_size=1, max_size=40),
+       missed=st.lists(st.integers(0, 60), max_size=30, unique=True),
+       cached=st.sets(st.integers(0, 60), max_size=30), as_range=st.booleans())
+def test_count_misses_compiled_is_its_python_twin(flags, missed, cached, as_range):
+    """The same (harmful, in_cache) and the same flags cleared, ids past the flags included."""
+    if as_range:  # a call's own ids come as a range
+        missed = range(min(missed, default=0), max(missed, default=-1) + 1)
+    cached = {h: h + 1000 for h in cached}
+    a = np.array(flags, dtype=np.uint8)
+    b = a.copy()
+    want = py_count_misses(a, cached, missed)
+    assert count_misses(b, cached, missed) == want
+    assert (a == b).all()
+    assert want[0] == sum(1 for h in missed if h < len(flags) and flags[h])
+    assert not a[[h for h in missed if h < len(a)]].any()
+
+
+def test_a_non_array_is_refused_by_the_compiled_pool():
+    """The compiled modules read arrays' data directly: anything but a C-contiguous int64 array is a
+    TypeError, not a wrong read."""
+    if not native.in_use()["cwsim.free_queue"].startswith("cwsim._"):
+        pytest.fail("the compiled free queue is not in use")
+    q = FreeBlockQueue(8, np.arange(1, 8))
+    with pytest.raises(TypeError, match="int64"):
+        q.remove_ids(np.arange(1, 3, dtype=np.int32))
+    with pytest.raises(TypeError, match="int64"):
+        q.remove_ids(np.arange(1, 7)[::2])
+    assert q.num_free_blocks == 7
