@@ -66,6 +66,7 @@ cdef class PoolCore:
         those leave the queue."""
         cdef long long* v = _i64(hits)
         cdef long long* lv
+        cdef int* ref = &self._ref[0]  # (locals: the loops keep them in registers)
         cdef Py_ssize_t i, k = 0, n = _size(hits)
         if n_free:
             if n_free == n:
@@ -74,13 +75,13 @@ cdef class PoolCore:
                 leaving = np.empty(n_free, dtype=np.int64)
                 lv = _i64(leaving)
                 for i in range(n):
-                    if self._ref[v[i]] == 0:
+                    if ref[v[i]] == 0:
                         lv[k] = v[i]
                         k += 1
             self.queue.remove_ids(leaving)
             self.num_free_hashed -= n_free
         for i in range(n):
-            self._ref[v[i]] += 1
+            ref[v[i]] += 1
         if self.references is not None:
             self.references.touch(self.hash_of[hits[self.has_hash[hits]]])
         return 0
@@ -124,37 +125,43 @@ cdef class PoolCore:
 
     def _release(self, ordered, bint tail_first, request, now, reason):
         """Drop one reference from each of ``ordered``; the blocks that become free join the queue."""
-        cdef Py_ssize_t n = len(ordered)
-        if n == 0:
+        if len(ordered) == 0:
             return
-        ordered = _ids(ordered)
+        self._release_ids(_ids(ordered), tail_first, request, now, reason)
+
+    cdef int _release_ids(self, ordered, bint tail_first, request, now, reason) except -1:
+        """``_release`` for an int64 array that is not empty, in one pass over it: each block's reference
+        dropped and, if that frees it, the block sorted into the cached or the uncached ones (with its
+        place in the table when a policy scores it). A block without a reference is refused, and the
+        ones before it get theirs back: nothing changes."""
+        cdef Py_ssize_t n = _size(ordered), i, j, ku = 0, kh = 0
         cdef long long* v = _i64(ordered)
-        refs = np.empty(n, dtype=np.int32)
-        cdef int* r = _i32(refs)
-        cdef Py_ssize_t i, n_freed = 0, n_h = 0, ku = 0, kh = 0
-        cdef long long b
-        self._drop_refs(v, n, r, &n_freed, &n_h)
-        if self.references is not None or self.on_release is not None:
-            hashed = self.has_hash[ordered]
-            if self.references is not None:
-                self.references.release(self.hash_of[ordered[hashed]])
-            if self.on_release is not None:
-                self.on_release(ordered, refs, hashed, request)
-        if n_freed == 0:
-            return
+        cdef bint hooks = self.references is not None or self.on_release is not None
         cdef bint scored = self.score_fn is not None
-        freed_h = np.empty(n_h, dtype=np.int64)
-        pos = np.empty(n_h if scored else 0, dtype=np.int64)  # the freed cached blocks' places in the table
-        cdef long long* fh = _i64(freed_h)
-        cdef long long* p = _i64(pos)
-        cdef long long* fu = NULL
-        if n_h < n_freed:
-            freed_u = np.empty(n_freed - n_h, dtype=np.int64)
-            fu = _i64(freed_u)
+        cdef long long b
+        cdef int c
+        cdef int* r = NULL
+        cdef int* ref = &self._ref[0]
+        cdef unsigned char* has_hash = &self._has_hash[0]
+        if hooks:
+            refs = np.empty(n, dtype=np.int32)
+            r = _i32(refs)
+        buf = np.empty(3 * n, dtype=np.int64)  # freed cached | freed uncached | the cached ones' places
+        cdef long long* fh = _i64(buf)
+        cdef long long* fu = fh + n
+        cdef long long* p = fh + 2 * n
         for i in range(n):
-            if r[i] == 0:
-                b = v[i]
-                if self._has_hash[b]:
+            b = v[i]
+            c = ref[b] - 1
+            if c < 0:
+                for j in range(i):
+                    ref[v[j]] += 1
+                raise AssertionError("freeing a block whose ref count is already 0")
+            ref[b] = c
+            if hooks:
+                r[i] = c
+            if c == 0:
+                if has_hash[b]:
                     fh[kh] = b
                     if scored:
                         p[kh] = n - 1 - i if tail_first else i
@@ -162,19 +169,51 @@ cdef class PoolCore:
                 else:
                     fu[ku] = b
                     ku += 1
-        if n_h < n_freed:
-            self.queue.prepend(freed_u)
-            if n_h == 0:
-                return
-        self.num_free_hashed += n_h
+        if hooks:
+            hashed = self.has_hash[ordered]
+            if self.references is not None:
+                self.references.release(self.hash_of[ordered[hashed]])
+            if self.on_release is not None:
+                self.on_release(ordered, refs, hashed, request)
+        if ku:
+            self.queue.prepend(buf[n : n + ku].copy())  # (a run keeps its array: its own, of its size)
+        if kh == 0:
+            return 0
+        self.num_free_hashed += kh
+        freed_h = buf[:kh].copy()
         if not scored:  # score 0 for every block: one run
             self.queue.append(freed_h)
-            return
+            return 0
         from cwsim.block_pool import FreedBlocks  # here, not at import: cwsim.block_pool imports this module
 
-        score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], pos, request, now, reason,
-                                          self.queue.next_seq))
+        score = self.score_fn(FreedBlocks(freed_h, self.hash_of[freed_h], buf[2 * n : 2 * n + kh].copy(), request,
+                                          now, reason, self.queue.next_seq))
         self.queue.append_n(freed_h, score)
+        return 0
+
+    def free_block_table(self, table, request=None, now=0.0, reason="finish"):
+        """Free a request's block table the way vLLM does: tail first."""
+        cdef Py_ssize_t n = len(table), i
+        if n == 0:
+            return
+        table = _ids(table)
+        cdef long long* t = _i64(table)
+        ordered = np.empty(n, dtype=np.int64)
+        cdef long long* o = _i64(ordered)
+        for i in range(n):
+            o[i] = t[n - 1 - i]
+        self._release_ids(ordered, True, request, now, reason)
+
+    cdef object _gens(self, blocks):
+        """``gen[blocks]`` for an int64 array."""
+        cdef Py_ssize_t i, n = _size(blocks)
+        cdef long long* v = _i64(blocks)
+        out = np.empty(n, dtype=np.int64)
+        cdef long long* g = _i64(out)
+        cdef long long* gen = &self._gen[0]
+        for i in range(n):
+            g[i] = gen[v[i]]
+        return out
 
     def find_longest_prefix(self, hashes, Py_ssize_t max_blocks, hint=None):
         """Block ids of the longest prefix of ``hashes[:max_blocks]`` that is cached (see ``PyPoolCore``)."""
@@ -207,9 +246,13 @@ cdef class PoolCore:
         cdef long long* g = _i64(gens)
         cdef Py_ssize_t i, n = _size(cand)
         cdef long long b
+        cdef unsigned char* canonical = &self._canonical[0]
+        cdef unsigned char* unlisted = &self._unlisted[0]
+        cdef long long* gen = &self._gen[0]
+        cdef bint any_unlisted = self.num_unlisted > 0
         for i in range(n):
             b = c[i]
-            if not (self._canonical[b] or (self.num_unlisted and self._unlisted[b])) or self._gen[b] != g[i]:
+            if not (canonical[b] or (any_unlisted and unlisted[b])) or gen[b] != g[i]:
                 return cand[:i]
         return cand
 

@@ -63,7 +63,7 @@ cdef class FreeBlockQueue:
         cdef long long rid = self._next_rid
         cdef _Run run = _Run(key, rid, ids)
         cdef long long* v = run.v
-        cdef long long[::1] run_of = self._v_run_of
+        cdef long long* run_of = &self._v_run_of[0]
         cdef Py_ssize_t i, n = run.n
         self._next_rid += 1
         self._runs[rid] = run
@@ -128,7 +128,7 @@ cdef class FreeBlockQueue:
     cpdef int remove_ids(self, ids) except -1:
         """``remove`` for an int64 array."""
         cdef long long* v = _i64(ids)
-        cdef long long[::1] run_of = self._v_run_of
+        cdef long long* run_of = &self._v_run_of[0]
         cdef Py_ssize_t i, n = _size(ids), cnt
         cdef long long rid, cur
         cdef dict counts = None
@@ -193,7 +193,7 @@ cdef class FreeBlockQueue:
 
     cdef Py_ssize_t _pop_into(self, long long* out, Py_ssize_t n) except -1:
         """Take the first ``n`` free blocks into ``out[:n]`` (the caller checked that they are free)."""
-        cdef long long[::1] run_of = self._v_run_of
+        cdef long long* run_of = &self._v_run_of[0]
         cdef _Run run
         cdef long long* ids
         cdef Py_ssize_t k = 0, take, got, start

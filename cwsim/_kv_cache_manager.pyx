@@ -131,7 +131,7 @@ cdef class KVCacheManager:
         """Release the request's blocks tail first, keeping its cached blocks as the next lookup's hint."""
         blocks = req.blocks
         cached = blocks[: req.num_cached_blocks]
-        hint = (cached, self.pool.gen[cached])
+        hint = (cached, self.pool._gens(cached))
         if reason == "preempt":
             req.hint = hint
         elif req.session is not None:

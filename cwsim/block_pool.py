@@ -156,6 +156,10 @@ class PyPoolCore:
                                           self.queue.next_seq))
         self.queue.append_n(freed_h, score)
 
+    def free_block_table(self, table: np.ndarray, request=None, now: float = 0.0, reason: str = "finish") -> None:
+        """Free a request's block table the way vLLM does: tail first."""
+        self._release(table[::-1], True, request, now, reason)
+
     def find_longest_prefix(self, hashes: Sequence[int], max_blocks: int, hint: tuple | None = None) -> np.ndarray:
         """Block ids of the longest prefix of ``hashes[:max_blocks]`` that is cached.
 
@@ -489,10 +493,6 @@ class BlockPool(PoolCore):
         """Drop one reference from each block, given in eviction order (first = evicted first)."""
         ordered = np.asarray(ordered_blocks, dtype=np.int64)
         self._release(ordered, False, request, now, reason)
-
-    def free_block_table(self, table: np.ndarray, request=None, now: float = 0.0, reason: str = "finish") -> None:
-        """Free a request's block table the way vLLM does: tail first."""
-        self._release(table[::-1], True, request, now, reason)
 
     def release_uncached(self, blocks: np.ndarray) -> int:
         """Drop one reference from each block; those that become free lose their hash (uncached).
