@@ -41,15 +41,26 @@ cdef class PoolCore:
         duplicates when the hash is cached already: the first block stays the one lookups return, as in
         vLLM) or unlisted. A block that has a hash already is refused (a bug: the run stops there)."""
         cdef Py_ssize_t i
-        cdef long long b
+        cdef long long b, hv, r0 = 0, rstep = 0
         cdef dict cached = self.cached
+        cdef bint ranged = type(hashes) is range  # a call's own ids (``own_block_ids``): computed, not indexed
+        if ranged:
+            if hi > len(hashes):
+                raise IndexError("range object index out of range")
+            r0, rstep = hashes.start, hashes.step
         for i in range(lo, hi):
             b = table[i]
             if self._has_hash[b]:
                 raise AssertionError("caching a block that already has a hash")
-            h = hashes[i]
+            if ranged:
+                hv = r0 + i * rstep
+                if listed:
+                    h = hv
+            else:
+                h = hashes[i]
+                hv = h
             self._has_hash[b] = 1
-            self._hash_of[b] = h
+            self._hash_of[b] = hv
             if not listed:
                 self._unlisted[b] = 1
             elif h in cached:
