@@ -17,6 +17,14 @@ import numpy as np
 
 from cwsim._free_queue cimport FreeBlockQueue
 
+from cpython.object cimport PyObject
+
+
+cdef extern from "Python.h":
+    # the value under key, set to default first if key was missing (a borrowed reference): one lookup
+    PyObject* PyDict_SetDefault(object d, object key, object default) except NULL
+
+
 cdef long long NULL_BLOCK = 0
 cdef object _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -42,6 +50,7 @@ cdef class PoolCore:
         vLLM) or unlisted. A block that has a hash already is refused (a bug: the run stops there)."""
         cdef Py_ssize_t i
         cdef long long b, hv, r0 = 0, rstep = 0
+        cdef object bo
         cdef dict cached = self.cached
         cdef bint ranged = type(hashes) is range  # a call's own ids (``own_block_ids``): computed, not indexed
         if ranged:
@@ -63,11 +72,12 @@ cdef class PoolCore:
             self._hash_of[b] = hv
             if not listed:
                 self._unlisted[b] = 1
-            elif h in cached:
-                self._dups.setdefault(h, []).append(b)
-            else:
-                cached[h] = b
+                continue
+            bo = <object>b  # (an object: the identity compared below)
+            if PyDict_SetDefault(cached, h, bo) == <PyObject*>bo:  # (b had no hash: no other block is b)
                 self._canonical[b] = 1
+            else:  # cached already: a duplicate
+                self._dups.setdefault(h, []).append(bo)
         if not listed:
             self.num_unlisted += hi - lo
         return 0
