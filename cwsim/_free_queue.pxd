@@ -3,7 +3,7 @@
 cdef class _Run:
     cdef public object key
     cdef public long long rid
-    cdef public object ids
+    cdef readonly object ids  # (readonly: v points into it; set_ids changes both)
     cdef long long* v  # the data of ids (which holds it)
     cdef Py_ssize_t n  # len(ids)
     cdef public Py_ssize_t start
