@@ -32,8 +32,7 @@ cdef class PoolCore:
     cdef unsigned char[::1] _unlisted
 
     cdef int touch_hits(self, object hits, Py_ssize_t n_free) except -1
-    cdef int _drop_refs(self, long long* v, Py_ssize_t n, int* r, Py_ssize_t* n_freed, Py_ssize_t* n_hashed) except -1
     cdef int cache_range(self, long long* table, Py_ssize_t lo, Py_ssize_t hi, object hashes, bint listed) except -1
     cdef object _hint_prefix(self, cand, gens)
-    cdef int _release_ids(self, ordered, bint tail_first, request, now, reason) except -1
+    cdef int _release_ids(self, ids, bint table, request, now, reason) except -1
     cdef object _gens(self, blocks)

@@ -119,44 +119,37 @@ cdef class PoolCore:
         self.queue.remove_ids(blocks)
         self.num_free_hashed -= len(blocks)
 
-    cdef int _drop_refs(self, long long* v, Py_ssize_t n, int* r, Py_ssize_t* n_freed, Py_ssize_t* n_hashed) except -1:
-        """Drop one reference from each of ``v[:n]`` (distinct ids; refused, changing nothing, if one has none):
-        ``r[i]`` gets ``v[i]``'s new count; counts the blocks freed, and those of them with a hash."""
-        cdef Py_ssize_t i
-        cdef int c
+    def _deref(self, blocks):
+        """Drop one reference from each of ``blocks`` (distinct ids; refused, changing nothing, if one has
+        none); their new ref counts."""
+        blocks = _ids(blocks)
+        cdef long long* v = _i64(blocks)
+        cdef Py_ssize_t i, n = _size(blocks)
+        out = np.empty(n, dtype=np.int32)
+        cdef int* r = _i32(out)
         for i in range(n):
             if self._ref[v[i]] <= 0:
                 raise AssertionError("freeing a block whose ref count is already 0")
         for i in range(n):
-            c = self._ref[v[i]] - 1
-            self._ref[v[i]] = c
-            r[i] = c
-            if c == 0:
-                n_freed[0] += 1
-                n_hashed[0] += self._has_hash[v[i]]
-        return 0
-
-    def _deref(self, blocks):
-        """Drop one reference from each of ``blocks`` (distinct ids); their new ref counts."""
-        cdef Py_ssize_t n_freed = 0, n_h = 0
-        blocks = _ids(blocks)
-        out = np.empty(len(blocks), dtype=np.int32)
-        self._drop_refs(_i64(blocks), _size(blocks), _i32(out), &n_freed, &n_h)
+            self._ref[v[i]] -= 1
+            r[i] = self._ref[v[i]]
         return out
 
     def _release(self, ordered, bint tail_first, request, now, reason):
         """Drop one reference from each of ``ordered``; the blocks that become free join the queue."""
         if len(ordered) == 0:
             return
-        self._release_ids(_ids(ordered), tail_first, request, now, reason)
+        ordered = _ids(ordered)
+        self._release_ids(_ids(ordered[::-1]) if tail_first else ordered, tail_first, request, now, reason)
 
-    cdef int _release_ids(self, ordered, bint tail_first, request, now, reason) except -1:
-        """``_release`` for an int64 array that is not empty, in one pass over it: each block's reference
-        dropped and, if that frees it, the block sorted into the cached or the uncached ones (with its
-        place in the table when a policy scores it). A block without a reference is refused, and the
-        ones before it get theirs back: nothing changes."""
-        cdef Py_ssize_t n = _size(ordered), i, j, ku = 0, kh = 0
-        cdef long long* v = _i64(ordered)
+    cdef int _release_ids(self, ids, bint table, request, now, reason) except -1:
+        """``_release`` for an int64 array that is not empty: a block table released from its last block
+        (``table``; a block's place is its index), else blocks in release order (its place in ``ids``).
+        One pass in release order: each block's reference dropped and, if that frees it, the block sorted
+        into the cached or the uncached ones (with its place when a policy scores it). A block without a
+        reference is refused, and the ones before it get theirs back: nothing changes."""
+        cdef Py_ssize_t n = _size(ids), i, j, ku = 0, kh = 0, at
+        cdef long long* v = _i64(ids)
         cdef bint hooks = self.references is not None or self.on_release is not None
         cdef bint scored = self.score_fn is not None
         cdef long long b
@@ -167,16 +160,17 @@ cdef class PoolCore:
         if hooks:
             refs = np.empty(n, dtype=np.int32)
             r = _i32(refs)
-        buf = np.empty(3 * n, dtype=np.int64)  # freed cached | freed uncached | the cached ones' places
+        buf = np.empty((3 if scored else 2) * n, dtype=np.int64)  # freed cached | freed uncached | their places
         cdef long long* fh = _i64(buf)
         cdef long long* fu = fh + n
         cdef long long* p = fh + 2 * n
         for i in range(n):
-            b = v[i]
+            at = n - 1 - i if table else i
+            b = v[at]
             c = ref[b] - 1
             if c < 0:
                 for j in range(i):
-                    ref[v[j]] += 1
+                    ref[v[n - 1 - j if table else j]] += 1
                 raise AssertionError("freeing a block whose ref count is already 0")
             ref[b] = c
             if hooks:
@@ -185,12 +179,13 @@ cdef class PoolCore:
                 if has_hash[b]:
                     fh[kh] = b
                     if scored:
-                        p[kh] = n - 1 - i if tail_first else i
+                        p[kh] = at
                     kh += 1
                 else:
                     fu[ku] = b
                     ku += 1
         if hooks:
+            ordered = ids[::-1] if table else ids
             hashed = self.has_hash[ordered]
             if self.references is not None:
                 self.references.release(self.hash_of[ordered[hashed]])
@@ -214,16 +209,9 @@ cdef class PoolCore:
 
     def free_block_table(self, table, request=None, now=0.0, reason="finish"):
         """Free a request's block table the way vLLM does: tail first."""
-        cdef Py_ssize_t n = len(table), i
-        if n == 0:
+        if len(table) == 0:
             return
-        table = _ids(table)
-        cdef long long* t = _i64(table)
-        ordered = np.empty(n, dtype=np.int64)
-        cdef long long* o = _i64(ordered)
-        for i in range(n):
-            o[i] = t[n - 1 - i]
-        self._release_ids(ordered, True, request, now, reason)
+        self._release_ids(_ids(table), True, request, now, reason)
 
     cdef object _gens(self, blocks):
         """``gen[blocks]`` for an int64 array."""

@@ -683,3 +683,16 @@ def test_misuse_is_refused():
         pool.free_blocks(blocks[:1])  # ref count already 0
     pool.check_invariants()
     assert pool.num_usable_blocks == 3 and pool.usage() == 0.0
+
+
+def test_a_refused_release_changes_nothing():
+    """A table whose block freed last has no reference left: the release is refused after the blocks
+    before it had theirs dropped, and they get them back (counts, queue, order)."""
+    pool = BlockPool(6)
+    table = pool.get_new_blocks(4)
+    pool.free_blocks(table[:1])  # table[0] has no reference now
+    before = (pool.ref.copy(), pool.free_block_ids())
+    with pytest.raises(AssertionError):
+        pool.free_block_table(table)  # tail first: table[3], [2], [1] dropped, then table[0] refused
+    assert (pool.ref == before[0]).all() and pool.free_block_ids() == before[1]
+    pool.check_invariants()
