@@ -428,18 +428,20 @@ class Scheduler:
         return q * self._n_lazy + sum(len(buckets[-(step + 1 + j) % bs]) for j in range(r))
 
     def steps_within_free_blocks(self, n: int) -> int:
-        """The most steps ``m <= n`` (the current one first) whose allocations the free blocks cover."""
+        """The most steps ``m <= n`` (the current one first) whose allocations the free blocks cover:
+        the largest ``m`` with ``_blocks_for_steps(m) <= free``, in closed form. With ``m - 1 = q *
+        block_size + r`` (``0 <= r < block_size``), the steps allocate ``q * _n_lazy + P[r]`` blocks,
+        ``P[r]`` the requests of the ``r`` buckets due first (every bucket once a cycle)."""
         free = self.kv.pool.num_free
         if self._blocks_for_steps(n) <= free:
             return n
-        lo, hi = 1, n  # covered(lo) and not covered(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._blocks_for_steps(mid) <= free:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        bs, step, buckets = self.kv.block_size, self.step, self._buckets
+        due = [0]  # P[0..bs-1]
+        for j in range(bs - 1):
+            due.append(due[-1] + len(buckets[-(step + 1 + j) % bs]))
+        q = free // self._n_lazy  # (the lazy batch is not empty: else every m is covered)
+        r = bisect.bisect_right(due, free - q * self._n_lazy) - 1  # (free - q * n_lazy < n_lazy = P[bs])
+        return q * bs + r + 1
 
     def finish_jump(self, n: int) -> list[Request]:
         """Apply ``n`` decode steps of the whole (lazy) batch, the planned current one first.

@@ -193,3 +193,30 @@ def test_a_jump_caches_duplicate_blocks_in_step_order():
     assert lazy.kv.pool.cached[104] == b_blocks[104]  # B filled it first
     assert sorted(lazy.kv.pool.cached.items()) == sorted(ref.kv.pool.cached.items())
     assert state(lazy, plan, [])[:4] == state(ref, plan, [])[:4]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_steps_within_free_blocks_is_the_most_steps_the_free_blocks_cover(seed):
+    """The closed form against its definition: the largest ``m <= n`` whose ``_blocks_for_steps(m)``
+    the free blocks cover, over batches whose buckets differ in size and pools nearly full."""
+    rng = random.Random(seed)
+    sched = make(True, rng.randint(60, 90), 512, Policy())
+    for rid in range(rng.randint(3, 9)):
+        sched.add(request(rid, None, 0, rng.randint(1, 9), 200, [10**4 * rid + i for i in range(60)], 0.0))
+    sched.update(sched.schedule(0.0), 0.0)  # their prefills: from here on they decode, lazily
+    checked = covered_all = 0
+    while sched.running:
+        plan = sched.schedule(1.0)
+        if not plan.decode_only:  # (a preemption: a step request by request)
+            sched.update(plan, 1.0)
+            continue
+        sched.absorb(plan)  # as the engine does before it plans a jump: the whole batch lazily
+        free = sched.kv.pool.num_free
+        for n in (1, 2, 5, 17, 40, 300):
+            want = max(m for m in range(1, n + 1) if sched._blocks_for_steps(m) <= free)
+            assert sched.steps_within_free_blocks(n) == want
+            checked += 1
+            covered_all += want == n
+        for r in sched.finish_jump(1):
+            sched.finish(r, 1.0)
+    assert checked > covered_all > 0  # both branches: all n steps covered, and the closed form
