@@ -159,8 +159,11 @@ def main() -> None:
     if a.raw is not None:
         if a.cpu_per_run is None or a.calls is None:
             ap.error("--raw needs --cpu-per-run and --calls")
-        with open(a.raw) as f:
-            print(report(layers(f), a.cpu_per_run, a.calls))
+        try:
+            with open(a.raw) as f:
+                print(report(layers(f), a.cpu_per_run, a.calls))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --raw {a.raw}: {e.strerror if isinstance(e, OSError) else e}")
         return
     # (the environment's own first: its bin folder is not on PATH unless it is activated)
     spy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
