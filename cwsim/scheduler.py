@@ -432,10 +432,13 @@ class Scheduler:
         the largest ``m`` with ``_blocks_for_steps(m) <= free``, in closed form. With ``m - 1 = q *
         block_size + r`` (``0 <= r < block_size``), the steps allocate ``q * _n_lazy + P[r]`` blocks,
         ``P[r]`` the requests of the ``r`` buckets due first (every bucket once a cycle)."""
-        free = self.kv.pool.num_free
+        free, bs = self.kv.pool.num_free, self.kv.block_size
+        q, r = divmod(n - 1, bs)
+        if (q + (r > 0)) * self._n_lazy <= free:  # (P[r] <= _n_lazy: the bound is covered, so are the n steps)
+            return n
         if self._blocks_for_steps(n) <= free:
             return n
-        bs, step, buckets = self.kv.block_size, self.step, self._buckets
+        step, buckets = self.step, self._buckets
         due = [0]  # P[0..bs-1]
         for j in range(bs - 1):
             due.append(due[-1] + len(buckets[-(step + 1 + j) % bs]))
