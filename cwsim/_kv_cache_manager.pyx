@@ -83,6 +83,25 @@ cdef class KVCacheManager:
         self.cache_blocks_of(((req, min(total, num_tokens)),))
         return new
 
+    def hand_out(self, list reqs, blocks):
+        """Append ``blocks[i]`` to the block table of ``reqs[i]`` (see ``PyKVCacheManager``): a store
+        into the table's data while it has room."""
+        cdef long long* v = _i64(blocks)
+        cdef Py_ssize_t i, k, n = _size(blocks)
+        if len(reqs) != n:
+            raise ValueError(f"hand_out: {len(reqs)} requests for {n} blocks")
+        for i in range(n):
+            req = reqs[i]
+            k = req.nblk
+            table = req.table
+            if table is not None and k < len(table):
+                if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>table):
+                    raise ValueError("hand_out: a read-only block table")
+                _i64(table)[k] = v[i]
+                req.nblk = k + 1
+            else:
+                req.append_blocks((v[i],))
+
     def cache_blocks_of(self, items):
         """``cache_blocks`` for many ``(request, num_tokens)`` at once (see ``PyKVCacheManager``): the listed
         blocks of every request in turn, then the unlisted ones, as the Python class's two pool calls."""

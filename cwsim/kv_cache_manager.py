@@ -69,6 +69,17 @@ class KVCacheManager:
         self.cache_blocks(req, min(total, req.num_tokens))
         return new
 
+    def hand_out(self, reqs: list[Request], blocks: np.ndarray) -> None:
+        """Append ``blocks[i]`` to the block table of ``reqs[i]`` (a request may repeat): the blocks
+        a decode step's (or a jump's) new blocks go to, in order."""
+        for req, b in zip(reqs, blocks.tolist(), strict=True):
+            k = req.nblk
+            if req.table is not None and k < len(req.table):
+                req.table[k] = b
+                req.nblk = k + 1
+            else:
+                req.append_blocks((b,))
+
     def cache_blocks_of(self, items) -> None:
         """``cache_blocks`` for many ``(request, num_tokens)`` at once (one pool call, and one for the
         unlisted blocks)."""

@@ -36,17 +36,6 @@ from cwsim.steptime import prefill_attn_pairs
 _seq = attrgetter("seq")
 
 
-def _hand_out(reqs: list[Request], blocks: np.ndarray) -> None:
-    """Append ``blocks[i]`` to the block table of ``reqs[i]`` (a request may repeat)."""
-    for req, b in zip(reqs, blocks.tolist()):
-        k = req.nblk
-        if k < len(req.table):
-            req.table[k] = b
-            req.nblk = k + 1
-        else:
-            req.append_blocks((b,))
-
-
 class SimulationError(RuntimeError):
     """The simulated engine cannot make progress (e.g. a prompt larger than the pool)."""
 
@@ -400,7 +389,7 @@ class Scheduler:
         if need:
             if len(need) > pool.num_free:
                 return False
-            _hand_out(need, pool.get_new_blocks(len(need)))
+            self.kv.hand_out(need, pool.get_new_blocks(len(need)))
         fill = self._buckets[(bs - 1 - step) % bs]
         if fill:
             self.kv.cache_blocks_of([(r, step + r.c_off + 1) for r in fill])
@@ -465,7 +454,7 @@ class Scheduler:
             else:
                 order = cycle
             if order:
-                _hand_out(order, kv.pool.get_new_blocks(len(order)))  # in step order
+                kv.hand_out(order, kv.pool.get_new_blocks(len(order)))  # in step order
             # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one
             filled = [(req, t + 1 + req.c_off) for t in range(step + 1, step + n) for req in buckets[(bs - 1 - t) % bs]]
             if filled:

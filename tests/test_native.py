@@ -25,7 +25,9 @@ from cwsim import native
 from cwsim.block_pool import BlockPool, PoolCore, PyPoolCore
 from cwsim.config import SimConfig
 from cwsim.free_queue import FreeBlockQueue, PyFreeBlockQueue
+from cwsim.kv_cache_manager import KVCacheManager, PyKVCacheManager
 from cwsim.metrics import count_misses, py_count_misses
+from cwsim.request import Request
 from cwsim.runner import DEFAULT_TRACE, simulate
 from traces.format import Trace
 from traces.reader import load_trace
@@ -152,3 +154,28 @@ def test_a_non_array_is_refused_by_the_compiled_pool():
     with pytest.raises(TypeError, match="int64"):
         q.remove_ids(np.arange(1, 7)[::2])
     assert q.num_free_blocks == 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(tables=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4)), min_size=1, max_size=5),
+       picks=st.lists(st.integers(0, 4), max_size=20))
+def test_hand_out_compiled_is_its_python_twin(tables, picks):
+    """The same tables and counts, where a table has room (a store) and where it is full (it grows)."""
+    def requests():
+        reqs = []
+        for i, (used, room) in enumerate(tables):
+            r = Request(i, None, 0, 10, 10, [], 0.0)
+            r.table = np.full(used + room, -1, dtype=np.int64)
+            r.table[:used] = np.arange(100 * i, 100 * i + used)
+            r.nblk = used
+            reqs.append(r)
+        return reqs
+    order = [p % len(tables) for p in picks]
+    blocks = np.arange(1000, 1000 + len(order), dtype=np.int64)
+    a, b = requests(), requests()
+    PyKVCacheManager(BlockPool(4), 16).hand_out([a[i] for i in order], blocks)
+    KVCacheManager(BlockPool(4), 16).hand_out([b[i] for i in order], blocks)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.nblk == y.nblk == tables[i][0] + order.count(i)
+        assert x.blocks.tolist() == y.blocks.tolist()
+        assert x.blocks.tolist()[tables[i][0]:] == [1000 + j for j, o in enumerate(order) if o == i]
