@@ -141,6 +141,32 @@ cdef class KVCacheManager:
                     t = _i64(req.table)
                     pool.cache_range(t, u, n_full, req.hashes, False)
 
+    def cache_next_blocks(self, list reqs):
+        """``cache_blocks_of`` with each request's next block (see ``PyKVCacheManager``): listed blocks
+        cached as they come, unlisted ones after them, as ``cache_blocks_of`` orders the two."""
+        cdef PoolCore pool = self.pool
+        cdef Py_ssize_t i, k, n = len(reqs)
+        cdef list unlisted = None
+        if n == 0:
+            return
+        if pool.references is not None:  # the stream records the batch before it is cached: the general path
+            from cwsim.kv_cache_manager import next_block_items
+            self.cache_blocks_of(next_block_items(reqs, self.block_size))
+            return
+        for i in range(n):
+            req = reqs[i]
+            k = req.num_cached_blocks
+            req.num_cached_blocks = k + 1
+            if k < <Py_ssize_t>req.unlisted_from:
+                pool.cache_range(_i64(req.table), k, k + 1, req.hashes, True)
+            else:
+                if unlisted is None:
+                    unlisted = []
+                unlisted.append((req, k))
+        if unlisted is not None:
+            for req, k in unlisted:
+                pool.cache_range(_i64(req.table), k, k + 1, req.hashes, False)
+
     def cache_blocks(self, req, num_tokens):
         """Give hashes to the request's blocks that ``num_tokens`` tokens fill (listed, or unlisted from
         ``req.unlisted_from`` on)."""

@@ -112,6 +112,11 @@ class KVCacheManager:
             self.pool.cache_unlisted_blocks(unlisted[0] if len(unlisted) == 1 else np.concatenate(unlisted),
                                             unlisted_hashes)
 
+    def cache_next_blocks(self, reqs: list[Request]) -> None:
+        """``cache_blocks_of`` with each request's next block: what decode steps fill (a request may
+        repeat: its blocks in turn)."""
+        self.cache_blocks_of(next_block_items(reqs, self.block_size))
+
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         """Give hashes to the request's blocks that ``num_tokens`` tokens fill (listed, or unlisted from
         ``req.unlisted_from`` on)."""
@@ -128,6 +133,15 @@ class KVCacheManager:
         req.table = None  # dropped, not reused: the hint above is a view of it
         req.nblk = 0
         req.num_cached_blocks = 0
+
+
+def next_block_items(reqs: list[Request], block_size: int) -> list[tuple[Request, int]]:
+    """``(request, num_tokens)`` that caches each request's next block, in turn (a request may repeat)."""
+    items, cached = [], {}
+    for req in reqs:
+        n = cached[id(req)] = cached.get(id(req), req.num_cached_blocks) + 1
+        items.append((req, n * block_size))
+    return items
 
 
 _EMPTY = np.empty(0, dtype=np.int64)

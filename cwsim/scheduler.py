@@ -392,7 +392,7 @@ class Scheduler:
             self.kv.hand_out(need, pool.get_new_blocks(len(need)))
         fill = self._buckets[(bs - 1 - step) % bs]
         if fill:
-            self.kv.cache_blocks_of([(r, step + r.c_off + 1) for r in fill])
+            self.kv.cache_next_blocks(fill)  # (step + c_off + 1 tokens: one block more each)
         return True
 
     # ------------------------------------------------------------ decode jumps
@@ -455,10 +455,18 @@ class Scheduler:
                 order = cycle
             if order:
                 kv.hand_out(order, kv.pool.get_new_blocks(len(order)))  # in step order
-            # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one
-            filled = [(req, t + 1 + req.c_off) for t in range(step + 1, step + n) for req in buckets[(bs - 1 - t) % bs]]
+            # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one: a
+            # request fills its next block at the steps where t + c_off + 1 is a multiple of the block size
+            # (a cycle of block_size steps, repeated, then the rest: as the allocations above)
+            filled: list[Request] = []
+            for t in range(step + 1, step + 1 + min(n - 1, bs)):
+                filled += buckets[(bs - 1 - t) % bs]
+            if q:
+                filled *= q
+                for t in range(step + 1, step + 1 + r):
+                    filled += buckets[(bs - 1 - t) % bs]
             if filled:
-                kv.cache_blocks_of(filled)
+                kv.cache_next_blocks(filled)
         self.step = step + n
         return self._finish_lazy()
 

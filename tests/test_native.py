@@ -179,3 +179,31 @@ def test_hand_out_compiled_is_its_python_twin(tables, picks):
         assert x.nblk == y.nblk == tables[i][0] + order.count(i)
         assert x.blocks.tolist() == y.blocks.tolist()
         assert x.blocks.tolist()[tables[i][0]:] == [1000 + j for j, o in enumerate(order) if o == i]
+
+
+@settings(max_examples=150, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 6)), min_size=1, max_size=4),
+       picks=st.lists(st.integers(0, 3), max_size=12), dup=st.booleans())
+def test_cache_next_blocks_compiled_is_its_python_twin(reqs, picks, dup):
+    """The same blocks cached, listed or unlisted, in the same order (duplicates of a hash included),
+    and the same counts, for requests that repeat."""
+    order = [p % len(reqs) for p in picks]
+
+    def run(manager):
+        pool = BlockPool(64)
+        kv = manager(pool, 4)
+        made = []
+        for i, (cached, unlisted_from) in enumerate(reqs):
+            need = cached + order.count(i)
+            r = Request(i, None, 0, 4 * need, 1, [7 * (i % 2 if dup else i) + j for j in range(need)], 0.0)
+            r.table, r.nblk = pool.get_new_blocks(need).copy(), need
+            kv.cache_blocks_of([(r, 4 * cached)])
+            r.unlisted_from = unlisted_from
+            made.append(r)
+        kv.cache_next_blocks([made[i] for i in order])
+        return ([r.num_cached_blocks for r in made], sorted(pool.cached.items()),
+                pool.has_hash.tolist(), pool.unlisted.tolist())
+
+    py, compiled = run(PyKVCacheManager), run(KVCacheManager)
+    assert py == compiled
+    assert py[0] == [c + order.count(i) for i, (c, _) in enumerate(reqs)]
