@@ -6,8 +6,8 @@ The specification is the Python function (``cwsim/hashing.py``): a block's hash 
 tuple and int hashes are computed with CPython's own algorithms (``tuplehash``: the xxHash-based lane
 mix, and ``long_hash``: the value modulo 2**61 - 1 with its sign) on C integers, without building the
 tuples, so the values are the very ones Python's ``hash`` gives (``tests/test_hashing_native.py``
-checks them against it, the extreme parents included). The memo, the ids and the ``created`` list
-work as in the Python function.
+checks them against it, the extreme parents included). The memo, the ids and the session's private
+table work as in the Python function.
 """
 
 include "_digest.pxi"
@@ -68,7 +68,7 @@ cdef long long _pieces_hash(list pieces):
     return _finish(acc, len(pieces))
 
 
-def block_hashes(segs, Py_ssize_t block_size, memo=None, ids=None, list created=None, Py_ssize_t private_block=0):
+def block_hashes(segs, Py_ssize_t block_size, memo=None, ids=None, dict private=None, Py_ssize_t private_block=0):
     """Hashes (or their ids) of every full block of ``segs`` (see ``cwsim.hashing.block_hashes``)."""
     if memo is None:
         from cwsim.hashing import PrefixMemo  # here, not at import: cwsim.hashing imports this module
@@ -121,13 +121,13 @@ def block_hashes(segs, Py_ssize_t block_size, memo=None, ids=None, list created=
         d = <dict>ids  # a BlockIds (a dict subclass): read and written as the dict it is
         nid = ids.n
         for h in new:  # ids[h], without a __missing__ call per new hash
+            if private is not None and d is not private and len(out) >= private_block:
+                d = private  # the session's own blocks from here on
             got = d.get(h)
             if got is None:
                 got = nid
                 d[h] = got
                 nid += 1
-                if created is not None and len(out) >= private_block:
-                    created.append(h)
             out.append(got)
         ids.n = nid
     memo.out = out

@@ -105,7 +105,7 @@ class Engine:
             if self.unlist_own:  # nor a hash-map entry
                 unlisted_from = call.private_from // self.block_size
         elif self.forget_private:
-            hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids, sess.private_hashes,
+            hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids, sess.private_ids,
                                   call.private_from // self.block_size)
         else:
             hashes = block_hashes(call.segs, self.block_size, sess.memo, self.block_ids)
@@ -289,11 +289,9 @@ def session_process(env: simpy.Environment, engine: Engine, sess: SessionState, 
     if engine.forget_private:
         pool = engine.scheduler.kv.pool
         if pool.growable:  # nothing evicts there: drop what nobody will ask for, or the pool grows with the trace
-            ids = engine.block_ids
-            pool.drop_unreachable([ids[h] for h in sess.private_hashes if h in ids] + sess.own_ids)
+            pool.drop_unreachable([*sess.private_ids.values(), *sess.own_ids])
             sess.own_ids = []
-        engine.block_ids.forget(sess.private_hashes)
-        sess.private_hashes = []
+        sess.private_ids = {}  # its own blocks' hashes: nobody will ask for them again
     workload.release(sess)
     metrics.on_session_end(sess)
 

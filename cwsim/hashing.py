@@ -18,15 +18,12 @@ segment boundary the two share, and only the new tail costs Python work.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
-from itertools import repeat
 
 from cwsim import native
 from cwsim.sequences import common_prefix_len
 
 ROOT_HASH = 0x5EED_CACE
-_consume = deque(maxlen=0).extend  # run an iterator for its side effects
 
 Segments = Sequence[tuple[int, int]]
 
@@ -80,9 +77,10 @@ class BlockIds(dict):
     what it returns: equal exactly when the hashes are, and small consecutive
     ints keep the cache's tables compact (the engine uses them).
 
-    ``forget(hashes)`` drops hashes that no sequence will hold again (a finished
-    session's own blocks): the table holds what may still be asked for, not every
-    hash ever seen; ids keep counting up, so no id is handed out twice.
+    A session's own blocks are numbered from the same count but kept in the
+    session's own table (``block_hashes``' ``private``), dropped when it ends: this
+    one holds what other sessions may ask for, not every hash ever seen; ids keep
+    counting up, so no id is handed out twice.
     """
 
     __slots__ = ("n",)
@@ -96,12 +94,9 @@ class BlockIds(dict):
         self.n = n + 1
         return n
 
-    def forget(self, hashes) -> None:
-        _consume(map(self.pop, hashes, repeat(None)))
-
 
 def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None, ids: BlockIds | None = None,
-                 created: list[int] | None = None, private_block: int = 0) -> list[int]:
+                 private: dict[int, int] | None = None, private_block: int = 0) -> list[int]:
     """Hashes of every full block of the token sequence ``segs``.
 
     With a ``memo``, work already done for a sequence sharing a segment prefix
@@ -115,9 +110,13 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
     items for good but may grow after them; a caller reads the part its own
     sequence covers.
 
-    ``created`` (with ``ids``): the hashes that get a new id here at block index
-    ``private_block`` or later are appended to it (a session's own blocks, which
-    :meth:`BlockIds.forget` can drop when it ends).
+    ``private`` (with ``ids``): the session's own table for the blocks at index
+    ``private_block`` or later (a session's own blocks: their content includes a
+    segment no other session holds, so no other session, nor a block of this one
+    before its ``private_block``, can have their hash). Their hashes are looked up
+    and given ids there, not in ``ids`` (the ids are ``ids``' next ones all the
+    same), so the session's table is dropped whole when it ends, and ``ids`` holds
+    only what other sessions may ask for.
     """
     if memo is None:
         memo = PrefixMemo()
@@ -157,14 +156,15 @@ def block_hashes(segs: Segments, block_size: int, memo: PrefixMemo | None = None
     if ids is None:
         out += new
     else:
-        get = ids.get
+        table, get = ids, ids.get
         for h in new:  # ids[h], without a __missing__ call per new hash
+            if table is ids and private is not None and len(out) >= private_block:
+                table = private  # the session's own blocks from here on
+                get = table.get
             i = get(h)
             if i is None:
-                i = ids[h] = ids.n
+                i = table[h] = ids.n
                 ids.n = i + 1
-                if created is not None and len(out) >= private_block:
-                    created.append(h)
             out.append(i)
     memo.out = out
     return out

@@ -54,8 +54,8 @@ class SessionState:
     hint: tuple | None = None  # (blocks, gens) of the last finished call's cached blocks
     start: float = -1.0
     end: float = -1.0
-    #: hashes of the session's own blocks (given ids while it ran), and its own segment ids: forgotten when it ends
-    private_hashes: list = field(default_factory=list)
+    #: the ids of the session's own blocks by hash (``block_hashes``' private table): dropped when it ends
+    private_ids: dict = field(default_factory=dict)
     #: the ids of a one-call session's own blocks, which no hash names (kept for an unbounded pool only)
     own_ids: list = field(default_factory=list)
     private_segments: tuple = ()

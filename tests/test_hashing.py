@@ -109,24 +109,29 @@ def test_forgetting_keeps_the_other_ids_and_never_hands_one_out_twice():
     assert [i("sys"), i("a"), i("b")] == [1, 2, 3]
     i.forget(["a", "nope"])
     assert i.ids == {"sys": 1, "b": 3} and [i("c"), i("b"), i("sys")] == [4, 3, 1]
-    ids = BlockIds()
-    assert [ids[h] for h in (10, 20, 30)] == [0, 1, 2]
-    ids.forget([20])
-    assert dict(ids) == {10: 0, 30: 2} and [ids[40], ids[20], ids[30]] == [3, 4, 2]
 
 
-def test_block_hashes_lists_the_hashes_it_numbers_first_from_the_private_block_on():
-    """``created``: the hashes that get a new id at block ``private_block`` or later, in order; blocks
-    before it (a prefix other sessions may hold) and blocks numbered before are not listed."""
-    ids, memo, created = BlockIds(), PrefixMemo(), []
+def test_block_hashes_numbers_the_private_blocks_in_the_session_table():
+    """``private``: the blocks at ``private_block`` or later are looked up and numbered in the session's
+    own table, from the same count; blocks before it (a prefix other sessions may hold) stay in ``ids``."""
+    ids, memo, private = BlockIds(), PrefixMemo(), {}
     shared = block_hashes([(1, 32)], 16, PrefixMemo(), ids)  # another session numbered the 2 shared blocks
-    first = list(block_hashes([(1, 32), (2, 40)], 16, memo, ids, created, 2))
-    assert first[:2] == shared and first[2:] == [2, 3] and len(created) == 2
-    assert [ids[h] for h in created] == [2, 3]
-    second = block_hashes([(1, 32), (2, 40), (3, 30)], 16, memo, ids, created, 2)
-    assert second[:4] == first and second[4:] == [4, 5] and [ids[h] for h in created] == [2, 3, 4, 5]
-    ids.forget(created)
-    assert sorted(ids.values()) == [0, 1]
+    first = list(block_hashes([(1, 32), (2, 40)], 16, memo, ids, private, 2))
+    assert first[:2] == shared == [0, 1] and first[2:] == [2, 3] and ids.n == 4
+    assert sorted(ids.values()) == [0, 1] and sorted(private.values()) == [2, 3]
+    second = block_hashes([(1, 32), (2, 40), (3, 30)], 16, memo, ids, private, 2)
+    assert second[:4] == first and second[4:] == [4, 5]
+    assert sorted(ids.values()) == [0, 1] and sorted(private.values()) == [2, 3, 4, 5]
+    # the ids are those one table would give: the same hashes, numbered in the same order
+    one = BlockIds()
+    block_hashes([(1, 32)], 16, PrefixMemo(), one)
+    memo1 = PrefixMemo()
+    block_hashes([(1, 32), (2, 40)], 16, memo1, one)
+    assert list(block_hashes([(1, 32), (2, 40), (3, 30)], 16, memo1, one)) == list(second)
+    assert {**ids, **private} == dict(one)
+    # a later sequence of the session finds its own blocks in its table: no new id
+    third = block_hashes([(1, 32), (2, 40), (3, 30)], 16, PrefixMemo(), ids, private, 2)
+    assert list(third) == list(second) and ids.n == 6
 
 
 @settings(max_examples=200, derandomize=True)

@@ -2,7 +2,7 @@
 
 Its hashes are CPython's tuple and int hashes computed in C: they must equal ``hash`` itself, for
 any parent (the extreme ones included), and the function must give what the Python one gives, with
-and without a memo, ids and the ``created`` list, over sequences that grow, shrink and branch.
+and without a memo, ids and the session's private table, over sequences that grow, shrink and branch.
 """
 
 from __future__ import annotations
@@ -48,14 +48,15 @@ SEGS = st.lists(st.tuples(st.integers(1, 6), st.integers(1, 70)), max_size=12).m
        private=st.integers(0, 20))
 def test_compiled_matches_python_over_a_session(seqs, bs, use_ids, private):
     """A session's successive sequences (each may extend, cut or branch from the last), hashed with one
-    memo: the same results, memo states, ids and created hashes."""
+    memo: the same results, memo states, ids and the session's private table."""
     state = {}
     for name, fn in (("py", py_block_hashes), ("c", block_hashes)):
-        memo, ids, created, outs = PrefixMemo(), BlockIds() if use_ids else None, [], []
+        memo, ids, table, outs = PrefixMemo(), BlockIds() if use_ids else None, {}, []
         for segs in seqs:
-            out = fn(segs, bs, memo, ids, created if use_ids else None, private)
+            out = fn(segs, bs, memo, ids, table if use_ids else None, private)
             outs.append(list(out))
-        state[name] = (outs, memo.states, memo.reused, memo.segs, dict(ids or {}), ids.n if ids else None, created)
+        state[name] = (outs, memo.states, memo.reused, memo.segs, dict(ids or {}), ids.n if ids else None,
+                       list(table.items()))
         # with no memo, the same as a fresh memo
         assert fn(seqs[-1], bs) == py_block_hashes(seqs[-1], bs)
     assert state["py"] == state["c"]
