@@ -410,30 +410,42 @@ class Scheduler:
             heapq.heappop(heap)
         return heap[0] - self.step
 
-    def _blocks_for_steps(self, m: int) -> int:
-        """Blocks the lazy batch allocates in the ``m - 1`` steps after the current one."""
-        bs, step, buckets = self.kv.block_size, self.step, self._buckets
-        q, r = divmod(m - 1, bs)
-        return q * self._n_lazy + sum(len(buckets[-(step + 1 + j) % bs]) for j in range(r))
-
     def steps_within_free_blocks(self, n: int) -> int:
-        """The most steps ``m <= n`` (the current one first) whose allocations the free blocks cover:
-        the largest ``m`` with ``_blocks_for_steps(m) <= free``, in closed form. With ``m - 1 = q *
-        block_size + r`` (``0 <= r < block_size``), the steps allocate ``q * _n_lazy + P[r]`` blocks,
-        ``P[r]`` the requests of the ``r`` buckets due first (every bucket once a cycle)."""
-        free, bs = self.kv.pool.num_free, self.kv.block_size
+        """The most steps ``m <= n`` (the current one first) whose allocations the free blocks cover.
+
+        The steps after the current one allocate a block for each request of the bucket due then,
+        every bucket once a cycle of ``block_size`` steps: with ``m - 1 = q * block_size + r``
+        (``0 <= r < block_size``), ``q * _n_lazy + P[r]`` blocks, ``P[r]`` the requests of the ``r``
+        buckets due first. So the answer is in closed form."""
+        free, bs, n_lazy = self.kv.pool.num_free, self.kv.block_size, self._n_lazy
         q, r = divmod(n - 1, bs)
-        if (q + (r > 0)) * self._n_lazy <= free:  # (P[r] <= _n_lazy: the bound is covered, so are the n steps)
-            return n
-        if self._blocks_for_steps(n) <= free:
+        if (q + (r > 0)) * n_lazy <= free:  # (P[r] <= _n_lazy: the bound is covered, so are the n steps)
             return n
         step, buckets = self.step, self._buckets
         due = [0]  # P[0..bs-1]
         for j in range(bs - 1):
             due.append(due[-1] + len(buckets[-(step + 1 + j) % bs]))
-        q = free // self._n_lazy  # (the lazy batch is not empty: else every m is covered)
-        r = bisect.bisect_right(due, free - q * self._n_lazy) - 1  # (free - q * n_lazy < n_lazy = P[bs])
+        if q * n_lazy + due[r] <= free:
+            return n
+        q = free // n_lazy  # (the lazy batch is not empty: else every m is covered)
+        r = bisect.bisect_right(due, free - q * n_lazy) - 1  # (free - q * n_lazy < n_lazy = P[bs])
         return q * bs + r + 1
+
+    def _in_step_order(self, n: int, phase: int) -> list[Request]:
+        """The requests of bucket ``(phase - t) % block_size`` for the steps ``t`` after the current one
+        of ``n`` (a request once a step it is in), step by step: a cycle of ``block_size`` steps,
+        repeated, then the rest. ``phase`` 0: those that need a new block; ``block_size - 1``: those whose
+        token fills one."""
+        bs, step, buckets = self.kv.block_size, self.step, self._buckets
+        out: list[Request] = []
+        for t in range(step + 1, step + 1 + min(n - 1, bs)):
+            out += buckets[(phase - t) % bs]
+        q, r = divmod(n - 1, bs)
+        if q:
+            out *= q
+            for t in range(step + 1, step + 1 + r):
+                out += buckets[(phase - t) % bs]
+        return out
 
     def finish_jump(self, n: int) -> list[Request]:
         """Apply ``n`` decode steps of the whole (lazy) batch, the planned current one first.
@@ -441,30 +453,13 @@ class Scheduler:
         Blocks are allocated, and the blocks the steps fill are cached, in
         (step, running order), as ``n`` single steps would.
         """
-        bs, step, buckets, kv = self.kv.block_size, self.step, self._buckets, self.kv
+        step, kv = self.step, self.kv
         if n > 1:
-            cycle: list[Request] = []
-            for t in range(step + 1, step + 1 + min(n - 1, bs)):
-                cycle += buckets[-t % bs]
-            q, r = divmod(n - 1, bs)
-            if q:
-                order = cycle * q
-                for t in range(step + 1, step + 1 + r):
-                    order += buckets[-t % bs]
-            else:
-                order = cycle
+            order = self._in_step_order(n, 0)
             if order:
-                kv.hand_out(order, kv.pool.get_new_blocks(len(order)))  # in step order
-            # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one: a
-            # request fills its next block at the steps where t + c_off + 1 is a multiple of the block size
-            # (a cycle of block_size steps, repeated, then the rest: as the allocations above)
-            filled: list[Request] = []
-            for t in range(step + 1, step + 1 + min(n - 1, bs)):
-                filled += buckets[(bs - 1 - t) % bs]
-            if q:
-                filled *= q
-                for t in range(step + 1, step + 1 + r):
-                    filled += buckets[(bs - 1 - t) % bs]
+                kv.hand_out(order, kv.pool.get_new_blocks(len(order)))
+            # blocks filled by steps 1..n-1 (step 0's were cached when it was scheduled), one by one
+            filled = self._in_step_order(n, kv.block_size - 1)
             if filled:
                 kv.cache_next_blocks(filled)
         self.step = step + n

@@ -197,8 +197,9 @@ def test_a_jump_caches_duplicate_blocks_in_step_order():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_steps_within_free_blocks_is_the_most_steps_the_free_blocks_cover(seed):
-    """The closed form against its definition: the largest ``m <= n`` whose ``_blocks_for_steps(m)``
-    the free blocks cover, over batches whose buckets differ in size and pools nearly full."""
+    """The closed form against its definition: the largest ``m <= n`` whose allocations the free blocks
+    cover (step by step, each step after the current one a block for each request of the bucket due
+    then), over batches whose buckets differ in size and pools nearly full."""
     rng = random.Random(seed)
     sched = make(True, rng.randint(60, 90), 512, Policy())
     for rid in range(rng.randint(3, 9)):
@@ -212,8 +213,11 @@ def test_steps_within_free_blocks_is_the_most_steps_the_free_blocks_cover(seed):
             continue
         sched.absorb(plan)  # as the engine does before it plans a jump: the whole batch lazily
         free = sched.kv.pool.num_free
+        need = [0]  # need[m - 1]: the blocks that m steps allocate after the current one
+        for t in range(sched.step + 1, sched.step + 300):
+            need.append(need[-1] + len(sched._buckets[-t % BS]))
         for n in (1, 2, 5, 17, 40, 300):
-            want = max(m for m in range(1, n + 1) if sched._blocks_for_steps(m) <= free)
+            want = max(m for m in range(1, n + 1) if need[m - 1] <= free)
             assert sched.steps_within_free_blocks(n) == want
             checked += 1
             covered_all += want == n
