@@ -316,11 +316,12 @@ def sweep(
             except SweepInterrupted as e:
                 stop.note = f"{e.done} of {e.total} points kept in {out / RESULTS_FILE}; rerun to resume"
                 raise
-    failed = df.loc[df["status"] != "ok"]
-    console.print(f"{len(df)} points: {df.attrs['ran']} run, {df.attrs['skipped']} already done, {len(failed)} failed; "
-                  f"results in {out / RESULTS_FILE}", markup=False)
-    for _, r in failed.iterrows():
-        console.print(f"failed {r['point_id']}: {r['error']}", markup=False, style="red")
+        stop.note = f"all {len(df)} points were written to {out / RESULTS_FILE}"  # a stop while reporting
+        failed = df.loc[df["status"] != "ok"]
+        console.print(f"{len(df)} points: {df.attrs['ran']} run, {df.attrs['skipped']} already done, "
+                      f"{len(failed)} failed; results in {out / RESULTS_FILE}", markup=False)
+        for _, r in failed.iterrows():
+            console.print(f"failed {r['point_id']}: {r['error']}", markup=False, style="red")
     if len(failed):
         raise typer.Exit(code=1)
 

@@ -312,10 +312,10 @@ def run_points(points: list[SweepPoint], out_dir: str | Path, workers: int | Non
                 finished(p, _run_point(traces[str(p.trace)], p.config, out / "points" / p.id))
         else:
             _run_pool(todo, traces, out, min(workers or os.cpu_count() or 1, len(todo)), finished)
+        table.write()  # inside: a stop while the last table is written writes it again below
     except KeyboardInterrupt:
         table.write()
         raise SweepInterrupted(table.done, len(points), out) from None
-    table.write()
     return table.frame()
 
 

@@ -159,13 +159,14 @@ def test_a_run_that_stops_early_writes_a_partial_summary(tmp_path, exc, stopped_
 
 @pytest.fixture(scope="module")
 def long_trace(tmp_path_factory) -> Path:
-    """Long enough to interrupt: 300 synthetic sessions like the bundled trace."""
+    """Long enough to interrupt: 1,000 synthetic sessions like the bundled trace (2026-12-07: the third
+    session ends 1.6 s into an 11 s run; 300 sessions ran in 3 s in all, too near for a loaded machine)."""
     from cwsim.runner import DEFAULT_TRACE
     from traces.reader import load_trace
     from traces.synth import fit, iter_sessions
 
     path = tmp_path_factory.mktemp("long") / "long.jsonl.gz"
-    write_trace(path, (c for s in iter_sessions(fit(load_trace(DEFAULT_TRACE)), 300, 0) for c in s.calls))
+    write_trace(path, (c for s in iter_sessions(fit(load_trace(DEFAULT_TRACE)), 1000, 0) for c in s.calls))
     return path
 
 

@@ -185,6 +185,31 @@ def test_interrupt_keeps_the_finished_points(tmp_path, trace_file):
     assert resumed.attrs["skipped"] >= 2 and len(resumed) == 4 and (resumed["status"] == "ok").all()
 
 
+def test_a_stop_while_the_last_table_is_written_still_writes_it(tmp_path, trace_file, monkeypatch):
+    """Ctrl-C arriving in the final write of results.parquet (every point done): the table is written
+    whole and the stop reported as such, not left at the last periodic flush."""
+    import cwsim.sweep as sweep
+
+    write = sweep._Table.write
+    calls = []
+
+    def interrupted_once(table):
+        calls.append(table.done)
+        if len(calls) == 1:  # the signal lands inside the first write, after its temporary file is made
+            table.path.with_name(table.path.name + ".tmp").write_bytes(b"half")
+            raise KeyboardInterrupt
+        write(table)
+
+    monkeypatch.setattr(sweep, "FLUSH_EVERY_S", float("inf"))  # no periodic flush: the first write is the final one
+    monkeypatch.setattr(sweep._Table, "write", interrupted_once)
+    with pytest.raises(SweepInterrupted) as e:
+        run_sweep(small_spec(trace_file), tmp_path / "s", workers=1)
+    assert (e.value.done, e.value.total) == (4, 4) and calls == [4, 4]
+    kept = pd.read_parquet(tmp_path / "s" / "results.parquet")
+    assert len(kept) == 4 and (kept["status"] == "ok").all()
+    assert not list((tmp_path / "s").glob("*.tmp"))
+
+
 # ------------------------------------------------------------------ the command
 def cwsim(*args) -> tuple[int, str]:
     res = runner.invoke(app, [str(a) for a in args])
@@ -242,10 +267,13 @@ def test_cli_missing_grid_file_and_bad_out(tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_cli_interrupt_keeps_finished_points(tmp_path, sig, code):
     """A real process, stopped mid-sweep: one line, exit 130 / 143, the finished points kept."""
+    N = 1000
     trace = tmp_path / "t.jsonl"
-    write_trace(trace, agent_trace(6, 10).calls())  # ~0.1 s a point: 300 points outlast the test
+    # ~0.13 s a point here (2026-12-07): 1,000 points on two workers last about a minute, and the
+    # first table is written after 2 s (FLUSH_EVERY_S), so the signal comes long before the end
+    write_trace(trace, agent_trace(120, 12).calls())
     grid = tmp_path / "g.toml"
-    grid.write_text(f'trace = "{trace}"\nkv_blocks = 1500\nagents = 3\nseed = {list(range(300))}\n'
+    grid.write_text(f'trace = "{trace}"\nkv_blocks = 1500\nagents = 3\nseed = {list(range(N))}\n'
                     'arrivals = "poisson"\n')
     out = tmp_path / "s"
     # results.parquet is first written once a point has finished and been recorded
@@ -253,8 +281,8 @@ def test_cli_interrupt_keeps_finished_points(tmp_path, sig, code):
                                  ready=lambda: (out / "results.parquet").exists())
     assert rc == code, stderr
     kept = pd.read_parquet(out / "results.parquet")
-    assert 1 <= len(kept) < 300 and (kept["status"] == "ok").all()
+    assert 1 <= len(kept) < N and (kept["status"] == "ok").all()
     assert all((out / "points" / pid / "summary.json").is_file() for pid in kept["point_id"])
-    assert stderr.strip().splitlines()[-1] == (f"error: interrupted; {len(kept)} of 300 points kept in "
+    assert stderr.strip().splitlines()[-1] == (f"error: interrupted; {len(kept)} of {N} points kept in "
                                                f"{out / 'results.parquet'}; rerun to resume")
     assert not (out / "results.parquet.tmp").exists()
