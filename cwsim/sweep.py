@@ -27,11 +27,12 @@ import itertools
 import json
 import multiprocessing
 import os
+import queue
 import signal
 import tempfile
 import time
 import tomllib
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -334,14 +335,35 @@ def _run_pool(todo: list[SweepPoint], traces: dict[str, Trace | TraceTable], out
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["cwsim.sweep"])
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(traces,))
+    # Points go in a window of 2 per worker, and each finished one comes back through a queue that
+    # its future's callback fills. The main thread never waits in concurrent.futures.wait(): that
+    # takes every pending future's lock in turn, and a Ctrl-C landing while it does leaves some
+    # held, so the pool's shutdown below waited for them forever (seen with 1,000 points).
+    finished_q: queue.SimpleQueue[tuple[SweepPoint, Future]] = queue.SimpleQueue()
+    waiting = iter(todo)
+
+    def submit(p: SweepPoint) -> None:
+        try:
+            future = pool.submit(_pool_point, str(p.trace), p.config, str(out / "points" / p.id))
+        except BrokenExecutor as e:  # a worker died (killed, out of memory): the pool runs no more points
+            future = Future()
+            future.set_exception(e)
+        future.add_done_callback(lambda f: finished_q.put((p, f)))
+
     try:
-        futures = {pool.submit(_pool_point, str(p.trace), p.config, str(out / "points" / p.id)): p for p in todo}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                exc = f.exception()
-                finished(futures[f], {"error": f"{type(exc).__name__}: {exc}"} if exc else f.result())
+        in_flight = 0
+        for p in itertools.islice(waiting, 2 * workers):
+            submit(p)
+            in_flight += 1
+        while in_flight:
+            p, f = finished_q.get()
+            in_flight -= 1
+            exc = f.exception()
+            finished(p, {"error": f"{type(exc).__name__}: {exc}"} if exc else f.result())
+            nxt = next(waiting, None)
+            if nxt is not None:
+                submit(nxt)
+                in_flight += 1
     except BaseException:
         procs = list((pool._processes or {}).values())
         for proc in procs:  # the points under way are dropped

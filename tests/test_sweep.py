@@ -2,6 +2,7 @@
 and a plain ``simulate``, failing points, resume, interrupts and the command's errors."""
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -183,6 +184,42 @@ def test_interrupt_keeps_the_finished_points(tmp_path, trace_file):
     assert not list((tmp_path / "s").glob("*.tmp"))
     resumed = run_sweep(small_spec(trace_file), tmp_path / "s", workers=2)
     assert resumed.attrs["skipped"] >= 2 and len(resumed) == 4 and (resumed["status"] == "ok").all()
+
+
+def _grandchildren() -> list[int]:
+    """This process's children's children (a process pool's workers are the forkserver's)."""
+    def children(pid: int) -> list[int]:
+        kids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except OSError:  # gone meanwhile
+                pass
+        return kids
+
+    return [g for c in children(os.getpid()) for g in children(c)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the pool's workers in /proc (Linux)")
+def test_workers_killed_mid_sweep_fail_the_points_left_and_keep_the_finished(tmp_path, trace_file):
+    """A worker killed (the OOM killer, a user's kill): the points finished stay ok, every other point
+    is recorded as failed with the pool's error, and the sweep ends normally (no hang, no traceback)."""
+    import signal as signals
+
+    def kill_workers_after_the_first(done, total, row):
+        if done == 1:
+            for pid in _grandchildren():
+                os.kill(pid, signals.SIGKILL)
+
+    spec = small_spec(trace_file, seed=[0, 1, 2, 3])  # 16 points: more than the 4 in flight at once
+    df = run_sweep(spec, tmp_path / "s", workers=2, on_progress=kill_workers_after_the_first)
+    assert len(df) == 16 and df.attrs["ran"] == 16
+    ok, failed = df.loc[df["status"] == "ok"], df.loc[df["status"] == "error"]
+    assert len(ok) >= 1 and len(failed) >= 16 - 4  # at most the four in flight may have finished
+    assert failed["error"].str.startswith("BrokenProcessPool: ").all()
+    assert len(ok) + len(failed) == 16
+    assert pd.read_parquet(tmp_path / "s" / "results.parquet")["status"].tolist() == df["status"].tolist()
 
 
 def test_a_stop_while_the_last_table_is_written_still_writes_it(tmp_path, trace_file, monkeypatch):
