@@ -351,19 +351,15 @@ def _run_pool(todo: list[SweepPoint], traces: dict[str, Trace | TraceTable], out
         future.add_done_callback(lambda f: finished_q.put((p, f)))
 
     try:
-        in_flight = 0
         for p in itertools.islice(waiting, 2 * workers):
             submit(p)
-            in_flight += 1
-        while in_flight:
+        for _ in todo:  # each point submitted comes back once: one a turn, and the next one goes in
             p, f = finished_q.get()
-            in_flight -= 1
             exc = f.exception()
             finished(p, {"error": f"{type(exc).__name__}: {exc}"} if exc else f.result())
             nxt = next(waiting, None)
             if nxt is not None:
                 submit(nxt)
-                in_flight += 1
     except BaseException:
         procs = list((pool._processes or {}).values())
         for proc in procs:  # the points under way are dropped
